@@ -1,0 +1,130 @@
+"""The shapes a model declaration is made of: parameters, recipes, specs. Plain data."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ParamType = Literal["string", "integer", "number", "boolean", "uri"]
+
+
+class _NoDefault:
+    """Marks a parameter whose seed page lists no default at all."""
+
+    def __repr__(self) -> str:
+        return "NO_DEFAULT"
+
+
+NO_DEFAULT: Any = _NoDefault()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter exactly as its seed page states it.
+
+    ``default`` is the page's default (``None`` where the page says null, ``NO_DEFAULT`` where it
+    says nothing). A required parameter must be sent even when the page lists a default: the
+    page's default is what its playground pre-fills, and the CLI fills it the same way.
+    ``minimum``/``maximum`` are inclusive. ``implicit_range`` marks a bound the page does not list
+    but that the service needs (a seed must fit a 64-bit generator).
+    """
+
+    name: str
+    type: ParamType
+    description: str
+    required: bool = False
+    default: Any = NO_DEFAULT
+    minimum: float | None = None
+    maximum: float | None = None
+    allowed: tuple[str, ...] | None = None
+    implicit_range: bool = False
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not NO_DEFAULT
+
+
+class PipelineKind(str, enum.Enum):
+    """Which diffusers pipeline class runs a model."""
+
+    TEXT_TO_IMAGE = "QwenImagePipeline"
+    EDIT = "QwenImageEditPipeline"
+    EDIT_PLUS = "QwenImageEditPlusPipeline"
+
+
+class SchedulerKind(str, enum.Enum):
+    """Scheduler configuration: the base model's own, or the Lightning (fixed shift 3) one."""
+
+    STOCK = "stock"
+    LIGHTNING = "lightning"
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """A LoRA file on the Hugging Face hub (or any URL the LoRA fetcher accepts)."""
+
+    repo: str
+    filename: str
+    weight: float = 1.0
+    trigger: str = ""
+    """Text the LoRA was trained to expect before the prompt (empty when none)."""
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo}/resolve/main/{self.filename}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a slug runs: pipeline, base weights, distillation LoRA, scheduler and sampler defaults.
+
+    ``base_weights`` is also the residency key: slugs with the same base share one resident
+    pipeline (qwen-image and qwen-image-fast both run on ``Qwen/Qwen-Image``; the fast slug
+    switches the Lightning adapter on for its own calls only).
+    """
+
+    pipeline: PipelineKind
+    base_weights: str
+    scheduler: SchedulerKind
+    lightning: LoraSource | None = None
+    preset_loras: Mapping[str, LoraSource] = field(default_factory=dict)
+    default_steps: int | None = None
+    """Steps for a slug that does not expose ``steps``."""
+    max_input_images: int = 0
+    native_sizes: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    """Aspect ratio → (width, height) at the model's native resolution."""
+    default_area: int = 1024 * 1024
+    """Pixel area used for ratios without a native size and for matching an input image."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One slug: its parameter contract (from its seed page), its price and its recipe."""
+
+    slug: str
+    title: str
+    summary: str
+    params: tuple[Param, ...]
+    recipe: Recipe
+    price_usd: float
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @property
+    def base64_field(self) -> str:
+        """``base64`` on most pages, ``base_64`` on qwen-image-2512's."""
+        return "base_64" if self.param("base_64") is not None else "base64"
+
+    @property
+    def image_fields(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if p.type == "uri")

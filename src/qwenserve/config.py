@@ -1,0 +1,103 @@
+"""Settings: the one place environment variables (``QWENSERVE_*``) are read.
+
+Built once at the edge (the CLI) and passed down; nothing below reads the environment itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path.home() / ".qwenserve"
+
+
+class Settings(BaseSettings):
+    """Every knob of qwenserve. Each field is also ``QWENSERVE_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="QWENSERVE_", extra="ignore")
+
+    # where things live
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Job store, media and caches.")
+    cache_dir: Path | None = Field(
+        None,
+        description="Model caches (tiny preset, fetched LoRAs); default <data_dir>/cache.",
+    )
+    store: str = Field(
+        "sqlite",
+        description="'sqlite' (a file in the data dir) or redis://HOST:PORT/DB for scale-out.",
+    )
+
+    # serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    public_url: str | None = Field(
+        None, description="Base URL clients reach us at behind a proxy (absolute URLs use it)."
+    )
+    workers: int = Field(1, ge=0, description="In-process workers (0: API only).")
+    result_ttl_s: float = Field(3600.0, gt=0, description="Results and media kept this long.")
+    sync_timeout_s: float = Field(600.0, gt=0, description="How long POST /v1 waits (then 504).")
+
+    # the engine
+    weights: str = Field(
+        "tiny",
+        description="'tiny' (random CPU preset), 'hub' (Hugging Face ids via the HF cache) "
+        "or a folder holding <org>/<name> weight folders.",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    resident_models: int = Field(2, ge=1, description="Base pipelines kept loaded (LRU).")
+    resident_memory_gb: float | None = Field(
+        None, gt=0, description="Memory budget for resident pipelines; LRU evicts above it."
+    )
+
+    # the worker
+    lease_s: float = Field(60.0, gt=0, description="A claimed job is retaken after this.")
+    max_attempts: int = Field(3, ge=1, description="Worker deaths before a job fails.")
+    poll_interval_s: float = Field(0.05, gt=0, description="Idle worker polling period.")
+
+    # inputs
+    allow_private_urls: bool = Field(
+        False, description="Let input URLs reach loopback/private/link-local addresses."
+    )
+    fetch_timeout_s: float = Field(20.0, gt=0)
+    max_input_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    max_input_pixels: int = Field(40_000_000, gt=0)
+    max_lora_bytes: int = Field(2 * 1024**3, gt=0)
+    local_lora_dirs: list[Path] = Field(
+        default_factory=list, description="Folders a lora_*_url may name a local file in."
+    )
+
+    # accounts
+    prices_usd: dict[str, float] = Field(
+        default_factory=dict, description="Per-slug price overrides, e.g. {'qwen-image': 0.1}."
+    )
+    require_api_key: bool = True
+
+    log_level: str = "INFO"
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value == "sqlite" or value.startswith(("sqlite:///", "redis://", "rediss://")):
+            return value
+        raise ValueError("store must be 'sqlite', sqlite:///PATH or redis://HOST:PORT/DB")
+
+    @property
+    def sqlite_path(self) -> Path:
+        if self.store.startswith("sqlite:///"):
+            return Path(self.store.removeprefix("sqlite:///"))
+        return self.data_dir / "qwenserve.db"
+
+    @property
+    def media_dir(self) -> Path:
+        return self.data_dir / "media"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
+
+    def price_for(self, slug: str, default: float) -> float:
+        return self.prices_usd.get(slug, default)

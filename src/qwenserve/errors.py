@@ -1,0 +1,152 @@
+"""The one exception tree of qwenserve.
+
+Every error a client can see is one of these. Each class carries the HTTP status it maps to, so
+the API's error mapping (``qwenserve.api.errors``) is the only place that turns them into
+responses, and nothing else invents status codes. This module imports nothing from the web layer.
+
+::
+
+    QwenServeError                      500  base; never shown with a stack trace
+    ├── InvalidRequest                  400  a parameter is missing, mistyped or out of range
+    │   └── InvalidInput                400  an input image or LoRA file was fetched but is unusable
+    ├── Unauthenticated                 401  missing or unknown API key
+    ├── Forbidden                       403  the key may not use this model
+    ├── NotFound                        404
+    │   ├── UnknownModel                404  no such slug
+    │   └── UnknownRequest              404  no such request id (or expired, or another key's)
+    ├── InsufficientCredits             406  the balance cannot pay for the run
+    ├── RateLimited                     429  requests-per-minute limit hit; carries retry_after_s
+    ├── UpstreamError                   502  fetching an input URL failed
+    ├── UpstreamTimeout                 504  fetching an input URL timed out
+    ├── InferenceError                  500  the engine failed while running a job
+    └── ServiceUnavailable              503  shutting down or no worker can take the job
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class QwenServeError(Exception):
+    """Base of every qwenserve error: a message safe to show to a client."""
+
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(QwenServeError):
+    """A request parameter is missing, of the wrong type, out of range or not allowed."""
+
+    http_status = 400
+
+
+class InvalidInput(InvalidRequest):
+    """An input (image or LoRA file) was read but cannot be used: bad format, too large, …"""
+
+
+class Unauthenticated(QwenServeError):
+    """No API key was given, or it is unknown or revoked."""
+
+    http_status = 401
+
+
+class Forbidden(QwenServeError):
+    """The API key exists but is not allowed to use this model."""
+
+    http_status = 403
+
+
+class NotFound(QwenServeError):
+    """Something addressed by the URL does not exist."""
+
+    http_status = 404
+
+
+class UnknownModel(NotFound):
+    """The slug is not one this server serves."""
+
+
+class UnknownRequest(NotFound):
+    """The request id is unknown, expired, or belongs to another key."""
+
+
+class InsufficientCredits(QwenServeError):
+    """The key's balance is below the model's price per run."""
+
+    http_status = 406
+
+
+class RateLimited(QwenServeError):
+    """The key sent more requests this minute than it may."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float, limit: int, reset_at: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+        self.reset_at = reset_at
+
+
+class UpstreamError(QwenServeError):
+    """An input URL could not be fetched (connection refused, HTTP error status, …)."""
+
+    http_status = 502
+
+
+class UpstreamTimeout(QwenServeError):
+    """An input URL did not answer in time."""
+
+    http_status = 504
+
+
+class InferenceError(QwenServeError):
+    """The engine failed while running a job (out of memory, a bug, a crashed worker)."""
+
+    http_status = 500
+
+
+class ServiceUnavailable(QwenServeError):
+    """The server cannot take work right now (shutting down, no worker for the model)."""
+
+    http_status = 503
+
+
+_BY_NAME: dict[str, type[QwenServeError]] = {
+    cls.__name__: cls
+    for cls in (
+        QwenServeError,
+        InvalidRequest,
+        InvalidInput,
+        Unauthenticated,
+        Forbidden,
+        NotFound,
+        UnknownModel,
+        UnknownRequest,
+        InsufficientCredits,
+        UpstreamError,
+        UpstreamTimeout,
+        InferenceError,
+        ServiceUnavailable,
+    )
+}
+
+
+def error_kind(error: QwenServeError) -> str:
+    """The stable name a stored job failure keeps, so it can be rebuilt in another process."""
+    return type(error).__name__
+
+
+def rebuild_error(kind: str | None, message: str) -> QwenServeError:
+    """Rebuild a stored job failure (kind + message) as the typed error it was."""
+    cls = _BY_NAME.get(kind or "", InferenceError)
+    if cls is RateLimited:  # pragma: no cover - never stored for a job
+        cls = InferenceError
+    return cls(message)

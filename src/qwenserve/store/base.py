@@ -1,0 +1,133 @@
+"""The Store protocol: every state change of jobs, keys, credits and rate limits goes through it.
+
+A backend makes each method one atomic step with its datastore's own primitives (a SQLite
+``BEGIN IMMEDIATE`` transaction, a Redis Lua script or MULTI), so two API nodes or a worker and an
+API node can never interleave half-done changes. The same contract suite
+(``tests/store_contract.py``) runs against every backend.
+
+Time is always passed in (``now``, Unix seconds) so leases, TTLs and rate-limit windows can be
+tested with an injected clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from qwenserve.jobs import Job, JobResult
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: never the key itself, only its SHA-256 hash."""
+
+    id: str
+    key_hash: str
+    name: str
+    balance_usd: float
+    rpm: int
+    """Requests per minute allowed; 0 means unlimited."""
+    models: tuple[str, ...] = ()
+    """Slugs this key may use; empty means every model."""
+    created_at: float = 0.0
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    """What an accepted submit reports back to the client."""
+
+    remaining_usd: float
+    rate_limit_remaining: int | None
+    """Requests left in the current minute window (None when the key is unlimited)."""
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Operational figures for status pages and /metrics."""
+
+    queued_by_model: dict[str, int] = field(default_factory=dict)
+    processing_by_model: dict[str, int] = field(default_factory=dict)
+    oldest_queued_age_s: float | None = None
+
+
+class Store(Protocol):
+    """Jobs, keys, credits and rate limits, each operation atomic."""
+
+    # --- keys and credits -------------------------------------------------------------------
+    def create_key(self, key: ApiKey) -> None:
+        """Store a new key (its hash, balance, rpm and allowed models)."""
+
+    def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        """The key with this hash, revoked ones included (the caller checks ``revoked``)."""
+
+    def get_key(self, key_id: str) -> ApiKey | None: ...
+
+    def list_keys(self) -> list[ApiKey]: ...
+
+    def revoke_key(self, key_id: str) -> bool:
+        """Mark a key revoked; False when no such key."""
+
+    def topup(self, key_id: str, amount_usd: float) -> float:
+        """Add credit; returns the new balance. Raises UnknownRequest-free KeyError if missing."""
+
+    # --- jobs -------------------------------------------------------------------------------
+    def submit(self, job: Job, *, rpm: int, now: float) -> SubmitOutcome:
+        """Accept ``job`` (status QUEUED) in one atomic step with its admission checks.
+
+        In one transaction: count the key's submits in the current minute (raise RateLimited
+        when ``rpm`` > 0 and the count has reached it), debit ``job.cost_usd`` from the key's
+        balance (raise InsufficientCredits when the balance is lower) and insert the job.
+        Either all of it happens or none of it does.
+        """
+
+    def get_job(self, job_id: str, *, now: float) -> Job | None:
+        """The job, or None when unknown or past its ``expires_at``."""
+
+    def claim(
+        self,
+        worker_id: str,
+        *,
+        slugs: Collection[str] | None,
+        lease_s: float,
+        max_attempts: int,
+        now: float,
+        limit: int = 1,
+    ) -> list[Job]:
+        """Take up to ``limit`` runnable jobs for this worker, oldest first.
+
+        Runnable: QUEUED, or PROCESSING with an expired lease (its worker died). Each claimed
+        job becomes PROCESSING, owned by ``worker_id`` until ``now + lease_s``, with
+        ``attempts`` raised by one and ``started_at`` set on its first claim. A job whose lease
+        expired after ``max_attempts`` attempts is failed instead (and refunded), with a reason.
+        ``slugs`` limits the models taken (None: any).
+        """
+
+    def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float, now: float) -> bool:
+        """Extend the lease; False when the job is no longer this worker's (reclaimed, ended)."""
+
+    def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
+        """PROCESSING → COMPLETED, only while ``worker_id`` still owns it. False otherwise,
+        so a job is never completed twice."""
+
+    def fail(
+        self, job_id: str, worker_id: str | None, *, kind: str, message: str, now: float
+    ) -> bool:
+        """→ FAILED with the error, refunding the job's cost, in one step. With a worker id,
+        only while that worker owns it; with None, any non-terminal job. False if not applied."""
+
+    def release(self, job_id: str, worker_id: str, *, now: float) -> bool:
+        """Give a claimed job back to the queue (graceful shutdown): QUEUED again, the attempt
+        it was charged given back."""
+
+    def expire_leases(self, *, now: float) -> int:
+        """Make every PROCESSING lease expire now (a restarted single-node server owns none of
+        them any more); returns how many."""
+
+    def purge_expired(self, *, now: float) -> list[Job]:
+        """Delete jobs past ``expires_at``; returns them so their media can be deleted too."""
+
+    def stats(self, *, now: float) -> QueueStats: ...
+
+    def close(self) -> None: ...
