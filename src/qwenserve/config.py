@@ -74,8 +74,9 @@ class Settings(BaseSettings):
     prices_usd: dict[str, float] = Field(
         default_factory=dict, description="Per-slug price overrides, e.g. {'qwen-image': 0.1}."
     )
-    require_api_key: bool = True
 
+    drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: finish jobs this long.")
+    purge_interval_s: float = Field(30.0, gt=0, description="How often expired results go.")
     log_level: str = "INFO"
 
     @field_validator("store")

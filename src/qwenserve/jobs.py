@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     """The four states of the Segmind v2 queue, spelled as the API shows them."""
 
     QUEUED = "QUEUED"

@@ -1,0 +1,1 @@
+"""Accounts: API keys, authorization per model; credits and limits go through the store."""

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI). Never imports the runtime: workers are injected by the CLI."""

@@ -202,9 +202,7 @@ QWEN_IMAGE_2512 = ModelSpec(
     summary="Photorealistic text-to-image (Qwen-Image-2512 + Lightning), explicit width/height.",
     price_usd=0.05,
     params=(
-        Param(
-            "prompt", "string", "Text prompt describing the desired image", required=True
-        ),
+        Param("prompt", "string", "Text prompt describing the desired image", required=True),
         Param("base_64", "boolean", "Return image as base64 encoded string", default=False),
         Param(
             "height",
@@ -232,9 +230,7 @@ QWEN_IMAGE_2512 = ModelSpec(
             minimum=-1,
             maximum=92147483647,
         ),
-        Param(
-            "steps", "integer", "Number of inference steps", default=6, minimum=1, maximum=75
-        ),
+        Param("steps", "integer", "Number of inference steps", default=6, minimum=1, maximum=75),
         Param(
             "width",
             "integer",

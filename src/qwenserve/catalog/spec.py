@@ -46,7 +46,7 @@ class Param:
         return self.default is not NO_DEFAULT
 
 
-class PipelineKind(str, enum.Enum):
+class PipelineKind(enum.StrEnum):
     """Which diffusers pipeline class runs a model."""
 
     TEXT_TO_IMAGE = "QwenImagePipeline"
@@ -54,7 +54,7 @@ class PipelineKind(str, enum.Enum):
     EDIT_PLUS = "QwenImageEditPlusPipeline"
 
 
-class SchedulerKind(str, enum.Enum):
+class SchedulerKind(enum.StrEnum):
     """Scheduler configuration: the base model's own, or the Lightning (fixed shift 3) one."""
 
     STOCK = "stock"

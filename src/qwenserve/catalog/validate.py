@@ -104,7 +104,9 @@ def _check_image_source(name: str, value: str) -> None:
     lowered = stripped[:16].lower()
     if lowered.startswith(("http://", "https://")):
         if len(stripped) > MAX_URL_CHARS:
-            raise InvalidRequest(f"{name} URL is longer than {MAX_URL_CHARS} characters", field=name)
+            raise InvalidRequest(
+                f"{name} URL is longer than {MAX_URL_CHARS} characters", field=name
+            )
         return
     if lowered.startswith("data:"):
         return
@@ -167,9 +169,7 @@ def _build(spec: ModelSpec, values: dict[str, Any], seed_source: SeedSource) -> 
     if not prompt.strip():
         raise InvalidRequest("prompt must not be empty", field="prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(
-            f"prompt is longer than {MAX_PROMPT_CHARS} characters", field="prompt"
-        )
+        raise InvalidRequest(f"prompt is longer than {MAX_PROMPT_CHARS} characters", field="prompt")
     negative = values.get("negative_prompt")
     if isinstance(negative, str) and len(negative) > MAX_PROMPT_CHARS:
         raise InvalidRequest(

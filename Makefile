@@ -1,0 +1,27 @@
+# The commands people and CI both run.
+PY ?= python
+
+.PHONY: install serve test lint format typecheck bench
+
+install:
+	pip install torch==2.13.0 -e '.[dev]'
+
+serve:
+	qwenserve serve
+
+test:
+	$(PY) -m pytest
+
+lint:
+	ruff check src tests bench
+	ruff format --check src tests bench
+
+format:
+	ruff format src tests bench
+
+typecheck:
+	mypy
+
+bench:
+	$(PY) bench/engine_vs_diffusers.py
+	$(PY) bench/server_overhead.py

@@ -1,0 +1,62 @@
+"""create_app: the FastAPI application over injected services (workers are never imported)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from qwenserve import __version__
+from qwenserve.api import media, ops, v1, v2
+from qwenserve.api.errors import install_error_handlers
+from qwenserve.api.services import Services
+
+log = logging.getLogger("qwenserve.api")
+
+
+async def _purge_loop(services: Services) -> None:
+    """Delete expired results and their media (reads already treat them as gone)."""
+    while True:
+        try:
+            expired = await services.call(services.store.purge_expired, now=services.clock())
+            for job in expired:
+                if job.result is not None:
+                    await services.call(services.media.delete, job.result.media_id)
+            await services.call(services.media.purge_expired, now=services.clock())
+            if expired:
+                log.info("purged %d expired results", len(expired))
+        except Exception:
+            log.exception("purging expired results failed")
+        await asyncio.sleep(services.settings.purge_interval_s)
+
+
+def create_app(services: Services) -> FastAPI:
+    """The API over ``services``; the caller starts workers (or none) separately."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        purge = asyncio.create_task(_purge_loop(services))
+        try:
+            yield
+        finally:
+            purge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purge
+
+    app = FastAPI(
+        title="qwenserve",
+        version=__version__,
+        summary="Segmind-compatible serving for the Qwen-Image models",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.state.metrics_registry = ops.build_registry(services)
+    install_error_handlers(app)
+    app.include_router(ops.router)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    app.include_router(media.router)
+    return app

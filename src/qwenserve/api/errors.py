@@ -1,0 +1,80 @@
+"""The ONE place errors become HTTP responses: ``{"error": "..."}`` with the error's status.
+
+Handlers raise typed errors from ``qwenserve.errors``; they never build error responses or pick
+status codes themselves. Anything unexpected becomes a 500 with no stack trace for the client.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenserve.errors import QwenServeError, RateLimited
+
+log = logging.getLogger("qwenserve.api")
+
+
+def error_response(error: QwenServeError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The response for a typed error (also used for a FAILED job's stored error in v1)."""
+    all_headers = dict(headers or {})
+    if isinstance(error, RateLimited):
+        all_headers.update(rate_limit_headers(error))
+    return JSONResponse(
+        {"error": error.message}, status_code=error.http_status, headers=all_headers
+    )
+
+
+def rate_limit_headers(error: RateLimited) -> dict[str, str]:
+    """Retry-After plus the headers Segmind's clients read on a 429."""
+    return {
+        "Retry-After": str(max(1, math.ceil(error.retry_after_s))),
+        "x-rate-limit-remaining": "0",
+        "x-rate-limit-limit": str(error.limit),
+        "x-rate-limit-reset-at-utc": email.utils.formatdate(error.reset_at, usegmt=True),
+    }
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the mapping on ``app``."""
+
+    async def on_qwenserve_error(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, QwenServeError)
+        if error.http_status >= 500:
+            log.warning("%s: %s", type(error).__name__, error.message)
+        return error_response(error)
+
+    async def on_http_error(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        detail: Any = error.detail
+        message = detail if isinstance(detail, str) else "request failed"
+        if error.status_code == 404:
+            message = "not found"
+        elif error.status_code == 405:
+            message = "method not allowed"
+        return JSONResponse(
+            {"error": message}, status_code=error.status_code, headers=error.headers
+        )
+
+    async def on_validation_error(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(
+            {"error": f"{where or 'request'}: {first.get('msg', 'invalid')}"}, status_code=400
+        )
+
+    async def on_unexpected(_request: Request, error: Exception) -> JSONResponse:
+        log.exception("internal error", exc_info=error)
+        return JSONResponse({"error": "internal server error"}, status_code=500)
+
+    app.add_exception_handler(QwenServeError, on_qwenserve_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)

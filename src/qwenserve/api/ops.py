@@ -1,0 +1,72 @@
+"""Operations endpoints: /healthz for load balancers, /metrics for Prometheus and autoscalers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from qwenserve.api.services import Services
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="200 once the server can take work")
+async def healthz(request: Request) -> JSONResponse:
+    services: Services = request.app.state.services
+    stats = await services.call(services.store.stats, now=services.clock())
+    return JSONResponse(
+        {
+            "status": "ok",
+            "queued": sum(stats.queued_by_model.values()),
+            "processing": sum(stats.processing_by_model.values()),
+            "workers": len(services.workers_info()),
+        }
+    )
+
+
+class QueueCollector(Collector):
+    """Reads queue figures from the store at scrape time, so every API node reports the same."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.services.store.stats(now=self.services.clock())
+        queued = GaugeMetricFamily(
+            "qwenserve_queue_depth", "Jobs waiting for a worker", labels=["model"]
+        )
+        for slug, count in sorted(stats.queued_by_model.items()):
+            queued.add_metric([slug], count)
+        yield queued
+        processing = GaugeMetricFamily(
+            "qwenserve_jobs_processing", "Jobs running on a worker", labels=["model"]
+        )
+        for slug, count in sorted(stats.processing_by_model.items()):
+            processing.add_metric([slug], count)
+        yield processing
+        yield GaugeMetricFamily(
+            "qwenserve_oldest_queued_age_seconds",
+            "Age of the oldest waiting job (0 when none)",
+            value=stats.oldest_queued_age_s or 0.0,
+        )
+        workers = self.services.workers_info()
+        yield GaugeMetricFamily("qwenserve_workers", "Workers alive", value=len(workers))
+
+
+def build_registry(services: Services) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QueueCollector(services))
+    return registry
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    services: Services = request.app.state.services
+    registry: CollectorRegistry = request.app.state.metrics_registry
+    data = await services.call(generate_latest, registry)
+    return Response(content=data, media_type="text/plain; version=0.0.4; charset=utf-8")

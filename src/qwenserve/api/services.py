@@ -1,0 +1,113 @@
+"""What the API handlers share: the store, media, the completion hub, settings and the clock,
+plus the one submit path that v1 and v2 both use (so limits and credits are one mechanism)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from qwenserve.accounts.keys import authorize
+from qwenserve.api.waiting import CompletionHub
+from qwenserve.catalog import GenerationRequest, get_model, validate_request
+from qwenserve.config import Settings
+from qwenserve.errors import InvalidRequest
+from qwenserve.jobs import Job, JobStatus
+from qwenserve.media.storage import MediaStore
+from qwenserve.store.base import ApiKey, Store, SubmitOutcome
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Services:
+    """Everything a handler needs, built by the composition root and kept on ``app.state``."""
+
+    settings: Settings
+    store: Store
+    media: MediaStore
+    hub: CompletionHub = field(default_factory=CompletionHub)
+    clock: Callable[[], float] = time.time
+    workers_info: Callable[[], list[dict[str, Any]]] = list
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a (blocking) store or media call off the event loop."""
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+    def base_url(self, request: Request) -> str:
+        """Where clients reach us: --public-url behind a proxy, else the address they called."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        return str(request.base_url).rstrip("/")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    request: GenerationRequest
+    outcome: SubmitOutcome
+
+
+async def read_json_body(request: Request) -> Any:
+    """The body as JSON; malformed or oversized bodies are a 400 saying so."""
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
+    if not body.strip():
+        raise InvalidRequest("request body is empty: send a JSON object with the parameters")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"malformed JSON body: {error}") from None
+
+
+async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submitted:
+    """Validate, authorize, and enqueue atomically with the credit debit and rate limit."""
+    spec = get_model(slug)
+    authorize(key, slug)
+    request = validate_request(slug, body)
+    now = services.clock()
+    job = Job(
+        id=str(uuid.uuid4()),
+        slug=slug,
+        key_id=key.id,
+        params=request.to_dict(),
+        status=JobStatus.QUEUED,
+        created_at=now,
+        expires_at=now + services.settings.result_ttl_s,
+        cost_usd=services.settings.price_for(slug, spec.price_usd),
+    )
+    outcome = await services.call(services.store.submit, job, rpm=key.rpm, now=now)
+    return Submitted(job=job, request=request, outcome=outcome)
+
+
+async def wait_for_end(services: Services, job_id: str, timeout_s: float) -> Job | None:
+    """The job once terminal; the last seen state at the deadline; None if it vanished."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    with services.hub.watch(job_id) as event:
+        while True:
+            job: Job | None = await services.call(
+                services.store.get_job, job_id, now=services.clock()
+            )
+            remaining = deadline - loop.time()
+            if job is None or job.status.is_terminal or remaining <= 0:
+                return job
+            await services.hub.sleep_until_notified(event, remaining)
+
+
+def submit_headers(submitted: Submitted) -> dict[str, str]:
+    headers = {
+        "X-Request-ID": submitted.job.id,
+        "x-remaining-credits": f"{submitted.outcome.remaining_usd:.6f}",
+    }
+    if submitted.outcome.rate_limit_remaining is not None:
+        headers["x-rate-limit-remaining"] = str(submitted.outcome.rate_limit_remaining)
+    return headers

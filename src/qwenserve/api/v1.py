@@ -1,0 +1,86 @@
+"""Sync inference (Segmind v1): submit to the same queue as v2 and wait for the result.
+
+Answers the raw image bytes with the content type of ``image_format``, or with ``base64`` (or
+``base_64``) true, JSON with the base64 image. A job that fails answers its error with the
+status of its kind (400 for an unusable input, 502/504 for an input fetch, 500 for the engine).
+Past ``sync_timeout_s`` it answers 504; the job goes on and can still be read through v2 with
+the request id in ``X-Request-ID``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from qwenserve.api.auth import CurrentKey
+from qwenserve.api.errors import error_response
+from qwenserve.api.services import (
+    Services,
+    read_json_body,
+    submit,
+    submit_headers,
+    wait_for_end,
+)
+from qwenserve.errors import UnknownRequest, UpstreamTimeout, rebuild_error
+from qwenserve.jobs import JobStatus
+
+router = APIRouter(tags=["v1 (sync)"])
+
+
+@router.get("/v1/get-user-credits", summary="The calling key's credit balance (USD)")
+async def user_credits(key: CurrentKey) -> JSONResponse:
+    return JSONResponse({"credits": round(key.balance_usd, 6), "free-credits": 0.0})
+
+
+@router.post(
+    "/v1/{slug}",
+    summary="Run a model and wait for the image",
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+)
+async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
+    services: Services = request.app.state.services
+    body = await read_json_body(request)
+    submitted = await submit(services, key, slug, body)
+    headers = submit_headers(submitted)
+    job = await wait_for_end(services, submitted.job.id, services.settings.sync_timeout_s)
+    if job is None:
+        return error_response(UnknownRequest("the request expired before it finished"), headers)
+    if job.status is JobStatus.FAILED:
+        # The refund happened with the failure: report the balance after it.
+        refunded = submitted.outcome.remaining_usd + job.cost_usd
+        headers["x-remaining-credits"] = f"{refunded:.6f}"
+        return error_response(rebuild_error(job.error_kind, job.error or "failed"), headers)
+    if job.status is not JobStatus.COMPLETED or job.result is None:
+        timeout = UpstreamTimeout(
+            f"no result within {services.settings.sync_timeout_s:g}s; the request goes on: "
+            f"poll /v2/requests/{job.id}/status"
+        )
+        return error_response(timeout, headers)
+
+    result = job.result
+    stored = await services.call(services.media.get, result.media_id, now=services.clock())
+    if stored is None:
+        return error_response(UnknownRequest("the result expired before it was read"), headers)
+    data, content_type = stored
+    headers["x-generation-time"] = f"{result.inference_time_s:.4f}"
+    headers["x-output-metadata"] = json.dumps(
+        {"width": result.width, "height": result.height, "seed": result.seed}
+    )
+    if submitted.request.base64:
+        return JSONResponse(
+            {
+                "image": base64.b64encode(data).decode("ascii"),
+                "status": "Success",
+                "request_id": job.id,
+                "seed": result.seed,
+                "width": result.width,
+                "height": result.height,
+                "content_type": content_type,
+                "inference_time": round(result.inference_time_s, 4),
+            },
+            headers=headers,
+        )
+    return Response(content=data, media_type=content_type, headers=headers)

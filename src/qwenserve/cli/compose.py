@@ -1,0 +1,77 @@
+"""Building the pieces from Settings: store, media store, engine and worker runners."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+from qwenserve.config import Settings
+from qwenserve.media.storage import LocalMediaStore, MediaStore
+from qwenserve.store import open_store
+from qwenserve.store.base import Store
+from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+
+
+def is_redis(settings: Settings) -> bool:
+    return settings.store.startswith(("redis://", "rediss://"))
+
+
+def build_store(settings: Settings) -> Store:
+    return open_store(settings)
+
+
+def build_media(settings: Settings) -> MediaStore:
+    """Local files for the embedded default; Redis (reachable from every node) for scale-out."""
+    if is_redis(settings):
+        from qwenserve.media.redis_storage import RedisMediaStore
+
+        return RedisMediaStore.from_url(settings.store)
+    return LocalMediaStore(settings.media_dir)
+
+
+def build_runners(
+    settings: Settings,
+    store: Store,
+    media: MediaStore,
+    *,
+    count: int,
+    slugs: list[str] | None = None,
+    on_job_done: Callable[[str], None] | None = None,
+) -> list[WorkerRunner]:
+    """``count`` runners, each with its own engine (an engine runs one job at a time)."""
+    from qwenserve.runtime import Engine, EngineConfig
+    from qwenserve.worker.inputs import MediaInputLoader
+
+    inputs = MediaInputLoader.from_settings(settings)
+    runners = []
+    for index in range(count):
+        engine = Engine(
+            EngineConfig(
+                weights=settings.weights,
+                cache_dir=settings.model_cache_dir,
+                device=settings.device,
+                dtype=settings.dtype,
+                resident_models=settings.resident_models,
+                resident_memory_gb=settings.resident_memory_gb,
+            )
+        )
+        worker_id = f"{socket.gethostname()}-{os.getpid()}-{index}"
+        runners.append(
+            WorkerRunner(
+                store=store,
+                media=media,
+                engine=engine,
+                inputs=inputs,
+                config=WorkerConfig(
+                    worker_id=worker_id,
+                    slugs=slugs,
+                    lease_s=settings.lease_s,
+                    max_attempts=settings.max_attempts,
+                    poll_interval_s=settings.poll_interval_s,
+                    drain_timeout_s=settings.drain_timeout_s,
+                ),
+                on_job_done=on_job_done,
+            )
+        )
+    return runners

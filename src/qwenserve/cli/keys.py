@@ -1,0 +1,119 @@
+"""`qwenserve keys ...`: create, list, revoke and top up API keys (safe while the server runs)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from qwenserve.accounts.keys import create_api_key
+from qwenserve.cli.common import add_settings_options, settings_from
+from qwenserve.errors import QwenServeError
+from qwenserve.store import open_store
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("keys", help="manage API keys")
+    actions = parser.add_subparsers(dest="keys_command", required=True)
+
+    create = actions.add_parser("create", help="create a key; prints it as the last line")
+    add_settings_options(create)
+    create.add_argument("--name", default="default", help="a label for the key")
+    create.add_argument("--credits", type=float, default=10.0, help="starting balance in USD")
+    create.add_argument("--rpm", type=int, default=60, help="requests per minute (0: no limit)")
+    create.add_argument("--models", default="", help="comma-separated slugs (default: all)")
+    create.set_defaults(handler=_create)
+
+    listing = actions.add_parser("list", help="list keys (never the secrets)")
+    add_settings_options(listing)
+    listing.set_defaults(handler=_list)
+
+    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    add_settings_options(revoke)
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=_revoke)
+
+    topup = actions.add_parser("topup", help="add credits to a key")
+    add_settings_options(topup)
+    topup.add_argument("key_id")
+    topup.add_argument("amount", type=float, help="USD to add")
+    topup.set_defaults(handler=_topup)
+
+
+def _create(args: argparse.Namespace) -> int:
+    store = open_store(settings_from(args))
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        plaintext, key = create_api_key(
+            store,
+            name=args.name,
+            credits_usd=args.credits,
+            rpm=args.rpm,
+            models=models,
+            now=time.time(),
+        )
+    except QwenServeError as error:
+        Console(stderr=True).print(f"[red]error:[/red] {error.message}")
+        return 2
+    finally:
+        store.close()
+    console = Console(stderr=True)
+    console.print(
+        f"created key [bold]{key.id}[/bold] ({key.name}): ${key.balance_usd:.4f}, "
+        f"rpm {key.rpm or 'unlimited'}, models {', '.join(key.models) or 'all'}"
+    )
+    console.print("store it now: it is shown only once")
+    print(plaintext, flush=True)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    store = open_store(settings_from(args))
+    try:
+        keys = store.list_keys()
+    finally:
+        store.close()
+    table = Table("id", "name", "balance (USD)", "rpm", "models", "revoked")
+    for key in keys:
+        table.add_row(
+            key.id,
+            key.name,
+            f"{key.balance_usd:.6f}",
+            str(key.rpm or "unlimited"),
+            ", ".join(key.models) or "all",
+            "yes" if key.revoked else "",
+        )
+    Console().print(table)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    store = open_store(settings_from(args))
+    try:
+        done = store.revoke_key(args.key_id)
+    finally:
+        store.close()
+    if not done:
+        Console(stderr=True).print(f"[red]error:[/red] no key {args.key_id}")
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+def _topup(args: argparse.Namespace) -> int:
+    if args.amount <= 0:
+        Console(stderr=True).print("[red]error:[/red] amount must be positive")
+        return 2
+    store = open_store(settings_from(args))
+    try:
+        balance = store.topup(args.key_id, args.amount)
+    except KeyError:
+        Console(stderr=True).print(f"[red]error:[/red] no key {args.key_id}")
+        return 1
+    finally:
+        store.close()
+    print(f"{args.key_id}: balance ${balance:.6f}")
+    return 0

@@ -1,0 +1,87 @@
+"""`qwenserve serve`: the API with (by default) an in-process worker on the embedded store."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+import uvicorn
+
+from qwenserve.api.app import create_app
+from qwenserve.api.services import Services
+from qwenserve.api.waiting import CompletionHub
+from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
+from qwenserve.cli.compose import build_media, build_runners, build_store, is_redis
+from qwenserve.worker.host import ThreadHost
+
+log = logging.getLogger("qwenserve")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("serve", help="run the API server (and a worker)")
+    add_settings_options(parser)
+    parser.add_argument("--host", help="bind address (env QWENSERVE_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (env QWENSERVE_PORT, default 8000)")
+    parser.add_argument("--weights", help="tiny (default), hub, or a weights folder")
+    parser.add_argument("--workers", type=int, help="in-process workers (0: API only)")
+    parser.add_argument("--result-ttl", type=float, dest="result_ttl_s", help="seconds")
+    parser.add_argument("--public-url", help="base URL clients use behind a proxy")
+    parser.add_argument(
+        "--sync-timeout", type=float, dest="sync_timeout_s", help="seconds POST /v1 waits"
+    )
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = settings_from(
+        args,
+        host="host",
+        port="port",
+        weights="weights",
+        workers="workers",
+        result_ttl_s="result_ttl_s",
+        public_url="public_url",
+        sync_timeout_s="sync_timeout_s",
+    )
+    configure_logging(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = build_store(settings)
+    media = build_media(settings)
+    hub = CompletionHub()
+    runners = build_runners(settings, store, media, count=settings.workers, on_job_done=hub.notify)
+    if runners and not is_redis(settings):
+        # The embedded store has one node: whatever was PROCESSING belonged to a server that
+        # died (kill -9). Make it claimable now instead of waiting out its lease.
+        orphans = store.expire_leases(now=time.time())
+        if orphans:
+            log.info("requeued %d job(s) left running by a previous server", orphans)
+    host = ThreadHost(runners)
+
+    def workers_info() -> list[dict[str, Any]]:
+        return [
+            {"worker_id": r.config.worker_id, "current_job": r.state.current_job} for r in runners
+        ]
+
+    services = Services(
+        settings=settings, store=store, media=media, hub=hub, workers_info=workers_info
+    )
+    app = create_app(services)
+    if runners:
+        log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
+    host.start()
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    finally:
+        host.shutdown(settings.drain_timeout_s)
+        store.close()
+    return 0

@@ -1,0 +1,102 @@
+"""The blocking client: the segmind SDK's surface over httpx."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from qwenserve.client.core import (
+    DEFAULT_BASE_URL,
+    DEFAULT_POLL_INTERVAL_S,
+    DEFAULT_WAIT_TIMEOUT_S,
+    Endpoints,
+    default_headers,
+    poll_until_terminal,
+    submit_fields,
+    terminal_tolerant_body,
+)
+from qwenserve.client.errors import raise_for_status
+
+
+@dataclass
+class Job:
+    """A submitted v2 request: ``status()``, ``result()``, ``wait()``."""
+
+    request_id: str
+    status_url: str
+    response_url: str
+    submit_response: dict[str, Any]
+    _http: httpx.Client = field(repr=False)
+
+    def status(self) -> dict[str, Any]:
+        return terminal_tolerant_body(self._http.get(self.status_url))
+
+    def result(self) -> dict[str, Any]:
+        return terminal_tolerant_body(self._http.get(self.response_url))
+
+    def wait(
+        self, timeout: float = DEFAULT_WAIT_TIMEOUT_S, interval: float = DEFAULT_POLL_INTERVAL_S
+    ) -> dict[str, Any]:
+        """Poll until COMPLETED (returns the result body); raises InferenceFailed/Timeout."""
+        loop = poll_until_terminal(
+            self.request_id, timeout_s=timeout, interval_s=interval, clock=time.monotonic
+        )
+        delay = next(loop)
+        try:
+            while True:
+                if delay:
+                    time.sleep(delay)
+                delay = loop.send(self.status())
+        except StopIteration:
+            return self.result()
+
+
+class QwenServeClient:
+    """``run`` (v2 submit + wait), ``run_sync`` (v1), ``submit_async`` (v2 → Job), ``credits``.
+
+    The key comes from ``api_key`` or ``QWENSERVE_API_KEY`` (or ``SEGMIND_API_KEY``).
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float = 600.0,
+    ) -> None:
+        self.endpoints = Endpoints.from_base_url(base_url)
+        self._http = httpx.Client(
+            headers=default_headers(api_key), timeout=httpx.Timeout(timeout, connect=5.0)
+        )
+
+    def __enter__(self) -> QwenServeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def run_sync(self, slug: str, **params: Any) -> httpx.Response:
+        """POST /v1/{slug}: the image bytes (or JSON with base64) once it is done."""
+        response = self._http.post(f"{self.endpoints.v1}/{slug}", json=params)
+        raise_for_status(response)
+        return response
+
+    def submit_async(self, slug: str, **params: Any) -> Job:
+        """POST /v2/{slug}: a Job handle to poll."""
+        response = self._http.post(f"{self.endpoints.v2}/{slug}", json=params)
+        request_id, status_url, response_url, body = submit_fields(response)
+        return Job(request_id, status_url, response_url, body, self._http)
+
+    def run(self, slug: str, **params: Any) -> dict[str, Any]:
+        """Submit through v2 and wait (600 s, polling every second) for the result body."""
+        return self.submit_async(slug, **params).wait()
+
+    def credits(self) -> float:
+        response = self._http.get(f"{self.endpoints.v1}/get-user-credits")
+        raise_for_status(response)
+        return float(response.json()["credits"])

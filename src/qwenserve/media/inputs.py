@@ -1,0 +1,171 @@
+"""Turning a client's input image (URL, data URI or base64) into a safe RGB Pillow image.
+
+Input images are untrusted bytes, so decoding is defensive: the byte size is bounded before any
+base64 is decoded, only PNG, JPEG and WEBP are opened (by what Pillow detects, not what a data
+URI claims), and the pixel count is read from the header and refused before pixels are
+decoded, so a small file cannot expand into gigabytes (a decompression bomb).
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+import re
+import urllib.parse
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from qwenserve.errors import InvalidInput, InvalidRequest
+from qwenserve.media.fetch import DEFAULT_MAX_BYTES, UrlFetcher
+
+DEFAULT_MAX_PIXELS = 40_000_000
+# MPO is how Pillow names JPEGs carrying extra pictures (most phone cameras write them).
+_ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP"})
+_OPEN_FORMATS = ("PNG", "JPEG", "WEBP")
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+_KNOWN_REFUSED = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def load_input_image(
+    source: str,
+    *,
+    field: str,
+    fetcher: UrlFetcher,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Fetch or decode ``source`` and return it as an RGB image, upright per its EXIF.
+
+    ``source`` is an http(s) URL (fetched through ``fetcher``), a ``data:`` URI or raw base64
+    (whitespace, the URL-safe alphabet and missing padding are tolerated). Transparency is
+    composited on white and an animated image gives its first frame.
+
+    Raises InvalidInput (too large, not PNG/JPEG/WEBP, too many pixels, corrupt) naming
+    ``field``, and whatever ``fetcher`` raises for a URL.
+    """
+    text = source.strip()
+    head = text[:16].lower()
+    if head.startswith(("http://", "https://")):
+        data = fetcher.fetch(text, field=field, max_bytes=max_bytes)
+    elif head.startswith("data:"):
+        data = _decode_data_uri(text, field=field, max_bytes=max_bytes)
+    else:
+        data = _decode_base64(text, field=field, max_bytes=max_bytes)
+    return decode_image(data, field=field, max_pixels=max_pixels)
+
+
+def decode_image(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes (PNG, JPEG or WEBP) into an upright RGB image; see load_input_image."""
+    if not data:
+        raise InvalidInput(f"{field}: the image is empty", field=field)
+    try:
+        image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise InvalidInput(f"{field}: {_unsupported_reason(data)}", field=field) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard (its warning, when warnings are errors, arrives as an exception).
+        raise InvalidInput(
+            f"{field}: the image has more than {max_pixels} pixels", field=field
+        ) from exc
+    except Exception as exc:
+        raise InvalidInput(f"{field}: the image header is corrupt", field=field) from exc
+    with image:
+        if image.format not in _ACCEPTED_FORMATS:  # pragma: no cover - formats= restricts this
+            raise InvalidInput(f"{field}: {_unsupported_reason(data)}", field=field)
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise InvalidInput(f"{field}: the image has no pixels", field=field)
+        if width * height > max_pixels:
+            raise InvalidInput(
+                f"{field}: the image is {width}x{height}, more than {max_pixels} pixels",
+                field=field,
+            )
+        try:
+            image.seek(0)  # animated PNG/WEBP: the first frame
+            image.load()
+        except Exception as exc:
+            # Untrusted bytes can make Pillow's decoders raise nearly any exception type
+            # (OSError for truncation, SyntaxError, ValueError, struct.error, ...).
+            raise InvalidInput(
+                f"{field}: the image data is truncated or corrupt", field=field
+            ) from exc
+        try:
+            upright = ImageOps.exif_transpose(image)
+        except Exception:
+            upright = image  # an unreadable EXIF block only loses the orientation hint
+        # Closing the opened image frees its pixels, so never return it itself.
+        return _to_rgb(upright, owned=upright is not image)
+
+
+def _to_rgb(image: Image.Image, *, owned: bool) -> Image.Image:
+    """RGB, with transparency composited on white and 16-bit grey scaled (not clipped)."""
+    if image.mode == "RGB":
+        return image if owned else image.copy()
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        grey = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+        return grey.convert("RGB")
+    has_alpha = "A" in image.getbands() or image.mode in ("RGBa", "La", "PA")
+    if has_alpha or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _unsupported_reason(data: bytes) -> str:
+    for magic, name in _KNOWN_REFUSED:
+        if data.startswith(magic):
+            return f"{name} images are not supported; send PNG, JPEG or WEBP"
+    return "not a PNG, JPEG or WEBP image"
+
+
+def _too_large(field: str, max_bytes: int) -> InvalidInput:
+    return InvalidInput(f"{field}: the image is larger than {max_bytes} bytes", field=field)
+
+
+def _decode_data_uri(text: str, *, field: str, max_bytes: int) -> bytes:
+    header, comma, payload = text.partition(",")
+    if not comma:
+        raise InvalidRequest(f"{field}: the data URI has no ',' before its data", field=field)
+    # The media type the URI claims is ignored: Pillow identifies the bytes themselves.
+    if header.lower().endswith(";base64"):
+        if "%" in payload:
+            payload = urllib.parse.unquote(payload)
+        return _decode_base64(payload, field=field, max_bytes=max_bytes)
+    if len(payload) > 3 * max_bytes:
+        raise _too_large(field, max_bytes)
+    data = urllib.parse.unquote_to_bytes(payload)
+    if len(data) > max_bytes:
+        raise _too_large(field, max_bytes)
+    return data
+
+
+def _decode_base64(text: str, *, field: str, max_bytes: int) -> bytes:
+    # Cheap bound first (generous for line breaks), then the exact one on the compacted text.
+    if len(text) > 2 * max_bytes + 4096:
+        raise _too_large(field, max_bytes)
+    compact = "".join(text.split())
+    if len(compact) // 4 * 3 > max_bytes + 3:
+        raise _too_large(field, max_bytes)
+    if not compact or not _BASE64_RE.match(compact):
+        raise InvalidInput(
+            f"{field}: not an http(s) URL, a data URI or valid base64 image data", field=field
+        )
+    compact = compact.rstrip("=")
+    if len(compact) % 4 == 1:
+        raise InvalidInput(f"{field}: the base64 data has an impossible length", field=field)
+    padded = compact.translate(_URLSAFE_TO_STANDARD) + "=" * (-len(compact) % 4)
+    try:
+        data = binascii.a2b_base64(padded, strict_mode=True)
+    except binascii.Error as exc:
+        raise InvalidInput(f"{field}: the base64 data is invalid", field=field) from exc
+    if len(data) > max_bytes:
+        raise _too_large(field, max_bytes)
+    return data

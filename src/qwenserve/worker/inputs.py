@@ -1,0 +1,61 @@
+"""Fetching and checking a job's inputs (images, extra LoRAs) before the engine sees them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qwenserve.catalog import GenerationRequest
+from qwenserve.media.fetch import UrlFetcher
+from qwenserve.media.inputs import load_input_image
+from qwenserve.media.lora import LoraFetcher
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from qwenserve.config import Settings
+
+
+class MediaInputLoader:
+    """The worker's InputLoader: SSRF-guarded fetches, defensive decoding, a LoRA file cache."""
+
+    def __init__(self, *, fetcher: UrlFetcher, loras: LoraFetcher, max_bytes: int, max_pixels: int):
+        self.fetcher = fetcher
+        self.loras = loras
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MediaInputLoader:
+        fetcher = UrlFetcher(
+            allow_private=settings.allow_private_urls,
+            timeout_s=settings.fetch_timeout_s,
+            max_bytes=settings.max_input_bytes,
+        )
+        loras = LoraFetcher(
+            settings.model_cache_dir,
+            fetcher=fetcher,
+            max_bytes=settings.max_lora_bytes,
+            local_dirs=settings.local_lora_dirs,
+        )
+        return cls(
+            fetcher=fetcher,
+            loras=loras,
+            max_bytes=settings.max_input_bytes,
+            max_pixels=settings.max_input_pixels,
+        )
+
+    def load_images(self, request: GenerationRequest) -> list[Image.Image]:
+        return [
+            load_input_image(
+                image.source,
+                field=image.field,
+                fetcher=self.fetcher,
+                max_bytes=self.max_bytes,
+                max_pixels=self.max_pixels,
+            )
+            for image in request.images
+        ]
+
+    def load_loras(self, request: GenerationRequest) -> list[Path]:
+        return [self.loras.resolve(ref.location, field=ref.field) for ref in request.extra_loras]

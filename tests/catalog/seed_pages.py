@@ -1,0 +1,60 @@
+"""A reader for the seed pages in ../shared/seeds/, so the catalog is checked against the source
+of the contract itself rather than against a copy of it."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEEDS_DIR = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+
+_HEADER = re.compile(r"^([a-z0-9_]+)(required|optional)$")
+_RANGE = re.compile(r"Range:\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)")
+_DEFAULT = re.compile(r"Default:\s*(.*?)(?:Range:|$)")
+
+
+@dataclass
+class SeedParam:
+    name: str
+    required: bool
+    type: str
+    default: object = "<none>"
+    minimum: float | None = None
+    maximum: float | None = None
+    allowed: list[str] = field(default_factory=list)
+    allowed_total: int | None = None
+
+
+def read_seed(slug: str) -> dict[str, SeedParam]:
+    text = (SEEDS_DIR / f"{slug}.txt").read_text(encoding="utf-8")
+    section = text.split("\nParameters\n", 1)[1].split("\nResponse Type", 1)[0]
+    lines = [line.strip() for line in section.splitlines() if line.strip()]
+    params: dict[str, SeedParam] = {}
+    current: SeedParam | None = None
+    for index, line in enumerate(lines):
+        header = _HEADER.match(line)
+        if header:
+            current = SeedParam(
+                name=header.group(1),
+                required=header.group(2) == "required",
+                type=lines[index + 1],
+            )
+            params[current.name] = current
+            continue
+        if current is None:
+            continue
+        if line.startswith("Default:"):
+            raw = _DEFAULT.match(line)
+            assert raw is not None
+            current.default = json.loads(raw.group(1).strip())
+            found = _RANGE.search(line)
+            if found:
+                current.minimum = float(found.group(1))
+                current.maximum = float(found.group(2))
+        elif line.startswith("Allowed values"):
+            total = re.search(r"\((\d+) total\)", line)
+            current.allowed_total = int(total.group(1)) if total else None
+            current.allowed = re.findall(r'"([^"]*)"', lines[index + 1])
+    return params

@@ -1,0 +1,158 @@
+"""Every error code the seeds list, each with a real trigger, as JSON {"error": ...}."""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import time
+
+import httpx
+import pytest
+from segmind import SegmindClient, SegmindError
+
+from tests.service.conftest import Server
+from tests.service.helpers import body_for, file_server, png_b64
+
+
+@pytest.fixture(scope="module")
+def key(server: Server) -> str:
+    return server.create_key(credits=50.0, rpm=0)
+
+
+def post(server: Server, path: str, key: str | None, **kwargs: object) -> httpx.Response:
+    headers = {"x-api-key": key} if key else {}
+    return httpx.post(f"{server.url}{path}", headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_error(response: httpx.Response, status: int, *needles: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    message = response.json()["error"]
+    assert isinstance(message, str) and message
+    for needle in needles:
+        assert needle in message, message
+    assert "Traceback" not in message
+    return message
+
+
+def test_400_names_the_field(server: Server, key: str) -> None:
+    for path in ("/v1/qwen-image-fast", "/v2/qwen-image-fast"):
+        response = post(server, path, key, json={"prompt": "x", "steps": 17})
+        assert_error(response, 400, "steps", "1 to 16")
+    assert_error(post(server, "/v1/qwen-image-fast", key, json={"steps": 8}), 400, "prompt")
+    response = post(server, "/v1/qwen-image", key, json={"prompt": "x", "steps": 30, "aspect_ratio": "5:4"})
+    assert_error(response, 400, "aspect_ratio")
+
+
+def test_400_malformed_json_and_non_object(server: Server, key: str) -> None:
+    response = post(
+        server, "/v2/qwen-image", key, content=b'{"prompt": "x",', headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400, "malformed JSON")
+    assert_error(post(server, "/v2/qwen-image", key, json=[1, 2]), 400, "JSON object")
+    assert_error(post(server, "/v2/qwen-image", key, content=b""), 400, "empty")
+
+
+def test_400_undecodable_input_image_fails_the_job(server: Server, key: str) -> None:
+    garbage = base64.b64encode(b"not an image at all" * 10).decode()
+    response = post(server, "/v1/qwen-image-edit-fast", key, json=body_for("qwen-image-edit-fast", image=garbage))
+    assert_error(response, 400, "image")
+
+
+def test_401_missing_and_unknown_key(server: Server) -> None:
+    assert_error(post(server, "/v1/qwen-image", None, json=body_for("qwen-image")), 401, "API key")
+    assert_error(post(server, "/v1/qwen-image", "qs_nope", json=body_for("qwen-image")), 401)
+    bearer = httpx.get(
+        f"{server.url}/v1/get-user-credits", headers={"Authorization": "Bearer qs_nope"}
+    )
+    assert_error(bearer, 401)
+
+
+def test_bearer_auth_works(server: Server, key: str) -> None:
+    response = httpx.get(f"{server.url}/v1/get-user-credits", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200
+
+
+def test_403_model_not_allowed(server: Server) -> None:
+    limited = server.create_key("--models", "qwen-image-fast", credits=5.0)
+    assert_error(post(server, "/v2/qwen-image", limited, json=body_for("qwen-image")), 403, "qwen-image")
+    assert post(server, "/v2/qwen-image-fast", limited, json=body_for("qwen-image-fast")).status_code == 200
+
+
+def test_404_unknown_model_request_and_route(server: Server, key: str) -> None:
+    assert_error(post(server, "/v1/flux-dev", key, json={"prompt": "x"}), 404, "flux-dev")
+    missing = httpx.get(f"{server.url}/v2/requests/00000000-0000-0000-0000-000000000000/status", headers={"x-api-key": key})
+    assert_error(missing, 404)
+    assert_error(httpx.get(f"{server.url}/nope"), 404)
+    assert_error(httpx.get(f"{server.url}/media/does-not-exist"), 404)
+
+
+def test_406_insufficient_credits_nothing_queued(server: Server) -> None:
+    poor = server.create_key(credits=0.1)  # qwen-image costs 0.121
+    assert_error(post(server, "/v2/qwen-image", poor, json=body_for("qwen-image")), 406, "credit")
+    credits = httpx.get(f"{server.url}/v1/get-user-credits", headers={"x-api-key": poor}).json()
+    assert credits["credits"] == pytest.approx(0.1)
+    client = SegmindClient(api_key=poor, base_url=f"{server.url}/v1")
+    with pytest.raises(SegmindError) as caught:
+        client.run_sync("qwen-image", **body_for("qwen-image"))
+    assert caught.value.status == 406
+
+
+def test_429_rate_limit_with_headers(server: Server) -> None:
+    limited = server.create_key(credits=10.0, rpm=2)
+    for _ in range(2):
+        assert post(server, "/v2/qwen-image-fast", limited, json=body_for("qwen-image-fast")).status_code == 200
+    response = post(server, "/v2/qwen-image-fast", limited, json=body_for("qwen-image-fast"))
+    assert_error(response, 429)
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert response.headers["x-rate-limit-remaining"] == "0"
+    reset = email.utils.parsedate_to_datetime(response.headers["x-rate-limit-reset-at-utc"])
+    assert 0 < reset.timestamp() - time.time() <= 61
+
+
+def test_502_and_504_upstream(server: Server, key: str) -> None:
+    png = base64.b64decode(png_b64())
+    routes = {"/broken.png": (500, b"boom", "text/plain", 0.0), "/slow.png": (200, png, "image/png", 5.0)}
+    with file_server(routes) as base:
+        broken = post(server, "/v1/qwen-image-edit-fast", key, json=body_for("qwen-image-edit-fast", image=f"{base}/broken.png"))
+        assert_error(broken, 502, "image")
+        slow = post(server, "/v1/qwen-image-edit-fast", key, json=body_for("qwen-image-edit-fast", image=f"{base}/slow.png"))
+        assert_error(slow, 504, "image")
+
+
+def test_ssrf_refused_by_default(make_server: object) -> None:
+    strict: Server = make_server()  # type: ignore[operator]
+    strict.start()
+    key = strict.create_key(credits=5.0)
+    png = base64.b64decode(png_b64())
+    with file_server({"/in.png": (200, png, "image/png", 0.0)}) as base:
+        response = post(strict, "/v1/qwen-image-edit-fast", key, json=body_for("qwen-image-edit-fast", image=f"{base}/in.png"))
+    assert_error(response, 400, "image")
+
+
+def test_500_engine_failure_is_failed_and_refunded(make_server: object, tmp_path: object) -> None:
+    broken: Server = make_server(env={"QWENSERVE_WEIGHTS": "/nonexistent/weights"})  # type: ignore[operator]
+    broken.start()
+    key = broken.create_key(credits=1.0)
+    response = post(broken, "/v1/qwen-image-fast", key, json=body_for("qwen-image-fast"))
+    assert_error(response, 500)
+    credits = httpx.get(f"{broken.url}/v1/get-user-credits", headers={"x-api-key": key}).json()
+    assert credits["credits"] == pytest.approx(1.0)
+
+
+def test_504_sync_timeout_keeps_the_job(make_server: object) -> None:
+    impatient: Server = make_server(env={"QWENSERVE_SYNC_TIMEOUT_S": "0.05"})  # type: ignore[operator]
+    impatient.start()
+    key = impatient.create_key(credits=5.0)
+    response = post(impatient, "/v1/qwen-image", key, json=body_for("qwen-image", steps=4))
+    assert_error(response, 504, "/v2/requests/")
+    request_id = response.headers["x-request-id"]
+    client = SegmindClient(api_key=key, base_url=f"{impatient.url}/v1")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status = httpx.get(f"{impatient.url}/v2/requests/{request_id}/status", headers={"x-api-key": key}).json()
+        if status["status"] == "COMPLETED":
+            break
+        time.sleep(0.2)
+    assert status["status"] == "COMPLETED"
+    del client

@@ -1,0 +1,248 @@
+"""The worker runner against a real SQLite store, with an engine fixture per failure mode."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from qwenserve.accounts.keys import create_api_key
+from qwenserve.catalog import GenerationRequest, validate_request
+from qwenserve.errors import InvalidInput, UpstreamError
+from qwenserve.jobs import Job, JobStatus
+from qwenserve.media.storage import LocalMediaStore
+from qwenserve.store.sqlite import SqliteStore
+from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Generated:
+    image: Image.Image
+    seed: int
+    width: int
+    height: int
+    inference_time_s: float
+
+
+class SolidEngine:
+    """Paints the seed into a solid image: cheap and deterministic."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        images: Sequence[Image.Image] = (),
+        extra_loras: Sequence[Path] = (),
+        on_step: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> Generated:
+        self.calls += 1
+        shade = request.seed % 256
+        return Generated(Image.new("RGB", (32, 16), (shade, 0, 0)), request.seed, 32, 16, 0.01)
+
+
+class RaisingEngine(SolidEngine):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def generate(self, request: GenerationRequest, **kwargs: object) -> Generated:  # type: ignore[override]
+        self.calls += 1
+        raise self.error
+
+
+class HangingEngine(SolidEngine):
+    """Runs 'steps' until told to cancel (as the real engine does through its step callback)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+
+    def generate(self, request: GenerationRequest, **kwargs: object) -> Generated:  # type: ignore[override]
+        should_cancel = kwargs.get("should_cancel")
+        self.started.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if callable(should_cancel) and should_cancel():
+                from qwenserve.errors import InferenceError
+
+                raise InferenceError("cancelled")
+            time.sleep(0.01)
+        raise AssertionError("never cancelled")
+
+
+class NoInputs:
+    def load_images(self, request: GenerationRequest) -> list[Image.Image]:
+        return []
+
+    def load_loras(self, request: GenerationRequest) -> list[Path]:
+        return []
+
+
+class FailingInputs(NoInputs):
+    def load_images(self, request: GenerationRequest) -> list[Image.Image]:
+        raise UpstreamError("image: the server answered 500", field="image")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteStore:
+    return SqliteStore(tmp_path / "jobs.db")
+
+
+@pytest.fixture
+def media(tmp_path: Path) -> LocalMediaStore:
+    return LocalMediaStore(tmp_path / "media")
+
+
+@pytest.fixture
+def key_id(store: SqliteStore, clock: Clock) -> str:
+    _, key = create_api_key(store, name="t", credits_usd=1.0, rpm=0, now=clock())
+    return key.id
+
+
+def submit(store: SqliteStore, key_id: str, clock: Clock, seed: int = 7, cost: float = 0.1) -> Job:
+    request = validate_request("qwen-image-fast", {"prompt": "x", "steps": 2, "seed": seed})
+    job = Job(
+        id=f"job-{seed}",
+        slug=request.slug,
+        key_id=key_id,
+        params=request.to_dict(),
+        status=JobStatus.QUEUED,
+        created_at=clock(),
+        expires_at=clock() + 3600,
+        cost_usd=cost,
+    )
+    store.submit(job, rpm=0, now=clock())
+    return job
+
+
+def runner(store: SqliteStore, media: LocalMediaStore, engine: SolidEngine, clock: Clock,
+           worker_id: str = "w1", inputs: NoInputs | None = None, **config: float) -> WorkerRunner:
+    return WorkerRunner(
+        store=store,
+        media=media,
+        engine=engine,
+        inputs=inputs or NoInputs(),
+        config=WorkerConfig(worker_id=worker_id, lease_s=config.get("lease_s", 30.0), max_attempts=2),
+        clock=clock,
+    )
+
+
+def balance(store: SqliteStore, key_id: str) -> float:
+    key = store.get_key(key_id)
+    assert key is not None
+    return key.balance_usd
+
+
+def test_completes_and_stores_media(store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str) -> None:
+    job = submit(store, key_id, clock)
+    done: list[str] = []
+    worker = runner(store, media, SolidEngine(), clock)
+    worker.on_job_done = done.append
+    assert worker.run_once() is True
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None and stored.status is JobStatus.COMPLETED
+    assert stored.result is not None and stored.result.seed == 7
+    data = media.get(stored.result.media_id, now=clock())
+    assert data is not None and data[1] == "image/png"
+    assert done == [job.id]
+    assert worker.run_once() is False
+    assert balance(store, key_id) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "needle"),
+    [
+        (RuntimeError("CUDA error: device-side assert at 0xdeadbeef"), "InferenceError", "internal error"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "InferenceError", "out of memory"),
+        (InvalidInput("lora_2_url: not a LoRA for this model", field="lora_2_url"), "InvalidInput", "lora_2_url"),
+    ],
+)
+def test_engine_errors_fail_the_job_and_refund(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str, error: Exception, kind: str, needle: str
+) -> None:
+    job = submit(store, key_id, clock)
+    runner(store, media, RaisingEngine(error), clock).run_once()
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None and stored.status is JobStatus.FAILED
+    assert stored.error_kind == kind and needle in (stored.error or "")
+    assert "0xdeadbeef" not in (stored.error or ""), "no internals leak to clients"
+    assert balance(store, key_id) == pytest.approx(1.0)
+
+
+def test_input_fetch_failure_keeps_its_kind(store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str) -> None:
+    job = submit(store, key_id, clock)
+    runner(store, media, SolidEngine(), clock, inputs=FailingInputs()).run_once()
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None and stored.error_kind == "UpstreamError"
+
+
+def test_dead_worker_job_is_retaken_and_completed_once(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    job = submit(store, key_id, clock)
+    # Worker A claims the job and dies (never reports back).
+    [claimed] = store.claim("dead", slugs=None, lease_s=30, max_attempts=2, now=clock())
+    survivor = runner(store, media, SolidEngine(), clock, worker_id="alive")
+    assert survivor.run_once() is False, "the lease still holds"
+    clock.now += 31
+    assert survivor.run_once() is True
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None and stored.status is JobStatus.COMPLETED and stored.attempts == 2
+    # The presumed-dead worker wakes up and tries to complete: refused, nothing changes.
+    assert stored.result is not None
+    assert not store.complete(claimed.id, "dead", stored.result, now=clock())
+    assert balance(store, key_id) == pytest.approx(0.9)
+
+
+def test_job_that_keeps_killing_workers_fails_with_reason(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    job = submit(store, key_id, clock)
+    for attempt in range(2):
+        assert store.claim(f"victim-{attempt}", slugs=None, lease_s=30, max_attempts=2, now=clock())
+        clock.now += 31
+    engine = SolidEngine()
+    runner(store, media, engine, clock).run_once()
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None and stored.status is JobStatus.FAILED
+    assert "2" in (stored.error or "") and engine.calls == 0
+    assert balance(store, key_id) == pytest.approx(1.0)
+
+
+def test_shutdown_cancel_returns_job_to_queue(store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str) -> None:
+    job = submit(store, key_id, clock)
+    engine = HangingEngine()
+    worker = runner(store, media, engine, clock)
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    assert engine.started.wait(10)
+    worker.cancel_current()
+    thread.join(10)
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None and stored.status is JobStatus.QUEUED
+    assert balance(store, key_id) == pytest.approx(0.9), "still paid for: it will run"
+    runner(store, media, SolidEngine(), clock, worker_id="w2").run_once()
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None and stored.status is JobStatus.COMPLETED

@@ -1,0 +1,734 @@
+"""The Store contract: one suite every backend must pass (SQLite here, Redis beside it).
+
+A backend's test module subclasses ``StoreContract`` and provides two fixtures: ``store`` (a
+fresh, empty Store, closed afterwards) and ``clock`` (a ``Clock``). Every store call passes
+``now=clock.now`` so leases, TTLs and rate-limit windows are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from qwenserve.errors import InsufficientCredits, RateLimited
+from qwenserve.jobs import Job, JobResult, JobStatus
+from qwenserve.store.base import ApiKey, Store
+
+START_S = 1_700_000_000.0
+"""Where every test clock starts (not on a minute boundary, on purpose)."""
+
+TTL_S = 3600.0
+
+
+class Clock:
+    """An injected clock: ``now`` only moves when a test says so."""
+
+    def __init__(self, now: float = START_S) -> None:
+        self.now = now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+_ids = itertools.count(1)
+
+
+def make_key(
+    store: Store,
+    clock: Clock,
+    *,
+    balance_usd: float = 10.0,
+    rpm: int = 0,
+    models: tuple[str, ...] = (),
+    name: str = "test",
+) -> ApiKey:
+    """Create and store a key with a unique id and hash."""
+    n = next(_ids)
+    key = ApiKey(
+        id=f"key-{n}-{uuid.uuid4().hex[:8]}",
+        key_hash=uuid.uuid4().hex + uuid.uuid4().hex,
+        name=name,
+        balance_usd=balance_usd,
+        rpm=rpm,
+        models=models,
+        created_at=clock.now,
+    )
+    store.create_key(key)
+    return key
+
+
+def make_job(
+    key: ApiKey,
+    clock: Clock,
+    *,
+    slug: str = "qwen-image",
+    cost_usd: float = 0.1,
+    ttl_s: float = TTL_S,
+    params: dict[str, Any] | None = None,
+) -> Job:
+    """A QUEUED job as the API builds it, created now."""
+    return Job(
+        id=f"job-{next(_ids)}-{uuid.uuid4().hex[:8]}",
+        slug=slug,
+        key_id=key.id,
+        params=params if params is not None else {"prompt": "a cat", "seed": 7},
+        status=JobStatus.QUEUED,
+        created_at=clock.now,
+        expires_at=clock.now + ttl_s,
+        cost_usd=cost_usd,
+    )
+
+
+def balance(store: Store, key: ApiKey) -> float:
+    current = store.get_key(key.id)
+    assert current is not None
+    return current.balance_usd
+
+
+def make_result(seed: int = 7) -> JobResult:
+    return JobResult(
+        media_id=f"media-{seed}",
+        content_type="image/png",
+        width=1024,
+        height=768,
+        seed=seed,
+        inference_time_s=1.25,
+        size_bytes=123_456,
+    )
+
+
+def claim_one(
+    store: Store,
+    clock: Clock,
+    worker_id: str = "w1",
+    *,
+    lease_s: float = 30.0,
+    max_attempts: int = 3,
+    slugs: Collection[str] | None = None,
+) -> Job | None:
+    jobs = store.claim(
+        worker_id, slugs=slugs, lease_s=lease_s, max_attempts=max_attempts, now=clock.now
+    )
+    assert len(jobs) <= 1
+    return jobs[0] if jobs else None
+
+
+class StoreContract:
+    """The behaviour every Store backend promises (see ``qwenserve.store.base``)."""
+
+    # --- keys --------------------------------------------------------------------------------
+    def test_create_and_get_key(self, store: Store, clock: Clock) -> None:
+        key = make_key(
+            store, clock, balance_usd=2.5, rpm=30, models=("qwen-image", "qwen-image-fast")
+        )
+        got = store.get_key(key.id)
+        assert got == key
+        assert store.key_by_hash(key.key_hash) == key
+        assert store.get_key("no-such-key") is None
+        assert store.key_by_hash("0" * 64) is None
+
+    def test_list_keys(self, store: Store, clock: Clock) -> None:
+        assert store.list_keys() == []
+        first = make_key(store, clock, name="first")
+        second = make_key(store, clock, name="second", models=("qwen-image",))
+        listed = store.list_keys()
+        assert sorted(listed, key=lambda k: k.id) == sorted([first, second], key=lambda k: k.id)
+
+    def test_revoke_key(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        assert store.revoke_key(key.id) is True
+        revoked = store.key_by_hash(key.key_hash)
+        assert revoked is not None and revoked.revoked
+        got = store.get_key(key.id)
+        assert got is not None and got.revoked
+        assert store.revoke_key("no-such-key") is False
+
+    def test_topup(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        assert store.topup(key.id, 0.25) == pytest.approx(1.25)
+        assert store.topup(key.id, 0.1) == pytest.approx(1.35)
+        assert balance(store, key) == pytest.approx(1.35)
+        with pytest.raises(KeyError):
+            store.topup("no-such-key", 1.0)
+
+    def test_small_amounts_do_not_drift(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=0.0)
+        for _ in range(10):
+            store.topup(key.id, 0.1)
+        assert balance(store, key) == pytest.approx(1.0, abs=1e-9)
+        for _ in range(10):
+            store.submit(make_job(key, clock, cost_usd=0.1), rpm=0, now=clock.now)
+        assert balance(store, key) == pytest.approx(0.0, abs=1e-9)
+
+    # --- submit: credits ---------------------------------------------------------------------
+    def test_submit_debits_exactly_the_cost(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        outcome = store.submit(make_job(key, clock, cost_usd=0.3), rpm=0, now=clock.now)
+        assert outcome.remaining_usd == pytest.approx(0.7, abs=1e-9)
+        assert outcome.rate_limit_remaining is None
+        assert balance(store, key) == pytest.approx(0.7, abs=1e-9)
+
+    def test_submit_exact_balance_is_admitted(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=0.3)
+        outcome = store.submit(make_job(key, clock, cost_usd=0.3), rpm=0, now=clock.now)
+        assert outcome.remaining_usd == pytest.approx(0.0, abs=1e-9)
+
+    def test_insufficient_credits_changes_nothing(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=0.05)
+        job = make_job(key, clock, cost_usd=0.1)
+        with pytest.raises(InsufficientCredits):
+            store.submit(job, rpm=0, now=clock.now)
+        assert store.get_job(job.id, now=clock.now) is None
+        assert balance(store, key) == pytest.approx(0.05)
+        assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now) == []
+        assert store.stats(now=clock.now).queued_by_model.get("qwen-image", 0) == 0
+
+    def test_free_job_is_always_admitted(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=0.0)
+        job = make_job(key, clock, cost_usd=0.0)
+        outcome = store.submit(job, rpm=0, now=clock.now)
+        assert outcome.remaining_usd == 0.0
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None and got.status is JobStatus.QUEUED
+
+    # --- submit: rate limits -----------------------------------------------------------------
+    def test_rate_limit_per_minute(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=10.0, rpm=3)
+        remaining = [
+            store.submit(make_job(key, clock), rpm=3, now=clock.now).rate_limit_remaining
+            for _ in range(3)
+        ]
+        assert remaining == [2, 1, 0]
+        before = balance(store, key)
+        clock.advance(10)
+        rejected = make_job(key, clock)
+        with pytest.raises(RateLimited) as caught:
+            store.submit(rejected, rpm=3, now=clock.now)
+        error = caught.value
+        assert 0 < error.retry_after_s <= 60
+        assert clock.now < error.reset_at <= clock.now + 60
+        assert error.limit == 3
+        # a rate-limited submit neither debits nor inserts
+        assert balance(store, key) == pytest.approx(before)
+        assert store.get_job(rejected.id, now=clock.now) is None
+
+        clock.advance(60)
+        outcome = store.submit(make_job(key, clock), rpm=3, now=clock.now)
+        assert outcome.rate_limit_remaining == 2
+
+    def test_rate_limit_retry_after_is_honest(self, store: Store, clock: Clock) -> None:
+        """Waiting exactly retry_after_s is enough to be admitted again."""
+        key = make_key(store, clock, rpm=1)
+        store.submit(make_job(key, clock), rpm=1, now=clock.now)
+        clock.advance(25)
+        with pytest.raises(RateLimited) as caught:
+            store.submit(make_job(key, clock), rpm=1, now=clock.now)
+        clock.advance(caught.value.retry_after_s)
+        store.submit(make_job(key, clock), rpm=1, now=clock.now)
+
+    def test_rate_limits_are_per_key(self, store: Store, clock: Clock) -> None:
+        first = make_key(store, clock, rpm=1)
+        second = make_key(store, clock, rpm=1)
+        store.submit(make_job(first, clock), rpm=1, now=clock.now)
+        store.submit(make_job(second, clock), rpm=1, now=clock.now)
+        with pytest.raises(RateLimited):
+            store.submit(make_job(first, clock), rpm=1, now=clock.now)
+
+    def test_rpm_zero_is_unlimited(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=100.0)
+        for _ in range(150):
+            outcome = store.submit(make_job(key, clock, cost_usd=0.01), rpm=0, now=clock.now)
+            assert outcome.rate_limit_remaining is None
+        assert balance(store, key) == pytest.approx(98.5, abs=1e-9)
+
+    def test_insufficient_credits_does_not_use_up_the_rate_limit(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock, balance_usd=0.0, rpm=1)
+        with pytest.raises(InsufficientCredits):
+            store.submit(make_job(key, clock, cost_usd=0.1), rpm=1, now=clock.now)
+        store.topup(key.id, 1.0)
+        outcome = store.submit(make_job(key, clock, cost_usd=0.1), rpm=1, now=clock.now)
+        assert outcome.rate_limit_remaining == 0
+
+    # --- get_job -----------------------------------------------------------------------------
+    def test_get_job_round_trips_every_field(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        params: dict[str, Any] = {
+            "prompt": "un chat sur un toit, 夜",
+            "steps": 8,
+            "guidance": 2.5,
+            "seed": 123456789012,
+            "negative_prompt": None,
+            "loras": [{"url": "https://example.com/a.safetensors", "scale": 0.75}],
+            "flags": {"base64": False},
+        }
+        job = make_job(key, clock, slug="qwen-image-fast", cost_usd=0.037, params=params)
+        store.submit(job, rpm=0, now=clock.now)
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None
+        assert got.id == job.id
+        assert got.slug == "qwen-image-fast"
+        assert got.key_id == key.id
+        assert got.params == params
+        assert got.status is JobStatus.QUEUED
+        assert got.created_at == job.created_at
+        assert got.expires_at == job.expires_at
+        assert got.cost_usd == pytest.approx(0.037, abs=1e-9)
+        assert got.attempts == 0
+        assert got.started_at is None
+        assert got.finished_at is None
+        assert got.result is None
+        assert got.error is None and got.error_kind is None
+        assert got.worker_id is None and got.lease_until is None
+
+    def test_get_job_unknown(self, store: Store, clock: Clock) -> None:
+        assert store.get_job("no-such-job", now=clock.now) is None
+
+    def test_get_job_hides_expired(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock, ttl_s=100)
+        store.submit(job, rpm=0, now=clock.now)
+        clock.advance(99)
+        assert store.get_job(job.id, now=clock.now) is not None
+        clock.advance(1)
+        assert store.get_job(job.id, now=clock.now) is None
+
+    # --- claim -------------------------------------------------------------------------------
+    def test_claim_takes_oldest_first(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        jobs = []
+        for _ in range(3):
+            job = make_job(key, clock)
+            store.submit(job, rpm=0, now=clock.now)
+            jobs.append(job)
+            clock.advance(1)
+        claimed = [claim_one(store, clock, f"w{i}") for i in range(3)]
+        assert [j.id if j else None for j in claimed] == [j.id for j in jobs]
+        assert claim_one(store, clock, "w9") is None
+
+    def test_claim_same_instant_keeps_submit_order(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        jobs = [make_job(key, clock) for _ in range(5)]
+        for job in jobs:
+            store.submit(job, rpm=0, now=clock.now)
+        claimed = store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=5)
+        assert [j.id for j in claimed] == [j.id for j in jobs]
+
+    def test_claim_sets_ownership(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        clock.advance(2)
+        claimed = claim_one(store, clock, "w1", lease_s=30)
+        assert claimed is not None
+        for seen in (claimed, store.get_job(job.id, now=clock.now)):
+            assert seen is not None
+            assert seen.id == job.id
+            assert seen.status is JobStatus.PROCESSING
+            assert seen.worker_id == "w1"
+            assert seen.lease_until == pytest.approx(clock.now + 30)
+            assert seen.attempts == 1
+            assert seen.started_at == pytest.approx(clock.now)
+            assert seen.queue_time_s == pytest.approx(2.0)
+            assert seen.params == job.params
+
+    def test_claim_only_given_slugs(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        fast = make_job(key, clock, slug="qwen-image-fast")
+        store.submit(make_job(key, clock, slug="qwen-image"), rpm=0, now=clock.now)
+        store.submit(fast, rpm=0, now=clock.now)
+        claimed = store.claim(
+            "w1", slugs=["qwen-image-fast"], lease_s=30, max_attempts=3, now=clock.now, limit=5
+        )
+        assert [j.id for j in claimed] == [fast.id]
+        assert store.claim("w1", slugs=[], lease_s=30, max_attempts=3, now=clock.now) == []
+        rest = store.claim(
+            "w2", slugs={"qwen-image", "qwen-image-2512"}, lease_s=30, max_attempts=3, now=clock.now
+        )
+        assert [j.slug for j in rest] == ["qwen-image"]
+
+    def test_claim_limit(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        for _ in range(5):
+            store.submit(make_job(key, clock), rpm=0, now=clock.now)
+        first = store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=3)
+        second = store.claim("w2", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=3)
+        assert len(first) == 3
+        assert len(second) == 2
+        assert not {j.id for j in first} & {j.id for j in second}
+        assert all(j.worker_id == "w2" for j in second)
+
+    def test_claimed_job_is_not_claimed_again_during_its_lease(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock)
+        store.submit(make_job(key, clock), rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=30) is not None
+        clock.advance(29.5)
+        assert claim_one(store, clock, "w2") is None
+
+    def test_expired_lease_is_reclaimed(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        first = claim_one(store, clock, "w1", lease_s=30)
+        assert first is not None
+        started = first.started_at
+        clock.advance(31)
+        second = claim_one(store, clock, "w2", lease_s=30)
+        assert second is not None
+        assert second.id == job.id
+        assert second.worker_id == "w2"
+        assert second.attempts == 2
+        assert second.started_at == started
+        assert second.lease_until == pytest.approx(clock.now + 30)
+
+    def test_job_fails_after_max_attempts(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.4)
+        store.submit(job, rpm=0, now=clock.now)
+        for attempt in (1, 2):
+            claimed = claim_one(store, clock, f"w{attempt}", lease_s=10, max_attempts=2)
+            assert claimed is not None and claimed.attempts == attempt
+            clock.advance(11)
+        assert balance(store, key) == pytest.approx(0.6)
+        assert claim_one(store, clock, "w3", lease_s=10, max_attempts=2) is None
+        failed = store.get_job(job.id, now=clock.now)
+        assert failed is not None
+        assert failed.status is JobStatus.FAILED
+        assert failed.error is not None and "attempts" in failed.error
+        assert failed.error_kind
+        assert failed.finished_at == pytest.approx(clock.now)
+        assert balance(store, key) == pytest.approx(1.0)
+        # the owner of the last attempt can no longer finish it
+        assert store.complete(job.id, "w2", make_result(), now=clock.now) is False
+
+    def test_exhausted_job_does_not_hide_runnable_ones(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        doomed = make_job(key, clock)
+        store.submit(doomed, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=10, max_attempts=1) is not None
+        clock.advance(1)
+        fresh = make_job(key, clock)
+        store.submit(fresh, rpm=0, now=clock.now)
+        clock.advance(10)
+        claimed = claim_one(store, clock, "w2", lease_s=10, max_attempts=1)
+        assert claimed is not None and claimed.id == fresh.id
+        gone = store.get_job(doomed.id, now=clock.now)
+        assert gone is not None and gone.status is JobStatus.FAILED
+
+    # --- renew_lease -------------------------------------------------------------------------
+    def test_renew_lease(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=30) is not None
+        clock.advance(20)
+        assert store.renew_lease(job.id, "w1", lease_s=30, now=clock.now) is True
+        renewed = store.get_job(job.id, now=clock.now)
+        assert renewed is not None and renewed.lease_until == pytest.approx(clock.now + 30)
+        clock.advance(20)  # past the first lease, inside the renewed one
+        assert claim_one(store, clock, "w2") is None
+        assert store.renew_lease(job.id, "w2", lease_s=30, now=clock.now) is False
+        assert store.renew_lease("no-such-job", "w1", lease_s=30, now=clock.now) is False
+
+    def test_renew_lease_of_finished_or_reclaimed_job(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        done = make_job(key, clock)
+        lost = make_job(key, clock)
+        store.submit(done, rpm=0, now=clock.now)
+        store.submit(lost, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=30) is not None
+        assert claim_one(store, clock, "w1", lease_s=30) is not None
+        assert store.complete(done.id, "w1", make_result(), now=clock.now)
+        assert store.renew_lease(done.id, "w1", lease_s=30, now=clock.now) is False
+        clock.advance(31)
+        assert claim_one(store, clock, "w2") is not None
+        assert store.renew_lease(lost.id, "w1", lease_s=30, now=clock.now) is False
+        assert store.renew_lease(lost.id, "w2", lease_s=30, now=clock.now) is True
+
+    # --- complete ----------------------------------------------------------------------------
+    def test_complete_round_trips_the_result(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1") is not None
+        clock.advance(5)
+        result = make_result(seed=42)
+        assert store.complete(job.id, "w1", result, now=clock.now) is True
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None
+        assert got.status is JobStatus.COMPLETED
+        assert got.result == result
+        assert got.finished_at == pytest.approx(clock.now)
+        assert got.error is None
+        assert got.params == job.params
+
+    def test_complete_only_once_and_only_by_owner(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1") is not None
+        assert store.complete(job.id, "w2", make_result(), now=clock.now) is False
+        assert store.complete(job.id, "w1", make_result(1), now=clock.now) is True
+        assert store.complete(job.id, "w1", make_result(2), now=clock.now) is False
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None and got.result == make_result(1)
+        assert store.complete("no-such-job", "w1", make_result(), now=clock.now) is False
+
+    def test_complete_of_queued_job_is_refused(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        assert store.complete(job.id, "w1", make_result(), now=clock.now) is False
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None and got.status is JobStatus.QUEUED
+
+    def test_complete_after_reclaim_is_refused(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=10) is not None
+        clock.advance(11)
+        assert claim_one(store, clock, "w2", lease_s=10) is not None
+        assert store.complete(job.id, "w1", make_result(1), now=clock.now) is False
+        assert store.complete(job.id, "w2", make_result(2), now=clock.now) is True
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None and got.result == make_result(2)
+
+    # --- fail --------------------------------------------------------------------------------
+    def test_fail_refunds_exactly_once(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.25)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1") is not None
+        assert balance(store, key) == pytest.approx(0.75)
+        clock.advance(3)
+        applied = store.fail(
+            job.id, "w1", kind="InferenceError", message="CUDA out of memory", now=clock.now
+        )
+        assert applied is True
+        assert balance(store, key) == pytest.approx(1.0)
+        again = store.fail(job.id, "w1", kind="InferenceError", message="again", now=clock.now)
+        assert again is False
+        assert store.fail(job.id, None, kind="InferenceError", message="x", now=clock.now) is False
+        assert balance(store, key) == pytest.approx(1.0)
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None
+        assert got.status is JobStatus.FAILED
+        assert got.error == "CUDA out of memory"
+        assert got.error_kind == "InferenceError"
+        assert got.finished_at == pytest.approx(clock.now)
+        assert got.result is None
+
+    def test_fail_by_another_worker_is_refused(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.5)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1") is not None
+        assert store.fail(job.id, "w2", kind="InferenceError", message="x", now=clock.now) is False
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None and got.status is JobStatus.PROCESSING
+        assert balance(store, key) == pytest.approx(0.5)
+
+    def test_fail_without_worker_fails_a_queued_job(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.5)
+        store.submit(job, rpm=0, now=clock.now)
+        applied = store.fail(
+            job.id, None, kind="UpstreamError", message="image: answered 404", now=clock.now
+        )
+        assert applied is True
+        assert balance(store, key) == pytest.approx(1.0)
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None
+        assert got.status is JobStatus.FAILED
+        assert got.error_kind == "UpstreamError"
+        assert got.error == "image: answered 404"
+        assert claim_one(store, clock, "w1") is None
+
+    def test_fail_after_complete_is_refused(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.5)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1") is not None
+        assert store.complete(job.id, "w1", make_result(), now=clock.now)
+        assert store.fail(job.id, None, kind="InferenceError", message="x", now=clock.now) is False
+        assert balance(store, key) == pytest.approx(0.5)
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None and got.status is JobStatus.COMPLETED
+
+    # --- release and expire_leases -----------------------------------------------------------
+    def test_release_requeues_and_gives_the_attempt_back(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.5)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=30) is not None
+        assert store.release(job.id, "w2", now=clock.now) is False
+        assert store.release(job.id, "w1", now=clock.now) is True
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None
+        assert got.status is JobStatus.QUEUED
+        assert got.attempts == 0
+        assert got.worker_id is None
+        assert got.lease_until is None
+        assert balance(store, key) == pytest.approx(0.5)  # still paid for: it will run
+        again = claim_one(store, clock, "w2")
+        assert again is not None and again.id == job.id and again.attempts == 1
+        assert store.release(job.id, "w1", now=clock.now) is False
+
+    def test_release_keeps_earlier_attempts(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=10) is not None
+        clock.advance(11)
+        assert claim_one(store, clock, "w2", lease_s=10) is not None
+        assert store.release(job.id, "w2", now=clock.now) is True
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None and got.attempts == 1
+
+    def test_expire_leases_makes_jobs_claimable_now(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        jobs = [make_job(key, clock) for _ in range(3)]
+        for job in jobs:
+            store.submit(job, rpm=0, now=clock.now)
+        claimed = store.claim("w1", slugs=None, lease_s=600, max_attempts=3, now=clock.now, limit=2)
+        assert len(claimed) == 2
+        assert store.expire_leases(now=clock.now) == 2
+        retaken = store.claim("w2", slugs=None, lease_s=600, max_attempts=3, now=clock.now, limit=5)
+        assert [j.id for j in retaken] == [j.id for j in jobs]
+        assert [j.attempts for j in retaken] == [2, 2, 1]
+        assert store.expire_leases(now=clock.now) == 3
+        assert store.complete(jobs[0].id, "w1", make_result(), now=clock.now) is False
+
+    # --- purge and stats ---------------------------------------------------------------------
+    def test_purge_expired(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        short = make_job(key, clock, ttl_s=60)
+        long = make_job(key, clock, ttl_s=600)
+        store.submit(short, rpm=0, now=clock.now)
+        store.submit(long, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1") is not None
+        assert store.complete(short.id, "w1", make_result(3), now=clock.now)
+        assert store.purge_expired(now=clock.now) == []
+        clock.advance(61)
+        purged = store.purge_expired(now=clock.now)
+        assert [j.id for j in purged] == [short.id]
+        assert purged[0].result == make_result(3)
+        assert store.purge_expired(now=clock.now) == []
+        assert store.get_job(short.id, now=clock.now) is None
+        assert store.get_job(long.id, now=clock.now) is not None
+
+    def test_stats(self, store: Store, clock: Clock) -> None:
+        empty = store.stats(now=clock.now)
+        assert sum(empty.queued_by_model.values()) == 0
+        assert sum(empty.processing_by_model.values()) == 0
+        assert empty.oldest_queued_age_s is None
+        key = make_key(store, clock)
+        for slug in ("qwen-image", "qwen-image", "qwen-image-fast", "qwen-image-fast"):
+            store.submit(make_job(key, clock, slug=slug), rpm=0, now=clock.now)
+            clock.advance(1)
+        store.claim("w1", slugs=["qwen-image-fast"], lease_s=30, max_attempts=3, now=clock.now)
+        clock.advance(10)
+        stats = store.stats(now=clock.now)
+        assert {k: v for k, v in stats.queued_by_model.items() if v} == {
+            "qwen-image": 2,
+            "qwen-image-fast": 1,
+        }
+        assert {k: v for k, v in stats.processing_by_model.items() if v} == {"qwen-image-fast": 1}
+        assert stats.oldest_queued_age_s == pytest.approx(14.0)
+
+    # --- concurrency -------------------------------------------------------------------------
+    def test_concurrent_submits_never_overspend(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=3.7)
+        jobs = [make_job(key, clock, cost_usd=0.1) for _ in range(100)]
+        accepted: list[str] = []
+        refused: list[str] = []
+        lock = threading.Lock()
+
+        def submit(job: Job) -> None:
+            try:
+                store.submit(job, rpm=0, now=clock.now)
+            except InsufficientCredits:
+                with lock:
+                    refused.append(job.id)
+            else:
+                with lock:
+                    accepted.append(job.id)
+
+        run_in_threads(8, [lambda job=job: submit(job) for job in jobs])
+        assert len(accepted) == 37
+        assert len(refused) == 63
+        assert balance(store, key) == pytest.approx(0.0, abs=1e-9)
+        queued = store.stats(now=clock.now).queued_by_model.get("qwen-image", 0)
+        assert queued == 37
+
+    def test_concurrent_rate_limit_is_exact(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=100.0, rpm=10)
+        admitted: list[int] = []
+        lock = threading.Lock()
+
+        def submit() -> None:
+            try:
+                store.submit(make_job(key, clock), rpm=10, now=clock.now)
+            except RateLimited:
+                return
+            with lock:
+                admitted.append(1)
+
+        run_in_threads(8, [submit] * 40)
+        assert len(admitted) == 10
+        assert balance(store, key) == pytest.approx(99.0, abs=1e-9)
+
+    def test_concurrent_claims_take_each_job_once(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        ids = set()
+        for _ in range(50):
+            job = make_job(key, clock)
+            store.submit(job, rpm=0, now=clock.now)
+            ids.add(job.id)
+        taken: list[tuple[str, str]] = []
+        lock = threading.Lock()
+
+        def drain(worker_id: str) -> None:
+            while True:
+                jobs = store.claim(
+                    worker_id, slugs=None, lease_s=60, max_attempts=3, now=clock.now, limit=2
+                )
+                if not jobs:
+                    return
+                with lock:
+                    taken.extend((job.id, worker_id) for job in jobs)
+
+        run_in_threads(20, [lambda w=f"w{i}": drain(w) for i in range(20)])
+        taken_ids = [job_id for job_id, _ in taken]
+        assert len(taken_ids) == 50
+        assert set(taken_ids) == ids
+        for job_id, worker_id in taken:
+            got = store.get_job(job_id, now=clock.now)
+            assert got is not None and got.worker_id == worker_id and got.attempts == 1
+
+
+def run_in_threads(threads: int, tasks: list[Callable[[], None]]) -> None:
+    """Run every task on a pool of ``threads``, re-raising the first error."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(task) for task in tasks]
+        for future in futures:
+            error = future.exception(timeout=60)
+            if error is not None:
+                raise error
+
+
+__all__ = ["START_S", "Clock", "StoreContract", "make_job", "make_key"]
