@@ -40,13 +40,19 @@ def test_400_names_the_field(server: Server, key: str) -> None:
         response = post(server, path, key, json={"prompt": "x", "steps": 17})
         assert_error(response, 400, "steps", "1 to 16")
     assert_error(post(server, "/v1/qwen-image-fast", key, json={"steps": 8}), 400, "prompt")
-    response = post(server, "/v1/qwen-image", key, json={"prompt": "x", "steps": 30, "aspect_ratio": "5:4"})
+    response = post(
+        server, "/v1/qwen-image", key, json={"prompt": "x", "steps": 30, "aspect_ratio": "5:4"}
+    )
     assert_error(response, 400, "aspect_ratio")
 
 
 def test_400_malformed_json_and_non_object(server: Server, key: str) -> None:
     response = post(
-        server, "/v2/qwen-image", key, content=b'{"prompt": "x",', headers={"content-type": "application/json"}
+        server,
+        "/v2/qwen-image",
+        key,
+        content=b'{"prompt": "x",',
+        headers={"content-type": "application/json"},
     )
     assert_error(response, 400, "malformed JSON")
     assert_error(post(server, "/v2/qwen-image", key, json=[1, 2]), 400, "JSON object")
@@ -55,7 +61,12 @@ def test_400_malformed_json_and_non_object(server: Server, key: str) -> None:
 
 def test_400_undecodable_input_image_fails_the_job(server: Server, key: str) -> None:
     garbage = base64.b64encode(b"not an image at all" * 10).decode()
-    response = post(server, "/v1/qwen-image-edit-fast", key, json=body_for("qwen-image-edit-fast", image=garbage))
+    response = post(
+        server,
+        "/v1/qwen-image-edit-fast",
+        key,
+        json=body_for("qwen-image-edit-fast", image=garbage),
+    )
     assert_error(response, 400, "image")
 
 
@@ -69,19 +80,29 @@ def test_401_missing_and_unknown_key(server: Server) -> None:
 
 
 def test_bearer_auth_works(server: Server, key: str) -> None:
-    response = httpx.get(f"{server.url}/v1/get-user-credits", headers={"Authorization": f"Bearer {key}"})
+    response = httpx.get(
+        f"{server.url}/v1/get-user-credits", headers={"Authorization": f"Bearer {key}"}
+    )
     assert response.status_code == 200
 
 
 def test_403_model_not_allowed(server: Server) -> None:
     limited = server.create_key("--models", "qwen-image-fast", credits=5.0)
-    assert_error(post(server, "/v2/qwen-image", limited, json=body_for("qwen-image")), 403, "qwen-image")
-    assert post(server, "/v2/qwen-image-fast", limited, json=body_for("qwen-image-fast")).status_code == 200
+    assert_error(
+        post(server, "/v2/qwen-image", limited, json=body_for("qwen-image")), 403, "qwen-image"
+    )
+    assert (
+        post(server, "/v2/qwen-image-fast", limited, json=body_for("qwen-image-fast")).status_code
+        == 200
+    )
 
 
 def test_404_unknown_model_request_and_route(server: Server, key: str) -> None:
     assert_error(post(server, "/v1/flux-dev", key, json={"prompt": "x"}), 404, "flux-dev")
-    missing = httpx.get(f"{server.url}/v2/requests/00000000-0000-0000-0000-000000000000/status", headers={"x-api-key": key})
+    missing = httpx.get(
+        f"{server.url}/v2/requests/00000000-0000-0000-0000-000000000000/status",
+        headers={"x-api-key": key},
+    )
     assert_error(missing, 404)
     assert_error(httpx.get(f"{server.url}/nope"), 404)
     assert_error(httpx.get(f"{server.url}/media/does-not-exist"), 404)
@@ -101,7 +122,12 @@ def test_406_insufficient_credits_nothing_queued(server: Server) -> None:
 def test_429_rate_limit_with_headers(server: Server) -> None:
     limited = server.create_key(credits=10.0, rpm=2)
     for _ in range(2):
-        assert post(server, "/v2/qwen-image-fast", limited, json=body_for("qwen-image-fast")).status_code == 200
+        assert (
+            post(
+                server, "/v2/qwen-image-fast", limited, json=body_for("qwen-image-fast")
+            ).status_code
+            == 200
+        )
     response = post(server, "/v2/qwen-image-fast", limited, json=body_for("qwen-image-fast"))
     assert_error(response, 429)
     assert 1 <= int(response.headers["retry-after"]) <= 60
@@ -112,11 +138,24 @@ def test_429_rate_limit_with_headers(server: Server) -> None:
 
 def test_502_and_504_upstream(server: Server, key: str) -> None:
     png = base64.b64decode(png_b64())
-    routes = {"/broken.png": (500, b"boom", "text/plain", 0.0), "/slow.png": (200, png, "image/png", 5.0)}
+    routes = {
+        "/broken.png": (500, b"boom", "text/plain", 0.0),
+        "/slow.png": (200, png, "image/png", 5.0),
+    }
     with file_server(routes) as base:
-        broken = post(server, "/v1/qwen-image-edit-fast", key, json=body_for("qwen-image-edit-fast", image=f"{base}/broken.png"))
+        broken = post(
+            server,
+            "/v1/qwen-image-edit-fast",
+            key,
+            json=body_for("qwen-image-edit-fast", image=f"{base}/broken.png"),
+        )
         assert_error(broken, 502, "image")
-        slow = post(server, "/v1/qwen-image-edit-fast", key, json=body_for("qwen-image-edit-fast", image=f"{base}/slow.png"))
+        slow = post(
+            server,
+            "/v1/qwen-image-edit-fast",
+            key,
+            json=body_for("qwen-image-edit-fast", image=f"{base}/slow.png"),
+        )
         assert_error(slow, 504, "image")
 
 
@@ -126,7 +165,12 @@ def test_ssrf_refused_by_default(make_server: object) -> None:
     key = strict.create_key(credits=5.0)
     png = base64.b64decode(png_b64())
     with file_server({"/in.png": (200, png, "image/png", 0.0)}) as base:
-        response = post(strict, "/v1/qwen-image-edit-fast", key, json=body_for("qwen-image-edit-fast", image=f"{base}/in.png"))
+        response = post(
+            strict,
+            "/v1/qwen-image-edit-fast",
+            key,
+            json=body_for("qwen-image-edit-fast", image=f"{base}/in.png"),
+        )
     assert_error(response, 400, "image")
 
 
@@ -150,7 +194,9 @@ def test_504_sync_timeout_keeps_the_job(make_server: object) -> None:
     client = SegmindClient(api_key=key, base_url=f"{impatient.url}/v1")
     deadline = time.time() + 60
     while time.time() < deadline:
-        status = httpx.get(f"{impatient.url}/v2/requests/{request_id}/status", headers={"x-api-key": key}).json()
+        status = httpx.get(
+            f"{impatient.url}/v2/requests/{request_id}/status", headers={"x-api-key": key}
+        ).json()
         if status["status"] == "COMPLETED":
             break
         time.sleep(0.2)

@@ -57,7 +57,10 @@ def test_results_and_media_expire(make_server: object) -> None:
     time.sleep(3.5)
     gone = status_of(server, key, request_id)
     assert gone.status_code == 404 and "error" in gone.json()
-    assert httpx.get(f"{server.url}/v2/requests/{request_id}", headers={"x-api-key": key}).status_code == 404
+    assert (
+        httpx.get(f"{server.url}/v2/requests/{request_id}", headers={"x-api-key": key}).status_code
+        == 404
+    )
     assert httpx.get(result["output"]).status_code == 404
 
 
@@ -80,9 +83,9 @@ def test_many_concurrent_jobs_none_lost(server: Server) -> None:
         if index % 2:
             response = client.run_sync("qwen-image-fast", **body_for("qwen-image-fast", seed=index))
             return index, response.content
-        result = client.submit_async("qwen-image-fast", **body_for("qwen-image-fast", seed=index)).wait(
-            timeout=120, interval=0.1
-        )
+        result = client.submit_async(
+            "qwen-image-fast", **body_for("qwen-image-fast", seed=index)
+        ).wait(timeout=120, interval=0.1)
         return index, str(result["status"])
 
     with ThreadPoolExecutor(max_workers=14) as pool:
@@ -124,7 +127,9 @@ def test_kill_minus_nine_loses_nothing(make_server: object) -> None:
     assert credits_of(server, key) == pytest.approx(10.0 - 8 * 0.121)
     # Every image is served, exactly one per request, and the seed was kept across the crash.
     for index, request_id in enumerate(ids):
-        body = httpx.get(f"{server.url}/v2/requests/{request_id}", headers={"x-api-key": key}).json()
+        body = httpx.get(
+            f"{server.url}/v2/requests/{request_id}", headers={"x-api-key": key}
+        ).json()
         assert body["seed"] == index
         assert httpx.get(body["output"]).status_code == 200
 
@@ -153,16 +158,24 @@ def test_qwenserve_client_sync_and_async(server: Server, monkeypatch: pytest.Mon
     with QwenServeClient(base_url=f"{server.url}/v1") as client:
         result = client.run("qwen-image-fast", **body_for("qwen-image-fast"))
         assert result["status"] == "COMPLETED"
-        image = client.run_sync("qwen-image-fast", **body_for("qwen-image-fast", image_format="webp"))
+        image = client.run_sync(
+            "qwen-image-fast", **body_for("qwen-image-fast", image_format="webp")
+        )
         assert open_image(image.content).format == "WEBP"
-        job = client.submit_async("qwen-image-edit-fast", **body_for("qwen-image-edit-fast", image="https://127.0.0.1:1/x.png"))
+        job = client.submit_async(
+            "qwen-image-edit-fast",
+            **body_for("qwen-image-edit-fast", image="https://127.0.0.1:1/x.png"),
+        )
         with pytest.raises(InferenceFailed):
             job.wait(timeout=60, interval=0.1)
         assert client.credits() == pytest.approx(5.0 - 2 * 0.02)
 
     async def go() -> dict[str, object]:
         async with AsyncQwenServeClient(base_url=f"{server.url}/v1") as aclient:
-            jobs = [await aclient.submit_async("qwen-image-fast", **body_for("qwen-image-fast", seed=s)) for s in range(3)]
+            jobs = [
+                await aclient.submit_async("qwen-image-fast", **body_for("qwen-image-fast", seed=s))
+                for s in range(3)
+            ]
             results = await asyncio.gather(*(j.wait(timeout=60, interval=0.1) for j in jobs))
             return {"seeds": [r["seed"] for r in results]}
 

@@ -132,6 +132,8 @@ def test_credits_debited_by_price(server: Server) -> None:
 def test_module_level_functions_with_env_key(
     server: Server, api_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(segmind, "_default_client", SegmindClient(api_key=api_key, base_url=f"{server.url}/v1"))
+    monkeypatch.setattr(
+        segmind, "_default_client", SegmindClient(api_key=api_key, base_url=f"{server.url}/v1")
+    )
     result = segmind.run("qwen-image-fast", **body_for("qwen-image-fast"))
     assert result["status"] == "COMPLETED"

@@ -42,6 +42,10 @@ class SolidEngine:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.loaded = False
+
+    def resident(self) -> list[str]:
+        return ["Qwen/Qwen-Image"] if self.loaded else []
 
     def generate(
         self,
@@ -53,6 +57,7 @@ class SolidEngine:
         should_cancel: Callable[[], bool] | None = None,
     ) -> Generated:
         self.calls += 1
+        self.loaded = True
         shade = request.seed % 256
         return Generated(Image.new("RGB", (32, 16), (shade, 0, 0)), request.seed, 32, 16, 0.01)
 
@@ -137,14 +142,23 @@ def submit(store: SqliteStore, key_id: str, clock: Clock, seed: int = 7, cost: f
     return job
 
 
-def runner(store: SqliteStore, media: LocalMediaStore, engine: SolidEngine, clock: Clock,
-           worker_id: str = "w1", inputs: NoInputs | None = None, **config: float) -> WorkerRunner:
+def runner(
+    store: SqliteStore,
+    media: LocalMediaStore,
+    engine: SolidEngine,
+    clock: Clock,
+    worker_id: str = "w1",
+    inputs: NoInputs | None = None,
+    **config: float,
+) -> WorkerRunner:
     return WorkerRunner(
         store=store,
         media=media,
         engine=engine,
         inputs=inputs or NoInputs(),
-        config=WorkerConfig(worker_id=worker_id, lease_s=config.get("lease_s", 30.0), max_attempts=2),
+        config=WorkerConfig(
+            worker_id=worker_id, lease_s=config.get("lease_s", 30.0), max_attempts=2
+        ),
         clock=clock,
     )
 
@@ -155,7 +169,9 @@ def balance(store: SqliteStore, key_id: str) -> float:
     return key.balance_usd
 
 
-def test_completes_and_stores_media(store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str) -> None:
+def test_completes_and_stores_media(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
     job = submit(store, key_id, clock)
     done: list[str] = []
     worker = runner(store, media, SolidEngine(), clock)
@@ -174,13 +190,31 @@ def test_completes_and_stores_media(store: SqliteStore, media: LocalMediaStore, 
 @pytest.mark.parametrize(
     ("error", "kind", "needle"),
     [
-        (RuntimeError("CUDA error: device-side assert at 0xdeadbeef"), "InferenceError", "internal error"),
-        (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "InferenceError", "out of memory"),
-        (InvalidInput("lora_2_url: not a LoRA for this model", field="lora_2_url"), "InvalidInput", "lora_2_url"),
+        (
+            RuntimeError("CUDA error: device-side assert at 0xdeadbeef"),
+            "InferenceError",
+            "internal error",
+        ),
+        (
+            RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+            "InferenceError",
+            "out of memory",
+        ),
+        (
+            InvalidInput("lora_2_url: not a LoRA for this model", field="lora_2_url"),
+            "InvalidInput",
+            "lora_2_url",
+        ),
     ],
 )
 def test_engine_errors_fail_the_job_and_refund(
-    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str, error: Exception, kind: str, needle: str
+    store: SqliteStore,
+    media: LocalMediaStore,
+    clock: Clock,
+    key_id: str,
+    error: Exception,
+    kind: str,
+    needle: str,
 ) -> None:
     job = submit(store, key_id, clock)
     runner(store, media, RaisingEngine(error), clock).run_once()
@@ -191,7 +225,9 @@ def test_engine_errors_fail_the_job_and_refund(
     assert balance(store, key_id) == pytest.approx(1.0)
 
 
-def test_input_fetch_failure_keeps_its_kind(store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str) -> None:
+def test_input_fetch_failure_keeps_its_kind(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
     job = submit(store, key_id, clock)
     runner(store, media, SolidEngine(), clock, inputs=FailingInputs()).run_once()
     stored = store.get_job(job.id, now=clock())
@@ -231,7 +267,9 @@ def test_job_that_keeps_killing_workers_fails_with_reason(
     assert balance(store, key_id) == pytest.approx(1.0)
 
 
-def test_shutdown_cancel_returns_job_to_queue(store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str) -> None:
+def test_shutdown_cancel_returns_job_to_queue(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
     job = submit(store, key_id, clock)
     engine = HangingEngine()
     worker = runner(store, media, engine, clock)

@@ -631,6 +631,19 @@ class StoreContract:
         assert store.get_job(short.id, now=clock.now) is None
         assert store.get_job(long.id, now=clock.now) is not None
 
+    def test_purge_refunds_jobs_that_never_ran(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        queued = make_job(key, clock, ttl_s=60, cost_usd=0.25)
+        running = make_job(key, clock, ttl_s=60, cost_usd=0.25)
+        store.submit(queued, rpm=0, now=clock.now)
+        store.submit(running, rpm=0, now=clock.now)
+        assert balance(store, key) == pytest.approx(0.5)
+        assert claim_one(store, clock, "w1") is not None
+        clock.advance(61)
+        purged = store.purge_expired(now=clock.now)
+        assert sorted(j.id for j in purged) == sorted([queued.id, running.id])
+        assert balance(store, key) == pytest.approx(1.0)
+
     def test_stats(self, store: Store, clock: Clock) -> None:
         empty = store.stats(now=clock.now)
         assert sum(empty.queued_by_model.values()) == 0

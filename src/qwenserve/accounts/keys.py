@@ -1,9 +1,14 @@
-"""API keys: generated once, shown once, stored only as a SHA-256 hash, checked in constant time."""
+"""API keys: generated once, shown once, stored only as a SHA-256 hash, checked in constant time.
+
+Credits and rate limits are not checked here: they are enforced by ``Store.submit`` in the same
+atomic step that enqueues the job, so two requests can never both spend the last cent.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 from collections.abc import Sequence
 
@@ -12,13 +17,16 @@ from qwenserve.errors import Forbidden, InvalidRequest, Unauthenticated
 from qwenserve.store.base import ApiKey, Store
 
 KEY_PREFIX = "qs_"
+KEY_HEADER = "x-api-key"
 
 
 def generate_key() -> str:
+    """A new secret: the prefix (so leaked keys are recognisable) and 256 random bits."""
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
 def hash_key(plaintext: str) -> str:
+    """The SHA-256 hex digest the store keeps instead of the key (keys are random, no salt)."""
     return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
 
 
@@ -31,17 +39,33 @@ def create_api_key(
     models: Sequence[str] = (),
     now: float,
 ) -> tuple[str, ApiKey]:
-    """Make and store a new key; returns (the plaintext, shown once; the stored record)."""
-    unknown = [m for m in models if m not in MODELS]
+    """Make and store a new key.
+
+    Args:
+        name: a label for people; not unique.
+        credits_usd: the starting balance (>= 0).
+        rpm: requests per minute allowed (0: unlimited).
+        models: slugs the key may use (empty: every model).
+        now: creation time, Unix seconds.
+
+    Returns:
+        The plaintext key (show it once; it is not stored) and the stored record.
+
+    Raises:
+        InvalidRequest: an unknown model, negative or non-finite credits, negative rpm.
+    """
+    unknown = [slug for slug in models if slug not in MODELS]
     if unknown:
         raise InvalidRequest(
             f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(MODELS))}",
             field="models",
         )
-    if credits_usd < 0:
-        raise InvalidRequest("credits must not be negative", field="credits")
+    if not math.isfinite(credits_usd) or credits_usd < 0:
+        raise InvalidRequest(
+            f"credits must be a non-negative amount of USD, got {credits_usd}", field="credits_usd"
+        )
     if rpm < 0:
-        raise InvalidRequest("rpm must not be negative", field="rpm")
+        raise InvalidRequest(f"rpm must be 0 (unlimited) or more, got {rpm}", field="rpm")
     plaintext = generate_key()
     key = ApiKey(
         id="key_" + secrets.token_hex(6),
@@ -49,7 +73,7 @@ def create_api_key(
         name=name,
         balance_usd=credits_usd,
         rpm=rpm,
-        models=tuple(models),
+        models=tuple(dict.fromkeys(models)),
         created_at=now,
     )
     store.create_key(key)
@@ -57,19 +81,30 @@ def create_api_key(
 
 
 def authenticate(store: Store, presented: str | None) -> ApiKey:
-    """The key behind ``presented``; Unauthenticated when missing, unknown or revoked."""
+    """The key behind ``presented``.
+
+    Raises:
+        Unauthenticated: no key was presented, or it is unknown or revoked.
+    """
     if not presented:
-        raise Unauthenticated("missing API key: send it in the x-api-key header")
+        raise Unauthenticated("missing API key: send it in the x-api-key header", field=KEY_HEADER)
     digest = hash_key(presented)
     key = store.key_by_hash(digest)
-    # The lookup is by hash already; compare again in constant time so a store that matched
-    # loosely (a prefix index, a collation) can never let a different key through.
+    # The lookup is by hash already; comparing again in constant time means a backend that
+    # matched loosely (a collation, a prefix index) can never let a different key through.
     if key is None or not hmac.compare_digest(key.key_hash, digest) or key.revoked:
-        raise Unauthenticated("invalid API key")
+        raise Unauthenticated("invalid API key", field=KEY_HEADER)
     return key
 
 
 def authorize(key: ApiKey, slug: str) -> None:
-    """Forbidden when the key is limited to models that do not include ``slug``."""
+    """Check that ``key`` may run ``slug``.
+
+    Raises:
+        Forbidden: the key is limited to models that do not include ``slug``.
+    """
     if key.models and slug not in key.models:
-        raise Forbidden(f"this API key may not use {slug} (allowed: {', '.join(key.models)})")
+        raise Forbidden(
+            f"this API key may not use the model {slug} (allowed: {', '.join(key.models)})",
+            field="model",
+        )

@@ -3,7 +3,7 @@
 A backend makes each method one atomic step with its datastore's own primitives (a SQLite
 ``BEGIN IMMEDIATE`` transaction, a Redis Lua script or MULTI), so two API nodes or a worker and an
 API node can never interleave half-done changes. The same contract suite
-(``tests/store_contract.py``) runs against every backend.
+(``tests/store/contract.py``) runs against every backend.
 
 Time is always passed in (``now``, Unix seconds) so leases, TTLs and rate-limit windows can be
 tested with an injected clock.
@@ -126,7 +126,8 @@ class Store(Protocol):
         them any more); returns how many."""
 
     def purge_expired(self, *, now: float) -> list[Job]:
-        """Delete jobs past ``expires_at``; returns them so their media can be deleted too."""
+        """Delete jobs past ``expires_at``, refunding those that never finished; returns them
+        so their media can be deleted too."""
 
     def stats(self, *, now: float) -> QueueStats: ...
 

@@ -12,15 +12,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from qwenserve.catalog import GenerationRequest
+from qwenserve.catalog import MODELS, GenerationRequest
 from qwenserve.errors import InferenceError, QwenServeError, error_kind
 from qwenserve.jobs import Job, JobResult
 from qwenserve.media.encode import encode_image
 from qwenserve.media.storage import MediaStore, new_media_id
+from qwenserve.store.workers import WorkerInfo, WorkerRegistry
+from qwenserve.worker.routing import plan_claims
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -58,6 +60,10 @@ class ImageEngine(Protocol):
         should_cancel: Callable[[], bool] | None = None,
     ) -> GeneratedImageLike: ...
 
+    def resident(self) -> list[str]:
+        """Base weights currently loaded (for routing)."""
+        ...
+
 
 class InputLoader(Protocol):
     """Turns a request's image sources and LoRA locations into local, checked inputs."""
@@ -77,6 +83,10 @@ class WorkerConfig:
     max_attempts: int = 3
     poll_interval_s: float = 0.05
     drain_timeout_s: float = 30.0
+    heartbeat_s: float = 5.0
+    host: str = "localhost"
+    warm_streak_limit: int = 4
+    """After this many warm claims in a row, look at cold models first once (no starvation)."""
 
 
 @dataclass
@@ -87,7 +97,7 @@ class WorkerState:
     jobs_completed: int = 0
     jobs_failed: int = 0
     busy_s: float = 0.0
-    started_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
 
 
 class _LeaseKeeper:
@@ -141,6 +151,7 @@ class WorkerRunner:
         config: WorkerConfig,
         clock: Clock = time.time,
         on_job_done: Callable[[str], None] | None = None,
+        registry: WorkerRegistry | None = None,
     ) -> None:
         self.store = store
         self.media = media
@@ -149,7 +160,9 @@ class WorkerRunner:
         self.config = config
         self.clock = clock
         self.on_job_done = on_job_done
-        self.state = WorkerState()
+        self.registry = registry
+        self.state = WorkerState(started_at=clock())
+        self._warm_streak = 0
         self._stopping = threading.Event()
         self._cancel_current = threading.Event()
 
@@ -169,6 +182,10 @@ class WorkerRunner:
     def run_forever(self) -> None:
         """Claim and run jobs until ``stop()``; idles ``poll_interval_s`` between empty claims."""
         log.info("worker %s started", self.config.worker_id)
+        heartbeat = threading.Thread(
+            target=self._heartbeat, name=f"{self.config.worker_id}-heartbeat", daemon=True
+        )
+        heartbeat.start()
         while not self._stopping.is_set():
             try:
                 worked = self.run_once()
@@ -178,20 +195,71 @@ class WorkerRunner:
                 self._stopping.wait(1.0)
             if not worked:
                 self._stopping.wait(self.config.poll_interval_s)
+        heartbeat.join()
         log.info("worker %s stopped", self.config.worker_id)
 
-    def run_once(self) -> bool:
-        """Claim at most one job and run it to its end; False when nothing was runnable."""
-        jobs = self.store.claim(
-            self.config.worker_id,
-            slugs=self.config.slugs,
-            lease_s=self.config.lease_s,
-            max_attempts=self.config.max_attempts,
-            now=self.clock(),
+    # --- presence and routing ------------------------------------------------------------------
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.config.worker_id,
+            host=self.config.host,
+            slugs=tuple(self.config.slugs or ()),
+            resident=tuple(self.engine.resident()),
+            current_job=self.state.current_job,
+            started_at=self.state.started_at,
+            last_seen=self.clock(),
         )
-        for job in jobs:
-            self.process(job)
-        return bool(jobs)
+
+    def announce(self) -> None:
+        if self.registry is not None:
+            self.registry.announce(self.info(), ttl_s=3 * self.config.heartbeat_s)
+
+    def _heartbeat(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.announce()
+            except Exception:  # the registry is down: the next beat tries again
+                log.warning("worker %s: heartbeat failed", self.config.worker_id, exc_info=True)
+            self._stopping.wait(self.config.heartbeat_s)
+        if self.registry is not None:
+            try:
+                self.registry.remove(self.config.worker_id)
+            except Exception:
+                log.warning("worker %s: could not deregister", self.config.worker_id)
+
+    def run_once(self) -> bool:
+        """Claim at most one job and run it to its end; False when nothing was runnable.
+
+        Models already resident here come first, then models no idle peer holds; every
+        ``warm_streak_limit`` warm claims the order flips once so cold models never starve.
+        """
+        now = self.clock()
+        peers = self.registry.alive(now=now) if self.registry is not None else []
+        plan = plan_claims(
+            served=list(self.config.slugs or MODELS),
+            resident=self.engine.resident(),
+            peers=peers,
+            worker_id=self.config.worker_id,
+        )
+        order = [(plan.warm, True), (plan.cold, False)]
+        if self._warm_streak >= self.config.warm_streak_limit:
+            order.reverse()
+        for slugs, warm in order:
+            if not slugs:
+                continue
+            jobs = self.store.claim(
+                self.config.worker_id,
+                slugs=slugs,
+                lease_s=self.config.lease_s,
+                max_attempts=self.config.max_attempts,
+                now=now,
+            )
+            if jobs:
+                self._warm_streak = self._warm_streak + 1 if warm else 0
+                for job in jobs:
+                    self.process(job)
+                return True
+        return False
 
     # --- one job ----------------------------------------------------------------------------
     def process(self, job: Job) -> None:

@@ -1,0 +1,234 @@
+"""Benchmark: what the server adds around the engine, and how fast its queue endpoints are.
+
+    python bench/server_overhead.py [--runs 10] [--seconds 5] [--no-write]
+
+1. A v1 request through a real `qwenserve serve` (tiny preset) versus the same request run by the
+   engine directly in this process (median wall time; the ratio is the overhead).
+2. Status polls per second and submits per second against one server on this machine, versus a
+   bare FastAPI endpoint on uvicorn returning the same JSON (the ceiling for this stack), each
+   driven by concurrent httpx clients in this process.
+
+Results are printed and appended to docs/PERFORMANCE.md with the date, machine and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.service.conftest import Server, free_port  # noqa: E402
+
+BODY = {"prompt": "a lighthouse at dusk", "steps": 8, "seed": 1234, "aspect_ratio": "1:1"}
+SLUG = "qwen-image-fast"
+
+
+def engine_direct(cache_dir: Path, runs: int) -> float:
+    from qwenserve.catalog import validate_request
+    from qwenserve.media.encode import encode_image
+    from qwenserve.runtime import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(weights="tiny", cache_dir=cache_dir))
+    request = validate_request(SLUG, BODY)
+    times = []
+    for index in range(runs + 1):
+        start = time.perf_counter()
+        out = engine.generate(request)
+        encode_image(out.image, request.image_format, request.quality)
+        if index:  # the first run warms up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def server_v1(server: Server, key: str, runs: int) -> float:
+    times = []
+    with httpx.Client(headers={"x-api-key": key}, timeout=120) as client:
+        for index in range(runs + 1):
+            start = time.perf_counter()
+            response = client.post(f"{server.url}/v1/{SLUG}", json=BODY)
+            response.raise_for_status()
+            if index:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+async def _hammer(
+    url: str,
+    method: str,
+    seconds: float,
+    headers: dict[str, str],
+    json: object,
+    concurrency: int = 16,
+) -> float:
+    done = 0
+    deadline = time.perf_counter() + seconds
+    async with httpx.AsyncClient(headers=headers, timeout=30) as client:
+
+        async def loop() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                response = await client.request(method, url, json=json)
+                if response.status_code >= 400:
+                    raise RuntimeError(f"{url}: {response.status_code} {response.text[:200]}")
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        return done / (time.perf_counter() - start)
+
+
+BARE_APP = """
+import sys
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+import uvicorn
+app = FastAPI()
+BODY = {"status": "QUEUED", "request_id": "00000000-0000-0000-0000-000000000000",
+        "status_url": "http://127.0.0.1/v2/requests/x/status",
+        "response_url": "http://127.0.0.1/v2/requests/x", "metrics": {"cost": 0.02}}
+@app.get("/status")
+async def status() -> JSONResponse:
+    return JSONResponse(BODY)
+@app.post("/submit")
+async def submit() -> JSONResponse:
+    return JSONResponse(BODY)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def bare_fastapi(port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([sys.executable, "-c", BARE_APP, str(port)])
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/status", timeout=1)
+            return process
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("bare FastAPI did not start")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        cache = tmp_path / "cache"
+        direct = engine_direct(cache, args.runs)
+
+        server = Server(
+            data_dir=tmp_path / "data",
+            cache_dir=cache,
+            extra_env={"QWENSERVE_LOG_LEVEL": "WARNING"},
+        )
+        server.start()
+        try:
+            key = server.create_key(credits=1_000_000.0, rpm=0)
+            through = server_v1(server, key, args.runs)
+            headers = {"x-api-key": key}
+            # A status poll of a real (completed) request, and submits of a job the worker
+            # then has to run: the worker is stopped so the queue only grows (API cost alone).
+            job = httpx.post(f"{server.url}/v2/{SLUG}", headers=headers, json=BODY).json()
+            status_url = job["status_url"]
+            polls = asyncio.run(_hammer(status_url, "GET", args.seconds, headers, None))
+        finally:
+            server.stop()
+
+        api_only = Server(
+            data_dir=tmp_path / "data2",
+            cache_dir=cache,
+            args=["--workers", "0"],
+            extra_env={"QWENSERVE_LOG_LEVEL": "WARNING"},
+        )
+        api_only.start()
+        try:
+            key = api_only.create_key(credits=1_000_000.0, rpm=0)
+            submits = asyncio.run(
+                _hammer(f"{api_only.url}/v2/{SLUG}", "POST", args.seconds, {"x-api-key": key}, BODY)
+            )
+        finally:
+            api_only.stop()
+
+        port = free_port()
+        bare = bare_fastapi(port)
+        try:
+            bare_polls = asyncio.run(
+                _hammer(f"http://127.0.0.1:{port}/status", "GET", args.seconds, {}, None)
+            )
+            bare_submits = asyncio.run(
+                _hammer(f"http://127.0.0.1:{port}/submit", "POST", args.seconds, {}, BODY)
+            )
+        finally:
+            bare.terminate()
+            bare.wait()
+
+    rows = [
+        (
+            "v1 request, median s (server vs engine direct)",
+            f"{through:.4f}",
+            f"{direct:.4f}",
+            f"{through / direct:.3f}",
+        ),
+        (
+            "status polls / s (server vs bare FastAPI)",
+            f"{polls:.0f}",
+            f"{bare_polls:.0f}",
+            f"{polls / bare_polls:.3f}",
+        ),
+        (
+            "submits / s (server vs bare FastAPI)",
+            f"{submits:.0f}",
+            f"{bare_submits:.0f}",
+            f"{submits / bare_submits:.3f}",
+        ),
+    ]
+    table = ["| measure | qwenserve | reference | ratio |", "| --- | --- | --- | --- |"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    print("\n".join(table))
+    if not args.no_write:
+        write_section("Server overhead and queue throughput (tiny preset)", table, args)
+    return 0
+
+
+def write_section(title: str, table: list[str], args: argparse.Namespace) -> None:
+    doc = ROOT / "docs" / "PERFORMANCE.md"
+    if not doc.exists():
+        doc.write_text("# Performance\n\nEvery figure here comes from a command in bench/.\n")
+    command = "python bench/server_overhead.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write"
+    )
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    section = [
+        "",
+        f"## {title}",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {machine}",
+        f"- command: `{command}`",
+        f"- load: 16 concurrent async clients in the benchmark process, {args.seconds:g} s each",
+        "",
+        *table,
+        "",
+    ]
+    with doc.open("a") as handle:
+        handle.write("\n".join(section))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
