@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.service.conftest import Server, free_port  # noqa: E402
+from tests.processes import Server, free_port  # noqa: E402
 
 BODY = {"prompt": "a lighthouse at dusk", "steps": 8, "seed": 1234, "aspect_ratio": "1:1"}
 SLUG = "qwen-image-fast"

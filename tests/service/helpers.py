@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 from PIL import Image
 
@@ -44,7 +45,7 @@ def body_for(slug: str, **overrides: object) -> dict[str, object]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, bytes, str, float]] = {}
+    routes: ClassVar[dict[str, tuple[int, bytes, str, float]]] = {}
 
     def do_GET(self) -> None:
         status, data, content_type, delay_s = self.routes.get(

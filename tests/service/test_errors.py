@@ -10,7 +10,7 @@ import httpx
 import pytest
 from segmind import SegmindClient, SegmindError
 
-from tests.service.conftest import Server
+from tests.processes import Server
 from tests.service.helpers import body_for, file_server, png_b64
 
 

@@ -13,7 +13,7 @@ import pytest
 from segmind import SegmindClient
 
 from qwenserve.client import AsyncQwenServeClient, InferenceFailed, QwenServeClient
-from tests.service.conftest import Server
+from tests.processes import Server
 from tests.service.helpers import body_for, open_image
 
 

@@ -11,7 +11,7 @@ import segmind
 from segmind import InferenceFailed, SegmindClient
 
 from qwenserve.catalog import ALL_MODELS
-from tests.service.conftest import Server
+from tests.processes import Server
 from tests.service.helpers import body_for, file_server, open_image, png_b64
 
 SLUGS = [m.slug for m in ALL_MODELS]

@@ -24,7 +24,7 @@ async def healthz(request: Request) -> JSONResponse:
             "status": "ok",
             "queued": sum(stats.queued_by_model.values()),
             "processing": sum(stats.processing_by_model.values()),
-            "workers": len(services.workers_info()),
+            "workers": len(await services.call(services.workers)),
         }
     )
 
@@ -54,8 +54,22 @@ class QueueCollector(Collector):
             "Age of the oldest waiting job (0 when none)",
             value=stats.oldest_queued_age_s or 0.0,
         )
-        workers = self.services.workers_info()
+        workers = self.services.workers()
         yield GaugeMetricFamily("qwenserve_workers", "Workers alive", value=len(workers))
+        busy = GaugeMetricFamily(
+            "qwenserve_worker_busy", "1 while the worker runs a job", labels=["worker"]
+        )
+        resident = GaugeMetricFamily(
+            "qwenserve_worker_resident_model",
+            "1 for each base model a worker holds in memory",
+            labels=["worker", "model"],
+        )
+        for worker in workers:
+            busy.add_metric([worker.worker_id], 1.0 if worker.busy else 0.0)
+            for base in worker.resident:
+                resident.add_metric([worker.worker_id, base], 1.0)
+        yield busy
+        yield resident
 
 
 def build_registry(services: Services) -> CollectorRegistry:

@@ -22,6 +22,7 @@ from qwenserve.errors import InvalidRequest
 from qwenserve.jobs import Job, JobStatus
 from qwenserve.media.storage import MediaStore
 from qwenserve.store.base import ApiKey, Store, SubmitOutcome
+from qwenserve.store.workers import WorkerInfo, WorkerRegistry
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -35,7 +36,11 @@ class Services:
     media: MediaStore
     hub: CompletionHub = field(default_factory=CompletionHub)
     clock: Callable[[], float] = time.time
-    workers_info: Callable[[], list[dict[str, Any]]] = list
+    registry: WorkerRegistry | None = None
+
+    def workers(self) -> list[WorkerInfo]:
+        """Workers alive anywhere (from their announcements), for /healthz and /metrics."""
+        return self.registry.alive(now=self.clock()) if self.registry is not None else []
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a (blocking) store or media call off the event loop."""

@@ -10,6 +10,7 @@ from qwenserve.config import Settings
 from qwenserve.media.storage import LocalMediaStore, MediaStore
 from qwenserve.store import open_store
 from qwenserve.store.base import Store
+from qwenserve.store.workers import WorkerRegistry
 from qwenserve.worker.runner import WorkerConfig, WorkerRunner
 
 
@@ -38,6 +39,7 @@ def build_runners(
     count: int,
     slugs: list[str] | None = None,
     on_job_done: Callable[[str], None] | None = None,
+    registry: WorkerRegistry | None = None,
 ) -> list[WorkerRunner]:
     """``count`` runners, each with its own engine (an engine runs one job at a time)."""
     from qwenserve.runtime import Engine, EngineConfig
@@ -70,8 +72,10 @@ def build_runners(
                     max_attempts=settings.max_attempts,
                     poll_interval_s=settings.poll_interval_s,
                     drain_timeout_s=settings.drain_timeout_s,
+                    host=socket.gethostname(),
                 ),
                 on_job_done=on_job_done,
+                registry=registry,
             )
         )
     return runners

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from qwenserve import __version__
-from qwenserve.cli import keys, run, serve
+from qwenserve.cli import keys, run, serve, status, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(subparsers)
     run.register(subparsers)
     keys.register(subparsers)
+    worker.register(subparsers)
+    status.register(subparsers)
     return parser
 
 

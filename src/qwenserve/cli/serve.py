@@ -14,6 +14,7 @@ from qwenserve.api.services import Services
 from qwenserve.api.waiting import CompletionHub
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
 from qwenserve.cli.compose import build_media, build_runners, build_store, is_redis
+from qwenserve.store.workers import open_registry
 from qwenserve.worker.host import ThreadHost
 
 log = logging.getLogger("qwenserve")
@@ -49,24 +50,28 @@ def _serve(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = build_store(settings)
     media = build_media(settings)
-    hub = CompletionHub()
-    runners = build_runners(settings, store, media, count=settings.workers, on_job_done=hub.notify)
+    # In-process workers wake waiters at once; workers elsewhere are noticed by re-reading.
+    hub = CompletionHub(fallback_poll_s=0.05 if is_redis(settings) else 0.25)
+    registry = open_registry(settings)
+    runners = build_runners(
+        settings,
+        store,
+        media,
+        count=settings.workers,
+        on_job_done=hub.notify,
+        registry=registry,
+    )
     if runners and not is_redis(settings):
         # The embedded store has one node: whatever was PROCESSING belonged to a server that
         # died (kill -9). Make it claimable now instead of waiting out its lease.
         orphans = store.expire_leases(now=time.time())
+        for dead in registry.alive(now=time.time()):
+            registry.remove(dead.worker_id)
         if orphans:
             log.info("requeued %d job(s) left running by a previous server", orphans)
     host = ThreadHost(runners)
 
-    def workers_info() -> list[dict[str, Any]]:
-        return [
-            {"worker_id": r.config.worker_id, "current_job": r.state.current_job} for r in runners
-        ]
-
-    services = Services(
-        settings=settings, store=store, media=media, hub=hub, workers_info=workers_info
-    )
+    services = Services(settings=settings, store=store, media=media, hub=hub, registry=registry)
     app = create_app(services)
     if runners:
         log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]

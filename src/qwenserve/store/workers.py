@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from qwenserve.config import Settings
+
 
 @dataclass(frozen=True)
 class WorkerInfo:
@@ -91,3 +93,12 @@ class SqliteWorkerRegistry:
 
     def remove(self, worker_id: str) -> None:
         self._conn().execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+
+
+def open_registry(settings: Settings) -> WorkerRegistry:
+    """The registry beside ``settings.store``: a table in SQLite, keys with a TTL in Redis."""
+    if settings.store.startswith(("redis://", "rediss://")):
+        from qwenserve.store.redis import RedisWorkerRegistry
+
+        return RedisWorkerRegistry.from_url(settings.store)
+    return SqliteWorkerRegistry(settings.sqlite_path)

@@ -214,12 +214,16 @@ class WorkerRunner:
         if self.registry is not None:
             self.registry.announce(self.info(), ttl_s=3 * self.config.heartbeat_s)
 
+    def _announce_quietly(self) -> None:
+        """Announce a state change now (busy/idle, resident models); the heartbeat retries."""
+        try:
+            self.announce()
+        except Exception:
+            log.warning("worker %s: announce failed", self.config.worker_id, exc_info=True)
+
     def _heartbeat(self) -> None:
         while not self._stopping.is_set():
-            try:
-                self.announce()
-            except Exception:  # the registry is down: the next beat tries again
-                log.warning("worker %s: heartbeat failed", self.config.worker_id, exc_info=True)
+            self._announce_quietly()
             self._stopping.wait(self.config.heartbeat_s)
         if self.registry is not None:
             try:
@@ -266,6 +270,7 @@ class WorkerRunner:
         """Run one claimed job and record its outcome in the store."""
         self.state.current_job = job.id
         self._cancel_current.clear()
+        self._announce_quietly()
         began = time.perf_counter()
         log.info(
             "job %s started slug=%s attempt=%d queue_time_s=%.3f",
@@ -280,6 +285,7 @@ class WorkerRunner:
         finally:
             self.state.current_job = None
             self.state.busy_s += time.perf_counter() - began
+            self._announce_quietly()
         log.info("job %s %s in %.3fs", job.id, outcome, time.perf_counter() - began)
         if self.on_job_done is not None:
             self.on_job_done(job.id)

@@ -1,0 +1,62 @@
+"""`qwenserve worker`: a worker process with no API (scale-out: one per GPU, sharing Redis)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from typing import Any
+
+from qwenserve.catalog import MODELS
+from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
+from qwenserve.cli.compose import build_media, build_runners, build_store
+from qwenserve.store.workers import open_registry
+from qwenserve.worker.host import ThreadHost
+
+log = logging.getLogger("qwenserve")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("worker", help="run a worker (no API) against a shared store")
+    add_settings_options(parser)
+    parser.add_argument("--weights", help="tiny (default), hub, or a weights folder")
+    parser.add_argument(
+        "--models", default="", help="comma-separated slugs to serve (default: all)"
+    )
+    parser.add_argument("--count", type=int, default=1, help="worker threads in this process")
+    parser.set_defaults(handler=_worker)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = settings_from(args, weights="weights")
+    configure_logging(settings.log_level)
+    slugs = [m.strip() for m in args.models.split(",") if m.strip()] or None
+    unknown = [m for m in slugs or () if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"qwenserve worker: unknown model(s): {', '.join(unknown)}")
+    if args.count < 1:
+        raise SystemExit("qwenserve worker: --count must be at least 1")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = build_store(settings)
+    media = build_media(settings)
+    registry = open_registry(settings)
+    runners = build_runners(
+        settings, store, media, count=args.count, slugs=slugs, registry=registry
+    )
+    log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: draining", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host = ThreadHost(runners)
+    host.start()
+    log.info("%d worker(s) serving %s", len(runners), ", ".join(slugs or ["all models"]))
+    stop.wait()
+    host.shutdown(settings.drain_timeout_s)
+    store.close()
+    return 0
