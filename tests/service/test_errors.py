@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import email.utils
 import time
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -19,9 +19,15 @@ def key(server: Server) -> str:
     return server.create_key(credits=50.0, rpm=0)
 
 
-def post(server: Server, path: str, key: str | None, **kwargs: object) -> httpx.Response:
-    headers = {"x-api-key": key} if key else {}
-    return httpx.post(f"{server.url}{path}", headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+def post(
+    server: Server,
+    path: str,
+    key: str | None,
+    headers: dict[str, str] | None = None,
+    **kwargs: object,
+) -> httpx.Response:
+    all_headers = {**(headers or {}), **({"x-api-key": key} if key else {})}
+    return httpx.post(f"{server.url}{path}", headers=all_headers, timeout=60, **kwargs)  # type: ignore[arg-type]
 
 
 def assert_error(response: httpx.Response, status: int, *needles: str) -> str:
@@ -132,7 +138,8 @@ def test_429_rate_limit_with_headers(server: Server) -> None:
     assert_error(response, 429)
     assert 1 <= int(response.headers["retry-after"]) <= 60
     assert response.headers["x-rate-limit-remaining"] == "0"
-    reset = email.utils.parsedate_to_datetime(response.headers["x-rate-limit-reset-at-utc"])
+    reset_at = response.headers["x-rate-limit-reset-at-utc"]
+    reset = datetime.strptime(reset_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert 0 < reset.timestamp() - time.time() <= 61
 
 

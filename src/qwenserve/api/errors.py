@@ -6,9 +6,9 @@ status codes themselves. Anything unexpected becomes a 500 with no stack trace f
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import math
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,7 +37,9 @@ def rate_limit_headers(error: RateLimited) -> dict[str, str]:
         "Retry-After": str(max(1, math.ceil(error.retry_after_s))),
         "x-rate-limit-remaining": "0",
         "x-rate-limit-limit": str(error.limit),
-        "x-rate-limit-reset-at-utc": email.utils.formatdate(error.reset_at, usegmt=True),
+        "x-rate-limit-reset-at-utc": datetime.fromtimestamp(error.reset_at, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        ),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from qwenserve.store.base import ApiKey, Store, SubmitOutcome
 from qwenserve.store.workers import WorkerInfo, WorkerRegistry
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+
+log = logging.getLogger("qwenserve.api")
 
 
 @dataclass
@@ -90,6 +93,7 @@ async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submi
         cost_usd=services.settings.price_for(slug, spec.price_usd),
     )
     outcome = await services.call(services.store.submit, job, rpm=key.rpm, now=now)
+    log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
     return Submitted(job=job, request=request, outcome=outcome)
 
 

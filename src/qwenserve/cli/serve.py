@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -18,6 +20,17 @@ from qwenserve.store.workers import open_registry
 from qwenserve.worker.host import ThreadHost
 
 log = logging.getLogger("qwenserve")
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its own shutdown, which would kill the process before
+    the workers drain; swallow it here so ``_serve`` finishes its drain and exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def register(subparsers: Any) -> None:
@@ -83,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config)
     try:
         server.run()
     finally:

@@ -1,0 +1,136 @@
+"""Benchmark: the engine's time for one request versus calling the diffusers pipeline directly.
+
+    python bench/engine_vs_diffusers.py [--runs 3] [--cache-dir DIR] [--no-write]
+
+Per slug on the tiny preset: ``Engine.generate`` (adapter switching, scheduler choice, NaN check,
+conversion to an RGB image) against the very pipeline object the engine holds, called with the
+arguments the engine passes (``Engine.prepare_call``), a fresh seeded generator each run. Each
+side gets one warm-up run, then the median of ``--runs``. The ratio is the engine's overhead.
+
+Results are printed and appended to docs/PERFORMANCE.md with the date, machine and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Requests as a client sends them; qwen-image-2512's explicit size is kept small for a CPU.
+REQUESTS: dict[str, dict[str, Any]] = {
+    "qwen-image": {"prompt": "a lighthouse at dusk", "steps": 30, "seed": 1},
+    "qwen-image-fast": {"prompt": "a lighthouse at dusk", "steps": 8, "seed": 1},
+    "qwen-image-2512": {"prompt": "a lighthouse", "steps": 6, "width": 512, "height": 512},
+    "qwen-image-edit-fast": {"prompt": "make the sky red", "steps": 8, "seed": 1},
+    "qwen-image-edit-plus-product-photography": {"prompt": "on a marble table", "seed": 1},
+}
+
+
+def _median_s(call: Any, runs: int) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(cache_dir: Path, runs: int) -> list[tuple[str, str, float, float]]:
+    import base64
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from qwenserve.catalog import get_model, validate_request
+    from qwenserve.runtime import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(weights="tiny", cache_dir=cache_dir, resident_models=4))
+    picture = Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8), mode="RGB"
+    )
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    rows = []
+    for slug, body in REQUESTS.items():
+        spec = get_model(slug)
+        full = dict(body)
+        images = []
+        if spec.image_fields:
+            full[spec.image_fields[0]] = encoded
+            images = [picture]
+        request = validate_request(slug, full)
+        engine_s = _median_s(lambda r=request, i=images: engine.generate(r, images=i), runs)
+
+        prepared = engine.prepare_call(request, images)
+        kwargs = dict(prepared.kwargs)
+        seed = request.seed
+
+        def direct(p: Any = prepared.pipeline, k: dict[str, Any] = kwargs, s: int = seed) -> None:
+            p(**{**k, "generator": torch.Generator(device="cpu").manual_seed(s)})
+
+        direct_s = _median_s(direct, runs)
+        size = f"{prepared.size.width}x{prepared.size.height}, {request.steps} steps"
+        rows.append((slug, size, engine_s, direct_s))
+        print(f"{slug:42s} {size:22s} engine {engine_s:7.3f}s  diffusers {direct_s:7.3f}s")
+    return rows
+
+
+def write_section(rows: list[tuple[str, str, float, float]], args: argparse.Namespace) -> str:
+    command = f"python bench/engine_vs_diffusers.py --runs {args.runs}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    import torch
+
+    lines = [
+        "",
+        "## Engine vs direct diffusers call (tiny preset)",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"- command: `{command}`",
+        "- what: median wall time of one request after a warm-up; `Engine.generate` versus the",
+        "  same pipeline object called with the same arguments (`Engine.prepare_call`)",
+        "",
+        "| slug | size, steps | engine (s) | diffusers (s) | engine / diffusers |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for slug, size, engine_s, direct_s in rows:
+        lines.append(
+            f"| {slug} | {size} | {engine_s:.3f} | {direct_s:.3f} | {engine_s / direct_s:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per side (median)")
+    parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
+    parser.add_argument("--no-write", action="store_true", help="do not touch PERFORMANCE.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = measure(args.cache_dir or Path(scratch), args.runs)
+    section = write_section(rows, args)
+    print(section)
+    if not args.no_write:
+        doc = ROOT / "docs" / "PERFORMANCE.md"
+        if not doc.exists():
+            doc.write_text("# Performance\n\nEvery figure here comes from a command in bench/.\n")
+        with doc.open("a") as handle:
+            handle.write(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Output sizes: from a request's aspect ratio, explicit width/height or its input images.
+
+Pure arithmetic, no torch. The pipelines floor sizes to multiples of 16 with only a log warning,
+so every size chosen here is already a multiple of 16; an explicit width/height that is not is
+generated at the next multiple of 16 up and center-cropped to exactly what was asked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from qwenserve.catalog import GenerationRequest, Recipe
+from qwenserve.errors import InvalidRequest
+
+SIZE_MULTIPLE = 16
+TINY_AREA = 256 * 256
+"""Pixel area the tiny preset generates at: a real pipeline on a CPU in well under a second."""
+
+MATCH_INPUT = "match_input_image"
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """The size the pipeline generates at, and the exact size the caller gets after cropping."""
+
+    generate_width: int
+    generate_height: int
+    width: int
+    height: int
+
+    @property
+    def needs_crop(self) -> bool:
+        return (self.generate_width, self.generate_height) != (self.width, self.height)
+
+
+def _round_to_multiple(value: float) -> int:
+    return max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
+def _ceil_to_multiple(value: int) -> int:
+    return max(SIZE_MULTIPLE, math.ceil(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
+def size_for_area(ratio: float, area: int) -> tuple[int, int]:
+    """About ``area`` pixels at ``ratio`` (width / height), both sides multiples of 16."""
+    width = math.sqrt(area * ratio)
+    return _round_to_multiple(width), _round_to_multiple(width / ratio)
+
+
+def parse_ratio(aspect_ratio: str) -> float:
+    """``"16:9"`` → 16/9. Raises InvalidRequest for anything else."""
+    left, sep, right = aspect_ratio.partition(":")
+    try:
+        ratio = float(left) / float(right)
+    except (ValueError, ZeroDivisionError):
+        ratio = float("nan")
+    if not sep or not math.isfinite(ratio) or ratio <= 0:
+        raise InvalidRequest(f"aspect_ratio {aspect_ratio!r} is not W:H", field="aspect_ratio")
+    return ratio
+
+
+def native_sizes(recipe: Recipe, *, tiny: bool) -> Mapping[str, tuple[int, int]]:
+    """The recipe's native sizes; the tiny preset keeps each ratio at about ``TINY_AREA``."""
+    if not tiny:
+        return recipe.native_sizes
+    return {ratio: size_for_area(w / h, TINY_AREA) for ratio, (w, h) in recipe.native_sizes.items()}
+
+
+def plan_size(
+    request: GenerationRequest,
+    recipe: Recipe,
+    input_sizes: Sequence[tuple[int, int]],
+    *,
+    tiny: bool,
+) -> SizePlan:
+    """Where the output size comes from, in order: explicit width/height (honoured exactly),
+    a native size for the aspect ratio, the ratio at the default area, the last input image's
+    ratio at the default area (edit slugs, ``match_input_image`` or no ratio), the 1:1 size.
+    """
+    area = TINY_AREA if tiny else recipe.default_area
+    if request.width is not None or request.height is not None:
+        width = request.width or request.height or 0
+        height = request.height or request.width or 0
+        return SizePlan(_ceil_to_multiple(width), _ceil_to_multiple(height), width, height)
+
+    sizes = native_sizes(recipe, tiny=tiny)
+    ratio_name = request.aspect_ratio
+    if ratio_name and ratio_name != MATCH_INPUT:
+        if ratio_name in sizes:
+            width, height = sizes[ratio_name]
+        else:
+            width, height = size_for_area(parse_ratio(ratio_name), area)
+    elif input_sizes:
+        last_width, last_height = input_sizes[-1]
+        width, height = size_for_area(last_width / max(last_height, 1), area)
+    elif "1:1" in sizes:
+        width, height = sizes["1:1"]
+    else:
+        width, height = size_for_area(1.0, area)
+    return SizePlan(width, height, width, height)

@@ -1,0 +1,125 @@
+"""Where base pipelines and LoRA files come from: the tiny preset, the hub, or a folder.
+
+All three end in the same ``from_pretrained(location)`` and ``load_lora_weights(file)`` calls:
+the tiny preset is itself a folder laid out like a weights folder (``<org>/<name>`` per base,
+``<repo>/<filename>`` per LoRA), built on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from qwenserve.catalog import LoraSource, PipelineKind
+from qwenserve.errors import InferenceError
+
+
+class WeightSource(Protocol):
+    """Resolves base weights ids and LoRA sources to something diffusers can load."""
+
+    @property
+    def is_tiny(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+    def base_location(self, base_weights: str, kind: PipelineKind) -> str:
+        """A folder path or hub id for ``from_pretrained``."""
+        ...
+
+    def lora_file(self, source: LoraSource, base_weights: str, kind: PipelineKind) -> Path:
+        """A local safetensors file holding ``source``."""
+        ...
+
+
+@dataclass(frozen=True)
+class FolderWeights:
+    """A folder holding ``<org>/<name>`` diffusers folders and ``<repo>/<filename>`` LoRAs."""
+
+    root: Path
+
+    @property
+    def is_tiny(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return f"weights from folder {self.root}"
+
+    def base_location(self, base_weights: str, kind: PipelineKind) -> str:
+        folder = self.root / base_weights
+        if not (folder / "model_index.json").is_file():
+            raise InferenceError(
+                f"weights folder {self.root} has no {base_weights} pipeline "
+                f"(expected {folder / 'model_index.json'})"
+            )
+        return str(folder)
+
+    def lora_file(self, source: LoraSource, base_weights: str, kind: PipelineKind) -> Path:
+        path = self.root / source.repo / source.filename
+        if not path.is_file():
+            raise InferenceError(
+                f"weights folder {self.root} has no LoRA {source.repo}/{source.filename} "
+                f"(expected {path})"
+            )
+        return path
+
+
+@dataclass(frozen=True)
+class TinyWeights:
+    """The random-weights preset, built on first use under ``<cache_dir>/tiny-v1``."""
+
+    cache_dir: Path
+
+    @property
+    def is_tiny(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "tiny preset (random weights: images are noise)"
+
+    def base_location(self, base_weights: str, kind: PipelineKind) -> str:
+        from qwenserve.runtime.tiny_preset import ensure_tiny_base
+
+        return str(ensure_tiny_base(self.cache_dir, base_weights, kind))
+
+    def lora_file(self, source: LoraSource, base_weights: str, kind: PipelineKind) -> Path:
+        from qwenserve.runtime.tiny_preset import ensure_tiny_lora
+
+        return ensure_tiny_lora(self.cache_dir, source, base_weights, kind)
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """Hugging Face hub ids, through the local HF cache (downloads where the network allows)."""
+
+    @property
+    def is_tiny(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return "weights from the Hugging Face hub"
+
+    def base_location(self, base_weights: str, kind: PipelineKind) -> str:
+        return base_weights
+
+    def lora_file(self, source: LoraSource, base_weights: str, kind: PipelineKind) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(source.repo, source.filename))
+        except Exception as error:  # network, auth, missing file: all an engine failure here
+            raise InferenceError(
+                f"could not fetch LoRA {source.repo}/{source.filename}: {error}"
+            ) from error
+
+
+def weight_source(weights: str, cache_dir: Path) -> WeightSource:
+    """``"tiny"``, ``"hub"`` or a folder path, as ``EngineConfig.weights`` names it."""
+    if weights == "tiny":
+        return TinyWeights(cache_dir)
+    if weights == "hub":
+        return HubWeights()
+    root = Path(weights).expanduser()
+    if not root.is_dir():
+        raise InferenceError(f"weights folder {root} does not exist")
+    return FolderWeights(root)

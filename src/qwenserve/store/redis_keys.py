@@ -1,0 +1,126 @@
+"""Every Redis key name qwenserve uses, declared once for Python and for the Lua scripts.
+
+All keys live under one namespace prefix (``<namespace>:``, ``qs:`` by default), so several
+deployments, or tests, can share one Redis server without seeing each other. The layout::
+
+    key:<key_id>            hash    an API key: key_hash, name, balance_micro, rpm,
+                                    models (JSON), created_at, revoked (0/1)
+    keyhash:<sha256>        string  the id of the key with that hash
+    keys                    set     every key id (for listing)
+    rate:<key_id>:<minute>  string  submits admitted in that minute window (INCR + EXPIRE)
+    job:<job_id>            hash    a job: every Job field (JSON for params, result, extra)
+                                    plus ``entry``, the id of its stream entry
+    queue:<slug>            stream  one entry (job, created_at) per job not yet finished;
+                                    one consumer group, ``workers``
+    leases:<slug>           zset    PROCESSING jobs scored by lease_until
+    requeued:<slug>         zset    released jobs (QUEUED again while their entry is still
+                                    pending) scored by created_at
+    slugs                   set     every slug that has a queue
+    expiry                  zset    every job scored by expires_at (for purge_expired)
+    workers                 hash    worker id -> WorkerInfo JSON
+    workers:lapse           zset    worker ids scored by when their announcement lapses
+    media:<media_id>        hash    data, content_type, expires_at
+    media:expiry            zset    media ids scored by expires_at
+
+The Lua scripts receive the prefix as their first argument and build per-slug and per-job names
+with the functions in ``LUA_KEY_FUNCTIONS``, generated here from the same constants.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "qs"
+CONSUMER_GROUP = "workers"
+
+_API_KEY = "key:"
+_KEY_BY_HASH = "keyhash:"
+_ALL_KEYS = "keys"
+_RATE = "rate:"
+_JOB = "job:"
+_QUEUE = "queue:"
+_LEASES = "leases:"
+_REQUEUED = "requeued:"
+_SLUGS = "slugs"
+_EXPIRY = "expiry"
+_WORKERS = "workers"
+_WORKERS_LAPSE = "workers:lapse"
+_MEDIA = "media:"
+_MEDIA_EXPIRY = "media:expiry"
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+LUA_KEY_FUNCTIONS = f"""
+local PREFIX = ARGV[1]
+local GROUP = '{CONSUMER_GROUP}'
+local function api_key_key(key_id) return PREFIX .. '{_API_KEY}' .. key_id end
+local function job_key(job_id) return PREFIX .. '{_JOB}' .. job_id end
+local function queue_key(slug) return PREFIX .. '{_QUEUE}' .. slug end
+local function leases_key(slug) return PREFIX .. '{_LEASES}' .. slug end
+local function requeued_key(slug) return PREFIX .. '{_REQUEUED}' .. slug end
+"""
+"""Lua prelude for every script: key builders reading the prefix from ``ARGV[1]``."""
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Key names under one namespace.
+
+    Raises:
+        ValueError: the namespace is empty, too long or has characters outside [A-Za-z0-9_.-]
+            (a ``:`` or a brace would change how keys nest or hash).
+    """
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE_RE.match(self.namespace):
+            raise ValueError(f"invalid Redis namespace {self.namespace!r}: use [A-Za-z0-9_.-]")
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}:"
+
+    def api_key(self, key_id: str) -> str:
+        return f"{self.prefix}{_API_KEY}{key_id}"
+
+    def key_by_hash(self, key_hash: str) -> str:
+        return f"{self.prefix}{_KEY_BY_HASH}{key_hash}"
+
+    def all_keys(self) -> str:
+        return f"{self.prefix}{_ALL_KEYS}"
+
+    def rate(self, key_id: str, window: int) -> str:
+        """The counter of ``key_id``'s submits in minute window number ``window``."""
+        return f"{self.prefix}{_RATE}{key_id}:{window}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}{_JOB}{job_id}"
+
+    def queue(self, slug: str) -> str:
+        return f"{self.prefix}{_QUEUE}{slug}"
+
+    def leases(self, slug: str) -> str:
+        return f"{self.prefix}{_LEASES}{slug}"
+
+    def requeued(self, slug: str) -> str:
+        return f"{self.prefix}{_REQUEUED}{slug}"
+
+    def slugs(self) -> str:
+        return f"{self.prefix}{_SLUGS}"
+
+    def expiry(self) -> str:
+        return f"{self.prefix}{_EXPIRY}"
+
+    def workers(self) -> str:
+        return f"{self.prefix}{_WORKERS}"
+
+    def workers_lapse(self) -> str:
+        return f"{self.prefix}{_WORKERS_LAPSE}"
+
+    def media(self, media_id: str) -> str:
+        return f"{self.prefix}{_MEDIA}{media_id}"
+
+    def media_expiry(self) -> str:
+        return f"{self.prefix}{_MEDIA_EXPIRY}"

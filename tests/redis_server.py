@@ -1,0 +1,176 @@
+"""A real ``redis-server`` on a free loopback port, for the store and cluster tests.
+
+::
+
+    with RedisServer() as server:          # --save "" --appendonly no, in a temp dir
+        client = redis.Redis.from_url(server.url)
+
+    durable = RedisServer(appendonly=True, dir=tmp_path / "redis")
+    durable.start(); durable.restart(); durable.kill(); durable.start(); durable.stop()
+
+The port and the data folder stay the same across ``restart()`` and ``kill()`` + ``start()``, so
+a client's URL keeps working and an append-only file is replayed. A temp folder made here is
+deleted by ``stop()``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+REDIS_SERVER = "/usr/bin/redis-server"
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ping(port: int) -> bool:
+    """True once the server answers PING with PONG (not LOADING, not refused)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One redis-server process: ``start()``, ``stop()``, ``kill()`` (SIGKILL), ``restart()``.
+
+    Args:
+        port: the port to listen on; a free one is chosen on the first start when None.
+        appendonly: write an append-only file (fsync every second), so data survives restarts.
+        dir: the data folder; a temp folder (removed by ``stop()``) when None.
+        binary: the redis-server executable.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        appendonly: bool = False,
+        dir: Path | None = None,
+        binary: str = REDIS_SERVER,
+    ) -> None:
+        self.port = port
+        self.appendonly = appendonly
+        self.dir = Path(dir) if dir is not None else None
+        self.binary = binary
+        self.process: subprocess.Popen[bytes] | None = None
+        self._own_dir = False
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the server has no port until it is started")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> RedisServer:
+        """Start the server and wait until it answers PING; raises RuntimeError if it cannot."""
+        if self.running:
+            return self
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="qwenserve-redis-"))
+            self._own_dir = True
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fixed_port = self.port is not None
+        for _ in range(1 if fixed_port else 5):  # a chosen port may be taken before we bind
+            if not fixed_port:
+                self.port = _free_port()
+            if self._spawn():
+                return self
+        raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.logs()}")
+
+    def _spawn(self) -> bool:
+        assert self.dir is not None and self.port is not None
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.dir / "redis.log"),
+        ]
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False  # exited: most likely the port was taken
+            if _ping(self.port):
+                return True
+            time.sleep(0.02)
+        self._terminate()
+        return False
+
+    def logs(self) -> str:
+        log = self.dir / "redis.log" if self.dir is not None else None
+        return log.read_text(errors="replace") if log is not None and log.exists() else ""
+
+    def _terminate(self) -> None:
+        """SIGTERM (Redis flushes its append-only file and exits), SIGKILL if it hangs."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_TIMEOUT_S)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush; ``start()`` again replays what reached the disk."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT_S)
+        self.process = None
+
+    def restart(self) -> RedisServer:
+        """A clean shutdown and a start on the same port and folder."""
+        self._terminate()
+        return self.start()
+
+    def stop(self) -> None:
+        """Stop the server and remove the temp folder if this object made it."""
+        self._terminate()
+        if self._own_dir and self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+            self._own_dir = False
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
