@@ -5,7 +5,8 @@
 Per slug on the tiny preset: ``Engine.generate`` (adapter switching, scheduler choice, NaN check,
 conversion to an RGB image) against the very pipeline object the engine holds, called with the
 arguments the engine passes (``Engine.prepare_call``), a fresh seeded generator each run. Each
-side gets one warm-up run, then the median of ``--runs``. The ratio is the engine's overhead.
+side gets one warm-up run, then ``--runs`` runs alternating between the two (so load from other
+work falls on both alike); the medians' ratio is the engine's overhead.
 
 Results are printed and appended to docs/PERFORMANCE.md with the date, machine and command.
 """
@@ -34,14 +35,17 @@ REQUESTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _median_s(call: Any, runs: int) -> float:
-    call()  # warm-up
-    times = []
+def _interleaved_medians_s(first: Any, second: Any, runs: int) -> tuple[float, float]:
+    """Median times of two calls, run alternately after one warm-up each."""
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for call, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            call()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def measure(cache_dir: Path, runs: int) -> list[tuple[str, str, float, float]]:
@@ -72,16 +76,18 @@ def measure(cache_dir: Path, runs: int) -> list[tuple[str, str, float, float]]:
             full[spec.image_fields[0]] = encoded
             images = [picture]
         request = validate_request(slug, full)
-        engine_s = _median_s(lambda r=request, i=images: engine.generate(r, images=i), runs)
-
         prepared = engine.prepare_call(request, images)
         kwargs = dict(prepared.kwargs)
         seed = request.seed
 
+        def through_engine(r: Any = request, i: Any = images) -> None:
+            engine.generate(r, images=i)
+
         def direct(p: Any = prepared.pipeline, k: dict[str, Any] = kwargs, s: int = seed) -> None:
+            # The engine leaves the adapters and scheduler of this request's last call in place.
             p(**{**k, "generator": torch.Generator(device="cpu").manual_seed(s)})
 
-        direct_s = _median_s(direct, runs)
+        engine_s, direct_s = _interleaved_medians_s(through_engine, direct, runs)
         size = f"{prepared.size.width}x{prepared.size.height}, {request.steps} steps"
         rows.append((slug, size, engine_s, direct_s))
         print(f"{slug:42s} {size:22s} engine {engine_s:7.3f}s  diffusers {direct_s:7.3f}s")
@@ -100,8 +106,11 @@ def write_section(rows: list[tuple[str, str, float, float]], args: argparse.Name
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         f"- command: `{command}`",
-        "- what: median wall time of one request after a warm-up; `Engine.generate` versus the",
-        "  same pipeline object called with the same arguments (`Engine.prepare_call`)",
+        f"- 1-minute load average before/after: {args.load_before:.2f} / {os.getloadavg()[0]:.2f}"
+        " (other work on the machine skews both columns alike)",
+        "- what: median wall time of one request after a warm-up, runs alternating; "
+        "`Engine.generate`",
+        "  versus the same pipeline object called with the same arguments (`Engine.prepare_call`)",
         "",
         "| slug | size, steps | engine (s) | diffusers (s) | engine / diffusers |",
         "|---|---|---:|---:|---:|",
@@ -119,6 +128,7 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
     parser.add_argument("--no-write", action="store_true", help="do not touch PERFORMANCE.md")
     args = parser.parse_args()
+    args.load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         rows = measure(args.cache_dir or Path(scratch), args.runs)
     section = write_section(rows, args)

@@ -80,8 +80,12 @@ class Cluster:
         return states
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, shared_cache: Path) -> Iterator[Cluster]:
+@pytest.fixture(scope="module")
+def running_cluster(
+    tmp_path_factory: pytest.TempPathFactory, shared_cache: Path
+) -> Iterator[Cluster]:
+    """Redis and two API nodes, started once for the module (the slow part)."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     redis = RedisServer(appendonly=True, dir=tmp_path / "redis")
     redis.start()
     env = {"QWENSERVE_STORE": redis.url, "QWENSERVE_LOG_LEVEL": "INFO"}
@@ -94,15 +98,27 @@ def cluster(tmp_path: Path, shared_cache: Path) -> Iterator[Cluster]:
         ).start()
         for i in range(2)
     ]
-    cluster = Cluster(redis, apis, [], shared_cache, tmp_path)
     try:
-        yield cluster
+        yield Cluster(redis, apis, [], shared_cache, tmp_path)
     finally:
-        for worker in cluster.workers:
-            worker.stop()
-        for api in cluster.apis:
+        for api in apis:
             api.stop()
         redis.stop()
+
+
+@pytest.fixture
+def cluster(running_cluster: Cluster) -> Iterator[Cluster]:
+    """The module's cluster with no workers yet; a test's workers stop when it ends, and API
+    nodes a test killed are started again."""
+    try:
+        yield running_cluster
+    finally:
+        for worker in running_cluster.workers:
+            worker.stop()
+        running_cluster.workers.clear()
+        for api in running_cluster.apis:
+            if api.process is None or api.process.poll() is not None:
+                api.start()
 
 
 def submit(api: Server, key: str, slug: str = "qwen-image-fast", **overrides: object) -> str:

@@ -42,7 +42,7 @@ from qwenserve.runtime.progress import quiet_progress
 from qwenserve.runtime.residency import Residency
 from qwenserve.runtime.schedulers import scheduler_for
 from qwenserve.runtime.sizes import SizePlan, plan_size
-from qwenserve.runtime.weights import WeightSource, weight_source
+from qwenserve.runtime.weights import WeightSource, describe_weights, weight_source
 
 log = logging.getLogger("qwenserve.runtime")
 
@@ -152,12 +152,7 @@ class Engine:
 
     def describe(self) -> str:
         """One line for logs and the CLI; says plainly when images are noise."""
-        if self.is_tiny:
-            weights = "tiny preset (random weights: images are noise)"
-        elif self.config.weights == "hub":
-            weights = "weights from the Hugging Face hub"
-        else:
-            weights = f"weights from folder {self.config.weights}"
+        weights = describe_weights(self.config.weights)
         dtype = str(self.dtype).removeprefix("torch.")
         return (
             f"qwenserve engine: {weights}; device {self.device.type}, {dtype}; "

@@ -21,8 +21,6 @@ class WeightSource(Protocol):
     @property
     def is_tiny(self) -> bool: ...
 
-    def describe(self) -> str: ...
-
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
         """A folder path or hub id for ``from_pretrained``."""
         ...
@@ -41,9 +39,6 @@ class FolderWeights:
     @property
     def is_tiny(self) -> bool:
         return False
-
-    def describe(self) -> str:
-        return f"weights from folder {self.root}"
 
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
         folder = self.root / base_weights
@@ -74,9 +69,6 @@ class TinyWeights:
     def is_tiny(self) -> bool:
         return True
 
-    def describe(self) -> str:
-        return "tiny preset (random weights: images are noise)"
-
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
         from qwenserve.runtime.tiny_preset import ensure_tiny_base
 
@@ -96,9 +88,6 @@ class HubWeights:
     def is_tiny(self) -> bool:
         return False
 
-    def describe(self) -> str:
-        return "weights from the Hugging Face hub"
-
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
         return base_weights
 
@@ -111,6 +100,15 @@ class HubWeights:
             raise InferenceError(
                 f"could not fetch LoRA {source.repo}/{source.filename}: {error}"
             ) from error
+
+
+def describe_weights(weights: str) -> str:
+    """``EngineConfig.weights`` in words; says plainly when images are noise."""
+    if weights == "tiny":
+        return "tiny preset (random weights: images are noise)"
+    if weights == "hub":
+        return "weights from the Hugging Face hub"
+    return f"weights from folder {weights}"
 
 
 def weight_source(weights: str, cache_dir: Path) -> WeightSource:
