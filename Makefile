@@ -25,3 +25,8 @@ typecheck:
 bench:
 	$(PY) bench/engine_vs_diffusers.py
 	$(PY) bench/server_overhead.py
+	$(PY) bench/end_to_end.py
+	$(PY) bench/batching.py
+	$(PY) bench/memory.py
+	$(PY) bench/queue_throughput.py
+	$(PY) bench/gpu_step_time.py

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.processes import Server, free_port  # noqa: E402
+
+from bench.load import hammer  # noqa: E402
+from bench.report import append_section, table  # noqa: E402
 
 BODY = {"prompt": "a lighthouse at dusk", "steps": 8, "seed": 1234, "aspect_ratio": "1:1"}
 SLUG = "qwen-image-fast"
@@ -62,31 +63,6 @@ def server_v1(server: Server, key: str, runs: int) -> float:
             if index:
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-async def _hammer(
-    url: str,
-    method: str,
-    seconds: float,
-    headers: dict[str, str],
-    json: object,
-    concurrency: int = 16,
-) -> float:
-    done = 0
-    deadline = time.perf_counter() + seconds
-    async with httpx.AsyncClient(headers=headers, timeout=30) as client:
-
-        async def loop() -> None:
-            nonlocal done
-            while time.perf_counter() < deadline:
-                response = await client.request(method, url, json=json)
-                if response.status_code >= 400:
-                    raise RuntimeError(f"{url}: {response.status_code} {response.text[:200]}")
-                done += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
-        return done / (time.perf_counter() - start)
 
 
 BARE_APP = """
@@ -146,7 +122,7 @@ def main() -> int:
             # then has to run: the worker is stopped so the queue only grows (API cost alone).
             job = httpx.post(f"{server.url}/v2/{SLUG}", headers=headers, json=BODY).json()
             status_url = job["status_url"]
-            polls = asyncio.run(_hammer(status_url, "GET", args.seconds, headers, None))
+            polls = asyncio.run(hammer(status_url, "GET", args.seconds, headers, None))
         finally:
             server.stop()
 
@@ -160,7 +136,7 @@ def main() -> int:
         try:
             key = api_only.create_key(credits=1_000_000.0, rpm=0)
             submits = asyncio.run(
-                _hammer(f"{api_only.url}/v2/{SLUG}", "POST", args.seconds, {"x-api-key": key}, BODY)
+                hammer(f"{api_only.url}/v2/{SLUG}", "POST", args.seconds, {"x-api-key": key}, BODY)
             )
         finally:
             api_only.stop()
@@ -169,10 +145,10 @@ def main() -> int:
         bare = bare_fastapi(port)
         try:
             bare_polls = asyncio.run(
-                _hammer(f"http://127.0.0.1:{port}/status", "GET", args.seconds, {}, None)
+                hammer(f"http://127.0.0.1:{port}/status", "GET", args.seconds, {}, None)
             )
             bare_submits = asyncio.run(
-                _hammer(f"http://127.0.0.1:{port}/submit", "POST", args.seconds, {}, BODY)
+                hammer(f"http://127.0.0.1:{port}/submit", "POST", args.seconds, {}, BODY)
             )
         finally:
             bare.terminate()
@@ -198,36 +174,15 @@ def main() -> int:
             f"{submits / bare_submits:.3f}",
         ),
     ]
-    table = ["| measure | qwenserve | reference | ratio |", "| --- | --- | --- | --- |"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    print("\n".join(table))
+    lines = table(["measure", "qwenserve", "reference", "ratio"], [list(r) for r in rows])
+    print("\n".join(lines))
     if not args.no_write:
-        write_section("Server overhead and queue throughput (tiny preset)", table, args)
+        append_section(
+            "Server overhead and queue throughput (tiny preset)",
+            lines,
+            [f"load: 16 concurrent async clients in this process, {args.seconds:g} s each"],
+        )
     return 0
-
-
-def write_section(title: str, table: list[str], args: argparse.Namespace) -> None:
-    doc = ROOT / "docs" / "PERFORMANCE.md"
-    if not doc.exists():
-        doc.write_text("# Performance\n\nEvery figure here comes from a command in bench/.\n")
-    command = "python bench/server_overhead.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write"
-    )
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    section = [
-        "",
-        f"## {title}",
-        "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {machine}",
-        f"- command: `{command}`",
-        f"- load: 16 concurrent async clients in the benchmark process, {args.seconds:g} s each",
-        "",
-        *table,
-        "",
-    ]
-    with doc.open("a") as handle:
-        handle.write("\n".join(section))
 
 
 if __name__ == "__main__":

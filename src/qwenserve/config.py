@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     lease_s: float = Field(60.0, gt=0, description="A claimed job is retaken after this.")
     max_attempts: int = Field(3, ge=1, description="Worker deaths before a job fails.")
     poll_interval_s: float = Field(0.05, gt=0, description="Idle worker polling period.")
+    max_batch: int = Field(
+        4, ge=1, description="Most same-shape requests run in one pipeline call (1: off)."
+    )
+    batch_window_s: float = Field(
+        0.0, ge=0, description="Wait this long for batch-mates before a partial batch."
+    )
 
     # inputs
     allow_private_urls: bool = Field(

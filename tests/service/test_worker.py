@@ -42,7 +42,17 @@ class SolidEngine:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.batch_sizes: list[int] = []
         self.loaded = False
+
+    def batch_key(self, request: GenerationRequest) -> object:
+        return (request.slug, request.steps)
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], **kwargs: object
+    ) -> list[Generated]:
+        self.batch_sizes.append(len(requests))
+        return [self.generate(r) for r in requests]
 
     def resident(self) -> list[str]:
         return ["Qwen/Qwen-Image"] if self.loaded else []
@@ -126,8 +136,10 @@ def key_id(store: SqliteStore, clock: Clock) -> str:
     return key.id
 
 
-def submit(store: SqliteStore, key_id: str, clock: Clock, seed: int = 7, cost: float = 0.1) -> Job:
-    request = validate_request("qwen-image-fast", {"prompt": "x", "steps": 2, "seed": seed})
+def submit(
+    store: SqliteStore, key_id: str, clock: Clock, seed: int = 7, cost: float = 0.1, steps: int = 2
+) -> Job:
+    request = validate_request("qwen-image-fast", {"prompt": "x", "steps": steps, "seed": seed})
     job = Job(
         id=f"job-{seed}",
         slug=request.slug,
@@ -157,7 +169,10 @@ def runner(
         engine=engine,
         inputs=inputs or NoInputs(),
         config=WorkerConfig(
-            worker_id=worker_id, lease_s=config.get("lease_s", 30.0), max_attempts=2
+            worker_id=worker_id,
+            lease_s=config.get("lease_s", 30.0),
+            max_attempts=2,
+            max_batch=int(config.get("max_batch", 4)),
         ),
         clock=clock,
     )
@@ -177,6 +192,7 @@ def test_completes_and_stores_media(
     worker = runner(store, media, SolidEngine(), clock)
     worker.on_job_done = done.append
     assert worker.run_once() is True
+    worker.wait_finished()
     stored = store.get_job(job.id, now=clock())
     assert stored is not None and stored.status is JobStatus.COMPLETED
     assert stored.result is not None and stored.result.seed == 7
@@ -244,6 +260,7 @@ def test_dead_worker_job_is_retaken_and_completed_once(
     assert survivor.run_once() is False, "the lease still holds"
     clock.now += 31
     assert survivor.run_once() is True
+    survivor.wait_finished()
     stored = store.get_job(job.id, now=clock())
     assert stored is not None and stored.status is JobStatus.COMPLETED and stored.attempts == 2
     # The presumed-dead worker wakes up and tries to complete: refused, nothing changes.
@@ -281,6 +298,52 @@ def test_shutdown_cancel_returns_job_to_queue(
     stored = store.get_job(job.id, now=clock())
     assert stored is not None and stored.status is JobStatus.QUEUED
     assert balance(store, key_id) == pytest.approx(0.9), "still paid for: it will run"
-    runner(store, media, SolidEngine(), clock, worker_id="w2").run_once()
+    second = runner(store, media, SolidEngine(), clock, worker_id="w2")
+    second.run_once()
+    second.wait_finished()
     stored = store.get_job(job.id, now=clock())
     assert stored is not None and stored.status is JobStatus.COMPLETED
+
+
+def test_batches_same_shape_jobs_and_returns_the_rest(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    jobs = []
+    for seed in range(6):
+        jobs.append(submit(store, key_id, clock, seed=seed, steps=3 if seed == 3 else 2))
+        clock.now += 1
+    engine = SolidEngine()
+    worker = runner(store, media, engine, clock, max_batch=4)
+    assert worker.run_once()
+    worker.wait_finished()
+    # Jobs 0, 1, 2 share a shape; job 3 (other steps) went back and keeps its place.
+    assert engine.batch_sizes == [3]
+    states = {j.id: store.get_job(j.id, now=clock()) for j in jobs}
+    done = [j.id for j in jobs if states[j.id].status is JobStatus.COMPLETED]  # type: ignore[union-attr]
+    assert done == [jobs[0].id, jobs[1].id, jobs[2].id]
+    back = states[jobs[3].id]
+    assert back is not None and back.status is JobStatus.QUEUED and back.attempts == 0
+    # Each job got its own seed's pixels.
+    for job in jobs[:3]:
+        result = states[job.id].result  # type: ignore[union-attr]
+        assert result is not None and result.seed == job.params["seed"]
+    assert worker.run_once()
+    worker.wait_finished()
+    assert engine.batch_sizes == [3], "job 3 ran alone"
+    assert store.get_job(jobs[3].id, now=clock()).status is JobStatus.COMPLETED  # type: ignore[union-attr]
+    assert worker.run_once()
+    worker.wait_finished()
+    assert engine.batch_sizes == [3, 2]
+
+
+def test_batching_off_runs_one_at_a_time(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    for seed in range(3):
+        submit(store, key_id, clock, seed=seed)
+    engine = SolidEngine()
+    worker = runner(store, media, engine, clock, max_batch=1)
+    while worker.run_once():
+        pass
+    worker.wait_finished()
+    assert engine.calls == 3 and engine.batch_sizes == []

@@ -320,3 +320,16 @@ def test_media_delete(media: RedisMediaStore, redis_client: redis.Redis) -> None
     media.delete(media_id)  # unknown: a no-op
     assert media.get(media_id, now=NOW) is None
     assert redis_client.zcard(media.keys.media_expiry()) == 0
+
+
+def test_large_balances_round_trip_exactly(redis_url: str) -> None:
+    """Balances past 1e14 micro-USD used to come back from Lua in exponent notation."""
+    from qwenserve.store.redis import RedisStore
+    from tests.store.contract import Clock, make_job, make_key
+
+    store = RedisStore.from_url(redis_url, namespace=f"big{time.time_ns()}")
+    clock = Clock()
+    key = make_key(store, clock, balance_usd=1e9)
+    outcome = store.submit(make_job(key, clock, cost_usd=0.02), rpm=0, now=clock.now)
+    assert outcome.remaining_usd == pytest.approx(1e9 - 0.02)
+    store.close()

@@ -73,6 +73,8 @@ def build_runners(
                     poll_interval_s=settings.poll_interval_s,
                     drain_timeout_s=settings.drain_timeout_s,
                     host=socket.gethostname(),
+                    max_batch=settings.max_batch,
+                    batch_window_s=settings.batch_window_s,
                 ),
                 on_job_done=on_job_done,
                 registry=registry,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 
@@ -19,6 +20,12 @@ class EngineConfig:
     LoRAs. ``cache_dir`` holds the tiny preset (``cache_dir/"tiny-v1"``). ``dtype`` "auto" is
     bfloat16 on CUDA and float32 elsewhere. At most ``resident_models`` base pipelines (and, when
     set, about ``resident_memory_gb`` of parameters) stay loaded, least recently used evicted.
+
+    ``weights`` may also be "random-full": the real-size Qwen-Image transformer and VAE with
+    random bf16 weights (a small text encoder projected to the real width), to measure real
+    compute cost without the real checkpoints. It needs a CUDA GPU and refuses elsewhere.
+
+    The fast-path switches below each default to the safe choice; see each field.
     """
 
     weights: str = "tiny"
@@ -27,6 +34,29 @@ class EngineConfig:
     dtype: str = "auto"
     resident_models: int = 2
     resident_memory_gb: float | None = None
+    fuse_lightning: bool = False
+    """Default False. True: slugs with a Lightning LoRA get their own resident pipeline with the
+    LoRA fused into the transformer weights (no per-call adapter cost, no adapter switching),
+    at the price of a second copy of the base weights while both kinds of slug are resident."""
+    compile: bool = False
+    """Default False. True: ``torch.compile`` the transformer when a pipeline loads; the slow
+    first compilation happens in ``Engine.load``/``Engine.warm_up``, not on a user request."""
+    quantize: Literal["none", "fp8"] = "none"
+    """Default "none". "fp8": float8 weight-only quantisation of the transformer through torchao
+    (``pip install qwenserve[gpu]``); halves the transformer's weight memory."""
+    vae_tiling: bool | None = None
+    """Default None (auto: tiled VAE decode for outputs over ``VAE_TILING_AUTO_PIXELS``, about
+    2 MP). True/False force it on/off. Tiling bounds the decoder's peak memory."""
+    cpu_offload: bool = False
+    """Default False. True: ``enable_model_cpu_offload`` (each component on the GPU only while
+    it runs), for GPUs too small for the whole pipeline; needs CUDA, refused elsewhere."""
+    step_cache: float | None = None
+    """Default None (off). A float: diffusers' first-block cache with this relative threshold
+    (e.g. 0.05): a step whose first block's residual barely changed reuses the rest of the
+    transformer's last output. Faster, slightly different images."""
+    prompt_cache_size: int = 64
+    """Default 64. Text-encoder outputs kept per (base weights, template, prompt), least
+    recently used out; 0 turns the cache off. Text-to-image slugs only."""
 
 
 @dataclass(frozen=True)

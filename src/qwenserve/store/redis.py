@@ -264,10 +264,10 @@ local balance = tonumber(key[1])
 local used = tonumber(redis.call('GET', KEYS[2]) or '0')
 if redis.call('EXISTS', KEYS[3]) == 1 then
   -- The same submit again: a retry after a lost reply. It went through the first time.
-  return {'ok', tostring(balance), tostring(rpm > 0 and math.max(rpm - used, 0) or -1)}
+  return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and math.max(rpm - used, 0) or -1)}
 end
 if rpm > 0 and used >= rpm then return {'rate_limited'} end
-if cost > balance then return {'insufficient', tostring(balance)} end
+if cost > balance then return {'insufficient', string.format('%.0f', balance)} end
 if cost > 0 then balance = redis.call('HINCRBY', KEYS[1], 'balance_micro', -cost) end
 if rpm > 0 then
   used = redis.call('INCR', KEYS[2])
@@ -283,7 +283,7 @@ redis.call('HSET', KEYS[3], 'entry', entry)
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('SADD', KEYS[4], slug)
 redis.call('ZADD', KEYS[5], ARGV[8], job_id)
-return {'ok', tostring(balance), tostring(rpm > 0 and rpm - used or -1)}
+return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and rpm - used or -1)}
 """
 
 _CLAIM = """

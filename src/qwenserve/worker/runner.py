@@ -4,6 +4,14 @@ A runner owns no state of its own that matters: the job's state lives in the sto
 transition is one atomic store call that checks this worker still owns the job, so a worker that
 was presumed dead (its lease expired and another worker took the job) can never complete it a
 second time. The engine is injected (``ImageEngine``); this module never imports torch.
+
+Two things keep the engine busy:
+
+- **Batching.** After claiming a job the engine can batch, the runner claims more jobs of the
+  same model (up to ``max_batch``, waiting at most ``batch_window_s`` for them) and runs those
+  with the same batch key as one pipeline call; the others go straight back to the queue.
+- **Overlap.** Encoding the image (Pillow), storing it and recording the outcome happen on a
+  finisher thread while the runner already claims and runs the next job.
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -60,6 +69,18 @@ class ImageEngine(Protocol):
         should_cancel: Callable[[], bool] | None = None,
     ) -> GeneratedImageLike: ...
 
+    def batch_key(self, request: GenerationRequest) -> Hashable | None:
+        """Requests with equal, non-None keys can share one pipeline call."""
+        ...
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        images: Sequence[Sequence[Image.Image]] = (),
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> Sequence[GeneratedImageLike]: ...
+
     def resident(self) -> list[str]:
         """Base weights currently loaded (for routing)."""
         ...
@@ -75,7 +96,7 @@ class InputLoader(Protocol):
 
 @dataclass
 class WorkerConfig:
-    """How a runner claims and holds jobs."""
+    """How a runner claims, batches and holds jobs."""
 
     worker_id: str
     slugs: Sequence[str] | None = None
@@ -85,57 +106,87 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
     heartbeat_s: float = 5.0
     host: str = "localhost"
+    max_batch: int = 4
+    """Most requests run in one pipeline call (1 disables batching)."""
+    batch_window_s: float = 0.0
+    """How long to wait for more same-shape requests before running a partial batch."""
     warm_streak_limit: int = 4
     """After this many warm claims in a row, look at cold models first once (no starvation)."""
 
 
 @dataclass
 class WorkerState:
-    """What a runner is doing now, for /metrics and `qwenserve status`."""
+    """What a runner is doing now, for the registry, /metrics and `qwenserve status`."""
 
     current_job: str | None = None
     jobs_completed: int = 0
     jobs_failed: int = 0
+    batches: int = 0
     busy_s: float = 0.0
     started_at: float = 0.0
 
 
-class _LeaseKeeper:
-    """Renews a job's lease in the background; notices when the job was taken away."""
+class _Leases:
+    """Renews the leases of every job this runner holds; notes the ones taken away."""
 
-    def __init__(self, store: Store, job_id: str, config: WorkerConfig, clock: Clock) -> None:
+    def __init__(self, store: Store, config: WorkerConfig, clock: Clock) -> None:
         self._store = store
-        self._job_id = job_id
         self._config = config
         self._clock = clock
+        self._held: set[str] = set()
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.lost = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id[:8]}", daemon=True)
-
-    def __enter__(self) -> _LeaseKeeper:
+        self._thread = threading.Thread(
+            target=self._run, name=f"{config.worker_id}-leases", daemon=True
+        )
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def hold(self, job_id: str) -> None:
+        with self._lock:
+            self._held.add(job_id)
+
+    def drop(self, job_id: str) -> None:
+        with self._lock:
+            self._held.discard(job_id)
+            self._lost.discard(job_id)
+
+    def lost(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._lost
+
+    def close(self) -> None:
         self._stop.set()
         self._thread.join()
 
     def _run(self) -> None:
         period = max(self._config.lease_s / 3.0, 0.05)
         while not self._stop.wait(period):
-            try:
-                owned = self._store.renew_lease(
-                    self._job_id,
-                    self._config.worker_id,
-                    lease_s=self._config.lease_s,
-                    now=self._clock(),
-                )
-            except Exception:  # a store hiccup: try again next period
-                log.warning("lease renewal failed for %s", self._job_id, exc_info=True)
-                continue
-            if not owned:
-                self.lost.set()
-                return
+            with self._lock:
+                held = list(self._held - self._lost)
+            for job_id in held:
+                try:
+                    owned = self._store.renew_lease(
+                        job_id,
+                        self._config.worker_id,
+                        lease_s=self._config.lease_s,
+                        now=self._clock(),
+                    )
+                except Exception:  # a store hiccup: try again next period
+                    log.warning("lease renewal failed for %s", job_id, exc_info=True)
+                    continue
+                if not owned:
+                    with self._lock:
+                        if job_id in self._held:
+                            self._lost.add(job_id)
+
+
+@dataclass
+class _Prepared:
+    job: Job
+    request: GenerationRequest
+    images: list[Image.Image]
+    loras: list[Path]
 
 
 class WorkerRunner:
@@ -165,14 +216,16 @@ class WorkerRunner:
         self._warm_streak = 0
         self._stopping = threading.Event()
         self._cancel_current = threading.Event()
+        self._leases = _Leases(store, config, clock)
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"{config.worker_id}-finish")
 
     # --- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop claiming new jobs; the job in hand is finished (drained)."""
+        """Stop claiming new jobs; the jobs in hand are finished (drained)."""
         self._stopping.set()
 
     def cancel_current(self) -> None:
-        """Abandon the job in hand at the next denoising step and give it back to the queue."""
+        """Abandon the jobs in hand at the next denoising step and give them back to the queue."""
         self._cancel_current.set()
 
     @property
@@ -186,17 +239,25 @@ class WorkerRunner:
             target=self._heartbeat, name=f"{self.config.worker_id}-heartbeat", daemon=True
         )
         heartbeat.start()
-        while not self._stopping.is_set():
-            try:
-                worked = self.run_once()
-            except Exception:  # the store is down: back off, the loop must survive
-                log.exception("worker %s: claim failed", self.config.worker_id)
-                worked = False
-                self._stopping.wait(1.0)
-            if not worked:
-                self._stopping.wait(self.config.poll_interval_s)
-        heartbeat.join()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    worked = self.run_once()
+                except Exception:  # the store is down: back off, the loop must survive
+                    log.exception("worker %s: claim failed", self.config.worker_id)
+                    worked = False
+                    self._stopping.wait(1.0)
+                if not worked:
+                    self._stopping.wait(self.config.poll_interval_s)
+        finally:
+            self.close()
+            heartbeat.join()
         log.info("worker %s stopped", self.config.worker_id)
+
+    def close(self) -> None:
+        """Wait for results still being stored, then stop renewing leases."""
+        self._finisher.shutdown(wait=True)
+        self._leases.close()
 
     # --- presence and routing ------------------------------------------------------------------
     def info(self) -> WorkerInfo:
@@ -231,14 +292,24 @@ class WorkerRunner:
             except Exception:
                 log.warning("worker %s: could not deregister", self.config.worker_id)
 
+    # --- claiming ---------------------------------------------------------------------------
+    def _claim(self, slugs: Sequence[str], limit: int) -> list[Job]:
+        return self.store.claim(
+            self.config.worker_id,
+            slugs=slugs,
+            lease_s=self.config.lease_s,
+            max_attempts=self.config.max_attempts,
+            now=self.clock(),
+            limit=limit,
+        )
+
     def run_once(self) -> bool:
-        """Claim at most one job and run it to its end; False when nothing was runnable.
+        """Claim a job (and batch-mates) and run it to its end; False when nothing was runnable.
 
         Models already resident here come first, then models no idle peer holds; every
         ``warm_streak_limit`` warm claims the order flips once so cold models never starve.
         """
-        now = self.clock()
-        peers = self.registry.alive(now=now) if self.registry is not None else []
+        peers = self.registry.alive(now=self.clock()) if self.registry is not None else []
         plan = plan_claims(
             served=list(self.config.slugs or MODELS),
             resident=self.engine.resident(),
@@ -251,98 +322,191 @@ class WorkerRunner:
         for slugs, warm in order:
             if not slugs:
                 continue
-            jobs = self.store.claim(
-                self.config.worker_id,
-                slugs=slugs,
-                lease_s=self.config.lease_s,
-                max_attempts=self.config.max_attempts,
-                now=now,
-            )
+            jobs = self._claim(slugs, 1)
             if jobs:
                 self._warm_streak = self._warm_streak + 1 if warm else 0
-                for job in jobs:
-                    self.process(job)
+                self.process_all(self._with_batch_mates(jobs[0]))
                 return True
         return False
 
-    # --- one job ----------------------------------------------------------------------------
+    def _with_batch_mates(self, first: Job) -> list[Job]:
+        """``first`` plus queued jobs that can share its pipeline call; others go back."""
+        if self.config.max_batch <= 1:
+            return [first]
+        key = self._batch_key(first)
+        if key is None:
+            return [first]
+        batch = [first]
+        deadline = time.monotonic() + self.config.batch_window_s
+        while len(batch) < self.config.max_batch:
+            more = self._claim([first.slug], self.config.max_batch - len(batch))
+            mates = [job for job in more if self._batch_key(job) == key]
+            for job in more:
+                if job not in mates:  # not a batch-mate: straight back, its attempt given back
+                    self.store.release(job.id, self.config.worker_id, now=self.clock())
+            batch.extend(mates)
+            remaining_s = deadline - time.monotonic()
+            if more and not mates:
+                break  # what waits next in line cannot join: do not churn it
+            if len(batch) >= self.config.max_batch or remaining_s <= 0:
+                break
+            if not more:
+                time.sleep(min(0.005, remaining_s))
+        return batch
+
+    def _batch_key(self, job: Job) -> Hashable | None:
+        try:
+            return self.engine.batch_key(GenerationRequest.from_dict(job.params))
+        except Exception:
+            return None
+
+    # --- running ----------------------------------------------------------------------------
     def process(self, job: Job) -> None:
-        """Run one claimed job and record its outcome in the store."""
-        self.state.current_job = job.id
+        """Run one claimed job; its outcome is recorded before this returns."""
+        self.process_all([job])
+        self.wait_finished()
+
+    def wait_finished(self) -> None:
+        """Block until every result handed to the finisher is stored."""
+        self._finisher.submit(lambda: None).result()
+
+    def process_all(self, jobs: list[Job]) -> None:
+        """Run claimed jobs (one pipeline call when they share a batch key)."""
         self._cancel_current.clear()
+        for job in jobs:
+            self._leases.hold(job.id)
+        self.state.current_job = jobs[0].id
         self._announce_quietly()
         began = time.perf_counter()
-        log.info(
-            "job %s started slug=%s attempt=%d queue_time_s=%.3f",
-            job.id,
-            job.slug,
-            job.attempts,
-            job.queue_time_s or 0.0,
-        )
+        for job in jobs:
+            log.info(
+                "job %s started slug=%s attempt=%d queue_time_s=%.3f batch=%d",
+                job.id,
+                job.slug,
+                job.attempts,
+                job.queue_time_s or 0.0,
+                len(jobs),
+            )
         try:
-            with _LeaseKeeper(self.store, job.id, self.config, self.clock) as lease:
-                outcome = self._run(job, lease)
+            prepared = [p for p in (self._prepare(job) for job in jobs) if p is not None]
+            if prepared:
+                self._generate(prepared)
         finally:
             self.state.current_job = None
             self.state.busy_s += time.perf_counter() - began
             self._announce_quietly()
-        log.info("job %s %s in %.3fs", job.id, outcome, time.perf_counter() - began)
-        if self.on_job_done is not None:
-            self.on_job_done(job.id)
 
-    def _run(self, job: Job, lease: _LeaseKeeper) -> str:
-        config = self.config
-
+    def _should_cancel_for(self, jobs: Sequence[Job]) -> Callable[[], bool]:
         def should_cancel() -> bool:
-            return lease.lost.is_set() or self._cancel_current.is_set()
+            return self._cancel_current.is_set() or all(self._leases.lost(j.id) for j in jobs)
 
+        return should_cancel
+
+    def _prepare(self, job: Job) -> _Prepared | None:
+        """Decode the request and fetch its inputs; a job whose inputs fail ends here."""
         try:
             request = GenerationRequest.from_dict(job.params)
-            images = self.inputs.load_images(request)
-            loras = self.inputs.load_loras(request)
-            generated = self.engine.generate(
-                request, images=images, extra_loras=loras, should_cancel=should_cancel
+            return _Prepared(
+                job, request, self.inputs.load_images(request), self.inputs.load_loras(request)
             )
-            data = encode_image(generated.image, request.image_format, request.quality)
         except QwenServeError as error:
-            if self._cancel_current.is_set() and not lease.lost.is_set():
-                self.store.release(job.id, config.worker_id, now=self.clock())
-                return "released (shutdown)"
-            if lease.lost.is_set():
-                return "abandoned (lease lost)"
-            self._fail(job, error_kind(error), error.message)
-            return f"failed ({error_kind(error)}: {error.message})"
+            self._end_with_error(job, error)
+        except Exception as error:
+            log.exception("job %s: preparing inputs crashed", job.id)
+            self._end_with_error(job, InferenceError(_describe_crash(error)))
+        return None
+
+    def _generate(self, prepared: list[_Prepared]) -> None:
+        jobs = [p.job for p in prepared]
+        should_cancel = self._should_cancel_for(jobs)
+        try:
+            if len(prepared) == 1:
+                only = prepared[0]
+                outputs: Sequence[GeneratedImageLike] = [
+                    self.engine.generate(
+                        only.request,
+                        images=only.images,
+                        extra_loras=only.loras,
+                        should_cancel=should_cancel,
+                    )
+                ]
+            else:
+                outputs = self.engine.generate_batch(
+                    [p.request for p in prepared],
+                    images=[p.images for p in prepared],
+                    should_cancel=should_cancel,
+                )
+                self.state.batches += 1
+        except QwenServeError as error:
+            for p in prepared:
+                self._end_with_error(p.job, error)
+            return
         except Exception as error:  # a bug or a crash in the engine: never the trace to clients
-            log.exception("job %s: engine crashed", job.id)
-            message = _describe_crash(error)
-            self._fail(job, "InferenceError", message)
-            return f"failed ({message})"
+            log.exception("engine crashed on %s", ", ".join(j.id for j in jobs))
+            for p in prepared:
+                self._end_with_error(p.job, InferenceError(_describe_crash(error)))
+            return
+        for p, output in zip(prepared, outputs, strict=True):
+            self._finisher.submit(self._finish, p, output)
 
-        media_id = new_media_id()
-        self.media.put(media_id, data, request.content_type, expires_at=job.expires_at)
-        result = JobResult(
-            media_id=media_id,
-            content_type=request.content_type,
-            width=generated.width,
-            height=generated.height,
-            seed=generated.seed,
-            inference_time_s=generated.inference_time_s,
-            size_bytes=len(data),
-        )
-        if not self.store.complete(job.id, config.worker_id, result, now=self.clock()):
-            self.media.delete(media_id)  # someone else owns the job now; keep one result only
-            return "discarded (job no longer ours)"
-        self.state.jobs_completed += 1
-        return f"completed ({generated.width}x{generated.height}, seed {generated.seed})"
+    def _finish(self, prepared: _Prepared, generated: GeneratedImageLike) -> None:
+        """Encode, store and complete (on the finisher thread, overlapping the next job)."""
+        job, request = prepared.job, prepared.request
+        try:
+            data = encode_image(generated.image, request.image_format, request.quality)
+            media_id = new_media_id()
+            self.media.put(media_id, data, request.content_type, expires_at=job.expires_at)
+            result = JobResult(
+                media_id=media_id,
+                content_type=request.content_type,
+                width=generated.width,
+                height=generated.height,
+                seed=generated.seed,
+                inference_time_s=generated.inference_time_s,
+                size_bytes=len(data),
+            )
+            if self.store.complete(job.id, self.config.worker_id, result, now=self.clock()):
+                self.state.jobs_completed += 1
+                outcome = f"completed ({generated.width}x{generated.height}, seed {generated.seed})"
+            else:
+                self.media.delete(media_id)  # someone else owns the job now; keep one result
+                outcome = "discarded (job no longer ours)"
+            log.info("job %s %s", job.id, outcome)
+        except Exception as error:
+            log.exception("job %s: storing the result failed", job.id)
+            self._end_with_error(job, InferenceError(_describe_crash(error)))
+            return
+        finally:
+            self._leases.drop(job.id)
+        self._notify(job.id)
 
-    def _fail(self, job: Job, kind: str, message: str) -> None:
-        if self.store.fail(
-            job.id, self.config.worker_id, kind=kind, message=message, now=self.clock()
-        ):
-            self.state.jobs_failed += 1
+    def _end_with_error(self, job: Job, error: QwenServeError) -> None:
+        """Fail the job, or give it back when we are cancelling for shutdown."""
+        try:
+            if self._cancel_current.is_set() and not self._leases.lost(job.id):
+                self.store.release(job.id, self.config.worker_id, now=self.clock())
+                log.info("job %s released (shutdown)", job.id)
+            elif self._leases.lost(job.id):
+                log.info("job %s abandoned (lease lost)", job.id)
+            elif self.store.fail(
+                job.id,
+                self.config.worker_id,
+                kind=error_kind(error),
+                message=error.message,
+                now=self.clock(),
+            ):
+                self.state.jobs_failed += 1
+                log.info("job %s failed (%s: %s)", job.id, error_kind(error), error.message)
+        finally:
+            self._leases.drop(job.id)
+        self._notify(job.id)
+
+    def _notify(self, job_id: str) -> None:
+        if self.on_job_done is not None:
+            self.on_job_done(job_id)
 
 
 def _describe_crash(error: Exception) -> str:
     if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
         return "inference failed: out of memory"
-    return InferenceError("inference failed: internal error in the engine").message
+    return "inference failed: internal error in the engine"

@@ -1,0 +1,113 @@
+"""Benchmark: per slug, a request end to end through the server versus the bare diffusers call.
+
+    python bench/end_to_end.py [--runs 3] [--no-write]
+
+Server side: `POST /v1/{slug}` against a real `qwenserve serve` (tiny preset, batch 1): HTTP,
+auth, validation, queue, worker, engine, PNG encoding, media store, response. Direct side: the
+same diffusers pipeline object called in this process with the arguments the engine uses
+(`Engine.prepare_call`), nothing else. Runs alternate after a warm-up on each side; medians.
+Target from the issue: server / direct <= 1.05 at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.processes import Server  # noqa: E402
+
+from bench.engine_vs_diffusers import REQUESTS  # noqa: E402
+from bench.report import append_section, table  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from qwenserve.catalog import get_model, validate_request
+    from qwenserve.runtime import Engine, EngineConfig
+
+    picture = Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8), mode="RGB"
+    )
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        engine = Engine(EngineConfig(weights="tiny", cache_dir=tmp / "cache", resident_models=4))
+        server = Server(
+            tmp / "data",
+            tmp / "cache",
+            extra_env={"QWENSERVE_LOG_LEVEL": "WARNING", "QWENSERVE_RESIDENT_MODELS": "4"},
+        ).start()
+        try:
+            key = server.create_key(credits=1e6)
+            client = httpx.Client(headers={"x-api-key": key}, timeout=300)
+            for slug, body in REQUESTS.items():
+                spec = get_model(slug)
+                full: dict[str, Any] = {**body, "image_format": "png"}
+                images = []
+                if spec.image_fields:
+                    full[spec.image_fields[0]] = encoded
+                    images = [picture]
+                request = validate_request(slug, full)
+                prepared = engine.prepare_call(request, images)
+
+                def direct(p: Any = prepared, s: int = request.seed) -> None:
+                    p.pipeline(
+                        **{**p.kwargs, "generator": torch.Generator(device="cpu").manual_seed(s)}
+                    )
+
+                def through_server(b: dict[str, Any] = full, name: str = slug) -> None:
+                    client.post(f"{server.url}/v1/{name}", json=b).raise_for_status()
+
+                through_server()
+                direct()
+                times: tuple[list[float], list[float]] = ([], [])
+                for _ in range(args.runs):
+                    for call, bucket in ((through_server, times[0]), (direct, times[1])):
+                        start = time.perf_counter()
+                        call()
+                        bucket.append(time.perf_counter() - start)
+                served, bare = statistics.median(times[0]), statistics.median(times[1])
+                rows.append([slug, f"{served:.3f}", f"{bare:.3f}", f"{served / bare:.2f}"])
+                print(rows[-1])
+            client.close()
+        finally:
+            server.stop()
+    lines = table(["slug", "through server (s)", "diffusers direct (s)", "ratio"], rows)
+    print("\n".join(lines))
+    if not args.no_write:
+        append_section(
+            "End to end through the server vs the bare diffusers call (tiny preset, batch 1)",
+            lines,
+            [
+                f"median of {args.runs} alternating runs after a warm-up; server answers PNG",
+                "sizes and steps as in the engine benchmark's table",
+            ],
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

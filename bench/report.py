@@ -1,0 +1,51 @@
+"""Appending a benchmark's results to docs/PERFORMANCE.md with date, machine and command."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "PERFORMANCE.md"
+
+
+def machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"1-min load {load:.2f} at the end"
+    )
+
+
+def append_section(title: str, lines: list[str], notes: Sequence[str] = ()) -> None:
+    """Add ``title`` with the command that ran (this process's argv) and ``lines`` (a table)."""
+    if not DOC.exists():
+        DOC.write_text("# Performance\n\nEvery figure here comes from a command in bench/.\n")
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
+    )
+    section = [
+        "",
+        f"## {title}",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {machine()}",
+        f"- command: `{command}`",
+        *[f"- {n}" for n in notes],
+        "",
+        *lines,
+        "",
+    ]
+    with DOC.open("a") as handle:
+        handle.write("\n".join(section))
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
