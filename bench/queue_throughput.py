@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import redis as redis_py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,6 +99,8 @@ def main() -> int:
             redis_api.start()
             try:
                 redis_rates = throughput(redis_api, args.seconds)
+                # Start the latency test on an empty queue, not behind the jobs just submitted.
+                redis_py.Redis.from_url(redis.url).flushall()
                 worker = WorkerProcess(redis.url, tmp / "worker", cache, extra_env=quiet).start()
                 try:
                     redis_wait = queue_latency(redis_api, args.jobs)

@@ -52,11 +52,30 @@ class Settings(BaseSettings):
     resident_memory_gb: float | None = Field(
         None, gt=0, description="Memory budget for resident pipelines; LRU evicts above it."
     )
+    preload: list[str] = Field(
+        default_factory=list,
+        description="Slugs loaded and warmed up before the worker takes jobs.",
+    )
+    # GPU fast paths (see qwenserve.runtime.config.EngineConfig for each switch's details)
+    fuse_lightning: bool = Field(False, description="Fuse the Lightning LoRA for fast slugs.")
+    compile: bool = Field(False, description="torch.compile the transformer (warm-up at start).")
+    quantize: Literal["none", "fp8"] = Field("none", description="fp8 weights via torchao.")
+    vae_tiling: bool | None = Field(None, description="Tiled VAE decode (None: auto > 2 MP).")
+    cpu_offload: bool = Field(False, description="Model CPU offload for small GPUs (CUDA).")
+    step_cache: float | None = Field(
+        None, gt=0, description="First-block step-cache threshold (None: off)."
+    )
+    prompt_cache_size: int = Field(64, ge=0, description="Cached text-encoder outputs (0: off).")
 
     # the worker
     lease_s: float = Field(60.0, gt=0, description="A claimed job is retaken after this.")
     max_attempts: int = Field(3, ge=1, description="Worker deaths before a job fails.")
-    poll_interval_s: float = Field(0.05, gt=0, description="Idle worker polling period.")
+    poll_interval_s: float | None = Field(
+        None,
+        gt=0,
+        description="Idle worker polling period; default 0.5 s on SQLite (submits wake the "
+        "in-process worker at once), 0.05 s on Redis (workers in other processes).",
+    )
     max_batch: int = Field(
         4, ge=1, description="Most same-shape requests run in one pipeline call (1: off)."
     )
@@ -97,6 +116,12 @@ class Settings(BaseSettings):
         if self.store.startswith("sqlite:///"):
             return Path(self.store.removeprefix("sqlite:///"))
         return self.data_dir / "qwenserve.db"
+
+    @property
+    def idle_poll_s(self) -> float:
+        if self.poll_interval_s is not None:
+            return self.poll_interval_s
+        return 0.05 if self.store.startswith(("redis://", "rediss://")) else 0.5
 
     @property
     def media_dir(self) -> Path:

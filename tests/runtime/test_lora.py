@@ -99,3 +99,42 @@ def test_nan_output_is_an_inference_error(
     with pytest.raises(InferenceError, match="NaN"):
         engine.generate(_with_lora(request), extra_loras=[path])
     assert np.isfinite(pixels(engine.generate(request).image)).all()
+
+
+def test_lora_without_the_transformer_prefix_loads(
+    engine: Engine, style_lora: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(style_lora))
+    bare = {key.removeprefix("transformer."): value for key, value in state.items()}
+    bare_path = tmp_path / "bare.safetensors"
+    save_file(bare, str(bare_path))
+    request = make_request("qwen-image-fast", prompt="a teapot", steps=3, seed=21)
+    prefixed = pixels(engine.generate(_with_lora(request), extra_loras=[style_lora]).image)
+    unprefixed = pixels(engine.generate(_with_lora(request), extra_loras=[bare_path]).image)
+    base = pixels(engine.generate(request).image)
+    assert np.array_equal(prefixed, unprefixed)
+    assert np.abs(unprefixed - base).mean() > 1.0
+
+
+def test_partly_matching_lora_is_refused(engine: Engine, style_lora: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(style_lora))
+    state["transformer.transformer_blocks.99.attn.to_q.lora_A.weight"] = torch.zeros(4, 32)
+    state["transformer.transformer_blocks.99.attn.to_q.lora_B.weight"] = torch.zeros(32, 4)
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    request = make_request("qwen-image-fast", prompt="a teapot", steps=2, seed=21)
+    with pytest.raises(InvalidInput, match=r"transformer_blocks\.99") as caught:
+        engine.generate(_with_lora(request), extra_loras=[path])
+    assert caught.value.field == "lora_2_url"
+
+    wrong_rank = load_file(str(style_lora))
+    key = next(k for k in wrong_rank if k.endswith("lora_B.weight"))
+    wrong_rank[key] = torch.zeros(wrong_rank[key].shape[0], 3)
+    path = tmp_path / "rank.safetensors"
+    save_file(wrong_rank, str(path))
+    with pytest.raises(InvalidInput, match="one rank"):
+        engine.generate(_with_lora(request), extra_loras=[path])

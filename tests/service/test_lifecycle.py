@@ -47,14 +47,17 @@ def test_api_does_not_import_torch() -> None:
 
 
 def test_results_and_media_expire(make_server: object) -> None:
-    server: Server = make_server("--result-ttl", "3")  # type: ignore[operator]
+    ttl_s = 12.0  # room for the first job to load its pipeline on a busy machine
+    server: Server = make_server("--result-ttl", str(ttl_s))  # type: ignore[operator]
     server.start()
     key = server.create_key(credits=5.0)
     client = SegmindClient(api_key=key, base_url=f"{server.url}/v1")
+    submitted_at = time.time()
     result = client.run("qwen-image-fast", **body_for("qwen-image-fast"))
     request_id = result["request_id"]
     assert httpx.get(result["output"]).status_code == 200
-    time.sleep(3.5)
+    assert status_of(server, key, request_id).status_code == 200
+    time.sleep(max(0.0, submitted_at + ttl_s + 0.5 - time.time()))
     gone = status_of(server, key, request_id)
     assert gone.status_code == 404 and "error" in gone.json()
     assert (

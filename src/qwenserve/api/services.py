@@ -40,6 +40,8 @@ class Services:
     hub: CompletionHub = field(default_factory=CompletionHub)
     clock: Callable[[], float] = time.time
     registry: WorkerRegistry | None = None
+    on_submitted: Callable[[str], None] | None = None
+    """Called with each accepted job's id (wakes in-process workers at once)."""
 
     def workers(self) -> list[WorkerInfo]:
         """Workers alive anywhere (from their announcements), for /healthz and /metrics."""
@@ -94,6 +96,8 @@ async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submi
     )
     outcome = await services.call(services.store.submit, job, rpm=key.rpm, now=now)
     log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
+    if services.on_submitted is not None:
+        services.on_submitted(job.id)
     return Submitted(job=job, request=request, outcome=outcome)
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable
 
+from qwenserve.catalog import MODELS
 from qwenserve.config import Settings
 from qwenserve.media.storage import LocalMediaStore, MediaStore
 from qwenserve.store import open_store
 from qwenserve.store.base import Store
 from qwenserve.store.workers import WorkerRegistry
 from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+
+log = logging.getLogger("qwenserve")
 
 
 def is_redis(settings: Settings) -> bool:
@@ -56,6 +60,13 @@ def build_runners(
                 dtype=settings.dtype,
                 resident_models=settings.resident_models,
                 resident_memory_gb=settings.resident_memory_gb,
+                fuse_lightning=settings.fuse_lightning,
+                compile=settings.compile,
+                quantize=settings.quantize,
+                vae_tiling=settings.vae_tiling,
+                cpu_offload=settings.cpu_offload,
+                step_cache=settings.step_cache,
+                prompt_cache_size=settings.prompt_cache_size,
             )
         )
         worker_id = f"{socket.gethostname()}-{os.getpid()}-{index}"
@@ -70,7 +81,7 @@ def build_runners(
                     slugs=slugs,
                     lease_s=settings.lease_s,
                     max_attempts=settings.max_attempts,
-                    poll_interval_s=settings.poll_interval_s,
+                    poll_interval_s=settings.idle_poll_s,
                     drain_timeout_s=settings.drain_timeout_s,
                     host=socket.gethostname(),
                     max_batch=settings.max_batch,
@@ -81,3 +92,15 @@ def build_runners(
             )
         )
     return runners
+
+
+def warm_up(settings: Settings, runners: list[WorkerRunner], slugs: list[str] | None) -> None:
+    """Load (and, with compile on, compile) models before any job: never on a user request.
+
+    ``settings.preload`` names them; with ``compile`` on and no preload, every served slug.
+    """
+    targets = list(settings.preload) or (list(slugs or MODELS) if settings.compile else [])
+    for runner in runners:
+        if targets:
+            timings = runner.engine.warm_up(targets)  # type: ignore[attr-defined]
+            log.info("warmed up %s", ", ".join(f"{s} {t:.1f}s" for s, t in timings.items()))

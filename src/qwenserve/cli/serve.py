@@ -15,7 +15,7 @@ from qwenserve.api.app import create_app
 from qwenserve.api.services import Services
 from qwenserve.api.waiting import CompletionHub
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
-from qwenserve.cli.compose import build_media, build_runners, build_store, is_redis
+from qwenserve.cli.compose import build_media, build_runners, build_store, is_redis, warm_up
 from qwenserve.store.workers import open_registry
 from qwenserve.worker.host import ThreadHost
 
@@ -84,10 +84,22 @@ def _serve(args: argparse.Namespace) -> int:
             log.info("requeued %d job(s) left running by a previous server", orphans)
     host = ThreadHost(runners)
 
-    services = Services(settings=settings, store=store, media=media, hub=hub, registry=registry)
+    def wake_workers(_job_id: str) -> None:
+        for runner in runners:
+            runner.wake()
+
+    services = Services(
+        settings=settings,
+        store=store,
+        media=media,
+        hub=hub,
+        registry=registry,
+        on_submitted=wake_workers,
+    )
     app = create_app(services)
     if runners:
         log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
+    warm_up(settings, runners, None)
     host.start()
     config = uvicorn.Config(
         app,

@@ -10,7 +10,7 @@ from typing import Any
 
 from qwenserve.catalog import MODELS
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
-from qwenserve.cli.compose import build_media, build_runners, build_store
+from qwenserve.cli.compose import build_media, build_runners, build_store, warm_up
 from qwenserve.store.workers import open_registry
 from qwenserve.worker.host import ThreadHost
 
@@ -53,6 +53,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    warm_up(settings, runners, slugs)
     host = ThreadHost(runners)
     host.start()
     log.info("%d worker(s) serving %s", len(runners), ", ".join(slugs or ["all models"]))

@@ -53,7 +53,9 @@ class EngineConfig:
     step_cache: float | None = None
     """Default None (off). A float: diffusers' first-block cache with this relative threshold
     (e.g. 0.05): a step whose first block's residual barely changed reuses the rest of the
-    transformer's last output. Faster, slightly different images."""
+    transformer's last output. Faster, slightly different images. The threshold is relative to
+    the residual's mean size; the random tiny preset changes it ~100% per step, so there only
+    thresholds above 1 skip anything."""
     prompt_cache_size: int = 64
     """Default 64. Text-encoder outputs kept per (base weights, template, prompt), least
     recently used out; 0 turns the cache off. Text-to-image slugs only."""

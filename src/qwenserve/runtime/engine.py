@@ -6,18 +6,26 @@ recipe's own LoRAs (Lightning, presets) are loaded once per resident pipeline an
 only for the calls that use them; a request's extra LoRAs are loaded for that call alone and
 deleted in a ``finally``, so one job's adapters never reach the next. The scheduler is chosen per
 call (stock or Lightning), and every output is checked for NaN/inf before it is returned.
+
+Batching: requests with equal ``batch_key`` run as one pipeline call (``generate_batch``), a
+prompt list and one seeded generator per request, so each gets the image it would get alone up
+to float rounding (measured in tests/runtime/test_batching.py). With ``fuse_lightning`` the fast
+slugs get their own resident pipeline (key ``<base>+<lora file>``) with the LoRA fused in.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import gc
 import hashlib
+import io
 import itertools
 import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,18 +38,29 @@ from PIL import Image
 from qwenserve.catalog import (
     GenerationRequest,
     LoraSource,
+    ModelSpec,
     PipelineKind,
     Recipe,
     SchedulerKind,
     get_model,
+    validate_request,
 )
 from qwenserve.errors import InferenceError, InvalidInput, QwenServeError
+from qwenserve.runtime.condition_area import capped_condition_area
 from qwenserve.runtime.config import EngineConfig, GeneratedImage
+from qwenserve.runtime.fast_paths import (
+    apply_fast_paths,
+    check_switches,
+    set_vae_tiling,
+    wants_vae_tiling,
+)
+from qwenserve.runtime.lora_check import read_lora
 from qwenserve.runtime.processor import load_processor
 from qwenserve.runtime.progress import quiet_progress
+from qwenserve.runtime.prompt_cache import PromptCache
 from qwenserve.runtime.residency import Residency
 from qwenserve.runtime.schedulers import scheduler_for
-from qwenserve.runtime.sizes import SizePlan, plan_size
+from qwenserve.runtime.sizes import TINY_AREA, SizePlan, plan_size
 from qwenserve.runtime.weights import WeightSource, describe_weights, weight_source
 
 log = logging.getLogger("qwenserve.runtime")
@@ -104,6 +123,9 @@ class _Resident:
     stock_scheduler: dict[str, Any]
     adapters: dict[LoraSource, str] = field(default_factory=dict)
     """Recipe LoRAs kept loaded: source → adapter name."""
+    fused: LoraSource | None = None
+    """The Lightning LoRA fused into this pipeline's weights (``fuse_lightning``), if any."""
+    warmed: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +157,13 @@ class Engine:
             size_of=lambda resident: _parameter_bytes(resident.pipe),
         )
         self._job_counter = itertools.count(1)
+        self._prompts = PromptCache(max(config.prompt_cache_size, 0))
+        check_switches(config, self.device)
+        if config.weights == "random-full" and self.device.type != "cuda":
+            raise InferenceError(
+                f"random-full needs a CUDA GPU (this engine runs on {self.device.type}): "
+                "it is the real 20B transformer; use weights='tiny' on a CPU"
+            )
 
     # --- description --------------------------------------------------------------------------
     @property
@@ -154,10 +183,28 @@ class Engine:
         """One line for logs and the CLI; says plainly when images are noise."""
         weights = describe_weights(self.config.weights)
         dtype = str(self.dtype).removeprefix("torch.")
+        config = self.config
+        switches = [
+            name
+            for name, on in (
+                ("fused Lightning", config.fuse_lightning),
+                ("compiled", config.compile),
+                ("fp8", config.quantize == "fp8"),
+                ("CPU offload", config.cpu_offload),
+                (f"step cache {config.step_cache}", config.step_cache is not None),
+            )
+            if on
+        ]
         return (
             f"qwenserve engine: {weights}; device {self.device.type}, {dtype}; "
-            f"up to {self.config.resident_models} resident pipeline(s)"
+            f"up to {config.resident_models} resident pipeline(s)"
+            + (f"; {', '.join(switches)}" if switches else "")
         )
+
+    @property
+    def prompt_cache(self) -> PromptCache:
+        """The text-encoder output cache (its ``hits``/``misses`` counters are for metrics)."""
+        return self._prompts
 
     def resident(self) -> list[str]:
         """Residency keys (base weight ids) currently loaded, least recently used first."""
@@ -171,17 +218,65 @@ class Engine:
         return self._source
 
     def load(self, slug: str) -> None:
-        """Make ``slug``'s base pipeline (and its recipe LoRAs) resident, as a warm-up."""
+        """Make ``slug``'s base pipeline (and its recipe LoRAs) resident, as a warm-up.
+
+        With ``compile`` on, also runs one small generation, so the compilation happens here
+        and not on the first user request.
+        """
         recipe = get_model(slug).recipe
         with self._lock:
             resident = self._resident_for(recipe)
-            if recipe.lightning is not None:
+            if recipe.lightning is not None and resident.fused is None:
                 self._recipe_adapter(resident, recipe.lightning, field="lora")
             for source in recipe.preset_loras.values():
                 self._recipe_adapter(resident, source, field="lora")
+            if self.config.compile and not resident.warmed:
+                self._warm(slug)
+                resident.warmed = True
+
+    def warm_up(self, slugs: Sequence[str]) -> dict[str, float]:
+        """Load each slug and run one small generation with it; returns seconds per slug.
+
+        Pays every first-call cost (compilation, CUDA kernel selection, LoRA loading) before
+        the worker takes jobs.
+        """
+        timings: dict[str, float] = {}
+        for slug in slugs:
+            started = time.perf_counter()
+            self.load(slug)
+            with self._lock:
+                resident = self._residency.get(self._residency_key(get_model(slug).recipe))
+                if resident is None or not resident.warmed:
+                    self._warm(slug)
+                    if resident is not None:
+                        resident.warmed = True
+            timings[slug] = time.perf_counter() - started
+            log.info("warmed up %s in %.2fs", slug, timings[slug])
+        return timings
+
+    def _warm(self, slug: str) -> None:
+        spec = get_model(slug)
+        request, images = _warm_up_request(spec)
+        self.generate(request, images=images)
+
+    def _residency_key(self, recipe: Recipe) -> str:
+        """The base weights id; a fused-Lightning pipeline is its own entry."""
+        fused = self._fused_lora(recipe)
+        if fused is None:
+            return recipe.base_weights
+        return f"{recipe.base_weights}+{fused.filename}"
+
+    def _fused_lora(self, recipe: Recipe) -> LoraSource | None:
+        if (
+            self.config.fuse_lightning
+            and recipe.scheduler is SchedulerKind.LIGHTNING
+            and recipe.lightning is not None
+        ):
+            return recipe.lightning
+        return None
 
     def _resident_for(self, recipe: Recipe) -> _Resident:
-        key = recipe.base_weights
+        key = self._residency_key(recipe)
         resident = self._residency.get(key)
         if resident is not None:
             return resident
@@ -190,25 +285,31 @@ class Engine:
         if evicted_keys:
             log.info("evicted pipeline(s) %s (least recently used)", ", ".join(evicted_keys))
             self._release_memory()
-        resident = self._load_pipeline(recipe)
+        resident = self._load_pipeline(recipe, key)
         evicted_keys = [old_key for old_key, _old in self._residency.put(key, resident)]
         if evicted_keys:
             log.info("evicted pipeline(s) %s (memory budget)", ", ".join(evicted_keys))
             self._release_memory()
         return resident
 
-    def _load_pipeline(self, recipe: Recipe) -> _Resident:
+    def _load_pipeline(self, recipe: Recipe, key: str) -> _Resident:
         started = time.perf_counter()
         source = self._weights()
         location = source.base_location(recipe.base_weights, recipe.pipeline)
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         try:
-            if recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE:
-                # The stock processor needs torchvision; ours loads the same files without it.
-                kwargs["processor"] = load_processor(location)
-            with quiet_progress():
-                pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
-            pipe.to(self.device)
+            if self.config.weights == "random-full":
+                from qwenserve.runtime.random_full import build_random_full_pipeline
+
+                pipe = build_random_full_pipeline(recipe.pipeline, recipe.base_weights, self.dtype)
+            else:
+                if recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE:
+                    # The stock processor needs torchvision; ours loads the same files without it.
+                    kwargs["processor"] = load_processor(location)
+                with quiet_progress():
+                    pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
+            if not self.config.cpu_offload:
+                pipe.to(self.device)
         except QwenServeError:
             raise
         except Exception as error:
@@ -217,11 +318,20 @@ class Engine:
             ) from error
         pipe.set_progress_bar_config(disable=True)
         resident = _Resident(
-            key=recipe.base_weights,
+            key=key,
             kind=recipe.pipeline,
             pipe=pipe,
             stock_scheduler=dict(pipe.scheduler.config),
         )
+        fused = self._fused_lora(recipe)
+        if fused is not None:
+            self._fuse(resident, fused)
+        try:
+            apply_fast_paths(pipe, self.config, self.device)
+        except QwenServeError:
+            raise
+        except Exception as error:
+            raise InferenceError(f"could not prepare {key}: {error}") from error
         log.info(
             "loaded %s (%s) from %s in %.2fs",
             recipe.base_weights,
@@ -230,6 +340,15 @@ class Engine:
             time.perf_counter() - started,
         )
         return resident
+
+    def _fuse(self, resident: _Resident, source: LoraSource) -> None:
+        """Fuse ``source`` into the transformer's weights and drop the adapter layers."""
+        name = self._recipe_adapter(resident, source, field="lora")
+        pipe = resident.pipe
+        pipe.fuse_lora(components=["transformer"], lora_scale=source.weight, adapter_names=[name])
+        pipe.unload_lora_weights()  # keeps the fused weights; only the adapter layers go
+        resident.adapters.pop(source, None)
+        resident.fused = source
 
     def _release_memory(self) -> None:
         gc.collect()
@@ -240,8 +359,15 @@ class Engine:
     def _load_adapter(self, resident: _Resident, path: Path, name: str, *, field: str) -> None:
         """Load ``path`` as adapter ``name``; InvalidInput(field) when it is not a LoRA for it."""
         pipe = resident.pipe
+        lora = read_lora(pipe, path, pipe.transformer, field=field, model=resident.key)
         try:
-            pipe.load_lora_weights(str(path), adapter_name=name)
+            pipe.load_lora_into_transformer(
+                lora.state_dict,
+                transformer=pipe.transformer,
+                adapter_name=name,
+                metadata=lora.metadata,
+                _pipeline=pipe,
+            )
         except torch.OutOfMemoryError as error:
             self._drop_adapters(resident, [name])
             raise InferenceError(f"out of memory loading LoRA {path.name}") from error
@@ -303,36 +429,59 @@ class Engine:
         return plan.width, plan.height
 
     # --- generation ---------------------------------------------------------------------------
+    def _prompt_for(self, request: GenerationRequest, recipe: Recipe) -> str:
+        if request.lora is None:
+            return request.prompt
+        preset = recipe.preset_loras.get(request.lora)
+        if preset is None:
+            raise InvalidInput(f"unknown preset LoRA {request.lora!r}", field="lora")
+        return f"{preset.trigger}{request.prompt}" if preset.trigger else request.prompt
+
+    @staticmethod
+    def _negative_for(request: GenerationRequest) -> str:
+        # True CFG runs only with a negative prompt; " " is what the official examples send.
+        negative = request.negative_prompt
+        return negative if negative and negative.strip() else " "
+
     def _call_kwargs(
         self,
-        request: GenerationRequest,
+        requests: Sequence[GenerationRequest],
         recipe: Recipe,
         images: Sequence[Image.Image],
         plan: SizePlan,
+        pipe: Pipeline,
     ) -> dict[str, Any]:
-        prompt = request.prompt
-        if request.lora is not None:
-            preset = recipe.preset_loras.get(request.lora)
-            if preset is None:
-                raise InvalidInput(f"unknown preset LoRA {request.lora!r}", field="lora")
-            if preset.trigger:
-                prompt = f"{preset.trigger}{prompt}"
+        """The pipeline arguments for ``requests`` (one, or a batch sharing a batch key)."""
+        first = requests[0]
+        prompts = [self._prompt_for(r, recipe) for r in requests]
+        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
+        single = len(requests) == 1
         kwargs: dict[str, Any] = {
-            "prompt": prompt,
-            "num_inference_steps": request.steps,
+            "num_inference_steps": first.steps,
             "width": plan.generate_width,
             "height": plan.generate_height,
-            "generator": torch.Generator(device="cpu").manual_seed(request.seed),
+            "generator": generators[0] if single else generators,
             "output_type": "np",
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "true_cfg_scale": first.guidance if first.guidance > 1.0 else 1.0,
         }
-        if request.guidance > 1.0:
-            # True CFG runs only with a negative prompt; " " is what the official examples send.
-            negative = request.negative_prompt
-            kwargs["true_cfg_scale"] = request.guidance
-            kwargs["negative_prompt"] = negative if negative and negative.strip() else " "
+        cfg = first.guidance > 1.0
+        negatives = [self._negative_for(r) for r in requests] if cfg else []
+        if recipe.pipeline is PipelineKind.TEXT_TO_IMAGE and self.config.prompt_cache_size > 0:
+            embeds, mask = self._prompts.encode(
+                pipe, recipe.base_weights, prompts, MAX_SEQUENCE_LENGTH
+            )
+            kwargs["prompt_embeds"], kwargs["prompt_embeds_mask"] = embeds, mask
+            if cfg:
+                embeds, mask = self._prompts.encode(
+                    pipe, recipe.base_weights, negatives, MAX_SEQUENCE_LENGTH
+                )
+                kwargs["negative_prompt_embeds"] = embeds
+                kwargs["negative_prompt_embeds_mask"] = mask
         else:
-            kwargs["true_cfg_scale"] = 1.0
+            kwargs["prompt"] = prompts[0] if single else prompts
+            if cfg:
+                kwargs["negative_prompt"] = negatives[0] if single else negatives
         if recipe.pipeline is PipelineKind.EDIT:
             if len(images) != 1:
                 raise InvalidInput("this model edits exactly one image", field="image")
@@ -344,6 +493,24 @@ class Engine:
                 )
             kwargs["image"] = list(images)
         return kwargs
+
+    def _prepare(
+        self,
+        resident: _Resident,
+        recipe: Recipe,
+        requests: Sequence[GenerationRequest],
+        images: Sequence[Image.Image],
+    ) -> tuple[dict[str, Any], SizePlan]:
+        """Scheduler, VAE tiling and arguments for one call (adapters are already active)."""
+        first = requests[0]
+        resident.pipe.scheduler = scheduler_for(
+            recipe.scheduler, first.steps, resident.stock_scheduler
+        )
+        plan = plan_size(first, recipe, [i.size for i in images], tiny=self.is_tiny)
+        set_vae_tiling(
+            resident.pipe, wants_vae_tiling(self.config, plan.generate_width, plan.generate_height)
+        )
+        return self._call_kwargs(requests, recipe, images, plan, resident.pipe), plan
 
     def prepare_call(
         self,
@@ -357,11 +524,7 @@ class Engine:
             resident = self._resident_for(recipe)
             names, weights = self._recipe_adapters_for(resident, recipe, request)
             self._activate(resident, names, weights)
-            resident.pipe.scheduler = scheduler_for(
-                recipe.scheduler, request.steps, resident.stock_scheduler
-            )
-            plan = plan_size(request, recipe, [i.size for i in images], tiny=self.is_tiny)
-            kwargs = self._call_kwargs(request, recipe, images, plan)
+            kwargs, plan = self._prepare(resident, recipe, [request], images)
             return PreparedCall(resident.pipe, kwargs, plan)
 
     def _recipe_adapters_for(
@@ -369,7 +532,11 @@ class Engine:
     ) -> tuple[list[str], list[float]]:
         names: list[str] = []
         weights: list[float] = []
-        if recipe.scheduler is SchedulerKind.LIGHTNING and recipe.lightning is not None:
+        if (
+            recipe.scheduler is SchedulerKind.LIGHTNING
+            and recipe.lightning is not None
+            and resident.fused is None
+        ):
             names.append(self._recipe_adapter(resident, recipe.lightning, field="lora"))
             weights.append(recipe.lightning.weight)
         if request.lora is not None and request.lora in recipe.preset_loras:
@@ -416,19 +583,15 @@ class Engine:
                     job_names.append(name)
                     self._load_adapter(resident, Path(path), name, field=ref_field)
                 self._activate(resident, names + job_names, weights + [1.0] * len(job_names))
-                resident.pipe.scheduler = scheduler_for(
-                    recipe.scheduler, request.steps, resident.stock_scheduler
-                )
-                plan = plan_size(request, recipe, [i.size for i in images], tiny=self.is_tiny)
-                kwargs = self._call_kwargs(request, recipe, images, plan)
-                pixels = self._run(resident.pipe, kwargs, request.steps, on_step, should_cancel)
+                kwargs, plan = self._prepare(resident, recipe, [request], images)
+                pixels = self._run(resident, kwargs, request.steps, on_step, should_cancel)
             finally:
                 if job_names:
                     # Recipe adapters only, then delete: nothing of this job reaches the next.
                     self._activate(resident, names, weights)
                     self._drop_adapters(resident, job_names)
             elapsed_s = time.perf_counter() - started
-        image = _to_image(pixels, plan)
+        image = _to_image(pixels[0], plan)
         log.info(
             "generated %s %dx%d seed=%d steps=%d in %.2fs",
             request.slug,
@@ -446,14 +609,108 @@ class Engine:
             inference_time_s=elapsed_s,
         )
 
+    # --- batching -----------------------------------------------------------------------------
+    def batch_key(self, request: GenerationRequest) -> Hashable | None:
+        """Requests with equal non-None keys can run in one ``generate_batch`` call.
+
+        None (never batched) for edit slugs (edit-plus refuses batches; one-image edit gains
+        little, each prompt needing its own image) and for requests with extra LoRAs (their
+        adapters are per job). The key holds everything one pipeline call shares: the slug and
+        its recipe adapters, the preset LoRA, the planned size, steps, and the CFG scale (CFG
+        on means a negative prompt is always sent, so its presence is implied by the scale).
+        """
+        recipe = get_model(request.slug).recipe
+        if recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE or request.extra_loras:
+            return None
+        plan = plan_size(request, recipe, [], tiny=self.is_tiny)
+        cfg_scale = request.guidance if request.guidance > 1.0 else 1.0
+        return (
+            request.slug,
+            self._residency_key(recipe),
+            request.lora,
+            (plan.generate_width, plan.generate_height, plan.width, plan.height),
+            request.steps,
+            cfg_scale,
+        )
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        images: Sequence[Sequence[Image.Image]] = (),
+        should_cancel: Callable[[], bool] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> list[GeneratedImage]:
+        """Run ``requests`` (all with one non-None ``batch_key``) as one pipeline call.
+
+        One prompt per request (and one negative prompt when CFG is on) and one
+        ``torch.Generator`` per request seeded with its own seed, so each image is the one it
+        would get alone, up to float rounding in the batched kernels (tests/runtime/
+        test_batching.py states the measured difference). Results come back in request order,
+        each with its own seed and size; ``inference_time_s`` of every result is the wall time
+        of the whole batch (the requests shared it). A single request is simply ``generate``.
+
+        Raises InferenceError when the keys differ or are None for a batch of more than one, on
+        cancellation ("cancelled": the whole batch), out of memory, or a NaN in any image (the
+        whole batch is discarded; the worker may retry the requests one by one).
+        """
+        if not requests:
+            return []
+        per_request_images = list(images) if images else [() for _ in requests]
+        if len(per_request_images) != len(requests):
+            raise InferenceError("generate_batch: one image list per request, or none")
+        if len(requests) == 1:
+            return [
+                self.generate(
+                    requests[0],
+                    images=per_request_images[0],
+                    on_step=on_step,
+                    should_cancel=should_cancel,
+                )
+            ]
+        keys = {self.batch_key(r) for r in requests}
+        if None in keys or len(keys) != 1:
+            raise InferenceError("generate_batch: these requests cannot share one pipeline call")
+        first = requests[0]
+        recipe = get_model(first.slug).recipe
+        with self._lock:
+            resident = self._resident_for(recipe)
+            names, weights = self._recipe_adapters_for(resident, recipe, first)
+            started = time.perf_counter()
+            self._activate(resident, names, weights)
+            kwargs, plan = self._prepare(resident, recipe, requests, [])
+            pixels = self._run(resident, kwargs, first.steps, on_step, should_cancel)
+            elapsed_s = time.perf_counter() - started
+        log.info(
+            "generated a batch of %d %s %dx%d seeds=%s steps=%d in %.2fs",
+            len(requests),
+            first.slug,
+            plan.width,
+            plan.height,
+            ",".join(str(r.seed) for r in requests),
+            first.steps,
+            elapsed_s,
+        )
+        return [
+            GeneratedImage(
+                image=_to_image(pixels[index], plan),
+                seed=request.seed,
+                width=plan.width,
+                height=plan.height,
+                inference_time_s=elapsed_s,
+            )
+            for index, request in enumerate(requests)
+        ]
+
     def _run(
         self,
-        pipe: Pipeline,
+        resident: _Resident,
         kwargs: dict[str, Any],
         total_steps: int,
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
     ) -> np.ndarray[Any, Any]:
+        """Call the pipeline; returns float pixels [B, H, W, 3] in [0, 1]."""
         cancelled = False
 
         def step_end(
@@ -467,8 +724,11 @@ class Engine:
                 pipeline._interrupt = True  # skips the remaining steps (the image is discarded)
             return {}
 
+        # The tiny preset's edit inputs need not be VAE-encoded at ~1 MP: the images are noise.
+        capped = self.is_tiny and resident.kind is not PipelineKind.TEXT_TO_IMAGE
         try:
-            output = pipe(**kwargs, callback_on_step_end=step_end)
+            with capped_condition_area(TINY_AREA) if capped else contextlib.nullcontext():
+                output = resident.pipe(**kwargs, callback_on_step_end=step_end)
         except torch.OutOfMemoryError as error:
             self._release_memory()
             raise InferenceError("out of memory while generating; try a smaller size") from error
@@ -478,17 +738,37 @@ class Engine:
             raise InferenceError(f"generation failed: {type(error).__name__}: {error}") from error
         if cancelled:
             raise InferenceError("cancelled")
-        pixels: np.ndarray[Any, Any] = np.asarray(output.images[0])
+        pixels: np.ndarray[Any, Any] = np.asarray(output.images)
+        if pixels.ndim == 3:
+            pixels = pixels[None]
         if not np.isfinite(pixels).all():
             raise InferenceError("the model produced NaN/inf values; the image was discarded")
         return pixels
 
 
+def _warm_up_request(spec: ModelSpec) -> tuple[GenerationRequest, list[Image.Image]]:
+    """A small valid request for ``spec`` (two steps; a grey input image for edit slugs)."""
+    body: dict[str, Any] = {"prompt": "warm-up", "seed": 1}
+    if spec.param("steps") is not None:
+        body["steps"] = 2
+    images: list[Image.Image] = []
+    if spec.image_fields:
+        picture = Image.new("RGB", (512, 512), (128, 128, 128))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        body[spec.image_fields[0]] = base64.b64encode(buffer.getvalue()).decode("ascii")
+        images.append(picture)
+    return validate_request(spec.slug, body), images
+
+
 def _to_image(pixels: np.ndarray[Any, Any], plan: SizePlan) -> Image.Image:
-    """Float [0, 1] HxWx3 → RGB image, center-cropped to the planned size."""
+    """Float [0, 1] HxWx3 → RGB image of exactly the planned size: center-cropped from a
+    slightly larger one, or (tiny preset, large explicit sizes) resized from a smaller one."""
     array = (np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8)
     image = Image.fromarray(array, mode="RGB") if array.ndim == 3 else Image.fromarray(array)
     image = image.convert("RGB")
+    if plan.needs_resize:
+        return image.resize((plan.width, plan.height), Image.Resampling.BICUBIC)
     if image.size != (plan.width, plan.height):
         left = (image.width - plan.width) // 2
         top = (image.height - plan.height) // 2

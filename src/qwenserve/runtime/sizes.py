@@ -17,6 +17,9 @@ from qwenserve.errors import InvalidRequest
 SIZE_MULTIPLE = 16
 TINY_AREA = 256 * 256
 """Pixel area the tiny preset generates at: a real pipeline on a CPU in well under a second."""
+TINY_MAX_EXPLICIT_AREA = 384 * 384
+"""The tiny preset generates an explicit width/height larger than this at this area (same
+aspect) and resizes to the exact size: its images are noise, and 2048² on a CPU takes minutes."""
 
 MATCH_INPUT = "match_input_image"
 
@@ -33,6 +36,11 @@ class SizePlan:
     @property
     def needs_crop(self) -> bool:
         return (self.generate_width, self.generate_height) != (self.width, self.height)
+
+    @property
+    def needs_resize(self) -> bool:
+        """True when the generated image is smaller than asked (tiny preset only)."""
+        return self.generate_width < self.width or self.generate_height < self.height
 
 
 def _round_to_multiple(value: float) -> int:
@@ -75,7 +83,8 @@ def plan_size(
     *,
     tiny: bool,
 ) -> SizePlan:
-    """Where the output size comes from, in order: explicit width/height (honoured exactly),
+    """Where the output size comes from, in order: explicit width/height (honoured exactly;
+    the tiny preset generates large ones smaller and resizes),
     a native size for the aspect ratio, the ratio at the default area, the last input image's
     ratio at the default area (edit slugs, ``match_input_image`` or no ratio), the 1:1 size.
     """
@@ -83,6 +92,9 @@ def plan_size(
     if request.width is not None or request.height is not None:
         width = request.width or request.height or 0
         height = request.height or request.width or 0
+        if tiny and width * height > TINY_MAX_EXPLICIT_AREA:
+            small_width, small_height = size_for_area(width / height, TINY_MAX_EXPLICIT_AREA)
+            return SizePlan(small_width, small_height, width, height)
         return SizePlan(_ceil_to_multiple(width), _ceil_to_multiple(height), width, height)
 
     sizes = native_sizes(recipe, tiny=tiny)

@@ -105,23 +105,30 @@ def prompt_templates() -> list[PromptTemplate]:
     return templates
 
 
-def _text_encoder(tokenizer: Qwen2Tokenizer) -> Any:
-    head_dim = 16
+def _text_encoder(
+    tokenizer: Qwen2Tokenizer,
+    *,
+    hidden: int = TEXT_HIDDEN,
+    head_dim: int = 16,
+    key_value_heads: int = 1,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+) -> Any:
+    """A two-layer Qwen2.5-VL; ``hidden`` is the width the transformer's text input expects."""
     names = (IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
     ids: dict[str, int] = {t: tokenizer.convert_tokens_to_ids(t) for t in names}  # type: ignore[misc]
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": TEXT_HIDDEN,
+            "hidden_size": hidden,
             "intermediate_size": 2 * TEXT_HIDDEN,
             "num_hidden_layers": 2,
-            "num_attention_heads": TEXT_HIDDEN // head_dim,
-            "num_key_value_heads": 1,
+            "num_attention_heads": hidden // head_dim,
+            "num_key_value_heads": key_value_heads,
             "max_position_embeddings": 32768,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1_000_000.0,
-                "mrope_section": [2, 3, 3],  # sums to head_dim / 2, as Qwen2.5-VL's does
+                "mrope_section": list(mrope_section),  # sums to head_dim / 2, as Qwen2.5-VL's
             },
             "bos_token_id": ids[IM_END],
             "eos_token_id": ids[IM_END],
@@ -132,7 +139,7 @@ def _text_encoder(tokenizer: Qwen2Tokenizer) -> Any:
             "hidden_size": TEXT_HIDDEN,
             "intermediate_size": 2 * TEXT_HIDDEN,
             "num_heads": 2,
-            "out_hidden_size": TEXT_HIDDEN,
+            "out_hidden_size": hidden,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,

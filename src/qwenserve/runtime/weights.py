@@ -81,6 +81,25 @@ class TinyWeights:
 
 
 @dataclass(frozen=True)
+class RandomFullWeights:
+    """Real-size random weights (``random_full``); LoRAs are random files of the real shape."""
+
+    cache_dir: Path
+
+    @property
+    def is_tiny(self) -> bool:
+        return False
+
+    def base_location(self, base_weights: str, kind: PipelineKind) -> str:
+        return f"random-full:{base_weights}"
+
+    def lora_file(self, source: LoraSource, base_weights: str, kind: PipelineKind) -> Path:
+        from qwenserve.runtime.random_full import ensure_random_full_lora
+
+        return ensure_random_full_lora(self.cache_dir, source)
+
+
+@dataclass(frozen=True)
 class HubWeights:
     """Hugging Face hub ids, through the local HF cache (downloads where the network allows)."""
 
@@ -108,15 +127,19 @@ def describe_weights(weights: str) -> str:
         return "tiny preset (random weights: images are noise)"
     if weights == "hub":
         return "weights from the Hugging Face hub"
+    if weights == "random-full":
+        return "random-full preset (real-size transformer, random weights: images are noise)"
     return f"weights from folder {weights}"
 
 
 def weight_source(weights: str, cache_dir: Path) -> WeightSource:
-    """``"tiny"``, ``"hub"`` or a folder path, as ``EngineConfig.weights`` names it."""
+    """``"tiny"``, ``"hub"``, ``"random-full"`` or a folder path (``EngineConfig.weights``)."""
     if weights == "tiny":
         return TinyWeights(cache_dir)
     if weights == "hub":
         return HubWeights()
+    if weights == "random-full":
+        return RandomFullWeights(cache_dir)
     root = Path(weights).expanduser()
     if not root.is_dir():
         raise InferenceError(f"weights folder {root} does not exist")

@@ -215,6 +215,7 @@ class WorkerRunner:
         self.state = WorkerState(started_at=clock())
         self._warm_streak = 0
         self._stopping = threading.Event()
+        self._work_arrived = threading.Event()
         self._cancel_current = threading.Event()
         self._leases = _Leases(store, config, clock)
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"{config.worker_id}-finish")
@@ -223,6 +224,11 @@ class WorkerRunner:
     def stop(self) -> None:
         """Stop claiming new jobs; the jobs in hand are finished (drained)."""
         self._stopping.set()
+        self._work_arrived.set()
+
+    def wake(self) -> None:
+        """A job was just submitted in this process: claim now instead of at the next poll."""
+        self._work_arrived.set()
 
     def cancel_current(self) -> None:
         """Abandon the jobs in hand at the next denoising step and give them back to the queue."""
@@ -248,7 +254,8 @@ class WorkerRunner:
                     worked = False
                     self._stopping.wait(1.0)
                 if not worked:
-                    self._stopping.wait(self.config.poll_interval_s)
+                    self._work_arrived.wait(self.config.poll_interval_s)
+                    self._work_arrived.clear()
         finally:
             self.close()
             heartbeat.join()

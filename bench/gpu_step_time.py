@@ -1,0 +1,121 @@
+"""Benchmark: seconds per denoising step and per 1024x1024 image on a GPU, against the FLOP limit.
+
+    python bench/gpu_step_time.py [--runs 2] [--peak-tflops 800] [--no-write]
+
+With the random-full preset (the real 20B Qwen-Image transformer, random bf16 weights) through
+``Engine.generate``: qwen-image (30 steps, true CFG: two transformer forwards per step) and
+qwen-image-fast (8 steps, Lightning, no CFG), both at exactly 1024x1024. One forward at 1024x1024
+is about 72 TFLOP, so the FLOP-count limit per step is 72 (x2 with CFG) / --peak-tflops seconds
+(800 TFLOP/s: H100 dense bf16); the ratio limit / measured is the share of peak achieved.
+Per-step time is the median gap between step callbacks (CUDA synchronised); per image is the
+median wall time of a whole request. Without CUDA it writes an "unmeasured: no GPU" section.
+Results are printed and appended to docs/PERFORMANCE.md with the date, machine and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TFLOP_PER_FORWARD_1024 = 72.0
+CASES = (("qwen-image", 30, 4.0), ("qwen-image-fast", 8, 1.0))
+
+
+def measure(cache_dir: Path, runs: int, peak_tflops: float) -> list[str]:
+    import torch
+
+    from qwenserve.catalog import validate_request
+    from qwenserve.runtime import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(weights="random-full", cache_dir=cache_dir, device="cuda"))
+    rows = []
+    for slug, steps, guidance in CASES:
+        body = {"prompt": "a lighthouse at dusk", "steps": steps, "guidance": guidance, "seed": 1}
+        request = dataclasses.replace(validate_request(slug, body), width=1024, height=1024)
+        engine.generate(dataclasses.replace(request, steps=2))  # warm-up
+        step_s: list[float] = []
+        image_s: list[float] = []
+        for _ in range(runs):
+            stamps: list[float] = []
+
+            def on_step(done: int, total: int, stamps: list[float] = stamps) -> None:
+                torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            stamps.append(started)
+            engine.generate(request, on_step=on_step)
+            torch.cuda.synchronize()
+            image_s.append(time.perf_counter() - started)
+            step_s.extend(b - a for a, b in itertools.pairwise(stamps))
+        forwards = 2 if guidance > 1 else 1
+        limit_s = TFLOP_PER_FORWARD_1024 * forwards / peak_tflops
+        measured_s = statistics.median(step_s)
+        rows.append(
+            f"| {slug} | {steps} | {'yes' if forwards == 2 else 'no'} | {measured_s:.3f} | "
+            f"{statistics.median(image_s):.2f} | {limit_s:.3f} | {limit_s / measured_s:.2f} |"
+        )
+        print(rows[-1])
+    return rows
+
+
+def write_section(rows: list[str], args: argparse.Namespace, device: str) -> str:
+    command = f"python bench/gpu_step_time.py --runs {args.runs} --peak-tflops {args.peak_tflops}"
+    lines = [
+        "",
+        "## Seconds per denoising step at 1024x1024 (random-full, GPU)",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {device}; {platform.machine()}, {os.cpu_count()} cores",
+        f"- command: `{command}`",
+    ]
+    if not rows:
+        lines.append("- unmeasured: no GPU (CUDA not available on this machine)")
+        return "\n".join(lines) + "\n"
+    lines += [
+        f"- FLOP limit: {TFLOP_PER_FORWARD_1024:.0f} TFLOP per transformer forward at 1024x1024"
+        f" (x2 with CFG) at {args.peak_tflops:.0f} TFLOP/s; ratio = limit / measured",
+        "",
+        "| slug | steps | CFG | s/step | s/image | limit s/step | ratio |",
+        "|---|---:|---|---:|---:|---:|---:|",
+        *rows,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2, help="timed requests per slug")
+    parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense bf16 peak")
+    parser.add_argument("--no-write", action="store_true", help="do not touch PERFORMANCE.md")
+    args = parser.parse_args()
+    import torch
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+        with tempfile.TemporaryDirectory() as scratch:
+            rows = measure(Path(scratch), args.runs, args.peak_tflops)
+    else:
+        device, rows = "no CUDA device", []
+        print("unmeasured: no GPU")
+    section = write_section(rows, args, device)
+    print(section)
+    if not args.no_write:
+        doc = ROOT / "docs" / "PERFORMANCE.md"
+        with doc.open("a") as handle:
+            handle.write(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The random-full preset: the real Qwen-Image transformer and VAE sizes with random weights.
+
+For measuring real compute cost (seconds per step, memory) without the real checkpoints. The
+transformer is ``QwenImageTransformer2DModel`` with its published configuration (the class
+defaults in diffusers 0.42 are exactly that: 60 layers, 24 heads x 128, joint attention width
+3584, RoPE axes 16/56/56), the VAE ``AutoencoderKLQwenImage`` likewise at its defaults (base
+width 96). The text encoder is the tiny preset's two-layer Qwen2.5-VL widened to 3584, so
+prompt embeddings have the real shape at a fraction of the 7B encoder's cost (its time is not
+part of a denoising step). Images are noise. CUDA only: 20B parameters in bfloat16 are 41 GB.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+from diffusers import QwenImageTransformer2DModel as Transformer
+from safetensors.torch import save_file
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from qwenserve.catalog import LoraSource, PipelineKind
+from qwenserve.errors import InferenceError
+from qwenserve.runtime.processor import ImageOnlyQwen2VLProcessor
+from qwenserve.runtime.schedulers import STOCK_SCHEDULER_CONFIG
+from qwenserve.runtime.tiny_preset import (
+    _PIPELINE_CLASSES,
+    VISION_MAX_PIXELS,
+    VISION_MIN_PIXELS,
+    _seed_for,
+    _text_encoder,
+    prompt_templates,
+)
+from qwenserve.runtime.tiny_tokenizer import build_tiny_tokenizer
+
+JOINT_ATTENTION_DIM = 3584
+INIT_STD = 0.02
+"""Small random weights keep 60 residual blocks finite in bfloat16."""
+
+
+def _random_transformer(device: torch.device, dtype: torch.dtype) -> Any:
+    # Parameters start on the meta device (no 80 GB float32 copy anywhere); RoPE tables, plain
+    # tensors built in __init__, stay real.
+    with init_empty_weights():
+        transformer: Any = Transformer()
+    transformer.to(dtype)
+    transformer.to_empty(device=device)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if parameter.ndim >= 2:
+                parameter.normal_(0.0, INIT_STD)
+            elif name.endswith("bias"):
+                parameter.zero_()
+            else:
+                parameter.fill_(1.0)  # norm scales
+    return transformer
+
+
+def build_random_full_pipeline(kind: PipelineKind, name: str, dtype: torch.dtype) -> Any:
+    """A real-size pipeline of ``kind`` with random weights, on CUDA (refused elsewhere)."""
+    if not torch.cuda.is_available():
+        raise InferenceError("random-full needs a CUDA GPU")
+    device = torch.device("cuda")
+    tokenizer = build_tiny_tokenizer(prompt_templates())
+    with torch.random.fork_rng(devices=[device]):
+        torch.manual_seed(_seed_for(name))
+        transformer = _random_transformer(device, dtype)
+        vae_module: Any = AutoencoderKLQwenImage()
+        vae = vae_module.to(device=device, dtype=dtype)
+        text_encoder = _text_encoder(
+            tokenizer,
+            hidden=JOINT_ATTENTION_DIM,
+            head_dim=128,
+            key_value_heads=4,
+            mrope_section=(16, 24, 24),
+        ).to(device=device, dtype=dtype)
+    components: dict[str, Any] = {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_config(dict(STOCK_SCHEDULER_CONFIG)),
+    }
+    if kind is not PipelineKind.TEXT_TO_IMAGE:
+        components["processor"] = ImageOnlyQwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessorPil(
+                min_pixels=VISION_MIN_PIXELS,
+                max_pixels=VISION_MAX_PIXELS,
+                patch_size=14,
+                temporal_patch_size=2,
+                merge_size=2,
+            ),
+            tokenizer=tokenizer,
+        )
+    return _PIPELINE_CLASSES[kind](**components)
+
+
+LORA_RANK = 16
+
+
+def ensure_random_full_lora(cache_dir: Path, source: LoraSource) -> Path:
+    """A random rank-16 LoRA over every block linear of the real transformer (built once)."""
+    final = cache_dir / "random-full-v1" / source.repo / source.filename
+    if final.exists():
+        return final
+    with torch.device("meta"):
+        transformer: Any = Transformer()
+    generator = torch.Generator().manual_seed(_seed_for(f"{source.repo}/{source.filename}"))
+    tensors: dict[str, torch.Tensor] = {}
+    for module_name, module in transformer.named_modules():
+        if module_name.startswith("transformer_blocks.") and isinstance(module, torch.nn.Linear):
+            down = torch.randn(LORA_RANK, module.in_features, generator=generator) * INIT_STD
+            up = torch.randn(module.out_features, LORA_RANK, generator=generator) * INIT_STD
+            tensors[f"transformer.{module_name}.lora_A.weight"] = down.to(torch.bfloat16)
+            tensors[f"transformer.{module_name}.lora_B.weight"] = up.to(torch.bfloat16)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.building-{os.getpid()}")
+    save_file(tensors, str(staging), metadata={"format": "pt"})
+    os.replace(staging, final)
+    return final

@@ -1,0 +1,188 @@
+"""The EngineConfig switches on the tiny preset: each works and stays within a stated tolerance.
+
+Tolerances are in 8-bit levels (0-255) on the tiny preset, whose random weights (scaled up so
+every input matters) amplify small numeric differences far more than a trained model would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from qwenserve.errors import InferenceError
+from qwenserve.runtime import Engine, EngineConfig
+from tests.runtime.conftest import assert_valid_image, make_request, pixels
+
+FUSED_TOLERANCE_MEAN_LEVELS = 0.5
+"""Fused vs adapter Lightning: the same sum W + BA, added once into W instead of per call."""
+BF16_TOLERANCE_MEAN_LEVELS = 8.0
+"""bfloat16 keeps 8 mantissa bits: measured mean 4.4 levels on the tiny preset."""
+FP8_TOLERANCE_MEAN_LEVELS = 10.0
+"""float8 weights (e4m3, per-row scales), Lightning adapter on top: measured mean 6.1 levels."""
+STEP_CACHE_TOLERANCE_MEAN_LEVELS = 40.0
+"""A skipped step reuses the last step's residual: measured mean 20 levels (6 of 8 skipped)."""
+VAE_TILING_TOLERANCE_MEAN_LEVELS = 2.0
+"""Tiles are decoded apart and blended over their overlap: measured mean 0.56 levels."""
+
+
+def _fast(steps: int = 4, seed: int = 3) -> Any:
+    return make_request("qwen-image-fast", prompt="a lighthouse", steps=steps, seed=seed)
+
+
+def _mean_levels(a: Any, b: Any) -> float:
+    return float(np.abs(pixels(a) - pixels(b)).mean())
+
+
+def _engine(shared_cache: Path, **switches: Any) -> Engine:
+    return Engine(EngineConfig(cache_dir=shared_cache, resident_models=2, **switches))
+
+
+def test_fused_lightning_has_its_own_pipeline_and_matches_the_adapter(
+    engine: Engine, shared_cache: Path
+) -> None:
+    fused = _engine(shared_cache, fuse_lightning=True)
+    result = fused.generate(_fast())
+    assert fused.resident() == ["Qwen/Qwen-Image+Qwen-Image-Lightning-8steps-V2.0.safetensors"]
+    plain = make_request("qwen-image", prompt="a", steps=2, seed=1, aspect_ratio="1:1")
+    fused.generate(plain)  # the plain slug still gets the unfused shared base
+    assert "Qwen/Qwen-Image" in fused.resident()
+    assert np.array_equal(pixels(fused.generate(plain).image), pixels(engine.generate(plain).image))
+    adapter = engine.generate(_fast())
+    difference = _mean_levels(result.image, adapter.image)
+    print(f"fused vs adapter Lightning: mean {difference:.3f} levels")
+    assert difference <= FUSED_TOLERANCE_MEAN_LEVELS
+    unfused_base = engine.generate(dataclasses.replace(_fast(), slug="qwen-image", guidance=1.0))
+    assert _mean_levels(result.image, unfused_base.image) > 1.0  # Lightning really is in there
+
+
+def test_prompt_cache_hits_and_changes_nothing(engine: Engine, shared_cache: Path) -> None:
+    request = make_request(
+        "qwen-image", prompt="a cached prompt", steps=2, seed=8, aspect_ratio="1:1"
+    )
+    cache = engine.prompt_cache
+    first = engine.generate(request)
+    hits = cache.hits
+    second = engine.generate(request)
+    assert cache.hits == hits + 2  # the prompt and the negative prompt
+    assert np.array_equal(pixels(first.image), pixels(second.image))
+    uncached = _engine(shared_cache, prompt_cache_size=0)
+    assert np.array_equal(pixels(uncached.generate(request).image), pixels(first.image))
+    assert len(uncached.prompt_cache) == 0
+
+
+def test_bfloat16_on_cpu(engine: Engine, shared_cache: Path) -> None:
+    bf16 = _engine(shared_cache, dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    result = bf16.generate(_fast())
+    assert_valid_image(result.image, result.width, result.height)
+    difference = _mean_levels(result.image, engine.generate(_fast()).image)
+    print(f"bfloat16 vs float32: mean {difference:.3f} levels")
+    assert difference <= BF16_TOLERANCE_MEAN_LEVELS
+
+
+def test_step_cache_skips_steps_within_tolerance(engine: Engine, shared_cache: Path) -> None:
+    # The random tiny model's first-block residual changes by 100-280% per step (a trained
+    # model's by a few percent), so only a threshold above 1 skips anything here.
+    cached = _engine(shared_cache, step_cache=1.3)
+    request = _fast(steps=8)
+    cached.load("qwen-image-fast")
+    pipe = cached.prepare_call(request).pipeline
+    calls = 0
+
+    def count(*_args: Any) -> None:
+        nonlocal calls
+        calls += 1
+
+    # The cache bypasses a skipped block's body, so count its attention's calls.
+    handle = pipe.transformer.transformer_blocks[-1].attn.register_forward_hook(count)
+    try:
+        result = cached.generate(request)
+    finally:
+        handle.remove()
+    skipped = 8 - calls
+    difference = _mean_levels(result.image, engine.generate(request).image)
+    print(f"step cache 1.3: {skipped} of 8 steps skipped, mean {difference:.3f} levels")
+    assert skipped >= 1
+    assert difference <= STEP_CACHE_TOLERANCE_MEAN_LEVELS
+
+
+def test_vae_tiling_forced_on_stays_close(engine: Engine, shared_cache: Path) -> None:
+    request = make_request("qwen-image-2512", prompt="a", steps=2, width=384, height=384, seed=4)
+    tiled = _engine(shared_cache, vae_tiling=True)
+    pipe = tiled.prepare_call(request).pipeline
+    assert pipe.vae.use_tiling
+    result = tiled.generate(request)
+    assert_valid_image(result.image, 384, 384)
+    difference = _mean_levels(result.image, engine.generate(request).image)
+    print(f"tiled vs whole VAE decode at 384x384: mean {difference:.3f} levels")
+    assert difference <= VAE_TILING_TOLERANCE_MEAN_LEVELS
+    assert not engine.prepare_call(request).pipeline.vae.use_tiling  # auto: off below 2 MP
+
+
+def test_cpu_offload_is_refused_without_cuda(shared_cache: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InferenceError, match="cpu_offload needs a CUDA GPU"):
+        _engine(shared_cache, cpu_offload=True)
+
+
+def test_random_full_is_refused_without_cuda(shared_cache: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InferenceError, match="random-full needs a CUDA GPU"):
+        _engine(shared_cache, weights="random-full")
+
+
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+@pytest.mark.skipif(HAS_TORCHAO, reason="torchao is installed")
+def test_fp8_without_torchao_is_refused(shared_cache: Path) -> None:
+    with pytest.raises(InferenceError, match="needs torchao"):
+        _engine(shared_cache, quantize="fp8")
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="needs torchao (pip install 'qwenserve[gpu]')")
+def test_fp8_within_tolerance(engine: Engine, shared_cache: Path) -> None:
+    fp8 = _engine(shared_cache, quantize="fp8")
+    result = fp8.generate(_fast())
+    difference = _mean_levels(result.image, engine.generate(_fast()).image)
+    print(f"fp8 vs float32: mean {difference:.3f} levels")
+    assert difference <= FP8_TOLERANCE_MEAN_LEVELS
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("QWENSERVE_SLOW_TESTS") != "1",
+    reason="CPU compile takes 15-50 s (QWENSERVE_SLOW_TESTS=1 runs it)",
+)
+def test_compile_warms_up_at_load_and_matches(engine: Engine, shared_cache: Path) -> None:
+    compiled = _engine(shared_cache, compile=True)
+    timings = compiled.warm_up(["qwen-image-fast"])
+    assert timings["qwen-image-fast"] > 0
+    request = make_request("qwen-image-fast", prompt="warm-up", steps=2, seed=1)
+    result = compiled.generate(request)
+    difference = _mean_levels(result.image, engine.generate(request).image)
+    print(f"compiled vs eager: mean {difference:.3f} levels")
+    assert difference <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "switches",
+    [{"cpu_offload": True}, {"quantize": "fp8"}, {"compile": True}, {"fuse_lightning": True}],
+    ids=["offload", "fp8", "compile", "fused"],
+)
+def test_gpu_switches_run(shared_cache: Path, switches: dict[str, Any]) -> None:
+    gpu = Engine(EngineConfig(cache_dir=shared_cache, device="cuda", **switches))
+    gpu.warm_up(["qwen-image-fast"])
+    result = gpu.generate(_fast())
+    assert_valid_image(result.image, result.width, result.height)
