@@ -61,7 +61,7 @@ def measure(tmp: Path, max_batch: int, args: argparse.Namespace) -> float:
         cache_dir=tmp / "cache",
         extra_env={
             "QWENSERVE_MAX_BATCH": str(max_batch),
-            "QWENSERVE_BATCH_WINDOW_S": "0.05" if max_batch > 1 else "0",
+            "QWENSERVE_BATCH_WINDOW_S": str(args.window) if max_batch > 1 else "0",
             "QWENSERVE_LOG_LEVEL": "WARNING",
         },
     ).start()
@@ -78,6 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--window", type=float, default=0.1, help="batch window (s)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +89,11 @@ def main() -> int:
         ["batching", f"time for {n} requests (s)", "images / s"],
         [
             ["off (max_batch 1)", f"{off:.2f}", f"{n / off:.2f}"],
-            [f"on (max_batch {n}, window 50 ms)", f"{on:.2f}", f"{n / on:.2f}"],
+            [
+                f"on (max_batch {n}, window {args.window * 1000:.0f} ms)",
+                f"{on:.2f}",
+                f"{n / on:.2f}",
+            ],
             ["speed-up", "", f"{off / on:.2f}x"],
         ],
     )

@@ -44,6 +44,8 @@ def main() -> int:
 
     from qwenserve.catalog import get_model, validate_request
     from qwenserve.runtime import Engine, EngineConfig
+    from qwenserve.runtime.condition_area import capped_condition_area
+    from qwenserve.runtime.sizes import TINY_AREA
 
     picture = Image.fromarray(
         np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8), mode="RGB"
@@ -74,9 +76,14 @@ def main() -> int:
                 prepared = engine.prepare_call(request, images)
 
                 def direct(p: Any = prepared, s: int = request.seed) -> None:
-                    p.pipeline(
-                        **{**p.kwargs, "generator": torch.Generator(device="cpu").manual_seed(s)}
-                    )
+                    # The tiny preset encodes edit inputs at TINY_AREA: the same on both sides.
+                    with capped_condition_area(TINY_AREA):
+                        p.pipeline(
+                            **{
+                                **p.kwargs,
+                                "generator": torch.Generator(device="cpu").manual_seed(s),
+                            }
+                        )
 
                 def through_server(b: dict[str, Any] = full, name: str = slug) -> None:
                     client.post(f"{server.url}/v1/{name}", json=b).raise_for_status()
