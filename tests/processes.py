@@ -35,8 +35,33 @@ def qwenserve(*args: str, env: dict[str, str] | None = None, timeout_s: float = 
     return done.stdout
 
 
+class _Child:
+    """Log reading, kill -9 and graceful stop for a child process with a log file."""
+
+    process: subprocess.Popen[bytes] | None
+    log_path: Path | None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM (drain), then kill -9 if it does not exit in time."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
 @dataclass
-class Server:
+class Server(_Child):
     """One `qwenserve serve` process; restartable on the same data dir."""
 
     data_dir: Path
@@ -98,27 +123,10 @@ class Server:
             time.sleep(0.1)
         raise AssertionError(f"server not healthy in {timeout_s}s:\n{self.logs()}")
 
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
-
-    def kill(self) -> None:
-        """kill -9: no chance to clean up."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
     def terminate(self, timeout_s: float = 60) -> int:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout_s)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
     def create_key(self, *extra: str, credits: float = 100.0, rpm: int = 0) -> str:
         out = qwenserve(
@@ -135,7 +143,7 @@ class Server:
 
 
 @dataclass
-class WorkerProcess:
+class WorkerProcess(_Child):
     """One `qwenserve worker` process against a shared store."""
 
     store_url: str
@@ -163,19 +171,3 @@ class WorkerProcess:
             env=env,
         )
         return self
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()

@@ -146,7 +146,4 @@ def error_kind(error: QwenServeError) -> str:
 
 def rebuild_error(kind: str | None, message: str) -> QwenServeError:
     """Rebuild a stored job failure (kind + message) as the typed error it was."""
-    cls = _BY_NAME.get(kind or "", InferenceError)
-    if cls is RateLimited:  # pragma: no cover - never stored for a job
-        cls = InferenceError
-    return cls(message)
+    return _BY_NAME.get(kind or "", InferenceError)(message)

@@ -49,9 +49,10 @@ async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
     if job is None:
         return error_response(UnknownRequest("the request expired before it finished"), headers)
     if job.status is JobStatus.FAILED:
-        # The refund happened with the failure: report the balance after it.
-        refunded = submitted.outcome.remaining_usd + job.cost_usd
-        headers["x-remaining-credits"] = f"{refunded:.6f}"
+        # The refund happened with the failure: report the balance after it, as stored.
+        after = await services.call(services.store.get_key, key.id)
+        if after is not None:
+            headers["x-remaining-credits"] = f"{after.balance_usd:.6f}"
         return error_response(rebuild_error(job.error_kind, job.error or "failed"), headers)
     if job.status is not JobStatus.COMPLETED or job.result is None:
         timeout = UpstreamTimeout(

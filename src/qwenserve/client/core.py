@@ -13,7 +13,12 @@ from typing import Any
 
 import httpx
 
-from qwenserve.client.errors import InferenceFailed, InferenceTimeout, raise_for_status
+from qwenserve.client.errors import (
+    InferenceFailed,
+    InferenceTimeout,
+    QwenServeClientError,
+    raise_for_status,
+)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 DEFAULT_POLL_INTERVAL_S = 1.0
@@ -51,7 +56,9 @@ def submit_fields(response: httpx.Response) -> tuple[str, str, str, dict[str, An
     try:
         return body["request_id"], body["status_url"], body["response_url"], body
     except (KeyError, TypeError):
-        raise InferenceFailed("submit answered without request_id/status_url", body) from None
+        raise QwenServeClientError(
+            response.status_code, "submit answered without request_id/status_url/response_url"
+        ) from None
 
 
 def terminal_tolerant_body(response: httpx.Response) -> dict[str, Any]:

@@ -347,9 +347,11 @@ class WorkerRunner:
         deadline = time.monotonic() + self.config.batch_window_s
         while len(batch) < self.config.max_batch:
             more = self._claim([first.slug], self.config.max_batch - len(batch))
-            mates = [job for job in more if self._batch_key(job) == key]
+            mates = []
             for job in more:
-                if job not in mates:  # not a batch-mate: straight back, its attempt given back
+                if self._batch_key(job) == key:
+                    mates.append(job)
+                else:  # not a batch-mate: straight back, its attempt given back
                     self.store.release(job.id, self.config.worker_id, now=self.clock())
             batch.extend(mates)
             remaining_s = deadline - time.monotonic()
@@ -368,11 +370,6 @@ class WorkerRunner:
             return None
 
     # --- running ----------------------------------------------------------------------------
-    def process(self, job: Job) -> None:
-        """Run one claimed job; its outcome is recorded before this returns."""
-        self.process_all([job])
-        self.wait_finished()
-
     def wait_finished(self) -> None:
         """Block until every result handed to the finisher is stored."""
         self._finisher.submit(lambda: None).result()
