@@ -66,21 +66,29 @@ class Settings(BaseSettings):
         None, gt=0, description="First-block step-cache threshold (None: off)."
     )
     prompt_cache_size: int = Field(64, ge=0, description="Cached text-encoder outputs (0: off).")
+    cfg_batch: bool = Field(
+        True, description="Run CFG's conditional and unconditional passes as one batch."
+    )
 
     # the worker
     lease_s: float = Field(60.0, gt=0, description="A claimed job is retaken after this.")
     max_attempts: int = Field(3, ge=1, description="Worker deaths before a job fails.")
-    poll_interval_s: float | None = Field(
-        None,
+    poll_interval_s: float = Field(
+        0.5,
         gt=0,
-        description="Idle worker polling period; default 0.5 s on SQLite (submits wake the "
-        "in-process worker at once), 0.05 s on Redis (workers in other processes).",
+        description="Idle worker polling period, a fallback: submits wake idle workers at once "
+        "(in-process on SQLite, through Redis pub/sub across processes).",
     )
     max_batch: int = Field(
         4, ge=1, description="Most same-shape requests run in one pipeline call (1: off)."
     )
     batch_window_s: float = Field(
         0.0, ge=0, description="Wait this long for batch-mates before a partial batch."
+    )
+    prefetch: bool = Field(
+        True,
+        description="While a batch runs, claim the next job and fetch/decode its inputs "
+        "(never a job an idle peer serves).",
     )
 
     # inputs
@@ -119,9 +127,8 @@ class Settings(BaseSettings):
 
     @property
     def idle_poll_s(self) -> float:
-        if self.poll_interval_s is not None:
-            return self.poll_interval_s
-        return 0.05 if self.store.startswith(("redis://", "rediss://")) else 0.5
+        """How long an idle worker waits between claims unless a submit wakes it."""
+        return self.poll_interval_s
 
     @property
     def media_dir(self) -> Path:

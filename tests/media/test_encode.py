@@ -61,3 +61,41 @@ def test_webp_keeps_alpha() -> None:
 def test_unknown_format_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="gif"):
         encode_image(_noise(), "gif", 90)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"),
+    [("RGB", (1, 1)), ("RGB", (513, 7)), ("RGBA", (33, 65)), ("L", (100, 3)), ("LA", (9, 9))],
+)
+def test_png_is_lossless_for_every_mode_and_odd_sizes(mode: str, size: tuple[int, int]) -> None:
+    image = _noise("RGBA" if mode == "LA" else mode, size)
+    if mode == "LA":
+        image = image.convert("LA")
+    data = encode_image(image, "png", 90)
+    Image.open(io.BytesIO(data)).verify()  # chunk CRCs and structure
+    decoded = Image.open(io.BytesIO(data))
+    expected = image.convert("RGBA") if mode == "LA" else image
+    assert decoded.mode == expected.mode
+    assert decoded.tobytes() == expected.tobytes()
+
+
+def test_png_of_a_palette_image_keeps_its_colours() -> None:
+    image = _noise("RGB").convert("P")
+    decoded = Image.open(io.BytesIO(encode_image(image, "png", 90)))
+    assert decoded.convert("RGB").tobytes() == image.convert("RGB").tobytes()
+
+
+def test_png_with_the_standard_zlib_fallback_decodes_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import zlib
+
+    from qwenserve.media import encode
+
+    image = _noise(size=(70, 40))
+    fast = encode.encode_png(image)
+    monkeypatch.setattr(encode, "_compress", zlib.compress)
+    fallback = encode.encode_png(image)
+    assert fast != fallback  # two different deflate implementations ...
+    for data in (fast, fallback):  # ... one image
+        assert Image.open(io.BytesIO(data)).tobytes() == image.tobytes()

@@ -160,3 +160,23 @@ def test_cuda_bfloat16_matches_the_contract(shared_cache: Path) -> None:
     first = gpu.generate(request)
     assert_valid_image(first.image, first.width, first.height)
     assert np.array_equal(pixels(gpu.generate(request).image), pixels(first.image))
+
+
+def test_resident_answers_while_a_job_holds_the_engine(engine: Engine) -> None:
+    """The heartbeat and the worker's look-ahead ask during a job: they must not wait for it."""
+    import threading
+
+    engine.load("qwen-image-fast")
+    answered: list[list[str]] = []
+    in_time: list[bool] = []
+
+    def on_step(done: int, total: int) -> None:
+        if done == 1:
+            asker = threading.Thread(target=lambda: answered.append(engine.resident()))
+            asker.start()
+            asker.join(5)  # the job holds the engine lock right now
+            in_time.append(not asker.is_alive())
+
+    engine.generate(make_request("qwen-image-fast", prompt="x", steps=2, seed=1), on_step=on_step)
+    assert in_time == [True], "resident() waited for the running job"
+    assert "Qwen/Qwen-Image" in answered[0]

@@ -17,6 +17,7 @@ from qwenserve.errors import InvalidInput, UpstreamError
 from qwenserve.jobs import Job, JobStatus
 from qwenserve.media.storage import LocalMediaStore
 from qwenserve.store.sqlite import SqliteStore
+from qwenserve.store.workers import SqliteWorkerRegistry, WorkerInfo
 from qwenserve.worker.runner import WorkerConfig, WorkerRunner
 
 
@@ -161,6 +162,7 @@ def runner(
     clock: Clock,
     worker_id: str = "w1",
     inputs: NoInputs | None = None,
+    registry: SqliteWorkerRegistry | None = None,
     **config: float,
 ) -> WorkerRunner:
     return WorkerRunner(
@@ -173,8 +175,11 @@ def runner(
             lease_s=config.get("lease_s", 30.0),
             max_attempts=2,
             max_batch=int(config.get("max_batch", 4)),
+            prefetch=bool(config.get("prefetch", False)),
+            poll_interval_s=0.01,
         ),
         clock=clock,
+        registry=registry,
     )
 
 
@@ -347,3 +352,152 @@ def test_batching_off_runs_one_at_a_time(
         pass
     worker.wait_finished()
     assert engine.calls == 3 and engine.batch_sizes == []
+
+
+class GatedEngine(SolidEngine):
+    """Each generate call waits until the test opens the gate (a long denoising run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = threading.Event()
+        self.gate = threading.Event()
+        self.seeds: list[int] = []
+
+    def generate(self, request: GenerationRequest, **kwargs: object) -> Generated:  # type: ignore[override]
+        self.seeds.append(request.seed)
+        self.running.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        return super().generate(request)
+
+
+class RecordingInputs(NoInputs):
+    """Notes which jobs had their inputs loaded (by seed), and signals each load."""
+
+    def __init__(self) -> None:
+        self.loaded: list[int] = []
+        self.any_loaded = threading.Event()
+
+    def load_images(self, request: GenerationRequest) -> list[Image.Image]:
+        self.loaded.append(request.seed)
+        self.any_loaded.set()
+        return []
+
+
+def status_of(store: SqliteStore, job: Job, clock: Clock) -> JobStatus:
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None
+    return stored.status
+
+
+@dataclass
+class LookAhead:
+    """Job 1 running (held at the gate) in a worker thread; job 2 looked ahead meanwhile."""
+
+    worker: WorkerRunner
+    engine: GatedEngine
+    inputs: RecordingInputs
+    thread: threading.Thread
+    first: Job
+    second: Job
+
+
+def job_running_and_one_looked_ahead(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str, *, forever: bool
+) -> LookAhead:
+    first = submit(store, key_id, clock, seed=1)
+    engine, inputs = GatedEngine(), RecordingInputs()
+    worker = runner(store, media, engine, clock, inputs=inputs, prefetch=True, max_batch=1)
+    thread = threading.Thread(target=worker.run_forever if forever else worker.run_once)
+    thread.start()
+    assert engine.running.wait(10)
+    inputs.any_loaded.clear()
+    second = submit(store, key_id, clock, seed=2)
+    worker.wake()
+    assert inputs.any_loaded.wait(10), "the next job's inputs load during the first job"
+    return LookAhead(worker, engine, inputs, thread, first, second)
+
+
+def test_prefetch_claims_and_loads_the_next_job_while_one_runs(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    ahead = job_running_and_one_looked_ahead(store, media, clock, key_id, forever=False)
+    worker, engine, inputs, thread = ahead.worker, ahead.engine, ahead.inputs, ahead.thread
+    first, second = ahead.first, ahead.second
+    assert inputs.loaded == [1, 2] and engine.seeds == [1]
+    assert status_of(store, second, clock) is JobStatus.PROCESSING
+    engine.gate.set()
+    thread.join(10)
+    assert worker.run_once() is True, "the looked-ahead job runs next"
+    worker.wait_finished()
+    assert engine.seeds == [1, 2] and inputs.loaded == [1, 2], "inputs were not loaded twice"
+    for job in (first, second):
+        assert status_of(store, job, clock) is JobStatus.COMPLETED
+    worker.close()
+
+
+def test_prefetch_leaves_a_job_to_an_idle_peer(
+    tmp_path: Path, store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    registry = SqliteWorkerRegistry(tmp_path / "registry.db")
+    idle_peer = WorkerInfo("peer", "h", ("qwen-image-fast",), (), None, clock(), clock())
+    registry.announce(idle_peer, ttl_s=1e6)
+    submit(store, key_id, clock, seed=1)
+    engine, inputs = GatedEngine(), RecordingInputs()
+    worker = runner(
+        store, media, engine, clock, inputs=inputs, registry=registry, prefetch=True, max_batch=1
+    )
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    assert engine.running.wait(10)
+    second = submit(store, key_id, clock, seed=2)
+    worker.wake()
+    time.sleep(0.2)  # several look-ahead polls (poll_interval_s=0.01)
+    assert status_of(store, second, clock) is JobStatus.QUEUED, "the idle peer's to take"
+    engine.gate.set()
+    thread.join(10)
+    worker.close()
+
+
+def test_stopping_gives_a_looked_ahead_job_back(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    ahead = job_running_and_one_looked_ahead(store, media, clock, key_id, forever=True)
+    worker, engine, thread, first, second = (
+        ahead.worker,
+        ahead.engine,
+        ahead.thread,
+        ahead.first,
+        ahead.second,
+    )
+    worker.stop()  # a drain: the running job finishes, the looked-ahead one goes back
+    engine.gate.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert status_of(store, first, clock) is JobStatus.COMPLETED
+    back = store.get_job(second.id, now=clock())
+    assert back is not None and back.status is JobStatus.QUEUED and back.attempts == 0
+    assert engine.seeds == [1]
+
+
+def test_a_looked_ahead_job_is_topped_up_with_later_batch_mates(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    submit(store, key_id, clock, seed=1, steps=3)
+    engine, inputs = GatedEngine(), RecordingInputs()
+    worker = runner(store, media, engine, clock, inputs=inputs, prefetch=True, max_batch=4)
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    assert engine.running.wait(10)
+    inputs.any_loaded.clear()
+    submit(store, key_id, clock, seed=2)
+    worker.wake()
+    assert inputs.any_loaded.wait(10)  # job 2 looked ahead, alone
+    for seed in (3, 4):  # its batch-mates arrive while job 1 still runs
+        submit(store, key_id, clock, seed=seed)
+    engine.gate.set()
+    thread.join(10)
+    assert worker.run_once() is True
+    worker.wait_finished()
+    assert engine.batch_sizes == [3], "jobs 2, 3 and 4 ran as one batch"
+    assert sorted(engine.seeds) == [1, 2, 3, 4]
+    worker.close()

@@ -1,11 +1,12 @@
-"""Building the pieces from Settings: store, media store, engine and worker runners."""
+"""Building the pieces from Settings: store, media store, engine, worker runners, wake-ups."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
 
 from qwenserve.catalog import MODELS
 from qwenserve.config import Settings
@@ -14,6 +15,9 @@ from qwenserve.store import open_store
 from qwenserve.store.base import Store
 from qwenserve.store.workers import WorkerRegistry
 from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+
+if TYPE_CHECKING:
+    from qwenserve.store.redis_wakeup import RedisWakeup
 
 log = logging.getLogger("qwenserve")
 
@@ -67,6 +71,7 @@ def build_runners(
                 cpu_offload=settings.cpu_offload,
                 step_cache=settings.step_cache,
                 prompt_cache_size=settings.prompt_cache_size,
+                cfg_batch=settings.cfg_batch,
             )
         )
         worker_id = f"{socket.gethostname()}-{os.getpid()}-{index}"
@@ -86,6 +91,7 @@ def build_runners(
                     host=socket.gethostname(),
                     max_batch=settings.max_batch,
                     batch_window_s=settings.batch_window_s,
+                    prefetch=settings.prefetch,
                 ),
                 on_job_done=on_job_done,
                 registry=registry,
@@ -104,3 +110,30 @@ def warm_up(settings: Settings, runners: list[WorkerRunner], slugs: list[str] | 
         if targets:
             timings = runner.engine.warm_up(targets)  # type: ignore[attr-defined]
             log.info("warmed up %s", ", ".join(f"{s} {t:.1f}s" for s, t in timings.items()))
+
+
+def wake_callback(
+    runners: Sequence[WorkerRunner], slugs: Collection[str] | None
+) -> Callable[[str | None], None]:
+    """Wake ``runners`` (which serve ``slugs``, None: all) for a job of ``slug`` (None: any)."""
+    served = frozenset(slugs) if slugs else None
+
+    def wake(slug: str | None) -> None:
+        if slug is None or served is None or slug in served:
+            for runner in runners:
+                runner.wake()
+
+    return wake
+
+
+def start_wakeup(
+    settings: Settings, runners: Sequence[WorkerRunner], slugs: Collection[str] | None
+) -> RedisWakeup | None:
+    """On Redis, a subscriber that wakes ``runners`` when a job they serve is queued by any node
+    (started; ``close()`` it on shutdown). None on SQLite (submits there wake in-process) or with
+    no runners. Polling (``Settings.idle_poll_s``) stays as the fallback either way."""
+    if not runners or not is_redis(settings):
+        return None
+    from qwenserve.store.redis_wakeup import RedisWakeup
+
+    return RedisWakeup(settings.store, on_wake=wake_callback(runners, slugs)).start()

@@ -15,7 +15,14 @@ from qwenserve.api.app import create_app
 from qwenserve.api.services import Services
 from qwenserve.api.waiting import CompletionHub
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
-from qwenserve.cli.compose import build_media, build_runners, build_store, is_redis, warm_up
+from qwenserve.cli.compose import (
+    build_media,
+    build_runners,
+    build_store,
+    is_redis,
+    start_wakeup,
+    warm_up,
+)
 from qwenserve.store.workers import open_registry
 from qwenserve.worker.host import ThreadHost
 
@@ -85,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     host = ThreadHost(runners)
 
     def wake_workers(_job_id: str) -> None:
+        # A submit on this node; on Redis, submits on other nodes wake them through `wakeup`.
         for runner in runners:
             runner.wake()
 
@@ -100,6 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     if runners:
         log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
     warm_up(settings, runners, None)
+    wakeup = start_wakeup(settings, runners, None)
     host.start()
     config = uvicorn.Config(
         app,
@@ -112,6 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
+        if wakeup is not None:
+            wakeup.close()
         host.shutdown(settings.drain_timeout_s)
         store.close()
     return 0

@@ -10,7 +10,13 @@ from typing import Any
 
 from qwenserve.catalog import MODELS
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
-from qwenserve.cli.compose import build_media, build_runners, build_store, warm_up
+from qwenserve.cli.compose import (
+    build_media,
+    build_runners,
+    build_store,
+    start_wakeup,
+    warm_up,
+)
 from qwenserve.store.workers import open_registry
 from qwenserve.worker.host import ThreadHost
 
@@ -55,9 +61,12 @@ def _worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     warm_up(settings, runners, slugs)
     host = ThreadHost(runners)
+    wakeup = start_wakeup(settings, runners, slugs)
     host.start()
     log.info("%d worker(s) serving %s", len(runners), ", ".join(slugs or ["all models"]))
     stop.wait()
+    if wakeup is not None:
+        wakeup.close()
     host.shutdown(settings.drain_timeout_s)
     store.close()
     return 0

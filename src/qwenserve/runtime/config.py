@@ -59,6 +59,11 @@ class EngineConfig:
     prompt_cache_size: int = 64
     """Default 64. Text-encoder outputs kept per (base weights, template, prompt), least
     recently used out; 0 turns the cache off. Text-to-image slugs only."""
+    cfg_batch: bool = True
+    """Default True. With true CFG on, the conditional and unconditional transformer passes of
+    each step run as one batch (``runtime/cfg_batch.py``); same images up to float rounding.
+    Text-to-image slugs with the prompt cache on; not combined with ``compile`` or
+    ``step_cache``."""
 
 
 @dataclass(frozen=True)

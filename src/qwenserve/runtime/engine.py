@@ -46,8 +46,10 @@ from qwenserve.catalog import (
     validate_request,
 )
 from qwenserve.errors import InferenceError, InvalidInput, QwenServeError
+from qwenserve.runtime.cfg_batch import CfgBatcher
 from qwenserve.runtime.condition_area import capped_condition_area
 from qwenserve.runtime.config import EngineConfig, GeneratedImage
+from qwenserve.runtime.cpu_kernels import use_fast_vae_norms
 from qwenserve.runtime.fast_paths import (
     apply_fast_paths,
     check_switches,
@@ -126,6 +128,12 @@ class _Resident:
     fused: LoraSource | None = None
     """The Lightning LoRA fused into this pipeline's weights (``fuse_lightning``), if any."""
     warmed: bool = False
+    active: tuple[tuple[str, ...], tuple[float, ...]] | None = None
+    """Adapters (names, weights) set active by the last call; None: unknown, set them again."""
+    schedulers: dict[tuple[SchedulerKind, bool], Any] = field(default_factory=dict)
+    """One scheduler per (kind, one step): set_timesteps resets it at every call."""
+    cfg: CfgBatcher | None = None
+    """Runs CFG's two passes as one batch (``cfg_batch``), where it applies."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +164,7 @@ class Engine:
             ),
             size_of=lambda resident: _parameter_bytes(resident.pipe),
         )
+        self._resident_keys: tuple[str, ...] = ()
         self._job_counter = itertools.count(1)
         self._prompts = PromptCache(max(config.prompt_cache_size, 0))
         check_switches(config, self.device)
@@ -207,9 +216,11 @@ class Engine:
         return self._prompts
 
     def resident(self) -> list[str]:
-        """Residency keys (base weight ids) currently loaded, least recently used first."""
-        with self._lock:
-            return self._residency.keys()
+        """Residency keys (base weight ids) currently loaded, least recently used first.
+
+        A snapshot taken at each load or use: never waits for the engine lock, which a running
+        job holds (the heartbeat and the worker's look-ahead ask while one runs)."""
+        return list(self._resident_keys)
 
     # --- loading ------------------------------------------------------------------------------
     def _weights(self) -> WeightSource:
@@ -276,6 +287,12 @@ class Engine:
         return None
 
     def _resident_for(self, recipe: Recipe) -> _Resident:
+        try:
+            return self._load_or_reuse(recipe)
+        finally:
+            self._resident_keys = tuple(self._residency.keys())
+
+    def _load_or_reuse(self, recipe: Recipe) -> _Resident:
         key = self._residency_key(recipe)
         resident = self._residency.get(key)
         if resident is not None:
@@ -326,6 +343,10 @@ class Engine:
         fused = self._fused_lora(recipe)
         if fused is not None:
             self._fuse(resident, fused)
+        if self._wants_cfg_batch(recipe):
+            resident.cfg = CfgBatcher(pipe.transformer)
+        if self.device.type == "cpu" and getattr(pipe, "vae", None) is not None:
+            use_fast_vae_norms(pipe.vae)
         try:
             apply_fast_paths(pipe, self.config, self.device)
         except QwenServeError:
@@ -341,12 +362,25 @@ class Engine:
         )
         return resident
 
+    def _wants_cfg_batch(self, recipe: Recipe) -> bool:
+        """Only where the engine knows the negative embeddings before the call (the prompt
+        cache, text-to-image) and no other wrapper of the transformer needs the two passes."""
+        config = self.config
+        return (
+            config.cfg_batch
+            and recipe.pipeline is PipelineKind.TEXT_TO_IMAGE
+            and config.prompt_cache_size > 0
+            and not config.compile
+            and config.step_cache is None
+        )
+
     def _fuse(self, resident: _Resident, source: LoraSource) -> None:
         """Fuse ``source`` into the transformer's weights and drop the adapter layers."""
         name = self._recipe_adapter(resident, source, field="lora")
         pipe = resident.pipe
         pipe.fuse_lora(components=["transformer"], lora_scale=source.weight, adapter_names=[name])
         pipe.unload_lora_weights()  # keeps the fused weights; only the adapter layers go
+        resident.active = None
         resident.adapters.pop(source, None)
         resident.fused = source
 
@@ -360,6 +394,7 @@ class Engine:
         """Load ``path`` as adapter ``name``; InvalidInput(field) when it is not a LoRA for it."""
         pipe = resident.pipe
         lora = read_lora(pipe, path, pipe.transformer, field=field, model=resident.key)
+        resident.active = None  # loading may change which adapters are active
         try:
             pipe.load_lora_into_transformer(
                 lora.state_dict,
@@ -391,6 +426,7 @@ class Engine:
     def _drop_adapters(self, resident: _Resident, names: Sequence[str]) -> None:
         present = [n for n in names if n in self._loaded_adapters(resident)]
         if present:
+            resident.active = None
             resident.pipe.delete_adapters(present)
 
     def _recipe_adapter(self, resident: _Resident, source: LoraSource, *, field: str) -> str:
@@ -410,15 +446,21 @@ class Engine:
     def _activate(
         self, resident: _Resident, names: Sequence[str], weights: Sequence[float]
     ) -> None:
-        """Exactly ``names`` active for this call; none active leaves the base model exact."""
-        pipe = resident.pipe
-        if not self._loaded_adapters(resident):
+        """Exactly ``names`` active for this call; none active leaves the base model exact.
+
+        Setting adapters walks every LoRA layer (milliseconds per call); when the last call
+        left exactly these active, nothing is done."""
+        wanted = (tuple(names), tuple(weights))
+        if resident.active == wanted:
             return
-        if names:
-            pipe.enable_lora()
-            pipe.set_adapters(list(names), adapter_weights=list(weights))
-        else:
-            pipe.disable_lora()
+        pipe = resident.pipe
+        if self._loaded_adapters(resident):
+            if names:
+                pipe.enable_lora()
+                pipe.set_adapters(list(names), adapter_weights=list(weights))
+            else:
+                pipe.disable_lora()
+        resident.active = wanted
 
     # --- sizes --------------------------------------------------------------------------------
     def output_size(
@@ -503,9 +545,13 @@ class Engine:
     ) -> tuple[dict[str, Any], SizePlan]:
         """Scheduler, VAE tiling and arguments for one call (adapters are already active)."""
         first = requests[0]
-        resident.pipe.scheduler = scheduler_for(
-            recipe.scheduler, first.steps, resident.stock_scheduler
-        )
+        one_step = first.steps <= 1
+        scheduler = resident.schedulers.get((recipe.scheduler, one_step))
+        if scheduler is None:
+            scheduler = scheduler_for(recipe.scheduler, first.steps, resident.stock_scheduler)
+            resident.schedulers[(recipe.scheduler, one_step)] = scheduler
+        if resident.pipe.scheduler is not scheduler:
+            resident.pipe.scheduler = scheduler
         plan = plan_size(first, recipe, [i.size for i in images], tiny=self.is_tiny)
         set_vae_tiling(
             resident.pipe, wants_vae_tiling(self.config, plan.generate_width, plan.generate_height)
@@ -726,8 +772,14 @@ class Engine:
 
         # The tiny preset's edit inputs need not be VAE-encoded at ~1 MP: the images are noise.
         capped = self.is_tiny and resident.kind is not PipelineKind.TEXT_TO_IMAGE
+        negative = kwargs.get("negative_prompt_embeds")
         try:
-            with capped_condition_area(TINY_AREA) if capped else contextlib.nullcontext():
+            with contextlib.ExitStack() as scope:
+                if capped:
+                    scope.enter_context(capped_condition_area(TINY_AREA))
+                if resident.cfg is not None and negative is not None:
+                    mask = kwargs.get("negative_prompt_embeds_mask")
+                    scope.enter_context(resident.cfg.armed(negative, mask))
                 output = resident.pipe(**kwargs, callback_on_step_end=step_end)
         except torch.OutOfMemoryError as error:
             self._release_memory()

@@ -20,6 +20,11 @@ is the queue order and ownership index:
 * complete/fail/purge XACK + XDEL the entry, so a stream only holds unfinished jobs: its length
   minus the leases is the queued count.
 
+Wake-up. The submit and release scripts (and expire_leases) PUBLISH the job's slug on the
+``wake`` channel in the same script, so no extra round trip: idle workers subscribed to it
+(``redis_wakeup.RedisWakeup``) claim at once instead of at their next poll. Pub/sub is
+fire-and-forget (a worker that is reconnecting misses messages), so workers still poll, slowly.
+
 A claim looks at up to ``limit`` new entries (XRANGE after the group's last-delivered id), expired
 leases and released jobs of every slug asked for, sorts them by stream entry id (the submit order)
 and takes the oldest; a lease that ran out after ``max_attempts`` fails the job with a refund on
@@ -283,6 +288,7 @@ redis.call('HSET', KEYS[3], 'entry', entry)
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('SADD', KEYS[4], slug)
 redis.call('ZADD', KEYS[5], ARGV[8], job_id)
+redis.call('PUBLISH', wake_channel(), slug)
 return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and rpm - used or -1)}
 """
 
@@ -456,6 +462,7 @@ redis.call('HDEL', KEYS[1], 'worker_id', 'lease_until')
 if attempts <= 1 then redis.call('HDEL', KEYS[1], 'started_at') end
 redis.call('ZREM', leases_key(slug), ARGV[2])
 redis.call('ZADD', requeued_key(slug), created_at, ARGV[2])
+redis.call('PUBLISH', wake_channel(), slug)
 return 1
 """
 
@@ -464,9 +471,11 @@ _EXPIRE_LEASES = """
 local count = 0
 for _, leases in ipairs(KEYS) do
   for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', leases, '(' .. ARGV[2], '+inf')) do
-    if redis.call('HGET', job_key(job_id), 'status') == 'PROCESSING' then
+    local status, slug = unpack(redis.call('HMGET', job_key(job_id), 'status', 'slug'))
+    if status == 'PROCESSING' then
       redis.call('HSET', job_key(job_id), 'lease_until', ARGV[2])
       redis.call('ZADD', leases, ARGV[2], job_id)
+      redis.call('PUBLISH', wake_channel(), slug)
       count = count + 1
     else
       redis.call('ZREM', leases, job_id)

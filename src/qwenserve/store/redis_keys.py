@@ -21,9 +21,11 @@ deployments, or tests, can share one Redis server without seeing each other. The
     workers:lapse           zset    worker ids scored by when their announcement lapses
     media:<media_id>        hash    data, content_type, expires_at
     media:expiry            zset    media ids scored by expires_at
+    wake                    channel pub/sub: a slug is published when a job of it becomes
+                                    claimable (submit, release), so idle workers claim at once
 
 The Lua scripts receive the prefix as their first argument and build per-slug and per-job names
-with the functions in ``LUA_KEY_FUNCTIONS``, generated here from the same constants.
+(and the wake channel's) with ``LUA_KEY_FUNCTIONS``, generated here from the same constants.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ _WORKERS = "workers"
 _WORKERS_LAPSE = "workers:lapse"
 _MEDIA = "media:"
 _MEDIA_EXPIRY = "media:expiry"
+_WAKE = "wake"
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -59,6 +62,7 @@ local function job_key(job_id) return PREFIX .. '{_JOB}' .. job_id end
 local function queue_key(slug) return PREFIX .. '{_QUEUE}' .. slug end
 local function leases_key(slug) return PREFIX .. '{_LEASES}' .. slug end
 local function requeued_key(slug) return PREFIX .. '{_REQUEUED}' .. slug end
+local function wake_channel() return PREFIX .. '{_WAKE}' end
 """
 """Lua prelude for every script: key builders reading the prefix from ``ARGV[1]``."""
 
@@ -124,3 +128,7 @@ class RedisKeys:
 
     def media_expiry(self) -> str:
         return f"{self.prefix}{_MEDIA_EXPIRY}"
+
+    def wake(self) -> str:
+        """The pub/sub channel a slug is published on when a job of it becomes claimable."""
+        return f"{self.prefix}{_WAKE}"

@@ -74,6 +74,8 @@ class SqliteWorkerRegistry:
         if conn is None:
             conn = sqlite3.connect(self._path, timeout=10.0, isolation_level=None)
             conn.execute("PRAGMA busy_timeout=10000")
+            # Presence is rewritten every few seconds: no disk sync per announcement.
+            conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
 

@@ -39,10 +39,17 @@ def plan_claims(
     idle_peers = [p for p in peers if p.worker_id != worker_id and not p.busy]
 
     def an_idle_peer_has(slug: str) -> bool:
-        return any(
-            base_of(slug) in peer.resident and (not peer.slugs or slug in peer.slugs)
-            for peer in idle_peers
-        )
+        return any(base_of(slug) in peer.resident and _serves(peer, slug) for peer in idle_peers)
 
     cold = tuple(s for s in served if s not in warm and not an_idle_peer_has(s))
     return ClaimPlan(warm=warm, cold=cold)
+
+
+def _serves(peer: WorkerInfo, slug: str) -> bool:
+    return not peer.slugs or slug in peer.slugs
+
+
+def idle_peer_serves(slug: str, peers: Sequence[WorkerInfo], worker_id: str) -> bool:
+    """True when a peer other than ``worker_id`` is idle and serves ``slug``: a busy worker
+    should not claim ahead what that peer would start at once."""
+    return any(p.worker_id != worker_id and not p.busy and _serves(p, slug) for p in peers)

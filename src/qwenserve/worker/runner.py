@@ -10,8 +10,12 @@ Two things keep the engine busy:
 - **Batching.** After claiming a job the engine can batch, the runner claims more jobs of the
   same model (up to ``max_batch``, waiting at most ``batch_window_s`` for them) and runs those
   with the same batch key as one pipeline call; the others go straight back to the queue.
-- **Overlap.** Encoding the image (Pillow), storing it and recording the outcome happen on a
-  finisher thread while the runner already claims and runs the next job.
+- **Overlap.** Encoding the image, storing it and recording the outcome happen on a finisher
+  thread while the runner already claims and runs the next job; with ``prefetch`` on, the next
+  job is claimed and its inputs fetched and decoded on a look-ahead thread while the current
+  batch is still denoising (only for slugs no idle peer serves, so a busy worker never takes
+  work an idle one would start at once). Registry announcements go through the heartbeat thread,
+  never in the way of a job.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -31,7 +35,7 @@ from qwenserve.jobs import Job, JobResult
 from qwenserve.media.encode import encode_image
 from qwenserve.media.storage import MediaStore, new_media_id
 from qwenserve.store.workers import WorkerInfo, WorkerRegistry
-from qwenserve.worker.routing import plan_claims
+from qwenserve.worker.routing import idle_peer_serves, plan_claims
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -112,6 +116,9 @@ class WorkerConfig:
     """How long to wait for more same-shape requests before running a partial batch."""
     warm_streak_limit: int = 4
     """After this many warm claims in a row, look at cold models first once (no starvation)."""
+    prefetch: bool = False
+    """While a batch runs, claim the next job and load its inputs (Settings.prefetch turns it
+    on for served workers; off here so a bare runner claims only inside ``run_once``)."""
 
 
 @dataclass
@@ -217,14 +224,19 @@ class WorkerRunner:
         self._stopping = threading.Event()
         self._work_arrived = threading.Event()
         self._cancel_current = threading.Event()
+        self._state_changed = threading.Event()
+        self._generating = threading.Event()
         self._leases = _Leases(store, config, clock)
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"{config.worker_id}-finish")
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix=f"{config.worker_id}-ahead")
+        self._lookahead: Future[list[_Prepared] | None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop claiming new jobs; the jobs in hand are finished (drained)."""
         self._stopping.set()
         self._work_arrived.set()
+        self._state_changed.set()
 
     def wake(self) -> None:
         """A job was just submitted in this process: claim now instead of at the next poll."""
@@ -262,7 +274,12 @@ class WorkerRunner:
         log.info("worker %s stopped", self.config.worker_id)
 
     def close(self) -> None:
-        """Wait for results still being stored, then stop renewing leases."""
+        """Give back looked-ahead jobs, wait for results still being stored, stop renewing."""
+        self._generating.clear()
+        self._work_arrived.set()
+        for prepared in self._take_lookahead() or []:
+            self._give_back(prepared.job, "not started (worker stopping)")
+        self._prefetcher.shutdown(wait=True)
         self._finisher.shutdown(wait=True)
         self._leases.close()
 
@@ -283,16 +300,21 @@ class WorkerRunner:
             self.registry.announce(self.info(), ttl_s=3 * self.config.heartbeat_s)
 
     def _announce_quietly(self) -> None:
-        """Announce a state change now (busy/idle, resident models); the heartbeat retries."""
         try:
             self.announce()
         except Exception:
             log.warning("worker %s: announce failed", self.config.worker_id, exc_info=True)
 
+    def _announce_soon(self) -> None:
+        """A state change (busy/idle, resident models): the heartbeat thread announces it now,
+        off the job's path (a registry write costs a round trip or a disk sync)."""
+        self._state_changed.set()
+
     def _heartbeat(self) -> None:
         while not self._stopping.is_set():
+            self._state_changed.clear()
             self._announce_quietly()
-            self._stopping.wait(self.config.heartbeat_s)
+            self._state_changed.wait(self.config.heartbeat_s)
         if self.registry is not None:
             try:
                 self.registry.remove(self.config.worker_id)
@@ -301,7 +323,8 @@ class WorkerRunner:
 
     # --- claiming ---------------------------------------------------------------------------
     def _claim(self, slugs: Sequence[str], limit: int) -> list[Job]:
-        return self.store.claim(
+        """Claim up to ``limit`` jobs; their leases are renewed from this moment on."""
+        jobs = self.store.claim(
             self.config.worker_id,
             slugs=slugs,
             lease_s=self.config.lease_s,
@@ -309,13 +332,38 @@ class WorkerRunner:
             now=self.clock(),
             limit=limit,
         )
+        for job in jobs:
+            self._leases.hold(job.id)
+        return jobs
+
+    def _give_back(self, job: Job, why: str) -> None:
+        """Return a claimed job to the queue, its attempt given back."""
+        try:
+            self.store.release(job.id, self.config.worker_id, now=self.clock())
+            log.info("job %s released (%s)", job.id, why)
+        finally:
+            self._leases.drop(job.id)
 
     def run_once(self) -> bool:
         """Claim a job (and batch-mates) and run it to its end; False when nothing was runnable.
 
         Models already resident here come first, then models no idle peer holds; every
         ``warm_streak_limit`` warm claims the order flips once so cold models never starve.
+        A job the look-ahead thread already claimed and prepared comes before any of these.
         """
+        prepared = self._take_lookahead()
+        if prepared is None:
+            jobs = self._claim_work(look_ahead=False)
+            if not jobs:
+                return False
+            prepared = self._prepare_all(jobs)
+        else:
+            prepared = self._top_up(prepared)
+        self.process_prepared(prepared)
+        return True
+
+    def _claim_work(self, *, look_ahead: bool) -> list[Job]:
+        """One job by the routing plan, with its batch-mates; [] when nothing is claimable."""
         peers = self.registry.alive(now=self.clock()) if self.registry is not None else []
         plan = plan_claims(
             served=list(self.config.slugs or MODELS),
@@ -326,25 +374,28 @@ class WorkerRunner:
         order = [(plan.warm, True), (plan.cold, False)]
         if self._warm_streak >= self.config.warm_streak_limit:
             order.reverse()
+        me = self.config.worker_id
         for slugs, warm in order:
+            if look_ahead:  # leave to idle peers what they would start at once
+                slugs = tuple(s for s in slugs if not idle_peer_serves(s, peers, me))
             if not slugs:
                 continue
             jobs = self._claim(slugs, 1)
             if jobs:
                 self._warm_streak = self._warm_streak + 1 if warm else 0
-                self.process_all(self._with_batch_mates(jobs[0]))
-                return True
-        return False
+                return self._with_batch_mates(jobs, self.config.batch_window_s)
+        return []
 
-    def _with_batch_mates(self, first: Job) -> list[Job]:
-        """``first`` plus queued jobs that can share its pipeline call; others go back."""
-        if self.config.max_batch <= 1:
-            return [first]
+    def _with_batch_mates(self, batch: list[Job], window_s: float) -> list[Job]:
+        """``batch`` plus queued jobs that can share its pipeline call; others go back."""
+        if self.config.max_batch <= 1 or len(batch) >= self.config.max_batch:
+            return batch
+        first = batch[0]
         key = self._batch_key(first)
         if key is None:
-            return [first]
-        batch = [first]
-        deadline = time.monotonic() + self.config.batch_window_s
+            return batch
+        batch = list(batch)
+        deadline = time.monotonic() + window_s
         while len(batch) < self.config.max_batch:
             more = self._claim([first.slug], self.config.max_batch - len(batch))
             mates = []
@@ -352,7 +403,7 @@ class WorkerRunner:
                 if self._batch_key(job) == key:
                     mates.append(job)
                 else:  # not a batch-mate: straight back, its attempt given back
-                    self.store.release(job.id, self.config.worker_id, now=self.clock())
+                    self._give_back(job, "not a batch-mate")
             batch.extend(mates)
             remaining_s = deadline - time.monotonic()
             if more and not mates:
@@ -369,18 +420,61 @@ class WorkerRunner:
         except Exception:
             return None
 
+    # --- looking ahead ----------------------------------------------------------------------
+    def _start_lookahead(self) -> None:
+        if self.config.prefetch and self._lookahead is None and not self._stopping.is_set():
+            self._lookahead = self._prefetcher.submit(self._look_ahead)
+
+    def _look_ahead(self) -> list[_Prepared] | None:
+        """While the current batch runs: claim the next job and load its inputs."""
+        while self._generating.is_set() and not self._stopping.is_set():
+            try:
+                jobs = self._claim_work(look_ahead=True)
+            except Exception:  # the store hiccupped: the main loop claims after this batch
+                log.warning("worker %s: look-ahead claim failed", self.config.worker_id)
+                return None
+            if jobs:
+                return self._prepare_all(jobs)
+            self._work_arrived.wait(self.config.poll_interval_s)
+            self._work_arrived.clear()
+        return None
+
+    def _take_lookahead(self) -> list[_Prepared] | None:
+        """The looked-ahead jobs (waiting for their inputs if need be), or None."""
+        lookahead, self._lookahead = self._lookahead, None
+        if lookahead is None:
+            return None
+        try:
+            return lookahead.result()
+        except Exception:
+            log.exception("worker %s: look-ahead crashed", self.config.worker_id)
+            return None
+
+    def _top_up(self, prepared: list[_Prepared]) -> list[_Prepared]:
+        """More batch-mates for looked-ahead jobs: some may have arrived since they were taken."""
+        if not prepared:
+            return prepared
+        jobs = [p.job for p in prepared]
+        more = self._with_batch_mates(jobs, 0.0)[len(jobs) :]
+        return prepared + self._prepare_all(more)
+
     # --- running ----------------------------------------------------------------------------
     def wait_finished(self) -> None:
         """Block until every result handed to the finisher is stored."""
         self._finisher.submit(lambda: None).result()
 
-    def process_all(self, jobs: list[Job]) -> None:
-        """Run claimed jobs (one pipeline call when they share a batch key)."""
+    def _prepare_all(self, jobs: Sequence[Job]) -> list[_Prepared]:
+        """Decode each job and load its inputs; a job whose inputs fail ends here."""
+        return [p for p in (self._prepare(job) for job in jobs) if p is not None]
+
+    def process_prepared(self, prepared: list[_Prepared]) -> None:
+        """Run prepared jobs; meanwhile the look-ahead thread (if on) gets the next ones."""
+        if not prepared:
+            return
         self._cancel_current.clear()
-        for job in jobs:
-            self._leases.hold(job.id)
+        jobs = [p.job for p in prepared]
         self.state.current_job = jobs[0].id
-        self._announce_quietly()
+        self._announce_soon()
         began = time.perf_counter()
         for job in jobs:
             log.info(
@@ -391,14 +485,16 @@ class WorkerRunner:
                 job.queue_time_s or 0.0,
                 len(jobs),
             )
+        self._generating.set()
         try:
-            prepared = [p for p in (self._prepare(job) for job in jobs) if p is not None]
-            if prepared:
-                self._generate(prepared)
+            self._start_lookahead()
+            self._generate(prepared)
         finally:
+            self._generating.clear()
+            self._work_arrived.set()  # the look-ahead stops waiting for work now
             self.state.current_job = None
             self.state.busy_s += time.perf_counter() - began
-            self._announce_quietly()
+            self._announce_soon()
 
     def _should_cancel_for(self, jobs: Sequence[Job]) -> Callable[[], bool]:
         def should_cancel() -> bool:

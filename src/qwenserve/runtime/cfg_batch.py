@@ -1,0 +1,191 @@
+"""CFG's two transformer passes as one batch, without forking the diffusers pipeline.
+
+With true CFG on, ``QwenImagePipeline`` calls its transformer twice per step: once with the
+prompt ("cond"), then with the negative prompt ("uncond"), on the same latents and timestep.
+Two half-size calls leave a GPU idle between kernels at small sizes and double the per-call
+overhead everywhere. The pipeline has no switch to batch them, so the engine wraps the
+transformer's ``forward``:
+
+- Before the pipeline runs, the engine *arms* the wrapper with the negative prompt's embeddings
+  (it computed them itself through the prompt cache).
+- On a call that is not the armed negative, the wrapper runs one transformer call on
+  ``[cond; uncond]`` (text padded to one length, the padding masked out, as a batch of prompts
+  is), returns the cond half and keeps the uncond half.
+- On the next call, if and only if it asks for exactly what was kept (the same latents tensor,
+  timestep, negative embeddings and mask), the kept half is returned; anything else is computed
+  normally. Correctness never rests on the call order: a mismatch costs one extra call.
+
+The result equals two separate calls up to float rounding in the batched kernels (the same
+bound as request batching: tests/runtime/test_cfg_batch.py). Not used with ``compile`` (data
+checks in the wrapper would break the graph) or ``step_cache`` (its hooks keep one cache per
+pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _mask_or_ones(embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The pipeline drops an all-ones mask (None); compare and pad with an explicit one."""
+    if mask is None:
+        return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return mask
+
+
+def _pad_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 1 (the text length) of [B, L] or [B, L, D] to ``length``."""
+    missing = length - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    padding = (0, 0, 0, missing) if tensor.dim() == 3 else (0, missing)
+    return F.pad(tensor, padding)
+
+
+@dataclass
+class _Kept:
+    latents: torch.Tensor
+    timestep: torch.Tensor
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    output: torch.Tensor
+
+    def answers(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | None,
+        embeds: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> bool:
+        return (
+            latents is self.latents
+            and timestep is not None
+            and torch.equal(timestep, self.timestep)
+            and embeds is not None
+            and embeds.shape == self.embeds.shape
+            and torch.equal(embeds, self.embeds)
+            and torch.equal(_mask_or_ones(embeds, mask).long(), self.mask.long())
+        )
+
+
+class CfgBatcher:
+    """Wraps ``transformer.forward`` (in place) so armed CFG calls run as one batch."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self._forward = transformer.forward
+        transformer.forward = self._call
+        self._armed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kept: _Kept | None = None
+        self.batched_calls = 0
+        """Transformer calls that served both passes (for tests and metrics)."""
+
+    @contextmanager
+    def armed(
+        self, negative_embeds: torch.Tensor, negative_mask: torch.Tensor | None
+    ) -> Iterator[None]:
+        """Within this block, a transformer call with other text also computes this negative."""
+        self._armed = (negative_embeds, _mask_or_ones(negative_embeds, negative_mask))
+        self._kept = None
+        try:
+            yield
+        finally:
+            self._armed = None
+            self._kept = None
+
+    def _call(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        img_shapes: list[Any] | None = None,
+        guidance: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        **extra: Any,
+    ) -> Any:
+        kept, self._kept = self._kept, None
+        if kept is not None and kept.answers(
+            hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_mask
+        ):
+            return self._package(kept.output, return_dict)
+        call = {
+            "hidden_states": hidden_states,
+            "encoder_hidden_states": encoder_hidden_states,
+            "encoder_hidden_states_mask": encoder_hidden_states_mask,
+            "timestep": timestep,
+            "img_shapes": img_shapes,
+            "guidance": guidance,
+            "attention_kwargs": attention_kwargs,
+            "return_dict": return_dict,
+            **extra,
+        }
+        if not self._can_pair(call):
+            return self._forward(**call)
+        assert self._armed is not None and encoder_hidden_states is not None
+        assert timestep is not None and img_shapes is not None
+        negative, negative_mask = self._armed
+        mask = _mask_or_ones(encoder_hidden_states, encoder_hidden_states_mask)
+        length = max(encoder_hidden_states.shape[1], negative.shape[1])
+        embeds = torch.cat([_pad_to(encoder_hidden_states, length), _pad_to(negative, length)])
+        masks = torch.cat([_pad_to(mask, length), _pad_to(negative_mask.to(mask.dtype), length)])
+        output = self._forward(
+            hidden_states=torch.cat([hidden_states, hidden_states]),
+            encoder_hidden_states=embeds.to(encoder_hidden_states.dtype),
+            encoder_hidden_states_mask=masks,
+            timestep=torch.cat([timestep, timestep]),
+            img_shapes=list(img_shapes) * 2,
+            attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+        batch = hidden_states.shape[0]
+        self._kept = _Kept(hidden_states, timestep.clone(), negative, negative_mask, output[batch:])
+        self.batched_calls += 1
+        return self._package(output[:batch], return_dict)
+
+    def _can_pair(self, call: dict[str, Any]) -> bool:
+        """Armed, a plain call (no guidance embedding or extras), not the negative itself."""
+        if self._armed is None:
+            return False
+        negative, _ = self._armed
+        embeds = call["encoder_hidden_states"]
+        timestep = call["timestep"]
+        extras = [k for k in call if k not in _PLAIN_ARGUMENTS and call[k] is not None]
+        return (
+            not extras
+            and call["guidance"] is None
+            and embeds is not None
+            and timestep is not None
+            and call["img_shapes"] is not None
+            and embeds.shape[0] == negative.shape[0] == call["hidden_states"].shape[0]
+            and timestep.shape[0] == embeds.shape[0]
+            and not (embeds.shape == negative.shape and torch.equal(embeds, negative))
+        )
+
+    @staticmethod
+    def _package(output: torch.Tensor, return_dict: bool) -> Any:
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=output)
+        return (output,)
+
+
+_PLAIN_ARGUMENTS = frozenset(
+    {
+        "hidden_states",
+        "encoder_hidden_states",
+        "encoder_hidden_states_mask",
+        "timestep",
+        "img_shapes",
+        "guidance",
+        "attention_kwargs",
+        "return_dict",
+    }
+)

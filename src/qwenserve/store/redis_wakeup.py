@@ -1,0 +1,215 @@
+"""Waking idle workers the moment a job becomes claimable on the Redis store (pub/sub).
+
+The store's submit and release scripts PUBLISH the job's slug on the namespace's ``wake`` channel
+(``RedisKeys.wake``). ``RedisWakeup`` is the listening end: a daemon thread with its own
+connection, subscribed to that channel, that calls ``on_wake(slug)`` for every message. Wired to
+``WorkerRunner.wake`` it turns "claim at the next poll" into "claim now" for workers in other
+processes, the way an in-process submit already wakes the embedded worker::
+
+    wakeup = RedisWakeup(settings.store, on_wake=lambda slug: runner.wake()).start()
+    ...
+    wakeup.close()
+
+Pub/sub is fire-and-forget: a message published while the subscriber is disconnected is lost.
+So workers keep polling (slowly) as the fallback, and each time Redis confirms a subscription
+(the first, and after every reconnect) the subscriber calls ``on_wake(None)`` once: "anything
+may have arrived while I was not listening".
+
+Redis going away never ends the thread: it logs a warning, reconnects with exponential backoff
+and subscribes again. A link that dies without a reset (a partition) is noticed by a PING sent
+after ``health_check_s`` of silence that gets no answer within another ``health_check_s``.
+``close()`` stops the thread within about ``LISTEN_TICK_S`` (or, while it is connecting to an
+unresponsive host, the connect timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.client import PubSub
+from redis.retry import Retry
+
+from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
+
+log = logging.getLogger("qwenserve")
+
+WakeCallback = Callable[[str | None], None]
+"""Called with the slug of a job that became claimable, or None once per (re)subscription."""
+
+LISTEN_TICK_S = 0.1
+HEALTH_CHECK_S = 15.0
+RECONNECT_BACKOFF_BASE_S = 0.05
+RECONNECT_BACKOFF_CAP_S = 2.0
+CONNECT_TIMEOUT_S = 5.0
+SOCKET_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 5.0
+_PING_TEXT = "qwenserve-wakeup"
+
+
+class RedisWakeup:
+    """A background subscriber to the wake channel, calling ``on_wake`` per message.
+
+    Args:
+        url: the Redis store's URL (``redis://`` or ``rediss://``); its own connection is made.
+        on_wake: called on the subscriber thread with the published slug, or with None once
+            each time the subscription is confirmed (at start and after each reconnect). It
+            should be quick (``WorkerRunner.wake`` sets an event); an exception from it is
+            logged and the subscriber goes on.
+        namespace: the key namespace of the store whose channel to follow.
+        health_check_s: silence after which a PING checks the link; no answer within as long
+            again counts as a lost connection.
+        backoff_base_s, backoff_cap_s: reconnect delays double from the base up to the cap.
+
+    Raises:
+        ValueError: the namespace is invalid (see ``RedisKeys``), or, from ``start()``, the URL
+            is not a Redis URL.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        on_wake: WakeCallback,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        health_check_s: float = HEALTH_CHECK_S,
+        backoff_base_s: float = RECONNECT_BACKOFF_BASE_S,
+        backoff_cap_s: float = RECONNECT_BACKOFF_CAP_S,
+    ) -> None:
+        self.url = url
+        self.channel = RedisKeys(namespace).wake()
+        self.health_check_s = health_check_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self._on_wake = on_wake
+        self._closed = threading.Event()
+        self._subscribed = threading.Event()
+        self._failures = 0  # in a row, since the last confirmed subscription (thread only)
+        self._thread = threading.Thread(target=self._run, name="qwenserve-wakeup", daemon=True)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> RedisWakeup:
+        """Start the subscriber thread (it connects in the background); returns self.
+
+        Raises:
+            ValueError: the URL is not a redis://, rediss:// or unix:// URL.
+        """
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            # Fail here, not in a thread that would retry it forever.
+            raise ValueError(f"not a Redis URL: {self.url!r}")
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        """True from ``start()`` until ``close()`` has stopped the thread."""
+        return self._thread.is_alive()
+
+    @property
+    def subscribed(self) -> bool:
+        """True while Redis has confirmed the subscription (messages are being received)."""
+        return self._subscribed.is_set()
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Wait until the subscription is confirmed; False if it is not within ``timeout_s``."""
+        return self._subscribed.wait(timeout_s)
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop the thread and drop its connection (idempotent)."""
+        self._closed.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def __enter__(self) -> RedisWakeup:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- the thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._listen()
+            except Exception as error:  # never let the worker lose its wake-ups for good
+                if self._closed.is_set():
+                    break
+                self._failures += 1
+                if self._failures > 1:
+                    log.debug("wake-up subscriber: Redis still unreachable (%s)", error)
+                elif isinstance(error, redis.RedisError | OSError):
+                    log.warning(
+                        "wake-up subscriber: Redis unreachable (%s); reconnecting, workers "
+                        "poll meanwhile",
+                        error,
+                    )
+                else:
+                    log.exception("wake-up subscriber failed; reconnecting")
+                delay = self.backoff_base_s * 2 ** min(self._failures - 1, 30)
+                self._closed.wait(min(self.backoff_cap_s, delay))
+
+    def _listen(self) -> None:
+        """One connection's life: subscribe, deliver messages, check the link when quiet."""
+        client: redis.Redis = redis.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            # Reconnecting is this loop's job (with its backoff, logging and catch-up call).
+            retry=Retry(NoBackoff(), 0),
+        )
+        pubsub: PubSub = client.pubsub()  # type: ignore[no-untyped-call]  # unannotated upstream
+        try:
+            pubsub.subscribe(self.channel)
+            heard_at = time.monotonic()
+            pinged_at: float | None = None
+            while not self._closed.is_set():
+                message = pubsub.get_message(timeout=LISTEN_TICK_S)
+                now = time.monotonic()
+                if message is not None:
+                    heard_at, pinged_at = now, None
+                    self._handle(message)
+                elif pinged_at is not None:
+                    if now - pinged_at > self.health_check_s:
+                        raise redis.ConnectionError(
+                            f"no answer to PING in {self.health_check_s:g} s"
+                        )
+                elif now - heard_at > self.health_check_s:
+                    pubsub.ping(_PING_TEXT)
+                    pinged_at = now
+        finally:
+            self._subscribed.clear()
+            try:
+                pubsub.close()
+                client.close()
+            except Exception:  # closing a dead link: nothing left to release
+                pass
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "subscribe" and message.get("channel") == self.channel:
+            if self._failures:
+                log.info("wake-up subscriber reconnected to Redis")
+            self._failures = 0
+            self._subscribed.set()
+            # Whatever was published before this subscription was missed: look once now.
+            self._call(None)
+        elif kind == "message":
+            self._call(str(message.get("data", "")))
+
+    def _call(self, slug: str | None) -> None:
+        try:
+            self._on_wake(slug)
+        except Exception:
+            log.exception("wake-up callback failed (slug %r)", slug)
