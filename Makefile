@@ -29,4 +29,5 @@ bench:
 	$(PY) bench/batching.py
 	$(PY) bench/memory.py
 	$(PY) bench/queue_throughput.py
+	$(PY) bench/encoding.py
 	$(PY) bench/gpu_step_time.py

@@ -4,7 +4,8 @@
 
 A real `qwenserve serve` on the tiny preset, once with QWENSERVE_MAX_BATCH=REQUESTS and a short
 batch window, once with QWENSERVE_MAX_BATCH=1. Each round sends REQUESTS qwen-image-fast requests
-at once, from REQUESTS client threads, and times until the last image is back (median of
+at once, from REQUESTS client threads with kept-alive connections, and times until the last
+image is back (median of
 rounds, after a warm-up round). With --api v1 (default) each client makes a sync call and gets
 its image in the response; with --api v2 each submits and polls its status every --poll-s
 seconds, then fetches the result. Target from the issue: >= 2x on the tiny preset on a 2-core
@@ -34,8 +35,14 @@ from bench.report import append_section, table  # noqa: E402
 BODY = {"prompt": "a lighthouse at dusk", "steps": 8, "aspect_ratio": "1:1"}
 
 
-def one_round(server: Server, key: str, round_index: int, args: argparse.Namespace) -> float:
-    headers = {"x-api-key": key}
+def one_round(
+    server: Server,
+    clients: list[httpx.Client],
+    pool: ThreadPoolExecutor,
+    round_index: int,
+    args: argparse.Namespace,
+) -> float:
+    """One burst: every client sends one request at once; seconds until the last image."""
 
     def sync_call(client: httpx.Client, body: dict[str, object]) -> None:
         response = client.post(f"{server.url}/v1/qwen-image-fast", json=body)
@@ -57,12 +64,10 @@ def one_round(server: Server, key: str, round_index: int, args: argparse.Namespa
 
     def one_client(index: int) -> None:
         body = {**BODY, "seed": round_index * 1000 + index}
-        with httpx.Client(headers=headers, timeout=300) as client:
-            (sync_call if args.api == "v1" else submit_and_poll)(client, body)
+        (sync_call if args.api == "v1" else submit_and_poll)(clients[index], body)
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.requests) as pool:
-        list(pool.map(one_client, range(args.requests)))
+    list(pool.map(one_client, range(len(clients))))
     return time.perf_counter() - start
 
 
@@ -76,11 +81,16 @@ def measure(tmp: Path, max_batch: int, args: argparse.Namespace) -> float:
             "QWENSERVE_LOG_LEVEL": "WARNING",
         },
     ).start()
+    # Clients keep their connections between rounds, as real ones do (no TCP set-up timed).
+    headers = {"x-api-key": server.create_key(credits=1000.0)}
+    clients = [httpx.Client(headers=headers, timeout=300) for _ in range(args.requests)]
     try:
-        key = server.create_key(credits=1000.0)
-        one_round(server, key, 0, args)  # warm-up: loads the pipeline
-        times = [one_round(server, key, r + 1, args) for r in range(args.rounds)]
+        with ThreadPoolExecutor(args.requests) as pool:
+            one_round(server, clients, pool, 0, args)  # warm-up: loads the pipeline
+            times = [one_round(server, clients, pool, r + 1, args) for r in range(args.rounds)]
     finally:
+        for client in clients:
+            client.close()
         server.stop()
     return statistics.median(times)
 

@@ -51,11 +51,12 @@ class PromptCache:
             self._entries.move_to_end(key)
             return entry
         self.misses += 1
-        embeds, mask = pipe.encode_prompt(
-            prompt=key.prompt,
-            device=pipe._execution_device,
-            max_sequence_length=key.max_sequence_length,
-        )
+        with torch.no_grad():  # the pipeline's __call__ has it; encode_prompt alone does not
+            embeds, mask = pipe.encode_prompt(
+                prompt=key.prompt,
+                device=pipe._execution_device,
+                max_sequence_length=key.max_sequence_length,
+            )
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         entry = (embeds.detach(), mask.detach())
