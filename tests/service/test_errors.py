@@ -76,6 +76,16 @@ def test_400_undecodable_input_image_fails_the_job(server: Server, key: str) -> 
     assert_error(response, 400, "image")
 
 
+def test_400_undecodable_input_image_on_v2_is_refused_at_submit_unpaid(server: Server) -> None:
+    own = server.create_key(credits=5.0)
+    garbage = base64.b64encode(b"GIF89a" + b"x" * 64).decode()
+    body = body_for("qwen-image-edit-plus-product-photography", image_1=png_b64(), image_2=garbage)
+    response = post(server, "/v2/qwen-image-edit-plus-product-photography", own, json=body)
+    assert_error(response, 400, "image_2", "GIF")
+    credits = httpx.get(f"{server.url}/v1/get-user-credits", headers={"x-api-key": own}).json()
+    assert credits["credits"] == pytest.approx(5.0), "nothing charged, nothing queued"
+
+
 def test_401_missing_and_unknown_key(server: Server) -> None:
     assert_error(post(server, "/v1/qwen-image", None, json=body_for("qwen-image")), 401, "API key")
     assert_error(post(server, "/v1/qwen-image", "qs_nope", json=body_for("qwen-image")), 401)

@@ -21,6 +21,7 @@ from qwenserve.catalog import GenerationRequest, get_model, validate_request
 from qwenserve.config import Settings
 from qwenserve.errors import InvalidRequest
 from qwenserve.jobs import Job, JobStatus
+from qwenserve.media.inline import forget, store_inline_images
 from qwenserve.media.storage import MediaStore
 from qwenserve.store.base import ApiKey, Store, SubmitOutcome
 from qwenserve.store.workers import WorkerInfo, WorkerRegistry
@@ -84,6 +85,18 @@ async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submi
     authorize(key, slug)
     request = validate_request(slug, body)
     now = services.clock()
+    settings = services.settings
+    expires_at = now + settings.result_ttl_s
+    stored: list[str] = []
+    if request.images:  # inline images: checked now (400), kept out of the job record
+        request, stored = await services.call(
+            store_inline_images,
+            request,
+            services.media,
+            expires_at=expires_at,
+            max_bytes=settings.max_input_bytes,
+            max_pixels=settings.max_input_pixels,
+        )
     job = Job(
         id=str(uuid.uuid4()),
         slug=slug,
@@ -91,10 +104,14 @@ async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submi
         params=request.to_dict(),
         status=JobStatus.QUEUED,
         created_at=now,
-        expires_at=now + services.settings.result_ttl_s,
-        cost_usd=services.settings.price_for(slug, spec.price_usd),
+        expires_at=expires_at,
+        cost_usd=settings.price_for(slug, spec.price_usd),
     )
-    outcome = await services.call(services.store.submit, job, rpm=key.rpm, now=now)
+    try:
+        outcome = await services.call(services.store.submit, job, rpm=key.rpm, now=now)
+    except BaseException:  # refused (429, 406) or the store is down: nothing is kept
+        await services.call(forget, services.media, stored)
+        raise
     log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
     if services.on_submitted is not None:
         services.on_submitted(job.id)

@@ -53,7 +53,7 @@ def build_runners(
     from qwenserve.runtime import Engine, EngineConfig
     from qwenserve.worker.inputs import MediaInputLoader
 
-    inputs = MediaInputLoader.from_settings(settings)
+    inputs = MediaInputLoader.from_settings(settings, media)
     runners = []
     for index in range(count):
         engine = Engine(

@@ -50,19 +50,25 @@ def load_input_image(
     Raises InvalidInput (too large, not PNG/JPEG/WEBP, too many pixels, corrupt) naming
     ``field``, and whatever ``fetcher`` raises for a URL.
     """
-    text = source.strip()
-    head = text[:16].lower()
-    if head.startswith(("http://", "https://")):
-        data = fetcher.fetch(text, field=field, max_bytes=max_bytes)
-    elif head.startswith("data:"):
-        data = _decode_data_uri(text, field=field, max_bytes=max_bytes)
-    else:
-        data = _decode_base64(text, field=field, max_bytes=max_bytes)
+    data = inline_image_bytes(source, field=field, max_bytes=max_bytes)
+    if data is None:
+        data = fetcher.fetch(source.strip(), field=field, max_bytes=max_bytes)
     return decode_image(data, field=field, max_pixels=max_pixels)
 
 
-def decode_image(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes (PNG, JPEG or WEBP) into an upright RGB image; see load_input_image."""
+def inline_image_bytes(source: str, *, field: str, max_bytes: int) -> bytes | None:
+    """The bytes of a ``data:`` URI or raw base64 source; None for an http(s) URL."""
+    text = source.strip()
+    head = text[:16].lower()
+    if head.startswith(("http://", "https://")):
+        return None
+    if head.startswith("data:"):
+        return _decode_data_uri(text, field=field, max_bytes=max_bytes)
+    return _decode_base64(text, field=field, max_bytes=max_bytes)
+
+
+def _open_checked(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
+    """Open ``data`` (header only: no pixel is decoded) and check format and pixel count."""
     if not data:
         raise InvalidInput(f"{field}: the image is empty", field=field)
     try:
@@ -76,7 +82,7 @@ def decode_image(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXEL
         ) from exc
     except Exception as exc:
         raise InvalidInput(f"{field}: the image header is corrupt", field=field) from exc
-    with image:
+    try:
         if image.format not in _ACCEPTED_FORMATS:  # pragma: no cover - formats= restricts this
             raise InvalidInput(f"{field}: {_unsupported_reason(data)}", field=field)
         width, height = image.size
@@ -87,6 +93,22 @@ def decode_image(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXEL
                 f"{field}: the image is {width}x{height}, more than {max_pixels} pixels",
                 field=field,
             )
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def check_image_header(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Raise InvalidInput naming ``field`` unless ``data`` opens as a PNG, JPEG or WEBP of at
+    most ``max_pixels`` (cheap: reads the header; truncated pixel data is found at decode)."""
+    _open_checked(data, field=field, max_pixels=max_pixels).close()
+
+
+def decode_image(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes (PNG, JPEG or WEBP) into an upright RGB image; see load_input_image."""
+    image = _open_checked(data, field=field, max_pixels=max_pixels)
+    with image:
         try:
             image.seek(0)  # animated PNG/WEBP: the first frame
             image.load()

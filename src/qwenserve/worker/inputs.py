@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qwenserve.catalog import GenerationRequest
+from qwenserve.catalog.request import InputImage
+from qwenserve.errors import InvalidInput
 from qwenserve.media.fetch import UrlFetcher
-from qwenserve.media.inputs import load_input_image
+from qwenserve.media.inline import stored_media_id
+from qwenserve.media.inputs import decode_image, load_input_image
 from qwenserve.media.lora import LoraFetcher
+from qwenserve.media.storage import MediaStore
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -19,14 +24,24 @@ if TYPE_CHECKING:
 class MediaInputLoader:
     """The worker's InputLoader: SSRF-guarded fetches, defensive decoding, a LoRA file cache."""
 
-    def __init__(self, *, fetcher: UrlFetcher, loras: LoraFetcher, max_bytes: int, max_pixels: int):
+    def __init__(
+        self,
+        *,
+        fetcher: UrlFetcher,
+        loras: LoraFetcher,
+        max_bytes: int,
+        max_pixels: int,
+        media: MediaStore | None = None,
+    ):
         self.fetcher = fetcher
         self.loras = loras
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.media = media
+        """Where the API stored inline images (``stored:`` sources, media/inline.py)."""
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> MediaInputLoader:
+    def from_settings(cls, settings: Settings, media: MediaStore | None = None) -> MediaInputLoader:
         fetcher = UrlFetcher(
             allow_private=settings.allow_private_urls,
             timeout_s=settings.fetch_timeout_s,
@@ -43,19 +58,29 @@ class MediaInputLoader:
             loras=loras,
             max_bytes=settings.max_input_bytes,
             max_pixels=settings.max_input_pixels,
+            media=media,
         )
 
     def load_images(self, request: GenerationRequest) -> list[Image.Image]:
-        return [
-            load_input_image(
+        return [self._load(image) for image in request.images]
+
+    def _load(self, image: InputImage) -> Image.Image:
+        media_id = stored_media_id(image.source)
+        if media_id is None:
+            return load_input_image(
                 image.source,
                 field=image.field,
                 fetcher=self.fetcher,
                 max_bytes=self.max_bytes,
                 max_pixels=self.max_pixels,
             )
-            for image in request.images
-        ]
+        stored = self.media.get(media_id, now=time.time()) if self.media is not None else None
+        if stored is None:
+            raise InvalidInput(
+                f"{image.field}: the uploaded image is gone (it expired with the request)",
+                field=image.field,
+            )
+        return decode_image(stored[0], field=image.field, max_pixels=self.max_pixels)
 
     def load_loras(self, request: GenerationRequest) -> list[Path]:
         return [self.loras.resolve(ref.location, field=ref.field) for ref in request.extra_loras]

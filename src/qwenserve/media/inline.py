@@ -1,0 +1,66 @@
+"""Inline input images (base64, data URIs) leave the job record at submit.
+
+A request may carry its input images inline: up to ``max_input_bytes`` each, a third more as
+base64. Kept in the job's parameters, every read of the job (a status poll, a claim, a v1
+waiter) would carry and parse those megabytes. So at submit the API decodes each inline image
+once, checks it is a PNG/JPEG/WEBP within the pixel limit (a bad one is a 400 naming its field
+before anything is charged), stores the bytes in the media store with the job's expiry, and
+the job keeps a short ``stored:<media id>`` reference that the worker reads back. URLs are left
+as they are: the worker fetches them, through its SSRF guard, when the job runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from qwenserve.catalog import GenerationRequest
+from qwenserve.catalog.request import InputImage
+from qwenserve.media.inputs import check_image_header, inline_image_bytes
+from qwenserve.media.storage import MediaStore, new_media_id
+
+STORED_PREFIX = "stored:"
+STORED_CONTENT_TYPE = "application/octet-stream"
+
+
+def stored_media_id(source: str) -> str | None:
+    """The media id of a ``stored:`` reference; None for anything else (URL, base64)."""
+    return source[len(STORED_PREFIX) :] if source.startswith(STORED_PREFIX) else None
+
+
+def store_inline_images(
+    request: GenerationRequest,
+    media: MediaStore,
+    *,
+    expires_at: float,
+    max_bytes: int,
+    max_pixels: int,
+) -> tuple[GenerationRequest, list[str]]:
+    """``request`` with its inline images stored and referenced; also the new media ids.
+
+    Raises InvalidInput/InvalidRequest naming the field for an image that is too large, not
+    base64, not a PNG/JPEG/WEBP or over the pixel limit; nothing stays stored then.
+    """
+    stored: list[str] = []
+    images: list[InputImage] = []
+    try:
+        for image in request.images:
+            data = inline_image_bytes(image.source, field=image.field, max_bytes=max_bytes)
+            if data is None:  # a URL: fetched by the worker
+                images.append(image)
+                continue
+            check_image_header(data, field=image.field, max_pixels=max_pixels)
+            media_id = new_media_id()
+            media.put(media_id, data, STORED_CONTENT_TYPE, expires_at=expires_at)
+            stored.append(media_id)
+            images.append(InputImage(image.field, STORED_PREFIX + media_id))
+    except BaseException:
+        forget(media, stored)
+        raise
+    return dataclasses.replace(request, images=tuple(images)), stored
+
+
+def forget(media: MediaStore, media_ids: Sequence[str]) -> None:
+    """Delete stored inputs of a request that was not accepted after all."""
+    for media_id in media_ids:
+        media.delete(media_id)
