@@ -101,3 +101,18 @@ def test_the_worker_loads_a_stored_image_and_says_when_it_is_gone(
     with pytest.raises(InvalidInput, match="image_1: the uploaded image is gone"):
         loader.load_images(request)  # type: ignore[arg-type]
     assert STORED_PREFIX == "stored:"
+
+
+class BoundedMedia(LocalMediaStore):
+    """A media store with a per-item bound, as RedisMediaStore has."""
+
+    def put(self, media_id: str, data: bytes, content_type: str, *, expires_at: float) -> None:
+        if len(data) > 100:
+            raise ValueError("item too large")
+        super().put(media_id, data, content_type, expires_at=expires_at)
+
+
+def test_an_image_over_the_media_stores_bound_is_a_400_not_a_500(tmp_path: Path) -> None:
+    request = _edit_plus(image_1=base64.b64encode(_png()).decode())
+    with pytest.raises(InvalidInput, match="image_1: the image .* too large to keep"):
+        _store(request, BoundedMedia(tmp_path / "bounded"))  # type: ignore[arg-type]

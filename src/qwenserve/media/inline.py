@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from qwenserve.catalog import GenerationRequest
 from qwenserve.catalog.request import InputImage
+from qwenserve.errors import InvalidInput
 from qwenserve.media.inputs import check_image_header, inline_image_bytes
 from qwenserve.media.storage import MediaStore, new_media_id
 
@@ -51,7 +52,13 @@ def store_inline_images(
                 continue
             check_image_header(data, field=image.field, max_pixels=max_pixels)
             media_id = new_media_id()
-            media.put(media_id, data, STORED_CONTENT_TYPE, expires_at=expires_at)
+            try:
+                media.put(media_id, data, STORED_CONTENT_TYPE, expires_at=expires_at)
+            except ValueError as error:  # over the media store's own item bound
+                raise InvalidInput(
+                    f"{image.field}: the image ({len(data)} bytes) is too large to keep",
+                    field=image.field,
+                ) from error
             stored.append(media_id)
             images.append(InputImage(image.field, STORED_PREFIX + media_id))
     except BaseException:
