@@ -278,7 +278,10 @@ class WorkerRunner:
         self._generating.clear()
         self._work_arrived.set()
         for prepared in self._take_lookahead() or []:
-            self._give_back(prepared.job, "not started (worker stopping)")
+            try:
+                self._give_back(prepared.job, "not started (worker stopping)")
+            except Exception:  # the store is down: the lease runs out and another worker runs it
+                log.warning("job %s: could not give it back", prepared.job.id, exc_info=True)
         self._prefetcher.shutdown(wait=True)
         self._finisher.shutdown(wait=True)
         self._leases.close()
