@@ -30,4 +30,6 @@ bench:
 	$(PY) bench/memory.py
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/encoding.py
+	$(PY) bench/cpu_vae_norm.py
+	$(PY) bench/cfg_batch.py
 	$(PY) bench/gpu_step_time.py

@@ -123,7 +123,8 @@ def main() -> int:
     print("\n".join(lines))
     if not args.no_write:
         append_section(
-            f"Batching: {n} concurrent same-shape requests (tiny, qwen-image-fast, 8 steps)",
+            f"Batching: {n} concurrent same-shape requests (tiny, qwen-image-fast, 8 steps; "
+            f"{args.api}, window {args.window * 1000:.0f} ms)",
             lines,
             [
                 "through a real server, "

@@ -114,5 +114,5 @@ class BoundedMedia(LocalMediaStore):
 
 def test_an_image_over_the_media_stores_bound_is_a_400_not_a_500(tmp_path: Path) -> None:
     request = _edit_plus(image_1=base64.b64encode(_png()).decode())
-    with pytest.raises(InvalidInput, match="image_1: the image .* too large to keep"):
+    with pytest.raises(InvalidInput, match=r"image_1: the image .* too large to keep"):
         _store(request, BoundedMedia(tmp_path / "bounded"))  # type: ignore[arg-type]
