@@ -9,7 +9,8 @@ is about 72 TFLOP, so the FLOP-count limit per step is 72 (x2 with CFG) / --peak
 (800 TFLOP/s: H100 dense bf16); the ratio limit / measured is the share of peak achieved.
 Per-step time is the median gap between step callbacks (CUDA synchronised); per image is the
 median wall time of a whole request. Without CUDA it writes an "unmeasured: no GPU" section.
-Results are printed and appended to docs/PERFORMANCE.md with the date, machine and command.
+Results are printed and written to docs/PERFORMANCE.md (replacing this benchmark's previous
+section) with the date, machine and command.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_section  # noqa: E402
+
 TFLOP_PER_FORWARD_1024 = 72.0
 CASES = (("qwen-image", 30, 4.0), ("qwen-image-fast", 8, 1.0))
 
@@ -69,7 +74,7 @@ def measure(cache_dir: Path, runs: int, peak_tflops: float) -> list[str]:
     return rows
 
 
-def write_section(rows: list[str], args: argparse.Namespace, device: str) -> str:
+def section_text(rows: list[str], args: argparse.Namespace, device: str) -> str:
     command = f"python bench/gpu_step_time.py --runs {args.runs} --peak-tflops {args.peak_tflops}"
     lines = [
         "",
@@ -108,12 +113,10 @@ def main() -> int:
     else:
         device, rows = "no CUDA device", []
         print("unmeasured: no GPU")
-    section = write_section(rows, args, device)
+    section = section_text(rows, args, device)
     print(section)
     if not args.no_write:
-        doc = ROOT / "docs" / "PERFORMANCE.md"
-        with doc.open("a") as handle:
-            handle.write(section)
+        write_section(section.strip().splitlines()[0].removeprefix("## "), section)
     return 0
 
 

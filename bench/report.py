@@ -23,9 +23,8 @@ def machine() -> str:
 
 
 def append_section(title: str, lines: list[str], notes: Sequence[str] = ()) -> None:
-    """Add ``title`` with the command that ran (this process's argv) and ``lines`` (a table)."""
-    if not DOC.exists():
-        DOC.write_text("# Performance\n\nEvery figure here comes from a command in bench/.\n")
+    """Record ``title`` with the date, machine, the command that ran (this process's argv) and
+    ``lines`` (a table), replacing the previous run's section of the same title."""
     command = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
     )
@@ -41,8 +40,23 @@ def append_section(title: str, lines: list[str], notes: Sequence[str] = ()) -> N
         *lines,
         "",
     ]
-    with DOC.open("a") as handle:
-        handle.write("\n".join(section))
+    write_section(title, "\n".join(section))
+
+
+def write_section(title: str, text: str) -> None:
+    """Put ``text`` (a section starting with ``## title``) in the doc: in place of the section
+    with the same title (the doc keeps each benchmark's latest run), else at the end."""
+    if not DOC.exists():
+        DOC.write_text("# Performance\n\nEvery figure here comes from a command in bench/.\n")
+    doc = DOC.read_text()
+    heading = f"\n## {title}\n"
+    start = doc.find(heading)
+    if start < 0:
+        DOC.write_text(doc.rstrip("\n") + "\n" + text.rstrip("\n") + "\n")
+        return
+    end = doc.find("\n## ", start + len(heading))
+    rest = doc[end:] if end >= 0 else "\n"
+    DOC.write_text(doc[:start] + "\n" + text.strip("\n") + "\n" + rest)
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

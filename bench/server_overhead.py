@@ -8,7 +8,8 @@
    bare FastAPI endpoint on uvicorn returning the same JSON (the ceiling for this stack), each
    driven by concurrent httpx clients in this process.
 
-Results are printed and appended to docs/PERFORMANCE.md with the date, machine and command.
+Results are printed and written to docs/PERFORMANCE.md (replacing this benchmark's previous
+section) with the date, machine and command.
 """
 
 from __future__ import annotations
