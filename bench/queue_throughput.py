@@ -1,6 +1,6 @@
 """Benchmark: one API node on SQLite versus on Redis; latency from submit to a worker starting.
 
-    python bench/queue_throughput.py [--seconds 5] [--jobs 10] [--no-write]
+    python bench/queue_throughput.py [--seconds 5] [--jobs 10] [--v1-requests 7] [--no-write]
 
 1. Submits per second and status polls per second against one API node with no worker
    (`--workers 0`), on the embedded SQLite store and on a real redis-server, 16 concurrent async
@@ -8,6 +8,11 @@
 2. Added latency from submit to a worker starting the job (the job's queue_time: started_at -
    created_at), one job at a time on an idle system: the embedded in-process worker on SQLite
    versus a separate `qwenserve worker` process over Redis.
+3. A sync `POST /v1` request, one at a time on an idle system, on the same two set-ups (on Redis
+   the API node has no worker: the job's end reaches it from the worker process through Redis):
+   the median wall time, and the median time from the job's end (its ``finished_at`` in the
+   store) to the client holding the response: how long the API node takes to notice the end,
+   read the image and answer.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from tests.redis_server import RedisServer  # noqa: E402
 
 from bench.load import hammer  # noqa: E402
 from bench.report import append_section, table  # noqa: E402
+from qwenserve.config import Settings  # noqa: E402
+from qwenserve.store import open_store  # noqa: E402
 
 BODY = {"prompt": "a lighthouse", "steps": 2, "aspect_ratio": "1:1", "seed": 3}
 SLUG = "qwen-image-fast"
@@ -71,10 +78,36 @@ def queue_latency(server: Server, jobs: int) -> float:
     return statistics.median(waits)
 
 
+def v1_latency(server: Server, requests: int) -> tuple[float, float]:
+    """Median wall time of a POST /v1, and from its job's end to the response, in seconds."""
+    key = server.create_key(credits=1e9)
+    store_url = server.extra_env.get("QWENSERVE_STORE", "sqlite")
+    store = open_store(Settings(data_dir=server.data_dir, store=store_url))
+    walls, after_end = [], []
+    try:
+        with httpx.Client(headers={"x-api-key": key}, timeout=120) as client:
+            for index in range(requests + 1):
+                body = {**BODY, "seed": 100 + index}
+                started = time.perf_counter()
+                response = client.post(f"{server.url}/v1/{SLUG}", json=body)
+                wall, received_at = time.perf_counter() - started, time.time()
+                response.raise_for_status()
+                job = store.get_job(response.headers["x-request-id"], now=received_at)
+                assert job is not None and job.finished_at is not None
+                if index:  # the first may load the pipeline
+                    walls.append(wall)
+                    after_end.append(received_at - job.finished_at)
+                time.sleep(0.3)  # let the worker go idle, as a lone request would find it
+    finally:
+        store.close()
+    return statistics.median(walls), statistics.median(after_end)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--jobs", type=int, default=10)
+    parser.add_argument("--v1-requests", type=int, default=7)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     quiet = {"QWENSERVE_LOG_LEVEL": "WARNING"}
@@ -90,6 +123,7 @@ def main() -> int:
         embedded = Server(tmp / "sqlite-embedded", cache, extra_env=quiet).start()
         try:
             sqlite_wait = queue_latency(embedded, args.jobs)
+            sqlite_v1 = v1_latency(embedded, args.v1_requests)
         finally:
             embedded.stop()
 
@@ -104,6 +138,7 @@ def main() -> int:
                 worker = WorkerProcess(redis.url, tmp / "worker", cache, extra_env=quiet).start()
                 try:
                     redis_wait = queue_latency(redis_api, args.jobs)
+                    redis_v1 = v1_latency(redis_api, args.v1_requests)
                 finally:
                     worker.stop()
             finally:
@@ -130,6 +165,18 @@ def main() -> int:
                 f"{redis_wait * 1000:.1f}",
                 f"{redis_wait / max(sqlite_wait, 1e-9):.2f}",
             ],
+            [
+                "POST /v1 wall time, median ms",
+                f"{sqlite_v1[0] * 1000:.1f}",
+                f"{redis_v1[0] * 1000:.1f}",
+                f"{redis_v1[0] / max(sqlite_v1[0], 1e-9):.2f}",
+            ],
+            [
+                "POST /v1 job end → response received, median ms",
+                f"{sqlite_v1[1] * 1000:.1f}",
+                f"{redis_v1[1] * 1000:.1f}",
+                f"{redis_v1[1] / max(sqlite_v1[1], 1e-9):.2f}",
+            ],
         ],
     )
     print("\n".join(lines))
@@ -141,6 +188,8 @@ def main() -> int:
                 f"throughput: 16 concurrent async clients, {args.seconds:g} s, no worker",
                 f"latency: {args.jobs} sequential jobs, idle worker (embedded thread on SQLite; a "
                 "separate `qwenserve worker` process on Redis)",
+                f"v1: {args.v1_requests} sequential POST /v1 after one warm-up, same set-ups (on "
+                "Redis an API node with no worker, woken by the job's end through pub/sub)",
             ],
         )
     return 0

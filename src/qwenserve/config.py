@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=0, description="In-process workers (0: API only).")
     result_ttl_s: float = Field(3600.0, gt=0, description="Results and media kept this long.")
     sync_timeout_s: float = Field(600.0, gt=0, description="How long POST /v1 waits (then 504).")
+    wait_poll_s: float = Field(
+        0.25,
+        gt=0,
+        description="POST /v1 waiters re-read the store this often, a fallback: a job's end wakes "
+        "them at once (in-process; from worker processes through Redis pub/sub).",
+    )
 
     # the engine
     weights: str = Field(

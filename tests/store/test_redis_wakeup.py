@@ -1,8 +1,10 @@
-"""The wake-up subscriber against a real redis-server: the store's own scripts publish, the
-subscriber hears them on its own connection, and it outlives a Redis outage."""
+"""The wake-up subscribers against a real redis-server: the store's own scripts publish (a slug
+when a job becomes claimable, a job id when a job ends), the subscriber hears them on its own
+connection, and it outlives a Redis outage, after which an API node's waiters all look again."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import signal
@@ -13,10 +15,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from qwenserve.api.waiting import CompletionHub
+from qwenserve.cli.compose import start_done_wakeup
+from qwenserve.config import Settings
+from qwenserve.jobs import JobStatus
 from qwenserve.store.redis import RedisStore
-from qwenserve.store.redis_wakeup import RedisWakeup
+from qwenserve.store.redis_wakeup import RedisDoneWakeup, RedisWakeup
 from tests.redis_server import RedisServer
-from tests.store.contract import Clock, make_job, make_key
+from tests.store.contract import Clock, balance, make_job, make_key, make_result
 
 pytestmark = pytest.mark.redis
 
@@ -98,6 +104,112 @@ def test_submit_release_and_expired_lease_wake_the_subscriber_on_its_own_connect
         finally:
             other.close()
         assert heard.nothing_within(0.3)
+
+
+def test_the_done_channel_carries_the_id_of_every_job_that_ends(
+    redis_url: str, store: RedisStore, namespace: str
+) -> None:
+    clock = Clock()
+    heard = Heard()
+    result = make_result()
+    with RedisDoneWakeup(redis_url, heard, namespace=namespace) as done:
+        _subscribed(done, heard)
+        key = make_key(store, clock)
+
+        # Completed: queuing, claiming, renewing and giving back end nothing, so say nothing.
+        completed = make_job(key, clock)
+        store.submit(completed, rpm=0, now=clock.now)
+        assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
+        assert store.renew_lease(completed.id, "w1", lease_s=30, now=clock.now)
+        assert store.release(completed.id, "w1", now=clock.now)
+        assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
+        assert not store.complete(completed.id, "w2", result, now=clock.now)  # not its lease
+        assert heard.nothing_within(0.2)
+        assert store.complete(completed.id, "w1", result, now=clock.now)
+        assert heard.next() == completed.id
+
+        # Failed by its worker.
+        failed = make_job(key, clock)
+        store.submit(failed, rpm=0, now=clock.now)
+        assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
+        assert store.fail(failed.id, "w1", kind="InferenceError", message="x", now=clock.now)
+        assert heard.next() == failed.id
+
+        # Failed inside another worker's claim: its lease ran out after max_attempts.
+        lost = make_job(key, clock)
+        store.submit(lost, rpm=0, now=clock.now)
+        assert store.claim("w1", slugs=None, lease_s=30, max_attempts=1, now=clock.now)
+        clock.advance(31)
+        assert store.claim("w2", slugs=None, lease_s=30, max_attempts=1, now=clock.now) == []
+        assert heard.next() == lost.id
+        gave_up = store.get_job(lost.id, now=clock.now)
+        assert gave_up is not None and gave_up.status is JobStatus.FAILED
+
+        # Expired before any worker took it: refunded and purged.
+        before = balance(store, key)
+        expired = make_job(key, clock, ttl_s=5)
+        store.submit(expired, rpm=0, now=clock.now)
+        assert [job.id for job in store.purge_expired(now=clock.advance(6))] == [expired.id]
+        assert heard.next() == expired.id
+        assert balance(store, key) == pytest.approx(before)
+
+        # Purging finished jobs ends nothing new; another namespace's ends are not ours.
+        clock.advance(3600)
+        assert len(store.purge_expired(now=clock.now)) == 3
+        other = RedisStore.from_url(redis_url, namespace=f"{namespace}x")
+        try:
+            job = make_job(make_key(other, clock), clock)
+            other.submit(job, rpm=0, now=clock.now)
+            assert other.fail(job.id, None, kind="InvalidRequest", message="x", now=clock.now)
+        finally:
+            other.close()
+        assert heard.nothing_within(0.3)
+
+
+async def test_an_api_nodes_waiters_all_look_again_after_the_subscriber_reconnects() -> None:
+    """Ends published while the subscriber was away are lost, so every waiter re-reads once;
+    between outages each end wakes only its own waiter. The fallback here is 30 s: any wake
+    within the test comes from the subscriber."""
+    clock = Clock()
+    hub = CompletionHub(fallback_poll_s=30.0)
+
+    async def wait(job_id: str) -> None:
+        with hub.watch(job_id) as event:
+            await hub.sleep_until_notified(event, timeout_s=60.0)
+
+    with RedisServer() as server:
+        done = start_done_wakeup(Settings(store=server.url), hub)
+        assert isinstance(done, RedisDoneWakeup)
+        store = RedisStore.from_url(server.url)
+        try:
+            assert await asyncio.to_thread(done.wait_subscribed, HEAR_TIMEOUT_S)
+            await asyncio.sleep(0.1)  # the look-once call of the first subscription has run
+            job = make_job(make_key(store, clock), clock)
+            store.submit(job, rpm=0, now=clock.now)
+            waiting = {job_id: asyncio.create_task(wait(job_id)) for job_id in ("a", "b", job.id)}
+            await asyncio.sleep(0.2)
+            assert not any(task.done() for task in waiting.values())
+
+            assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
+            assert store.fail(job.id, "w1", kind="InferenceError", message="x", now=clock.now)
+            await asyncio.wait_for(waiting.pop(job.id), HEAR_TIMEOUT_S)
+            await asyncio.sleep(0.2)
+            assert not any(task.done() for task in waiting.values())
+
+            server.kill()
+            await asyncio.to_thread(_until_unsubscribed, done)
+            server.start()  # same port: the subscriber comes back on its own
+            await asyncio.wait_for(asyncio.gather(*waiting.values()), HEAR_TIMEOUT_S)
+        finally:
+            done.close()
+            store.close()
+
+
+def _until_unsubscribed(subscriber: RedisWakeup) -> None:
+    deadline = time.monotonic() + HEAR_TIMEOUT_S
+    while subscriber.subscribed:
+        assert time.monotonic() < deadline, "the subscriber did not notice Redis going away"
+        time.sleep(0.01)
 
 
 def test_a_failing_callback_does_not_stop_the_subscriber(

@@ -1,35 +1,51 @@
 """Waking API handlers when a job ends, without polling the store in a tight loop.
 
 In-process workers call ``notify`` the moment a job ends; handlers waiting on that job wake at
-once. Workers in other processes (scale-out) cannot reach this hub, so waiters also re-read the
-store every ``fallback_poll_s``: correctness never depends on a notification arriving.
+once. On the Redis store, workers in other processes publish each job's end and every API node
+relays it here (``store.redis_wakeup.RedisDoneWakeup``, wired by the CLI), calling ``notify_all``
+after each (re)subscription since messages may have been missed. Waiters also re-read the store
+every ``fallback_poll_s``: correctness never depends on a notification arriving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event]
 
 
 class CompletionHub:
-    """Thread-safe notifications from worker threads to asyncio waiters."""
+    """Thread-safe notifications from worker (or subscriber) threads to asyncio waiters.
+
+    Args:
+        fallback_poll_s: the longest a waiter sleeps before re-reading the store when nothing
+            notifies it.
+    """
 
     def __init__(self, fallback_poll_s: float = 0.25) -> None:
         self.fallback_poll_s = fallback_poll_s
         self._lock = threading.Lock()
-        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = (
-            defaultdict(set)
-        )
+        self._waiters: dict[str, set[_Waiter]] = defaultdict(set)
 
     def notify(self, job_id: str) -> None:
         """Wake every waiter of ``job_id``; callable from any thread."""
         with self._lock:
             waiters = list(self._waiters.get(job_id, ()))
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+        _wake(waiters)
+
+    def notify_all(self) -> None:
+        """Wake every waiter of every job (each re-reads the store); callable from any thread.
+
+        For when notifications may have been lost, e.g. after a pub/sub reconnect.
+        """
+        with self._lock:
+            waiters = [waiter for group in self._waiters.values() for waiter in group]
+        _wake(waiters)
 
     @contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Event]:
@@ -54,3 +70,10 @@ class CompletionHub:
         except TimeoutError:
             return
         event.clear()
+
+
+def _wake(waiters: Iterable[_Waiter]) -> None:
+    for loop, event in waiters:
+        # A loop that has closed (shutdown) has nobody left to wake.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(event.set)

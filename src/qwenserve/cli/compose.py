@@ -1,4 +1,5 @@
-"""Building the pieces from Settings: store, media store, engine, worker runners, wake-ups."""
+"""Building the pieces from Settings: store, media store, engine, worker runners, wake-ups
+(of workers when a job is queued, of API waiters when a job ends)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from qwenserve.store.workers import WorkerRegistry
 from qwenserve.worker.runner import WorkerConfig, WorkerRunner
 
 if TYPE_CHECKING:
-    from qwenserve.store.redis_wakeup import RedisWakeup
+    from qwenserve.api.waiting import CompletionHub
+    from qwenserve.store.redis_wakeup import RedisDoneWakeup, RedisWakeup
 
 log = logging.getLogger("qwenserve")
 
@@ -137,3 +139,22 @@ def start_wakeup(
     from qwenserve.store.redis_wakeup import RedisWakeup
 
     return RedisWakeup(settings.store, on_wake=wake_callback(runners, slugs)).start()
+
+
+def start_done_wakeup(settings: Settings, hub: CompletionHub) -> RedisDoneWakeup | None:
+    """On Redis, a subscriber that wakes ``hub``'s waiters when a job ends on any node: a POST
+    /v1 answered by a worker in another process returns at once (started; ``close()`` it on
+    shutdown). After each (re)subscription every waiter re-reads the store, since ends may have
+    been missed meanwhile. None on SQLite, where only in-process workers run and notify the hub
+    themselves. The hub's ``fallback_poll_s`` re-read stays as the safety net either way."""
+    if not is_redis(settings):
+        return None
+    from qwenserve.store.redis_wakeup import RedisDoneWakeup
+
+    def on_job_end(job_id: str | None) -> None:
+        if job_id is None:
+            hub.notify_all()
+        else:
+            hub.notify(job_id)
+
+    return RedisDoneWakeup(settings.store, on_wake=on_job_end).start()

@@ -20,6 +20,7 @@ from qwenserve.cli.compose import (
     build_runners,
     build_store,
     is_redis,
+    start_done_wakeup,
     start_wakeup,
     warm_up,
 )
@@ -70,8 +71,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = build_store(settings)
     media = build_media(settings)
-    # In-process workers wake waiters at once; workers elsewhere are noticed by re-reading.
-    hub = CompletionHub(fallback_poll_s=0.05 if is_redis(settings) else 0.25)
+    # Jobs ending wake their waiters at once: in-process workers call hub.notify, and on Redis
+    # `done_wakeup` relays the ends published by every worker. Re-reading is the safety net.
+    hub = CompletionHub(fallback_poll_s=settings.wait_poll_s)
     registry = open_registry(settings)
     runners = build_runners(
         settings,
@@ -109,6 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
     warm_up(settings, runners, None)
     wakeup = start_wakeup(settings, runners, None)
+    done_wakeup = start_done_wakeup(settings, hub)
     host.start()
     config = uvicorn.Config(
         app,
@@ -121,8 +124,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        if wakeup is not None:
-            wakeup.close()
+        for subscriber in (wakeup, done_wakeup):
+            if subscriber is not None:
+                subscriber.close()
         host.shutdown(settings.drain_timeout_s)
         store.close()
     return 0

@@ -24,6 +24,10 @@ Wake-up. The submit and release scripts (and expire_leases) PUBLISH the job's sl
 ``wake`` channel in the same script, so no extra round trip: idle workers subscribed to it
 (``redis_wakeup.RedisWakeup``) claim at once instead of at their next poll. Pub/sub is
 fire-and-forget (a worker that is reconnecting misses messages), so workers still poll, slowly.
+Likewise every script that ends a job (complete, fail, a claim that fails a job after
+``max_attempts`` lost leases, a purge that refunds an unfinished job) PUBLISHes the job id on the
+``done`` channel: API nodes subscribed to it wake the POST /v1 handler waiting for that job
+(``api.waiting.CompletionHub``), which otherwise only re-reads the store now and then.
 
 A claim looks at up to ``limit`` new entries (XRANGE after the group's last-delivered id), expired
 leases and released jobs of every slug asked for, sorts them by stream entry id (the submit order)
@@ -232,6 +236,7 @@ local function fail_and_refund(job_id, kind, message, now)
   redis.call('HDEL', job, 'lease_until')
   leave_queue(slug, job_id, entry)
   refund(job)
+  redis.call('PUBLISH', done_channel(), job_id)
 end
 """
 
@@ -439,6 +444,7 @@ if status ~= 'PROCESSING' or owner ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'COMPLETED', 'result', ARGV[4], 'finished_at', ARGV[5])
 redis.call('HDEL', KEYS[1], 'lease_until')
 leave_queue(slug, ARGV[2], entry)
+redis.call('PUBLISH', done_channel(), ARGV[2])
 return 1
 """
 
@@ -494,7 +500,11 @@ for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'L
   local data = redis.call('HGETALL', job)
   if #data > 0 then
     local status, slug, entry = unpack(redis.call('HMGET', job, 'status', 'slug', 'entry'))
-    if status == 'QUEUED' or status == 'PROCESSING' then refund(job) end
+    if status == 'QUEUED' or status == 'PROCESSING' then
+      refund(job)
+      -- It never finished and now never will: whoever waits for it stops waiting.
+      redis.call('PUBLISH', done_channel(), job_id)
+    end
     leave_queue(slug, job_id, entry)
     redis.call('DEL', job)
     purged[#purged + 1] = data

@@ -23,9 +23,12 @@ deployments, or tests, can share one Redis server without seeing each other. The
     media:expiry            zset    media ids scored by expires_at
     wake                    channel pub/sub: a slug is published when a job of it becomes
                                     claimable (submit, release), so idle workers claim at once
+    done                    channel pub/sub: a job id is published when the job ends
+                                    (completed, failed, or refunded at expiry), so API nodes
+                                    answer the POST /v1 waiting for it at once
 
 The Lua scripts receive the prefix as their first argument and build per-slug and per-job names
-(and the wake channel's) with ``LUA_KEY_FUNCTIONS``, generated here from the same constants.
+(and the channels') with ``LUA_KEY_FUNCTIONS``, generated here from the same constants.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ _WORKERS_LAPSE = "workers:lapse"
 _MEDIA = "media:"
 _MEDIA_EXPIRY = "media:expiry"
 _WAKE = "wake"
+_DONE = "done"
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -63,6 +67,7 @@ local function queue_key(slug) return PREFIX .. '{_QUEUE}' .. slug end
 local function leases_key(slug) return PREFIX .. '{_LEASES}' .. slug end
 local function requeued_key(slug) return PREFIX .. '{_REQUEUED}' .. slug end
 local function wake_channel() return PREFIX .. '{_WAKE}' end
+local function done_channel() return PREFIX .. '{_DONE}' end
 """
 """Lua prelude for every script: key builders reading the prefix from ``ARGV[1]``."""
 
@@ -132,3 +137,7 @@ class RedisKeys:
     def wake(self) -> str:
         """The pub/sub channel a slug is published on when a job of it becomes claimable."""
         return f"{self.prefix}{_WAKE}"
+
+    def done(self) -> str:
+        """The pub/sub channel a job id is published on when the job ends (any terminal state)."""
+        return f"{self.prefix}{_DONE}"

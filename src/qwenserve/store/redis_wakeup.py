@@ -15,6 +15,14 @@ So workers keep polling (slowly) as the fallback, and each time Redis confirms a
 (the first, and after every reconnect) the subscriber calls ``on_wake(None)`` once: "anything
 may have arrived while I was not listening".
 
+``RedisDoneWakeup`` is the same subscriber on the ``done`` channel (``RedisKeys.done``), where
+the store's scripts publish the id of every job that ends (completed, failed, refunded at
+expiry). API nodes wire it to ``CompletionHub.notify``, so a POST /v1 answered by a worker in
+another process returns as soon as the job ends, and its ``on_wake(None)`` to
+``CompletionHub.notify_all``: every waiter re-reads the store once after a (re)subscription::
+
+    done = RedisDoneWakeup(settings.store, on_wake=on_job_end).start()
+
 Redis going away never ends the thread: it logs a warning, reconnects with exponential backoff
 and subscribes again. A link that dies without a reset (a partition) is noticed by a PING sent
 after ``health_check_s`` of silence that gets no answer within another ``health_check_s``.
@@ -29,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import redis
 from redis.backoff import NoBackoff
@@ -41,7 +49,8 @@ from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
 log = logging.getLogger("qwenserve")
 
 WakeCallback = Callable[[str | None], None]
-"""Called with the slug of a job that became claimable, or None once per (re)subscription."""
+"""Called with a message (the slug of a job that became claimable on the wake channel, the id of a
+job that ended on the done channel), or None once per (re)subscription."""
 
 LISTEN_TICK_S = 0.1
 HEALTH_CHECK_S = 15.0
@@ -72,6 +81,15 @@ class RedisWakeup:
             is not a Redis URL.
     """
 
+    _label = "wake-up subscriber"
+    """Names the subscriber in its log lines and thread name."""
+    _meanwhile = "workers poll meanwhile"
+    """What covers for it while Redis is unreachable (said in the warning)."""
+
+    @staticmethod
+    def _channel_of(keys: RedisKeys) -> str:
+        return keys.wake()
+
     def __init__(
         self,
         url: str,
@@ -83,7 +101,7 @@ class RedisWakeup:
         backoff_cap_s: float = RECONNECT_BACKOFF_CAP_S,
     ) -> None:
         self.url = url
-        self.channel = RedisKeys(namespace).wake()
+        self.channel = self._channel_of(RedisKeys(namespace))
         self.health_check_s = health_check_s
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
@@ -91,10 +109,12 @@ class RedisWakeup:
         self._closed = threading.Event()
         self._subscribed = threading.Event()
         self._failures = 0  # in a row, since the last confirmed subscription (thread only)
-        self._thread = threading.Thread(target=self._run, name="qwenserve-wakeup", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"qwenserve-{self._label.replace(' ', '-')}", daemon=True
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> RedisWakeup:
+    def start(self) -> Self:
         """Start the subscriber thread (it connects in the background); returns self.
 
         Raises:
@@ -126,7 +146,7 @@ class RedisWakeup:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
 
-    def __enter__(self) -> RedisWakeup:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -147,15 +167,16 @@ class RedisWakeup:
                     break
                 self._failures += 1
                 if self._failures > 1:
-                    log.debug("wake-up subscriber: Redis still unreachable (%s)", error)
+                    log.debug("%s: Redis still unreachable (%s)", self._label, error)
                 elif isinstance(error, redis.RedisError | OSError):
                     log.warning(
-                        "wake-up subscriber: Redis unreachable (%s); reconnecting, workers "
-                        "poll meanwhile",
+                        "%s: Redis unreachable (%s); reconnecting, %s",
+                        self._label,
                         error,
+                        self._meanwhile,
                     )
                 else:
-                    log.exception("wake-up subscriber failed; reconnecting")
+                    log.exception("%s failed; reconnecting", self._label)
                 delay = self.backoff_base_s * 2 ** min(self._failures - 1, 30)
                 self._closed.wait(min(self.backoff_cap_s, delay))
 
@@ -200,7 +221,7 @@ class RedisWakeup:
         kind = message.get("type")
         if kind == "subscribe" and message.get("channel") == self.channel:
             if self._failures:
-                log.info("wake-up subscriber reconnected to Redis")
+                log.info("%s reconnected to Redis", self._label)
             self._failures = 0
             self._subscribed.set()
             # Whatever was published before this subscription was missed: look once now.
@@ -208,8 +229,24 @@ class RedisWakeup:
         elif kind == "message":
             self._call(str(message.get("data", "")))
 
-    def _call(self, slug: str | None) -> None:
+    def _call(self, data: str | None) -> None:
         try:
-            self._on_wake(slug)
+            self._on_wake(data)
         except Exception:
-            log.exception("wake-up callback failed (slug %r)", slug)
+            log.exception("%s: callback failed (message %r)", self._label, data)
+
+
+class RedisDoneWakeup(RedisWakeup):
+    """A background subscriber to the done channel, calling ``on_wake(job_id)`` for every job that
+    ends on any node, and ``on_wake(None)`` once per confirmed (re)subscription (ends published
+    while it was not listening are lost: every waiter should look again).
+
+    Same arguments, threading, reconnecting and ``close()`` as ``RedisWakeup``.
+    """
+
+    _label = "job-end subscriber"
+    _meanwhile = "waiters re-read the store meanwhile"
+
+    @staticmethod
+    def _channel_of(keys: RedisKeys) -> str:
+        return keys.done()
