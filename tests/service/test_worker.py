@@ -501,3 +501,68 @@ def test_a_looked_ahead_job_is_topped_up_with_later_batch_mates(
     assert engine.batch_sizes == [3], "jobs 2, 3 and 4 ran as one batch"
     assert sorted(engine.seeds) == [1, 2, 3, 4]
     worker.close()
+
+
+def _submit_with_stored_input(
+    store: SqliteStore, media: LocalMediaStore, key_id: str, clock: Clock, job_id: str
+) -> tuple[Job, str]:
+    """An edit job whose input the API stored in the media store (media/inline.py)."""
+    import base64
+    import io
+
+    from qwenserve.media.inline import store_inline_images, stored_media_id
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, "PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+    body = {"prompt": "x", "image": png, "seed": 3, "steps": 2, "guidance": 1}
+    request, [media_id] = store_inline_images(
+        validate_request("qwen-image-edit-fast", body),
+        media,
+        expires_at=time.time() + 3600,
+        max_bytes=10**6,
+        max_pixels=10**6,
+    )
+    assert stored_media_id(request.images[0].source) == media_id
+    job = Job(
+        id=job_id,
+        slug=request.slug,
+        key_id=key_id,
+        params=request.to_dict(),
+        status=JobStatus.QUEUED,
+        created_at=clock(),
+        expires_at=clock() + 3600,
+        cost_usd=0.1,
+    )
+    store.submit(job, rpm=0, now=clock())
+    return job, media_id
+
+
+def test_stored_inputs_are_deleted_once_the_job_has_ended(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    done, done_input = _submit_with_stored_input(store, media, key_id, clock, "job-done")
+    worker = runner(store, media, SolidEngine(), clock)
+    assert worker.run_once()
+    worker.wait_finished()
+    assert status_of(store, done, clock) is JobStatus.COMPLETED
+    assert media.get(done_input, now=time.time()) is None
+    failed, failed_input = _submit_with_stored_input(store, media, key_id, clock, "job-failed")
+    runner(store, media, RaisingEngine(RuntimeError("boom")), clock).run_once()
+    assert status_of(store, failed, clock) is JobStatus.FAILED
+    assert media.get(failed_input, now=time.time()) is None
+
+
+def test_stored_inputs_stay_while_the_job_may_still_run(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    job, stored_input = _submit_with_stored_input(store, media, key_id, clock, "job-back")
+    engine = HangingEngine()
+    worker = runner(store, media, engine, clock)
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    assert engine.started.wait(10)
+    worker.cancel_current()  # a drain that timed out: the job goes back to the queue
+    thread.join(10)
+    assert status_of(store, job, clock) is JobStatus.QUEUED
+    assert media.get(stored_input, now=time.time()) is not None, "the next attempt needs it"

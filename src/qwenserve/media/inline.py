@@ -5,8 +5,10 @@ base64. Kept in the job's parameters, every read of the job (a status poll, a cl
 waiter) would carry and parse those megabytes. So at submit the API decodes each inline image
 once, checks it is a PNG/JPEG/WEBP within the pixel limit (a bad one is a 400 naming its field
 before anything is charged), stores the bytes in the media store with the job's expiry, and
-the job keeps a short ``stored:<media id>`` reference that the worker reads back. URLs are left
-as they are: the worker fetches them, through its SSRF guard, when the job runs.
+the job keeps a short ``stored:<media id>`` reference that the worker reads back. The worker
+deletes them once the job has ended (completed or failed; a job given back to the queue keeps
+them for its next attempt), else they go with the request's expiry. URLs are left as they are:
+the worker fetches them, through its SSRF guard, when the job runs.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from qwenserve.catalog import MODELS, GenerationRequest
 from qwenserve.errors import InferenceError, QwenServeError, error_kind
 from qwenserve.jobs import Job, JobResult
 from qwenserve.media.encode import encode_image
+from qwenserve.media.inline import stored_media_id
 from qwenserve.media.storage import MediaStore, new_media_id
 from qwenserve.store.workers import WorkerInfo, WorkerRegistry
 from qwenserve.worker.routing import idle_peer_serves, plan_claims
@@ -570,6 +571,7 @@ class WorkerRunner:
             )
             if self.store.complete(job.id, self.config.worker_id, result, now=self.clock()):
                 self.state.jobs_completed += 1
+                self._forget_inputs(job)
                 outcome = f"completed ({generated.width}x{generated.height}, seed {generated.seed})"
             else:
                 self.media.delete(media_id)  # someone else owns the job now; keep one result
@@ -599,10 +601,22 @@ class WorkerRunner:
                 now=self.clock(),
             ):
                 self.state.jobs_failed += 1
+                self._forget_inputs(job)
                 log.info("job %s failed (%s: %s)", job.id, error_kind(error), error.message)
         finally:
             self._leases.drop(job.id)
         self._notify(job.id)
+
+    def _forget_inputs(self, job: Job) -> None:
+        """Delete the inline inputs the API stored for ``job`` (media/inline.py) once it has
+        ended for good; expiry would take them an hour later. Never fails the job."""
+        try:
+            for image in job.params.get("images", ()):
+                media_id = stored_media_id(str(image.get("source", "")))
+                if media_id is not None:
+                    self.media.delete(media_id)
+        except Exception:
+            log.warning("job %s: could not delete its stored inputs", job.id, exc_info=True)
 
     def _notify(self, job_id: str) -> None:
         if self.on_job_done is not None:
