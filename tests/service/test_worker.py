@@ -141,8 +141,19 @@ def submit(
     store: SqliteStore, key_id: str, clock: Clock, seed: int = 7, cost: float = 0.1, steps: int = 2
 ) -> Job:
     request = validate_request("qwen-image-fast", {"prompt": "x", "steps": steps, "seed": seed})
+    return enqueue(store, request, f"job-{seed}", key_id, clock, cost)
+
+
+def enqueue(
+    store: SqliteStore,
+    request: GenerationRequest,
+    job_id: str,
+    key_id: str,
+    clock: Clock,
+    cost: float = 0.1,
+) -> Job:
     job = Job(
-        id=f"job-{seed}",
+        id=job_id,
         slug=request.slug,
         key_id=key_id,
         params=request.to_dict(),
@@ -524,18 +535,7 @@ def _submit_with_stored_input(
         max_pixels=10**6,
     )
     assert stored_media_id(request.images[0].source) == media_id
-    job = Job(
-        id=job_id,
-        slug=request.slug,
-        key_id=key_id,
-        params=request.to_dict(),
-        status=JobStatus.QUEUED,
-        created_at=clock(),
-        expires_at=clock() + 3600,
-        cost_usd=0.1,
-    )
-    store.submit(job, rpm=0, now=clock())
-    return job, media_id
+    return enqueue(store, request, job_id, key_id, clock), media_id
 
 
 def test_stored_inputs_are_deleted_once_the_job_has_ended(
