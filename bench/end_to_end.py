@@ -1,6 +1,6 @@
 """Benchmark: per slug, a request end to end through the server versus the bare diffusers call.
 
-    python bench/end_to_end.py [--runs 3] [--no-write]
+    python bench/end_to_end.py [--runs 10] [--repeats 3] [--no-write]
 
 Server side: `POST /v1/{slug}` against a real `qwenserve serve` (tiny preset, batch 1): HTTP,
 auth, validation, queue, worker, engine, PNG encoding, media store, response. Direct side: the
@@ -38,7 +38,8 @@ from bench.report import append_section, table  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=10, help="pairs per slug per round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the slugs")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -75,6 +76,7 @@ def main() -> int:
         try:
             key = server.create_key(credits=1e6)
             client = httpx.Client(headers={"x-api-key": key}, timeout=300)
+            calls = {}
             for slug, body in REQUESTS.items():
                 spec = get_model(slug)
                 full: dict[str, Any] = {**body, "image_format": "png"}
@@ -106,18 +108,30 @@ def main() -> int:
 
                 through_server(0)
                 direct(0)
-                times: tuple[list[float], list[float]] = ([], [])
-                for run in range(1, args.runs + 1):
-                    for call, bucket in ((through_server, times[0]), (direct, times[1])):
-                        start = time.perf_counter()
-                        call(run)
-                        bucket.append(time.perf_counter() - start)
-                served, bare = statistics.median(times[0]), statistics.median(times[1])
-                # Per pair of neighbouring runs: robust to the machine speeding up or slowing
-                # down over the benchmark (a shared VM does).
-                pairs = list(zip(*times, strict=True))
-                overhead_ms = statistics.median(a - b for a, b in pairs) * 1000
-                ratio = statistics.median(a / b for a, b in pairs)
+                calls[slug] = (through_server, direct)
+            # Rounds over every slug: a slow spell of the machine lands in one round, and the
+            # spread of the rounds' ratios shows how much it moved.
+            pairs: dict[str, list[list[tuple[float, float]]]] = {slug: [] for slug in calls}
+            run = 0
+            for _round in range(args.repeats):
+                for slug, (through_server, direct) in calls.items():
+                    this_round = []
+                    for _ in range(args.runs):
+                        run += 1
+                        pair = []
+                        for call in (through_server, direct):
+                            start = time.perf_counter()
+                            call(run)
+                            pair.append(time.perf_counter() - start)
+                        this_round.append((pair[0], pair[1]))
+                    pairs[slug].append(this_round)
+            for slug, rounds in pairs.items():
+                every = [pair for one in rounds for pair in one]
+                served = statistics.median(a for a, _ in every)
+                bare = statistics.median(b for _, b in every)
+                overhead_ms = statistics.median(a - b for a, b in every) * 1000
+                ratio = statistics.median(a / b for a, b in every)
+                per_round = [statistics.median(a / b for a, b in one) for one in rounds]
                 rows.append(
                     [
                         slug,
@@ -125,6 +139,7 @@ def main() -> int:
                         f"{bare:.3f}",
                         f"{overhead_ms:+.0f}",
                         f"{ratio:.2f}",
+                        f"{min(per_round):.2f}-{max(per_round):.2f}",
                     ]
                 )
                 print(rows[-1])
@@ -138,6 +153,7 @@ def main() -> int:
             "diffusers direct (s)",
             "difference (ms), median of pairs",
             "ratio, median of pairs",
+            "ratio per round",
         ],
         rows,
     )
@@ -147,7 +163,8 @@ def main() -> int:
             "End to end through the server vs the bare diffusers call (tiny preset, batch 1)",
             lines,
             [
-                f"median of {args.runs} alternating runs after a warm-up; server answers PNG",
+                f"{args.repeats} rounds over the slugs, {args.runs} alternating pairs of runs per "
+                "slug per round, after a warm-up; medians over all pairs; server answers PNG",
                 "a new prompt every run on both sides (no prompt-cache hits); edit slugs: both "
                 "sides start from the input's PNG bytes (server: base64 in the JSON body)",
                 "sizes and steps as in the engine benchmark's table",
