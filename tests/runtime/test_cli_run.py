@@ -82,3 +82,30 @@ def test_invalid_input_exits_2_naming_the_field(
     assert code == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_run_builds_its_engine_with_every_served_switch(tmp_path: Path) -> None:
+    """`qwenserve run` and the served workers share one EngineConfig builder: a switch set for
+    one (tiling, offload, fp8, CFG pairing, ...) is never silently dropped by the other."""
+    import dataclasses
+
+    from qwenserve.cli.compose import engine_config
+    from qwenserve.config import Settings
+
+    settings = Settings(
+        data_dir=tmp_path,
+        vae_tiling=True,
+        fuse_lightning=True,
+        step_cache=0.2,
+        prompt_cache_size=7,
+        cfg_batch=False,
+        resident_models=3,
+    )
+    served = engine_config(settings)
+    for_run = engine_config(settings, resident_models=1)
+    assert dataclasses.replace(served, resident_models=1) == for_run
+    assert (served.vae_tiling, served.fuse_lightning, served.step_cache) == (True, True, 0.2)
+    assert (served.prompt_cache_size, served.cfg_batch, served.resident_models) == (7, False, 3)
+    assert {f.name for f in dataclasses.fields(served)} <= set(Settings.model_fields) | {
+        "cache_dir"
+    }, "every engine field has a setting"

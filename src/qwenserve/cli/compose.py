@@ -19,6 +19,7 @@ from qwenserve.worker.runner import WorkerConfig, WorkerRunner
 
 if TYPE_CHECKING:
     from qwenserve.api.waiting import CompletionHub
+    from qwenserve.runtime import EngineConfig
     from qwenserve.store.redis_wakeup import RedisDoneWakeup, RedisWakeup
 
 log = logging.getLogger("qwenserve")
@@ -41,6 +42,28 @@ def build_media(settings: Settings) -> MediaStore:
     return LocalMediaStore(settings.media_dir)
 
 
+def engine_config(settings: Settings, *, resident_models: int | None = None) -> EngineConfig:
+    """The engine every command builds from ``settings`` (serve, worker and run alike)."""
+    from qwenserve.runtime import EngineConfig
+
+    return EngineConfig(
+        weights=settings.weights,
+        cache_dir=settings.model_cache_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        resident_models=resident_models or settings.resident_models,
+        resident_memory_gb=settings.resident_memory_gb,
+        fuse_lightning=settings.fuse_lightning,
+        compile=settings.compile,
+        quantize=settings.quantize,
+        vae_tiling=settings.vae_tiling,
+        cpu_offload=settings.cpu_offload,
+        step_cache=settings.step_cache,
+        prompt_cache_size=settings.prompt_cache_size,
+        cfg_batch=settings.cfg_batch,
+    )
+
+
 def build_runners(
     settings: Settings,
     store: Store,
@@ -52,30 +75,13 @@ def build_runners(
     registry: WorkerRegistry | None = None,
 ) -> list[WorkerRunner]:
     """``count`` runners, each with its own engine (an engine runs one job at a time)."""
-    from qwenserve.runtime import Engine, EngineConfig
+    from qwenserve.runtime import Engine
     from qwenserve.worker.inputs import MediaInputLoader
 
     inputs = MediaInputLoader.from_settings(settings, media)
     runners = []
     for index in range(count):
-        engine = Engine(
-            EngineConfig(
-                weights=settings.weights,
-                cache_dir=settings.model_cache_dir,
-                device=settings.device,
-                dtype=settings.dtype,
-                resident_models=settings.resident_models,
-                resident_memory_gb=settings.resident_memory_gb,
-                fuse_lightning=settings.fuse_lightning,
-                compile=settings.compile,
-                quantize=settings.quantize,
-                vae_tiling=settings.vae_tiling,
-                cpu_offload=settings.cpu_offload,
-                step_cache=settings.step_cache,
-                prompt_cache_size=settings.prompt_cache_size,
-                cfg_batch=settings.cfg_batch,
-            )
-        )
+        engine = Engine(engine_config(settings))
         worker_id = f"{socket.gethostname()}-{os.getpid()}-{index}"
         runners.append(
             WorkerRunner(

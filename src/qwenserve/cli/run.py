@@ -153,18 +153,11 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     images = inputs.load_images(request)
     loras = inputs.load_loras(request)
 
-    from qwenserve.runtime import Engine, EngineConfig
+    from qwenserve.cli.compose import engine_config
+    from qwenserve.runtime import Engine
 
-    engine = Engine(
-        EngineConfig(
-            weights=settings.weights,
-            cache_dir=settings.model_cache_dir,
-            device=settings.device,
-            dtype=settings.dtype,
-            resident_models=1,
-            resident_memory_gb=settings.resident_memory_gb,
-        )
-    )
+    # The same switches as a served engine (tiling, offload, fp8, ...); one model at a time.
+    engine = Engine(engine_config(settings, resident_models=1))
     console.print(engine.describe())
     if engine.is_tiny:
         console.print(

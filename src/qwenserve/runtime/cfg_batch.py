@@ -50,28 +50,11 @@ def _pad_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
 
 @dataclass
 class _Kept:
+    """The uncond half of a paired call, for the next call if it asks exactly that."""
+
     latents: torch.Tensor
     timestep: torch.Tensor
-    embeds: torch.Tensor
-    mask: torch.Tensor
     output: torch.Tensor
-
-    def answers(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor | None,
-        embeds: torch.Tensor | None,
-        mask: torch.Tensor | None,
-    ) -> bool:
-        return (
-            latents is self.latents
-            and timestep is not None
-            and torch.equal(timestep, self.timestep)
-            and embeds is not None
-            and embeds.shape == self.embeds.shape
-            and torch.equal(embeds, self.embeds)
-            and torch.equal(_mask_or_ones(embeds, mask).long(), self.mask.long())
-        )
 
 
 class CfgBatcher:
@@ -81,6 +64,11 @@ class CfgBatcher:
         self._forward = transformer.forward
         transformer.forward = self._call
         self._armed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._seen_negative: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        """The (embeds, mask) objects last found equal to the armed negative: the pipeline
+        passes the same objects every step, so the values are compared once per call."""
+        self._seen_other: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        """Likewise the last (embeds, mask) found to differ from it (the prompt's own)."""
         self._kept: _Kept | None = None
         self.batched_calls = 0
         """Transformer calls that served both passes (for tests and metrics)."""
@@ -91,12 +79,33 @@ class CfgBatcher:
     ) -> Iterator[None]:
         """Within this block, a transformer call with other text also computes this negative."""
         self._armed = (negative_embeds, _mask_or_ones(negative_embeds, negative_mask))
+        self._seen_negative = self._seen_other = None
         self._kept = None
         try:
             yield
         finally:
             self._armed = None
+            self._seen_negative = self._seen_other = None
             self._kept = None
+
+    def _is_armed_negative(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether ``embeds``/``mask`` are the armed negative prompt (by value, then by identity
+        for the same objects on the following steps)."""
+        assert self._armed is not None
+        for seen, answer in ((self._seen_negative, True), (self._seen_other, False)):
+            if seen is not None and embeds is seen[0] and mask is seen[1]:
+                return answer
+        negative, negative_mask = self._armed
+        same = (
+            embeds.shape == negative.shape
+            and torch.equal(embeds, negative)
+            and torch.equal(_mask_or_ones(embeds, mask).long(), negative_mask.long())
+        )
+        if same:
+            self._seen_negative = (embeds, mask)
+        else:
+            self._seen_other = (embeds, mask)
+        return same
 
     def _call(
         self,
@@ -111,8 +120,13 @@ class CfgBatcher:
         **extra: Any,
     ) -> Any:
         kept, self._kept = self._kept, None
-        if kept is not None and kept.answers(
-            hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_mask
+        if (
+            kept is not None
+            and hidden_states is kept.latents
+            and timestep is not None
+            and encoder_hidden_states is not None
+            and torch.equal(timestep, kept.timestep)
+            and self._is_armed_negative(encoder_hidden_states, encoder_hidden_states_mask)
         ):
             return self._package(kept.output, return_dict)
         call = {
@@ -145,7 +159,7 @@ class CfgBatcher:
             return_dict=False,
         )[0]
         batch = hidden_states.shape[0]
-        self._kept = _Kept(hidden_states, timestep.clone(), negative, negative_mask, output[batch:])
+        self._kept = _Kept(hidden_states, timestep.clone(), output[batch:])
         self.batched_calls += 1
         return self._package(output[:batch], return_dict)
 
@@ -165,7 +179,7 @@ class CfgBatcher:
             and call["img_shapes"] is not None
             and embeds.shape[0] == negative.shape[0] == call["hidden_states"].shape[0]
             and timestep.shape[0] == embeds.shape[0]
-            and not (embeds.shape == negative.shape and torch.equal(embeds, negative))
+            and not self._is_armed_negative(embeds, call["encoder_hidden_states_mask"])
         )
 
     @staticmethod

@@ -17,21 +17,16 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKLQwenImage
 from diffusers import QwenImageTransformer2DModel as Transformer
 from safetensors.torch import save_file
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from qwenserve.catalog import LoraSource, PipelineKind
 from qwenserve.errors import InferenceError
-from qwenserve.runtime.processor import ImageOnlyQwen2VLProcessor
-from qwenserve.runtime.schedulers import STOCK_SCHEDULER_CONFIG
 from qwenserve.runtime.tiny_preset import (
-    _PIPELINE_CLASSES,
-    VISION_MAX_PIXELS,
-    VISION_MIN_PIXELS,
     _seed_for,
     _text_encoder,
+    assemble_pipeline,
     prompt_templates,
 )
 from qwenserve.runtime.tiny_tokenizer import build_tiny_tokenizer
@@ -77,25 +72,7 @@ def build_random_full_pipeline(kind: PipelineKind, name: str, dtype: torch.dtype
             key_value_heads=4,
             mrope_section=(16, 24, 24),
         ).to(device=device, dtype=dtype)
-    components: dict[str, Any] = {
-        "transformer": transformer,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": FlowMatchEulerDiscreteScheduler.from_config(dict(STOCK_SCHEDULER_CONFIG)),
-    }
-    if kind is not PipelineKind.TEXT_TO_IMAGE:
-        components["processor"] = ImageOnlyQwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessorPil(
-                min_pixels=VISION_MIN_PIXELS,
-                max_pixels=VISION_MAX_PIXELS,
-                patch_size=14,
-                temporal_patch_size=2,
-                merge_size=2,
-            ),
-            tokenizer=tokenizer,
-        )
-    return _PIPELINE_CLASSES[kind](**components)
+    return assemble_pipeline(kind, transformer, vae, text_encoder, tokenizer)
 
 
 LORA_RANK = 16

@@ -206,13 +206,22 @@ def build_tiny_pipeline(kind: PipelineKind, name: str) -> Any:
         _reinitialise(transformer, TRANSFORMER_INIT_GAIN)
         vae = _vae()
         _reinitialise(vae, VAE_INIT_GAIN)
-        components: dict[str, Any] = {
-            "transformer": transformer,
-            "vae": vae,
-            "text_encoder": _text_encoder(tokenizer),
-            "tokenizer": tokenizer,
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_config(dict(STOCK_SCHEDULER_CONFIG)),
-        }
+        text_encoder = _text_encoder(tokenizer)
+    return assemble_pipeline(kind, transformer, vae, text_encoder, tokenizer)
+
+
+def assemble_pipeline(
+    kind: PipelineKind, transformer: Any, vae: Any, text_encoder: Any, tokenizer: Any
+) -> Any:
+    """A pipeline of ``kind`` from its models, with the stock scheduler and, for edits, the
+    torchvision-free image processor (shared by the tiny and random-full presets)."""
+    components: dict[str, Any] = {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_config(dict(STOCK_SCHEDULER_CONFIG)),
+    }
     if kind is not PipelineKind.TEXT_TO_IMAGE:
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=VISION_MIN_PIXELS,
