@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -133,6 +134,19 @@ def test_406_insufficient_credits_nothing_queued(server: Server) -> None:
     with pytest.raises(SegmindError) as caught:
         client.run_sync("qwen-image", **body_for("qwen-image"))
     assert caught.value.status == 406
+
+
+def test_406_with_an_inline_image_keeps_nothing(server: Server) -> None:
+    def stored_inputs() -> set[Path]:
+        # Uploaded inputs are the octet-stream items (outputs of earlier tests' jobs are images).
+        metas = (server.data_dir / "media").rglob("*.json")
+        return {m for m in metas if "application/octet-stream" in m.read_text()}
+
+    poor = server.create_key(credits=0.001)
+    before = stored_inputs()
+    body = body_for("qwen-image-edit-fast", image=png_b64())
+    assert_error(post(server, "/v2/qwen-image-edit-fast", poor, json=body), 406, "credit")
+    assert stored_inputs() - before == set(), "the refused request's uploaded image is not kept"
 
 
 def test_429_rate_limit_with_headers(server: Server) -> None:

@@ -110,7 +110,8 @@ async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submi
     try:
         outcome = await services.call(services.store.submit, job, rpm=key.rpm, now=now)
     except BaseException:  # refused (429, 406) or the store is down: nothing is kept
-        await services.call(forget, services.media, stored)
+        if stored:
+            await services.call(forget, services.media, stored)
         raise
     log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
     if services.on_submitted is not None:
