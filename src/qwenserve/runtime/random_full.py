@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from qwenserve.catalog import LoraSource, PipelineKind
 from qwenserve.errors import InferenceError
+from qwenserve.runtime.memory_plan import Footprint, Part
 from qwenserve.runtime.tiny_preset import (
     _seed_for,
     _text_encoder,
@@ -54,6 +55,17 @@ def _random_transformer(device: torch.device, dtype: torch.dtype) -> Any:
     return transformer
 
 
+def _wide_text_encoder(tokenizer: Any) -> Any:
+    """The tiny two-layer encoder at the real joint attention width (real embedding shapes)."""
+    return _text_encoder(
+        tokenizer,
+        hidden=JOINT_ATTENTION_DIM,
+        head_dim=128,
+        key_value_heads=4,
+        mrope_section=(16, 24, 24),
+    )
+
+
 def build_random_full_pipeline(kind: PipelineKind, name: str, dtype: torch.dtype) -> Any:
     """A real-size pipeline of ``kind`` with random weights, on CUDA (refused elsewhere)."""
     if not torch.cuda.is_available():
@@ -65,14 +77,26 @@ def build_random_full_pipeline(kind: PipelineKind, name: str, dtype: torch.dtype
         transformer = _random_transformer(device, dtype)
         vae_module: Any = AutoencoderKLQwenImage()
         vae = vae_module.to(device=device, dtype=dtype)
-        text_encoder = _text_encoder(
-            tokenizer,
-            hidden=JOINT_ATTENTION_DIM,
-            head_dim=128,
-            key_value_heads=4,
-            mrope_section=(16, 24, 24),
-        ).to(device=device, dtype=dtype)
+        text_encoder = _wide_text_encoder(tokenizer).to(device=device, dtype=dtype)
     return assemble_pipeline(kind, transformer, vae, text_encoder, tokenizer)
+
+
+def random_full_footprint(dtype: torch.dtype) -> Footprint:
+    """The bytes ``build_random_full_pipeline`` will take, from a meta-device build (no memory,
+    no GPU): the parameters and buffers of each component at ``dtype``."""
+    tokenizer = build_tiny_tokenizer(prompt_templates())
+    with torch.device("meta"):
+        components: dict[str, Any] = {
+            "transformer": Transformer(),
+            "vae": AutoencoderKLQwenImage(),
+            "text_encoder": _wide_text_encoder(tokenizer),
+        }
+    return Footprint(
+        tuple(
+            Part(name, sum(t.numel() for t in (*m.parameters(), *m.buffers())) * dtype.itemsize)
+            for name, m in components.items()
+        )
+    )
 
 
 LORA_RANK = 16
