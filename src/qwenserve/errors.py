@@ -19,6 +19,7 @@ responses, and nothing else invents status codes. This module imports nothing fr
     ├── UpstreamError                   502  fetching an input URL failed
     ├── UpstreamTimeout                 504  fetching an input URL timed out
     ├── InferenceError                  500  the engine failed while running a job
+    │   └── OutOfMemory                 500  the device ran out of memory for this size x batch
     └── ServiceUnavailable              503  shutting down or no worker can take the job
 """
 
@@ -113,6 +114,11 @@ class InferenceError(QwenServeError):
     http_status = 500
 
 
+class OutOfMemory(InferenceError):
+    """The device ran out of memory generating this size and batch; the engine freed what the
+    call held. The worker retries a batch in halves; a single request fails with this error."""
+
+
 class ServiceUnavailable(QwenServeError):
     """The server cannot take work right now (shutting down, no worker for the model)."""
 
@@ -134,6 +140,7 @@ _BY_NAME: dict[str, type[QwenServeError]] = {
         UpstreamError,
         UpstreamTimeout,
         InferenceError,
+        OutOfMemory,
         ServiceUnavailable,
     )
 }

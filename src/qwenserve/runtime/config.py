@@ -18,8 +18,10 @@ class EngineConfig:
     ``weights``: "tiny" (random weights built locally: images are noise), "hub" (Hugging Face ids
     through the HF cache) or a folder holding ``<org>/<name>`` pipelines and ``<repo>/<file>``
     LoRAs. ``cache_dir`` holds the tiny preset (``cache_dir/"tiny-v1"``). ``dtype`` "auto" is
-    bfloat16 on CUDA and float32 elsewhere. At most ``resident_models`` base pipelines (and, when
-    set, about ``resident_memory_gb`` of parameters) stay loaded, least recently used evicted.
+    bfloat16 on CUDA and float32 elsewhere. At most ``resident_models`` base pipelines stay
+    loaded, and only as many bytes as the memory budget allows, least recently used evicted
+    before a load (``runtime/memory_plan.py``): ``resident_memory_gb`` when set, else on CUDA the
+    free device memory (plus what the pipelines hold) less ``memory_margin_gb``.
 
     ``weights`` may also be "random-full": the real-size Qwen-Image transformer and VAE with
     random bf16 weights (a small text encoder projected to the real width), to measure real
@@ -34,6 +36,12 @@ class EngineConfig:
     dtype: str = "auto"
     resident_models: int = 2
     resident_memory_gb: float | None = None
+    memory_margin_gb: float = 8.0
+    """Default 8. GiB of CUDA memory kept free of resident weights, for the work itself: the
+    transformer's activations (estimated ~3-5 GB for a batch of 4 at 1328² with CFG paired),
+    cuBLAS workspaces and allocator fragmentation. A VAE decode that does not fit what is free
+    less this margin is tiled. Ignored off CUDA and when ``resident_memory_gb`` is set (that
+    budget is then taken as is for the weights; tiling still keeps the margin)."""
     fuse_lightning: bool = False
     """Default False. True: slugs with a Lightning LoRA get their own resident pipeline with the
     LoRA fused into the transformer weights (no per-call adapter cost, no adapter switching),
@@ -45,8 +53,10 @@ class EngineConfig:
     """Default "none". "fp8": float8 weight-only quantisation of the transformer through torchao
     (``pip install qwenserve[gpu]``); halves the transformer's weight memory."""
     vae_tiling: bool | None = None
-    """Default None (auto: tiled VAE decode for outputs over ``VAE_TILING_AUTO_PIXELS``, about
-    2 MP). True/False force it on/off. Tiling bounds the decoder's peak memory."""
+    """Default None (auto: on CUDA, tiled when the whole decode's estimated peak, batch x
+    pixels, does not fit the free memory less ``memory_margin_gb``; elsewhere above 2 MP over
+    batch x pixels; ``runtime/memory_plan.py``). True/False force it on/off. Tiling bounds the
+    decoder's peak memory."""
     cpu_offload: bool = False
     """Default False. True: ``enable_model_cpu_offload`` (each component on the GPU only while
     it runs), for GPUs too small for the whole pipeline; needs CUDA, refused elsewhere."""

@@ -1,7 +1,8 @@
 """The Engine: a validated GenerationRequest in, a PIL image out, on the diffusers pipelines.
 
 Base pipelines are resident and shared by residency key (``recipe.base_weights``): qwen-image and
-qwen-image-fast run on one ``Qwen/Qwen-Image`` pipeline. LoRAs are peft adapters by name. A
+qwen-image-fast run on one ``Qwen/Qwen-Image`` pipeline; loading, the memory plan and shared
+text encoders/VAEs live in ``resident.py``. LoRAs are peft adapters by name. A
 recipe's own LoRAs (Lightning, presets) are loaded once per resident pipeline and switched on
 only for the calls that use them; a request's extra LoRAs are loaded for that call alone and
 deleted in a ``finally``, so one job's adapters never reach the next. The scheduler is chosen per
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import gc
 import hashlib
 import io
 import itertools
@@ -26,13 +26,12 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
 from PIL import Image
 
 from qwenserve.catalog import (
@@ -45,22 +44,14 @@ from qwenserve.catalog import (
     get_model,
     validate_request,
 )
-from qwenserve.errors import InferenceError, InvalidInput, QwenServeError
+from qwenserve.errors import InferenceError, InvalidInput, OutOfMemory, QwenServeError
 from qwenserve.runtime.cfg_batch import CfgBatcher
 from qwenserve.runtime.condition_area import capped_condition_area
 from qwenserve.runtime.config import EngineConfig, GeneratedImage
-from qwenserve.runtime.cpu_kernels import use_fast_vae_norms
-from qwenserve.runtime.fast_paths import (
-    apply_fast_paths,
-    check_switches,
-    set_vae_tiling,
-    wants_vae_tiling,
-)
+from qwenserve.runtime.fast_paths import check_switches, set_vae_tiling
 from qwenserve.runtime.lora_check import read_lora
-from qwenserve.runtime.processor import load_processor
-from qwenserve.runtime.progress import quiet_progress
 from qwenserve.runtime.prompt_cache import PromptCache
-from qwenserve.runtime.residency import Residency
+from qwenserve.runtime.resident import Resident, ResidentPipelines, device_budget
 from qwenserve.runtime.schedulers import scheduler_for
 from qwenserve.runtime.sizes import TINY_AREA, SizePlan, plan_size
 from qwenserve.runtime.weights import WeightSource, describe_weights, weight_source
@@ -106,36 +97,6 @@ def _adapter_name_for(source: LoraSource) -> str:
     return f"{_ADAPTER_PREFIX}{digest}"
 
 
-def _parameter_bytes(pipe: Pipeline) -> int:
-    total = 0
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            for tensor in itertools.chain(component.parameters(), component.buffers()):
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
-@dataclass
-class _Resident:
-    """One loaded base pipeline and what the engine loaded into it."""
-
-    key: str
-    kind: PipelineKind
-    pipe: Pipeline
-    stock_scheduler: dict[str, Any]
-    adapters: dict[LoraSource, str] = field(default_factory=dict)
-    """Recipe LoRAs kept loaded: source → adapter name."""
-    fused: LoraSource | None = None
-    """The Lightning LoRA fused into this pipeline's weights (``fuse_lightning``), if any."""
-    warmed: bool = False
-    active: tuple[tuple[str, ...], tuple[float, ...]] | None = None
-    """Adapters (names, weights) set active by the last call; None: unknown, set them again."""
-    schedulers: dict[tuple[SchedulerKind, bool], Any] = field(default_factory=dict)
-    """One scheduler per (kind, one step): set_timesteps resets it at every call."""
-    cfg: CfgBatcher | None = None
-    """Runs CFG's two passes as one batch (``cfg_batch``), where it applies."""
-
-
 @dataclass(frozen=True)
 class PreparedCall:
     """The exact diffusers call ``generate`` makes (for benchmarks and debugging)."""
@@ -155,14 +116,8 @@ class Engine:
         self.config = config
         self._source: WeightSource | None = None
         self._lock = threading.RLock()
-        self._residency: Residency[_Resident] = Residency(
-            max_items=config.resident_models,
-            max_bytes=(
-                int(config.resident_memory_gb * 2**30)
-                if config.resident_memory_gb is not None
-                else None
-            ),
-            size_of=lambda resident: _parameter_bytes(resident.pipe),
+        self._pipelines = ResidentPipelines(
+            config, self.device, self.dtype, self._weights, device_budget(config, self.device)
         )
         self._resident_keys: tuple[str, ...] = ()
         self._job_counter = itertools.count(1)
@@ -256,7 +211,7 @@ class Engine:
             started = time.perf_counter()
             self.load(slug)
             with self._lock:
-                resident = self._residency.get(self._residency_key(get_model(slug).recipe))
+                resident = self._pipelines.get(self._residency_key(get_model(slug).recipe))
                 if resident is None or not resident.warmed:
                     self._warm(slug)
                     if resident is not None:
@@ -286,81 +241,26 @@ class Engine:
             return recipe.lightning
         return None
 
-    def _resident_for(self, recipe: Recipe) -> _Resident:
+    def _resident_for(self, recipe: Recipe) -> Resident:
         try:
             return self._load_or_reuse(recipe)
         finally:
-            self._resident_keys = tuple(self._residency.keys())
+            self._resident_keys = tuple(self._pipelines.keys())
 
-    def _load_or_reuse(self, recipe: Recipe) -> _Resident:
+    def _load_or_reuse(self, recipe: Recipe) -> Resident:
         key = self._residency_key(recipe)
-        resident = self._residency.get(key)
-        if resident is not None:
-            return resident
-        # Free the old pipeline before loading the new one: two large bases may not fit at once.
-        evicted_keys = [old_key for old_key, _old in self._residency.make_room()]
-        if evicted_keys:
-            log.info("evicted pipeline(s) %s (least recently used)", ", ".join(evicted_keys))
-            self._release_memory()
-        resident = self._load_pipeline(recipe, key)
-        evicted_keys = [old_key for old_key, _old in self._residency.put(key, resident)]
-        if evicted_keys:
-            log.info("evicted pipeline(s) %s (memory budget)", ", ".join(evicted_keys))
-            self._release_memory()
+        resident = self._pipelines.get(key)
+        if resident is None:
+            resident = self._pipelines.load(key, recipe, lambda r: self._prepare_loaded(r, recipe))
         return resident
 
-    def _load_pipeline(self, recipe: Recipe, key: str) -> _Resident:
-        started = time.perf_counter()
-        source = self._weights()
-        location = source.base_location(recipe.base_weights, recipe.pipeline)
-        kwargs: dict[str, Any] = {"dtype": self.dtype}
-        try:
-            if self.config.weights == "random-full":
-                from qwenserve.runtime.random_full import build_random_full_pipeline
-
-                pipe = build_random_full_pipeline(recipe.pipeline, recipe.base_weights, self.dtype)
-            else:
-                if recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE:
-                    # The stock processor needs torchvision; ours loads the same files without it.
-                    kwargs["processor"] = load_processor(location)
-                with quiet_progress():
-                    pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
-            if not self.config.cpu_offload:
-                pipe.to(self.device)
-        except QwenServeError:
-            raise
-        except Exception as error:
-            raise InferenceError(
-                f"could not load {recipe.base_weights} from {location}: {error}"
-            ) from error
-        pipe.set_progress_bar_config(disable=True)
-        resident = _Resident(
-            key=key,
-            kind=recipe.pipeline,
-            pipe=pipe,
-            stock_scheduler=dict(pipe.scheduler.config),
-        )
+    def _prepare_loaded(self, resident: Resident, recipe: Recipe) -> None:
+        """Engine-specific steps on a freshly loaded pipeline, before its fast paths."""
         fused = self._fused_lora(recipe)
         if fused is not None:
             self._fuse(resident, fused)
         if self._wants_cfg_batch(recipe):
-            resident.cfg = CfgBatcher(pipe.transformer)
-        if self.device.type == "cpu" and getattr(pipe, "vae", None) is not None:
-            use_fast_vae_norms(pipe.vae)
-        try:
-            apply_fast_paths(pipe, self.config, self.device)
-        except QwenServeError:
-            raise
-        except Exception as error:
-            raise InferenceError(f"could not prepare {key}: {error}") from error
-        log.info(
-            "loaded %s (%s) from %s in %.2fs",
-            recipe.base_weights,
-            type(pipe).__name__,
-            location,
-            time.perf_counter() - started,
-        )
-        return resident
+            resident.cfg = CfgBatcher(resident.pipe.transformer)
 
     def _wants_cfg_batch(self, recipe: Recipe) -> bool:
         """Only where the engine knows the negative embeddings before the call (the prompt
@@ -374,7 +274,7 @@ class Engine:
             and config.step_cache is None
         )
 
-    def _fuse(self, resident: _Resident, source: LoraSource) -> None:
+    def _fuse(self, resident: Resident, source: LoraSource) -> None:
         """Fuse ``source`` into the transformer's weights and drop the adapter layers."""
         name = self._recipe_adapter(resident, source, field="lora")
         pipe = resident.pipe
@@ -384,13 +284,8 @@ class Engine:
         resident.adapters.pop(source, None)
         resident.fused = source
 
-    def _release_memory(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     # --- adapters -----------------------------------------------------------------------------
-    def _load_adapter(self, resident: _Resident, path: Path, name: str, *, field: str) -> None:
+    def _load_adapter(self, resident: Resident, path: Path, name: str, *, field: str) -> None:
         """Load ``path`` as adapter ``name``; InvalidInput(field) when it is not a LoRA for it."""
         pipe = resident.pipe
         lora = read_lora(pipe, path, pipe.transformer, field=field, model=resident.key)
@@ -419,17 +314,17 @@ class Engine:
             )
 
     @staticmethod
-    def _loaded_adapters(resident: _Resident) -> set[str]:
+    def _loaded_adapters(resident: Resident) -> set[str]:
         names = resident.pipe.get_list_adapters()
         return {name for per_component in names.values() for name in per_component}
 
-    def _drop_adapters(self, resident: _Resident, names: Sequence[str]) -> None:
+    def _drop_adapters(self, resident: Resident, names: Sequence[str]) -> None:
         present = [n for n in names if n in self._loaded_adapters(resident)]
         if present:
             resident.active = None
             resident.pipe.delete_adapters(present)
 
-    def _recipe_adapter(self, resident: _Resident, source: LoraSource, *, field: str) -> str:
+    def _recipe_adapter(self, resident: Resident, source: LoraSource, *, field: str) -> str:
         """The adapter name of a recipe LoRA, loading it into the resident pipeline once."""
         name = resident.adapters.get(source)
         if name is None:
@@ -443,9 +338,7 @@ class Engine:
             resident.adapters[source] = name
         return name
 
-    def _activate(
-        self, resident: _Resident, names: Sequence[str], weights: Sequence[float]
-    ) -> None:
+    def _activate(self, resident: Resident, names: Sequence[str], weights: Sequence[float]) -> None:
         """Exactly ``names`` active for this call; none active leaves the base model exact.
 
         Setting adapters walks every LoRA layer (milliseconds per call); when the last call
@@ -538,7 +431,7 @@ class Engine:
 
     def _prepare(
         self,
-        resident: _Resident,
+        resident: Resident,
         recipe: Recipe,
         requests: Sequence[GenerationRequest],
         images: Sequence[Image.Image],
@@ -553,9 +446,10 @@ class Engine:
         if resident.pipe.scheduler is not scheduler:
             resident.pipe.scheduler = scheduler
         plan = plan_size(first, recipe, [i.size for i in images], tiny=self.is_tiny)
-        set_vae_tiling(
-            resident.pipe, wants_vae_tiling(self.config, plan.generate_width, plan.generate_height)
+        tiled = self._pipelines.wants_vae_tiling(
+            plan.generate_width, plan.generate_height, len(requests)
         )
+        set_vae_tiling(resident.pipe, tiled)
         return self._call_kwargs(requests, recipe, images, plan, resident.pipe), plan
 
     def prepare_call(
@@ -574,7 +468,7 @@ class Engine:
             return PreparedCall(resident.pipe, kwargs, plan)
 
     def _recipe_adapters_for(
-        self, resident: _Resident, recipe: Recipe, request: GenerationRequest
+        self, resident: Resident, recipe: Recipe, request: GenerationRequest
     ) -> tuple[list[str], list[float]]:
         names: list[str] = []
         weights: list[float] = []
@@ -607,8 +501,9 @@ class Engine:
         gets (steps done, total) after each denoising step; ``should_cancel`` is checked there.
 
         Raises InvalidInput (naming the field) for a LoRA file that is not a LoRA for this model,
-        InferenceError for engine failures: out of memory, NaN output, cancellation
-        ("cancelled"), weights that cannot be loaded.
+        OutOfMemory (an InferenceError naming the size) when the device runs out of memory,
+        InferenceError for other engine failures: NaN output, cancellation ("cancelled"),
+        weights that cannot be loaded.
         """
         spec = get_model(request.slug)
         recipe = spec.recipe
@@ -630,7 +525,7 @@ class Engine:
                     self._load_adapter(resident, Path(path), name, field=ref_field)
                 self._activate(resident, names + job_names, weights + [1.0] * len(job_names))
                 kwargs, plan = self._prepare(resident, recipe, [request], images)
-                pixels = self._run(resident, kwargs, request.steps, on_step, should_cancel)
+                pixels = self._run(resident, kwargs, plan, request.steps, on_step, should_cancel)
             finally:
                 if job_names:
                     # Recipe adapters only, then delete: nothing of this job reaches the next.
@@ -697,8 +592,8 @@ class Engine:
         of the whole batch (the requests shared it). A single request is simply ``generate``.
 
         Raises InferenceError when the keys differ or are None for a batch of more than one, on
-        cancellation ("cancelled": the whole batch), out of memory, or a NaN in any image (the
-        whole batch is discarded; the worker may retry the requests one by one).
+        cancellation ("cancelled": the whole batch) or a NaN in any image (the whole batch is
+        discarded), and OutOfMemory naming size and batch (the worker retries it in halves).
         """
         if not requests:
             return []
@@ -725,7 +620,7 @@ class Engine:
             started = time.perf_counter()
             self._activate(resident, names, weights)
             kwargs, plan = self._prepare(resident, recipe, requests, [])
-            pixels = self._run(resident, kwargs, first.steps, on_step, should_cancel)
+            pixels = self._run(resident, kwargs, plan, first.steps, on_step, should_cancel)
             elapsed_s = time.perf_counter() - started
         log.info(
             "generated a batch of %d %s %dx%d seeds=%s steps=%d in %.2fs",
@@ -750,14 +645,18 @@ class Engine:
 
     def _run(
         self,
-        resident: _Resident,
+        resident: Resident,
         kwargs: dict[str, Any],
+        size: SizePlan,
         total_steps: int,
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
     ) -> np.ndarray[Any, Any]:
-        """Call the pipeline; returns float pixels [B, H, W, 3] in [0, 1]."""
+        """Call the pipeline; returns float pixels [B, H, W, 3] in [0, 1].
+
+        Raises OutOfMemory (naming size and batch) once the memory the call held is freed."""
         cancelled = False
+        out_of_memory = False
 
         def step_end(
             pipeline: Pipeline, step: int, timestep: Any, tensors: dict[str, Any]
@@ -781,13 +680,22 @@ class Engine:
                     mask = kwargs.get("negative_prompt_embeds_mask")
                     scope.enter_context(resident.cfg.armed(negative, mask))
                 output = resident.pipe(**kwargs, callback_on_step_end=step_end)
-        except torch.OutOfMemoryError as error:
-            self._release_memory()
-            raise InferenceError("out of memory while generating; try a smaller size") from error
         except QwenServeError:
             raise
         except Exception as error:
-            raise InferenceError(f"generation failed: {type(error).__name__}: {error}") from error
+            if not _is_out_of_memory(error):
+                raise InferenceError(
+                    f"generation failed: {type(error).__name__}: {error}"
+                ) from error
+            out_of_memory = True  # raised below: the error's frames hold the call's tensors
+        if out_of_memory:
+            self._pipelines.release_memory()
+            batch = len(kwargs["generator"]) if isinstance(kwargs["generator"], list) else 1
+            raise OutOfMemory(
+                f"out of memory generating {size.width}x{size.height} ×{batch} on "
+                f"{self.device.type}: "
+                + ("retry in smaller batches" if batch > 1 else "try a smaller size")
+            )
         if cancelled:
             raise InferenceError("cancelled")
         pixels: np.ndarray[Any, Any] = np.asarray(output.images)
@@ -811,6 +719,13 @@ def _warm_up_request(spec: ModelSpec) -> tuple[GenerationRequest, list[Image.Ima
         body[spec.image_fields[0]] = base64.b64encode(buffer.getvalue()).decode("ascii")
         images.append(picture)
     return validate_request(spec.slug, body), images
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    """CUDA's typed error, or the CPU allocator's plain RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
 
 
 def _to_image(pixels: np.ndarray[Any, Any], plan: SizePlan) -> Image.Image:

@@ -16,9 +16,6 @@ import torch
 from qwenserve.errors import InferenceError
 from qwenserve.runtime.config import EngineConfig
 
-VAE_TILING_AUTO_PIXELS = 2 * 1024 * 1024
-"""``vae_tiling=None`` tiles the decode of outputs larger than this (about 2 MP)."""
-
 
 def check_switches(config: EngineConfig, device: torch.device) -> None:
     """Refuse, before anything loads, switches that cannot work on ``device``."""
@@ -66,13 +63,6 @@ def apply_fast_paths(pipe: Any, config: EngineConfig, device: torch.device) -> N
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-
-
-def wants_vae_tiling(config: EngineConfig, width: int, height: int) -> bool:
-    """Whether a decode of width x height pixels should be tiled."""
-    if config.vae_tiling is not None:
-        return config.vae_tiling
-    return width * height > VAE_TILING_AUTO_PIXELS
 
 
 def set_vae_tiling(pipe: Any, enabled: bool) -> None:
