@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from qwenserve.catalog import MODELS, GenerationRequest
-from qwenserve.errors import InferenceError, QwenServeError, error_kind
+from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError, error_kind
 from qwenserve.jobs import Job, JobResult
 from qwenserve.media.encode import encode_image
 from qwenserve.media.inline import stored_media_id
@@ -542,6 +542,8 @@ class WorkerRunner:
                 )
                 self.state.batches += 1
         except QwenServeError as error:
+            if isinstance(error, OutOfMemory) and self._split_after_oom(prepared, error):
+                return
             for p in prepared:
                 self._end_with_error(p.job, error)
             return
@@ -552,6 +554,19 @@ class WorkerRunner:
             return
         for p, output in zip(prepared, outputs, strict=True):
             self._finisher.submit(self._finish, p, output)
+
+    def _split_after_oom(self, prepared: list[_Prepared], error: OutOfMemory) -> bool:
+        """A batch that ran out of memory runs again as two halves (each may split again, down
+        to single requests); False for a single request, which fails alone."""
+        if len(prepared) < 2:
+            return False
+        half = len(prepared) // 2
+        log.warning(
+            "%s; retrying as batches of %d and %d", error.message, half, len(prepared) - half
+        )
+        self._generate(prepared[:half])
+        self._generate(prepared[half:])
+        return True
 
     def _finish(self, prepared: _Prepared, generated: GeneratedImageLike) -> None:
         """Encode, store and complete (on the finisher thread, overlapping the next job)."""
