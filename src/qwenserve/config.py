@@ -56,7 +56,15 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     resident_models: int = Field(2, ge=1, description="Base pipelines kept loaded (LRU).")
     resident_memory_gb: float | None = Field(
-        None, gt=0, description="Memory budget for resident pipelines; LRU evicts above it."
+        None,
+        gt=0,
+        description="Memory budget for resident pipelines; LRU evicts before a load to fit it "
+        "(None: on CUDA, free memory less memory_margin_gb).",
+    )
+    memory_margin_gb: float = Field(
+        8.0,
+        ge=0,
+        description="GiB of CUDA memory kept free of weights for activations and the VAE decode.",
     )
     preload: list[str] = Field(
         default_factory=list,

@@ -53,6 +53,7 @@ def engine_config(settings: Settings, *, resident_models: int | None = None) -> 
         dtype=settings.dtype,
         resident_models=resident_models or settings.resident_models,
         resident_memory_gb=settings.resident_memory_gb,
+        memory_margin_gb=settings.memory_margin_gb,
         fuse_lightning=settings.fuse_lightning,
         compile=settings.compile,
         quantize=settings.quantize,
