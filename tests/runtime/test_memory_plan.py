@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
 
 from qwenserve.runtime.footprint import ContentHashes, folder_footprint, hub_snapshot
@@ -222,3 +223,16 @@ def test_hub_cache_blob_names_are_the_content_ids(tmp_path: Path) -> None:
     assert te_a.share_id == te_b.share_id and te_a.bytes == 1000 * 2 + 64
     vae_a, vae_b = (next(p for p in f.parts if p.name == "vae") for f in (a, b))
     assert vae_a.share_id != vae_b.share_id
+
+
+def test_the_margin_setting_reaches_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qwenserve.cli.compose import engine_config
+    from qwenserve.config import Settings
+
+    assert engine_config(Settings(data_dir=tmp_path)).memory_margin_gb == 8.0
+    monkeypatch.setenv("QWENSERVE_MEMORY_MARGIN_GB", "3.5")
+    monkeypatch.setenv("QWENSERVE_RESIDENT_MEMORY_GB", "100")
+    config = engine_config(Settings(data_dir=tmp_path))
+    assert (config.memory_margin_gb, config.resident_memory_gb) == (3.5, 100.0)

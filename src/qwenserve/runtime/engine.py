@@ -1,12 +1,12 @@
 """The Engine: a validated GenerationRequest in, a PIL image out, on the diffusers pipelines.
 
 Base pipelines are resident and shared by residency key (``recipe.base_weights``): qwen-image and
-qwen-image-fast run on one ``Qwen/Qwen-Image`` pipeline; loading, the memory plan and shared
-text encoders/VAEs live in ``resident.py``. LoRAs are peft adapters by name. A
-recipe's own LoRAs (Lightning, presets) are loaded once per resident pipeline and switched on
-only for the calls that use them; a request's extra LoRAs are loaded for that call alone and
-deleted in a ``finally``, so one job's adapters never reach the next. The scheduler is chosen per
-call (stock or Lightning), and every output is checked for NaN/inf before it is returned.
+qwen-image-fast run on one ``Qwen/Qwen-Image`` pipeline (loading, the memory plan and shared text
+encoders and VAEs: ``resident.py``). LoRAs are peft adapters by name. A recipe's own LoRAs
+(Lightning, presets) are loaded once per resident pipeline and switched on only for the calls that
+use them; a request's extra LoRAs are loaded for that call alone and deleted in a ``finally``, so
+one job's adapters never reach the next. The scheduler is chosen per call (stock or Lightning), and
+every output is checked for NaN/inf before it is returned.
 
 Batching: requests with equal ``batch_key`` run as one pipeline call (``generate_batch``), a
 prompt list and one seeded generator per request, so each gets the image it would get alone up
