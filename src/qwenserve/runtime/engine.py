@@ -778,7 +778,7 @@ class Engine:
                 if capped:
                     scope.enter_context(capped_condition_area(TINY_AREA))
                 if resident.cfg is not None and negative is not None:
-                    mask = kwargs.get("negative_prompt_embeds_mask")
+                    mask = self._prompts.unless_all_ones(kwargs.get("negative_prompt_embeds_mask"))
                     scope.enter_context(resident.cfg.armed(negative, mask))
                 output = resident.pipe(**kwargs, callback_on_step_end=step_end)
         except torch.OutOfMemoryError as error:
