@@ -119,6 +119,27 @@ def test_step_cache_skips_steps_within_tolerance(engine: Engine, shared_cache: P
     assert difference <= STEP_CACHE_TOLERANCE_MEAN_LEVELS
 
 
+def test_step_cache_recovers_after_a_call_that_failed_midway(shared_cache: Path) -> None:
+    # The first-block cache keeps the last step's residual; a call that raises mid-way never
+    # reaches the pipeline's own reset, and the kept residual has the old call's shape.
+    cached = _engine(shared_cache, step_cache=1.3)
+    steps = 0
+
+    def fail_at_step_two() -> bool:
+        nonlocal steps
+        steps += 1
+        if steps == 2:
+            raise RuntimeError("the worker lost its lease")
+        return False
+
+    square = make_request("qwen-image-fast", prompt="a", steps=4, seed=1, aspect_ratio="1:1")
+    with pytest.raises(InferenceError, match="lost its lease"):
+        cached.generate(square, should_cancel=fail_at_step_two)
+    wide = make_request("qwen-image-fast", prompt="a", steps=4, seed=1, aspect_ratio="16:9")
+    result = cached.generate(wide)
+    assert_valid_image(result.image, result.width, result.height)
+
+
 def test_vae_tiling_forced_on_stays_close(engine: Engine, shared_cache: Path) -> None:
     request = make_request("qwen-image-2512", prompt="a", steps=2, width=384, height=384, seed=4)
     tiled = _engine(shared_cache, vae_tiling=True)

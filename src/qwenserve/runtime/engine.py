@@ -54,6 +54,7 @@ from qwenserve.runtime.fast_paths import (
     apply_fast_paths,
     check_switches,
     set_vae_tiling,
+    step_cache_reset_on_error,
     wants_vae_tiling,
 )
 from qwenserve.runtime.lora_check import read_lora
@@ -775,6 +776,7 @@ class Engine:
         negative = kwargs.get("negative_prompt_embeds")
         try:
             with contextlib.ExitStack() as scope:
+                scope.enter_context(step_cache_reset_on_error(resident.pipe, self.config))
                 if capped:
                     scope.enter_context(capped_condition_area(TINY_AREA))
                 if resident.cfg is not None and negative is not None:

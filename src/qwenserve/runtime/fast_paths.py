@@ -9,6 +9,8 @@ Switches that cannot work where the engine runs refuse at load with an ``Inferen
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,6 +52,27 @@ def enable_step_cache(transformer: Any, threshold: float) -> None:
     from diffusers import FirstBlockCacheConfig
 
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+
+def reset_step_cache(transformer: Any) -> None:
+    """Drop the step cache's kept residuals. A call that ends normally does this itself
+    (``maybe_free_model_hooks``); one that raises mid-way (OOM, cancel) would leave them for the
+    next call, which then fails at another shape or reuses a stale residual at the same one."""
+    from diffusers.hooks.hooks import HookRegistry
+
+    if hasattr(transformer, "_diffusers_hook"):
+        HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks(recurse=True)
+
+
+@contextmanager
+def step_cache_reset_on_error(pipe: Any, config: EngineConfig) -> Iterator[None]:
+    """Around a pipeline call: on an exception, reset the step cache's state (when it is on)."""
+    try:
+        yield
+    except BaseException:
+        if config.step_cache is not None:
+            reset_step_cache(pipe.transformer)
+        raise
 
 
 def apply_fast_paths(pipe: Any, config: EngineConfig, device: torch.device) -> None:
