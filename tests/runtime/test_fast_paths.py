@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from qwenserve.config import Settings
 from qwenserve.errors import InferenceError
 from qwenserve.runtime import Engine, EngineConfig
+from qwenserve.runtime.config import default_max_batch, quantize_mode, resolve_cfg_batch
 from tests.runtime.conftest import assert_valid_image, make_request, pixels
 
 FUSED_TOLERANCE_MEAN_LEVELS = 0.5
@@ -176,13 +178,82 @@ def test_fp8_without_torchao_is_refused(shared_cache: Path) -> None:
         _engine(shared_cache, quantize="fp8")
 
 
+def test_quantize_names_and_alias() -> None:
+    assert quantize_mode("fp8") == "fp8-memory"  # the old name keeps working
+    assert [quantize_mode(m) for m in ("none", "fp8-memory", "fp8-speed")] == [
+        "none",
+        "fp8-memory",
+        "fp8-speed",
+    ]
+    with pytest.raises(InferenceError, match="unknown quantize 'int4'"):
+        quantize_mode("int4")
+
+
 @pytest.mark.skipif(not HAS_TORCHAO, reason="needs torchao (pip install 'qwenserve[gpu]')")
-def test_fp8_within_tolerance(engine: Engine, shared_cache: Path) -> None:
-    fp8 = _engine(shared_cache, quantize="fp8")
+def test_each_fp8_mode_gets_its_torchao_config() -> None:
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        PerRow,
+    )
+
+    from qwenserve.runtime.fast_paths import fp8_config
+
+    assert isinstance(fp8_config("fp8-memory"), Float8WeightOnlyConfig)
+    speed = fp8_config("fp8-speed")
+    assert isinstance(speed, Float8DynamicActivationFloat8WeightConfig)
+    assert all(isinstance(g, PerRow) for g in speed.granularity)  # row-wise scales
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="needs torchao (pip install 'qwenserve[gpu]')")
+@pytest.mark.parametrize("quantize", ["fp8-memory", "fp8"])
+def test_fp8_memory_quantizes_and_stays_within_tolerance(
+    engine: Engine, shared_cache: Path, quantize: str
+) -> None:
+    from torchao.quantization import Float8Tensor
+
+    fp8 = _engine(shared_cache, quantize=quantize)
+    pipe = fp8.prepare_call(_fast()).pipeline
+    linears = [
+        module
+        for name, module in pipe.transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in name  # adapters load later
+    ]
+    assert linears and all(isinstance(m.weight, Float8Tensor) for m in linears)
     result = fp8.generate(_fast())
+    assert_valid_image(result.image, result.width, result.height)
     difference = _mean_levels(result.image, engine.generate(_fast()).image)
-    print(f"fp8 vs float32: mean {difference:.3f} levels")
+    print(f"{quantize} vs float32: mean {difference:.3f} levels")
     assert difference <= FP8_TOLERANCE_MEAN_LEVELS
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="needs torchao (pip install 'qwenserve[gpu]')")
+def test_fp8_speed_is_refused_without_float8_matmuls(shared_cache: Path) -> None:
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this GPU runs float8 matmuls")
+    with pytest.raises(InferenceError, match=r"fp8-speed needs .*compute capability 8\.9"):
+        _engine(shared_cache, quantize="fp8-speed")
+
+
+def test_unmeasured_switches_are_off_on_cuda_by_default() -> None:
+    auto = EngineConfig()
+    assert auto.cfg_batch is None
+    assert resolve_cfg_batch(auto, "cpu") and not resolve_cfg_batch(auto, "cuda")
+    assert resolve_cfg_batch(EngineConfig(cfg_batch=True), "cuda")  # forced on stays on
+    assert not resolve_cfg_batch(EngineConfig(cfg_batch=False), "cpu")
+    assert (default_max_batch("cpu"), default_max_batch("cuda")) == (4, 1)
+
+
+def test_auto_settings_keep_their_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("QWENSERVE_CFG_BATCH", "QWENSERVE_MAX_BATCH", "QWENSERVE_QUANTIZE"):
+        monkeypatch.delenv(name, raising=False)
+    auto = Settings()
+    assert (auto.cfg_batch, auto.max_batch, auto.quantize) == (None, None, "none")
+    monkeypatch.setenv("QWENSERVE_CFG_BATCH", "false")
+    monkeypatch.setenv("QWENSERVE_MAX_BATCH", "2")
+    monkeypatch.setenv("QWENSERVE_QUANTIZE", "fp8-speed")
+    forced = Settings()
+    assert (forced.cfg_batch, forced.max_batch, forced.quantize) == (False, 2, "fp8-speed")
 
 
 @pytest.mark.slow
@@ -205,8 +276,14 @@ def test_compile_warms_up_at_load_and_matches(engine: Engine, shared_cache: Path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
     "switches",
-    [{"cpu_offload": True}, {"quantize": "fp8"}, {"compile": True}, {"fuse_lightning": True}],
-    ids=["offload", "fp8", "compile", "fused"],
+    [
+        {"cpu_offload": True},
+        {"quantize": "fp8-memory"},
+        {"quantize": "fp8-speed"},
+        {"compile": True},
+        {"fuse_lightning": True},
+    ],
+    ids=["offload", "fp8-memory", "fp8-speed", "compile", "fused"],
 )
 def test_gpu_switches_run(shared_cache: Path, switches: dict[str, Any]) -> None:
     gpu = Engine(EngineConfig(cache_dir=shared_cache, device="cuda", **switches))

@@ -76,12 +76,14 @@ def build_runners(
 ) -> list[WorkerRunner]:
     """``count`` runners, each with its own engine (an engine runs one job at a time)."""
     from qwenserve.runtime import Engine
+    from qwenserve.runtime.config import default_max_batch
     from qwenserve.worker.inputs import MediaInputLoader
 
     inputs = MediaInputLoader.from_settings(settings, media)
     runners = []
     for index in range(count):
         engine = Engine(engine_config(settings))
+        max_batch = settings.max_batch or default_max_batch(engine.device.type)
         worker_id = f"{socket.gethostname()}-{os.getpid()}-{index}"
         runners.append(
             WorkerRunner(
@@ -97,7 +99,7 @@ def build_runners(
                     poll_interval_s=settings.idle_poll_s,
                     drain_timeout_s=settings.drain_timeout_s,
                     host=socket.gethostname(),
-                    max_batch=settings.max_batch,
+                    max_batch=max_batch,
                     batch_window_s=settings.batch_window_s,
                     prefetch=settings.prefetch,
                 ),

@@ -48,7 +48,7 @@ from qwenserve.catalog import (
 from qwenserve.errors import InferenceError, InvalidInput, QwenServeError
 from qwenserve.runtime.cfg_batch import CfgBatcher
 from qwenserve.runtime.condition_area import capped_condition_area
-from qwenserve.runtime.config import EngineConfig, GeneratedImage
+from qwenserve.runtime.config import EngineConfig, GeneratedImage, resolve_cfg_batch
 from qwenserve.runtime.cpu_kernels import use_fast_vae_norms
 from qwenserve.runtime.fast_paths import (
     apply_fast_paths,
@@ -199,7 +199,7 @@ class Engine:
             for name, on in (
                 ("fused Lightning", config.fuse_lightning),
                 ("compiled", config.compile),
-                ("fp8", config.quantize == "fp8"),
+                (f"quantize {config.quantize}", config.quantize != "none"),
                 ("CPU offload", config.cpu_offload),
                 (f"step cache {config.step_cache}", config.step_cache is not None),
             )
@@ -368,7 +368,7 @@ class Engine:
         cache, text-to-image) and no other wrapper of the transformer needs the two passes."""
         config = self.config
         return (
-            config.cfg_batch
+            resolve_cfg_batch(config, self.device.type)
             and recipe.pipeline is PipelineKind.TEXT_TO_IMAGE
             and config.prompt_cache_size > 0
             and not config.compile
