@@ -64,7 +64,10 @@ class Settings(BaseSettings):
     )
     # GPU fast paths (see qwenserve.runtime.config.EngineConfig for each switch's details)
     fuse_lightning: bool = Field(False, description="Fuse the Lightning LoRA for fast slugs.")
-    compile: bool = Field(False, description="torch.compile the transformer (warm-up at start).")
+    compile: bool = Field(
+        False,
+        description="Regionally compile the transformer blocks; every variant warmed up at start.",
+    )
     quantize: Literal["none", "fp8", "fp8-memory", "fp8-speed"] = Field(
         "none",
         description="torchao float8: fp8-memory (alias fp8) weight-only, halves weight memory; "

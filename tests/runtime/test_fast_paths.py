@@ -257,19 +257,52 @@ def test_auto_settings_keep_their_environment_names(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 @pytest.mark.skipif(
     os.environ.get("QWENSERVE_SLOW_TESTS") != "1",
-    reason="CPU compile takes 15-50 s (QWENSERVE_SLOW_TESTS=1 runs it)",
+    reason="CPU compile: ~7 graphs of 15-30 s each (QWENSERVE_SLOW_TESTS=1 runs it)",
 )
-def test_compile_warms_up_at_load_and_matches(engine: Engine, shared_cache: Path) -> None:
+def test_compile_warms_every_variant_then_never_compiles_again(
+    engine: Engine, shared_cache: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    from qwenserve.catalog import LoraRef, PipelineKind
+    from qwenserve.runtime.tiny_preset import ensure_tiny_base, tiny_lora_state_dict
+
     compiled = _engine(shared_cache, compile=True)
-    timings = compiled.warm_up(["qwen-image-fast"])
-    assert timings["qwen-image-fast"] > 0
-    request = make_request("qwen-image-fast", prompt="warm-up", steps=2, seed=1)
-    result = compiled.generate(request)
-    difference = _mean_levels(result.image, engine.generate(request).image)
+    compiled.load("qwen-image-fast", batch_sizes=(1, 2))  # the Lightning adapter set
+    compiled.load("qwen-image")  # no adapter
+    counts = compiled.compile_counts()
+    print(f"after warm-up: {counts}")
+    assert counts["compiles"] > 0 and counts["recompiles"] == counts["eager_fallbacks"] == 0
+
+    def fast(prompt: str, ratio: str, seed: int = 1) -> Any:
+        body = {"prompt": prompt, "steps": 2, "seed": seed, "aspect_ratio": ratio}
+        return make_request("qwen-image-fast", **body)
+
+    # A new prompt length, another aspect ratio, another batch size, the other adapter set.
+    result = compiled.generate(fast("a new and much longer prompt about a harbour", "9:16"))
+    assert_valid_image(result.image, result.width, result.height)
+    compiled.generate_batch([fast(p, "4:3", seed) for seed, p in enumerate(["x", "y y y", "z"])])
+    compiled.generate(make_request("qwen-image", prompt="b", steps=2, seed=2, aspect_ratio="3:2"))
+    request = fast("warm-up", "1:1")
+    compiled_image = compiled.generate(request).image
+    assert compiled.compile_counts() == counts, "a warmed variant compiled or ran eagerly"
+    difference = _mean_levels(compiled_image, engine.generate(request).image)
     print(f"compiled vs eager: mean {difference:.3f} levels")
     assert difference <= 1.0
+
+    # A variant no warm-up can know (a client's LoRA): eager, counted, and no compile.
+    base = ensure_tiny_base(shared_cache, "Qwen/Qwen-Image", PipelineKind.TEXT_TO_IMAGE)
+    lora = tmp_path / "style.safetensors"
+    save_file(tiny_lora_state_dict(base, "a client's style LoRA"), str(lora))
+    with_lora = dataclasses.replace(
+        request, extra_loras=(LoraRef(field="lora_2_url", location="file:style"),)
+    )
+    compiled.generate(with_lora, extra_loras=[lora])
+    after = compiled.compile_counts()
+    assert after["recompiles"] == 0 and after["eager_fallbacks"] > 0
 
 
 @pytest.mark.gpu

@@ -114,11 +114,15 @@ def warm_up(settings: Settings, runners: list[WorkerRunner], slugs: list[str] | 
     """Load (and, with compile on, compile) models before any job: never on a user request.
 
     ``settings.preload`` names them; with ``compile`` on and no preload, every served slug.
+    With batching on, batches of two are compiled too (one graph covers every size above 1).
     """
     targets = list(settings.preload) or (list(slugs or MODELS) if settings.compile else [])
     for runner in runners:
+        batch_sizes = (1, 2) if runner.config.max_batch > 1 else (1,)
         if targets:
-            timings = runner.engine.warm_up(targets)  # type: ignore[attr-defined]
+            timings = runner.engine.warm_up(  # type: ignore[attr-defined]
+                targets, batch_sizes=batch_sizes
+            )
             log.info("warmed up %s", ", ".join(f"{s} {t:.1f}s" for s, t in timings.items()))
 
 

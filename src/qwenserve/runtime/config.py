@@ -44,8 +44,10 @@ class EngineConfig:
     LoRA fused into the transformer weights (no per-call adapter cost, no adapter switching),
     at the price of a second copy of the base weights while both kinds of slug are resident."""
     compile: bool = False
-    """Default False. True: ``torch.compile`` the transformer when a pipeline loads; the slow
-    first compilation happens in ``Engine.load``/``Engine.warm_up``, not on a user request."""
+    """Default False. True: regional compilation of the transformer's repeated blocks with
+    dynamic shapes (``runtime/compile.py``); ``Engine.load``/``Engine.warm_up`` compile every
+    size, batch size and adapter set the slug can produce, and afterwards a variant they missed
+    runs eagerly (counted) instead of compiling on a user request."""
     quantize: Quantize = "none"
     """Default "none". Float8 transformer through torchao (``pip install qwenserve[gpu]``):
     "fp8-memory" (alias "fp8"): weight-only, halves the transformer's weight memory, dequantizes

@@ -15,11 +15,9 @@ slugs get their own resident pipeline (key ``<base>+<lora file>``) with the LoRA
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import gc
 import hashlib
-import io
 import itertools
 import logging
 import threading
@@ -38,15 +36,14 @@ from PIL import Image
 from qwenserve.catalog import (
     GenerationRequest,
     LoraSource,
-    ModelSpec,
     PipelineKind,
     Recipe,
     SchedulerKind,
     get_model,
-    validate_request,
 )
 from qwenserve.errors import InferenceError, InvalidInput, QwenServeError
 from qwenserve.runtime.cfg_batch import CfgBatcher
+from qwenserve.runtime.compile import CompileStats, run_warm_up, warm_up_requests, warming
 from qwenserve.runtime.condition_area import capped_condition_area
 from qwenserve.runtime.config import EngineConfig, GeneratedImage, resolve_cfg_batch
 from qwenserve.runtime.cpu_kernels import use_fast_vae_norms
@@ -128,7 +125,8 @@ class _Resident:
     """Recipe LoRAs kept loaded: source → adapter name."""
     fused: LoraSource | None = None
     """The Lightning LoRA fused into this pipeline's weights (``fuse_lightning``), if any."""
-    warmed: bool = False
+    warmed: set[str] = field(default_factory=set)
+    """Slugs whose variants were compiled (``compile``; ``runtime/compile.py``)."""
     active: tuple[tuple[str, ...], tuple[float, ...]] | None = None
     """Adapters (names, weights) set active by the last call; None: unknown, set them again."""
     schedulers: dict[tuple[SchedulerKind, bool], Any] = field(default_factory=dict)
@@ -168,6 +166,7 @@ class Engine:
         self._resident_keys: tuple[str, ...] = ()
         self._job_counter = itertools.count(1)
         self._prompts = PromptCache(max(config.prompt_cache_size, 0))
+        self._compile_stats = CompileStats()
         check_switches(config, self.device)
         if config.weights == "random-full" and self.device.type != "cuda":
             raise InferenceError(
@@ -229,11 +228,15 @@ class Engine:
             self._source = weight_source(self.config.weights, self.config.cache_dir)
         return self._source
 
-    def load(self, slug: str) -> None:
+    def compile_counts(self) -> dict[str, int]:
+        """Graphs compiled at warm-up and after it, and eager fallbacks (``compile``; metrics)."""
+        return self._compile_stats.as_dict()
+
+    def load(self, slug: str, *, batch_sizes: Sequence[int] = (1,)) -> None:
         """Make ``slug``'s base pipeline (and its recipe LoRAs) resident, as a warm-up.
 
-        With ``compile`` on, also runs one small generation, so the compilation happens here
-        and not on the first user request.
+        With ``compile`` on, also compiles every variant the slug can produce (sizes, prompt
+        lengths, ``batch_sizes``, adapter sets), so no user request waits for a compilation.
         """
         recipe = get_model(slug).recipe
         with self._lock:
@@ -242,11 +245,14 @@ class Engine:
                 self._recipe_adapter(resident, recipe.lightning, field="lora")
             for source in recipe.preset_loras.values():
                 self._recipe_adapter(resident, source, field="lora")
-            if self.config.compile and not resident.warmed:
-                self._warm(slug)
-                resident.warmed = True
+            if self.config.compile and slug not in resident.warmed:
+                with warming(resident.pipe.transformer):
+                    run_warm_up(self, slug, batch_sizes=batch_sizes)
+                resident.warmed.add(slug)
 
-    def warm_up(self, slugs: Sequence[str]) -> dict[str, float]:
+    def warm_up(
+        self, slugs: Sequence[str], *, batch_sizes: Sequence[int] = (1,)
+    ) -> dict[str, float]:
         """Load each slug and run one small generation with it; returns seconds per slug.
 
         Pays every first-call cost (compilation, CUDA kernel selection, LoRA loading) before
@@ -255,21 +261,13 @@ class Engine:
         timings: dict[str, float] = {}
         for slug in slugs:
             started = time.perf_counter()
-            self.load(slug)
-            with self._lock:
-                resident = self._residency.get(self._residency_key(get_model(slug).recipe))
-                if resident is None or not resident.warmed:
-                    self._warm(slug)
-                    if resident is not None:
-                        resident.warmed = True
+            self.load(slug, batch_sizes=batch_sizes)
+            if not self.config.compile:  # compiled pipelines ran every variant in load()
+                call = warm_up_requests(slug)[0]
+                self.generate(call.requests[0], images=call.images)
             timings[slug] = time.perf_counter() - started
             log.info("warmed up %s in %.2fs", slug, timings[slug])
         return timings
-
-    def _warm(self, slug: str) -> None:
-        spec = get_model(slug)
-        request, images = _warm_up_request(spec)
-        self.generate(request, images=images)
 
     def _residency_key(self, recipe: Recipe) -> str:
         """The base weights id; a fused-Lightning pipeline is its own entry."""
@@ -349,7 +347,7 @@ class Engine:
         if self.device.type == "cpu" and getattr(pipe, "vae", None) is not None:
             use_fast_vae_norms(pipe.vae)
         try:
-            apply_fast_paths(pipe, self.config, self.device)
+            apply_fast_paths(pipe, self.config, self.device, self._compile_stats)
         except QwenServeError:
             raise
         except Exception as error:
@@ -798,21 +796,6 @@ class Engine:
         if not np.isfinite(pixels).all():
             raise InferenceError("the model produced NaN/inf values; the image was discarded")
         return pixels
-
-
-def _warm_up_request(spec: ModelSpec) -> tuple[GenerationRequest, list[Image.Image]]:
-    """A small valid request for ``spec`` (two steps; a grey input image for edit slugs)."""
-    body: dict[str, Any] = {"prompt": "warm-up", "seed": 1}
-    if spec.param("steps") is not None:
-        body["steps"] = 2
-    images: list[Image.Image] = []
-    if spec.image_fields:
-        picture = Image.new("RGB", (512, 512), (128, 128, 128))
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        body[spec.image_fields[0]] = base64.b64encode(buffer.getvalue()).decode("ascii")
-        images.append(picture)
-    return validate_request(spec.slug, body), images
 
 
 def _to_image(pixels: np.ndarray[Any, Any], plan: SizePlan) -> Image.Image:

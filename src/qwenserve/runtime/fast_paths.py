@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qwenserve.errors import InferenceError
+from qwenserve.runtime.compile import CompileStats, compile_blocks
 from qwenserve.runtime.config import EngineConfig, QuantizeMode, quantize_mode
 
 VAE_TILING_AUTO_PIXELS = 2 * 1024 * 1024
@@ -113,17 +114,23 @@ def step_cache_reset_on_error(pipe: Any, config: EngineConfig) -> Iterator[None]
         raise
 
 
-def apply_fast_paths(pipe: Any, config: EngineConfig, device: torch.device) -> None:
-    """Quantise, cache, compile and place ``pipe`` as ``config`` asks."""
+def apply_fast_paths(
+    pipe: Any,
+    config: EngineConfig,
+    device: torch.device,
+    compile_stats: CompileStats | None = None,
+) -> None:
+    """Quantise, cache, compile and place ``pipe`` as ``config`` asks (compilations counted
+    into ``compile_stats``)."""
     mode = quantize_mode(config.quantize)
     if mode != "none":
         quantize_fp8(pipe.transformer, mode)
     if config.step_cache is not None:
         enable_step_cache(pipe.transformer, config.step_cache)
     if config.compile:
-        # In place (nn.Module.compile): the pipeline keeps its own transformer object, so the
-        # LoRA and cache machinery that looks at its class keeps working.
-        pipe.transformer.compile()
+        # The step cache decides per step, on data, whether to skip blocks: a graph break.
+        fullgraph = config.step_cache is None
+        compile_blocks(pipe.transformer, compile_stats or CompileStats(), fullgraph=fullgraph)
     if config.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
