@@ -253,10 +253,11 @@ class Engine:
     def warm_up(
         self, slugs: Sequence[str], *, batch_sizes: Sequence[int] = (1,)
     ) -> dict[str, float]:
-        """Load each slug and run one small generation with it; returns seconds per slug.
+        """Load each slug and run one small generation with it (with ``compile``, every
+        variant ``load`` compiles); returns seconds per slug.
 
         Pays every first-call cost (compilation, CUDA kernel selection, LoRA loading) before
-        the worker takes jobs.
+        the worker takes jobs. ``batch_sizes``: (1, 2) when the worker batches.
         """
         timings: dict[str, float] = {}
         for slug in slugs:
