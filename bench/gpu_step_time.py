@@ -4,7 +4,7 @@
 
 With the random-full preset (the real 20B Qwen-Image transformer, random bf16 weights) through
 ``Engine.generate``: qwen-image (30 and 50 steps, true CFG: two transformer forwards per
-step, run as one batched call with ``cfg_batch``, the default) and qwen-image-fast (8 steps,
+step, two separate calls: ``cfg_batch`` is off by default on CUDA) and qwen-image-fast (8 steps,
 Lightning, no CFG), all at exactly 1024x1024. One forward at 1024x1024 is about 72 TFLOP, so
 the FLOP-count limit per step is 72 (x2 with CFG) / --peak-tflops seconds
 (800 TFLOP/s: H100 dense bf16); the ratio limit / measured is the share of peak achieved.

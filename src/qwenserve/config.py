@@ -72,16 +72,25 @@ class Settings(BaseSettings):
     )
     # GPU fast paths (see qwenserve.runtime.config.EngineConfig for each switch's details)
     fuse_lightning: bool = Field(False, description="Fuse the Lightning LoRA for fast slugs.")
-    compile: bool = Field(False, description="torch.compile the transformer (warm-up at start).")
-    quantize: Literal["none", "fp8"] = Field("none", description="fp8 weights via torchao.")
+    compile: bool = Field(
+        False,
+        description="Regionally compile the transformer blocks; every variant warmed up at start.",
+    )
+    quantize: Literal["none", "fp8", "fp8-memory", "fp8-speed"] = Field(
+        "none",
+        description="torchao float8: fp8-memory (alias fp8) weight-only, halves weight memory; "
+        "fp8-speed float8 matmuls (CUDA capability 8.9+).",
+    )
     vae_tiling: bool | None = Field(None, description="Tiled VAE decode (None: auto > 2 MP).")
     cpu_offload: bool = Field(False, description="Model CPU offload for small GPUs (CUDA).")
     step_cache: float | None = Field(
         None, gt=0, description="First-block step-cache threshold (None: off)."
     )
     prompt_cache_size: int = Field(64, ge=0, description="Cached text-encoder outputs (0: off).")
-    cfg_batch: bool = Field(
-        True, description="Run CFG's conditional and unconditional passes as one batch."
+    cfg_batch: bool | None = Field(
+        None,
+        description="Run CFG's conditional and unconditional passes as one batch "
+        "(None: on on a CPU, off on CUDA where it is unmeasured).",
     )
 
     # the worker
@@ -93,8 +102,11 @@ class Settings(BaseSettings):
         description="Idle worker polling period, a fallback: submits wake idle workers at once "
         "(in-process on SQLite, through Redis pub/sub across processes).",
     )
-    max_batch: int = Field(
-        4, ge=1, description="Most same-shape requests run in one pipeline call (1: off)."
+    max_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Most same-shape requests run in one pipeline call (1: off; None: 4 on a "
+        "CPU, 1 on CUDA where batching is unmeasured).",
     )
     batch_window_s: float = Field(
         0.0, ge=0, description="Wait this long for batch-mates before a partial batch."

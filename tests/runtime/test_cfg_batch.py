@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from qwenserve.catalog import get_model
+from qwenserve.errors import InferenceError
 from qwenserve.runtime import Engine, EngineConfig
 from qwenserve.runtime.cfg_batch import CfgBatcher
 from tests.runtime.conftest import make_request, pixels
@@ -25,11 +28,14 @@ class CountingForward:
     def __init__(self, forward: Any) -> None:
         self.calls = 0
         self.batch_sizes: list[int] = []
+        self.masked: list[bool] = []
+        """Per call: whether it passed an attention mask (None lets SDPA use flash kernels)."""
         self._forward = forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         self.batch_sizes.append(int(kwargs["hidden_states"].shape[0]))
+        self.masked.append(kwargs.get("encoder_hidden_states_mask") is not None)
         return self._forward(*args, **kwargs)
 
 
@@ -87,6 +93,119 @@ def test_no_cfg_no_pairing(engines: tuple[Engine, Engine]) -> None:
     before = resident.cfg.batched_calls
     paired.generate(make_request("qwen-image-fast", prompt="x", steps=2, seed=1))
     assert resident.cfg.batched_calls == before, "guidance 1: one pass per step, nothing paired"
+
+
+@pytest.fixture
+def bare_batcher(engines: tuple[Engine, Engine]) -> Iterator[tuple[Any, CfgBatcher]]:
+    """A batcher on the unpaired engine's transformer, removed afterwards."""
+    _, separate = engines
+    transformer = _pipe(separate, "qwen-image").pipe.transformer
+    batcher = CfgBatcher(transformer)
+    try:
+        yield transformer, batcher
+    finally:
+        del transformer.forward  # back to the class's forward
+
+
+def _caller(transformer: Any, seed: int = 0) -> tuple[Callable[..., torch.Tensor], Any]:
+    """call(embeds, timestep) on fixed latents, and a random text of a given length."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 16 * 16, transformer.config.in_channels, generator=generator)
+
+    def text(length: int) -> torch.Tensor:
+        return torch.randn(1, length, transformer.config.joint_attention_dim, generator=generator)
+
+    def call(embeds: torch.Tensor, timestep: float = 0.5) -> torch.Tensor:
+        with torch.no_grad():
+            out = transformer(
+                hidden_states=latents,
+                encoder_hidden_states=embeds,
+                encoder_hidden_states_mask=None,
+                timestep=torch.tensor([timestep]),
+                img_shapes=[[(1, 16, 16)]],
+                return_dict=False,
+            )
+        return out[0]
+
+    return call, text
+
+
+def test_full_texts_of_one_length_pair_without_a_mask(
+    bare_batcher: tuple[Any, CfgBatcher],
+) -> None:
+    transformer, batcher = bare_batcher
+    counter = CountingForward(batcher._forward)
+    batcher._forward = counter  # type: ignore[assignment]
+    call, text = _caller(transformer)
+    cond, same_length, shorter = text(6), text(6), text(4)
+    expected = call(cond)
+    with batcher.armed(same_length, None):
+        got = call(cond)
+    with batcher.armed(shorter, None):
+        call(cond)
+    assert counter.batch_sizes == [1, 2, 2]
+    assert counter.masked == [False, False, True], "padding needs the mask; full texts do not"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pass_answered_at_another_timestep_fails_the_call(
+    bare_batcher: tuple[Any, CfgBatcher],
+) -> None:
+    transformer, batcher = bare_batcher
+    call, text = _caller(transformer)
+    cond, negative = text(6), text(5)
+    with pytest.raises(InferenceError, match="another timestep"), batcher.armed(negative, None):
+        call(cond, timestep=0.5)
+        call(negative, timestep=0.7)  # same latents object, other timestep: never silent
+
+
+def test_the_engine_arms_no_mask_for_a_full_negative(engines: tuple[Engine, Engine]) -> None:
+    paired, _ = engines
+    pipe = _pipe(paired, "qwen-image").pipe
+    cache = paired.prompt_cache
+    _, one = cache.encode(pipe, "Qwen/Qwen-Image", ["blurry"], 1024)
+    _, two = cache.encode(pipe, "Qwen/Qwen-Image", ["blurry", "a much longer negative"], 1024)
+    assert cache.unless_all_ones(one) is None  # known on the host: no sync, no mask
+    assert cache.unless_all_ones(two) is two  # padded rows need the mask
+    assert cache.unless_all_ones(torch.ones(1, 3, dtype=torch.long)) is not None  # not its own
+
+
+def _count_syncs_from_cfg_batch(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts value reads the CFG wrapper itself makes (each a device sync on a GPU)."""
+    seen: list[str] = []
+
+    def counting(name: str, original: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if sys._getframe(1).f_globals.get("__name__") == "qwenserve.runtime.cfg_batch":
+                seen.append(name)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(torch, "equal", counting("equal", torch.equal))
+    monkeypatch.setattr(torch.Tensor, "item", counting("item", torch.Tensor.item))
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting("bool", torch.Tensor.__bool__))
+    return seen
+
+
+def test_value_checks_are_per_call_not_per_step(
+    engines: tuple[Engine, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paired, _ = engines
+    resident = _pipe(paired, "qwen-image")
+    counts = []
+    for steps in (2, 6):
+        request = make_request(
+            "qwen-image", prompt="a pier", steps=steps, seed=3, negative_prompt="dark"
+        )
+        paired.generate(request)  # prompts cached: only the wrapper's own reads remain
+        before = resident.cfg.batched_calls
+        with monkeypatch.context() as patch:
+            seen = _count_syncs_from_cfg_batch(patch)
+            paired.generate(request)
+        assert resident.cfg.batched_calls == before + steps
+        counts.append(len(seen))
+    assert counts[0] == counts[1], f"syncs grow with steps: {counts}"
 
 
 def test_a_second_call_that_differs_is_computed_not_answered_from_the_pair(

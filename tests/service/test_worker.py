@@ -566,3 +566,41 @@ def test_stored_inputs_stay_while_the_job_may_still_run(
     thread.join(10)
     assert status_of(store, job, clock) is JobStatus.QUEUED
     assert media.get(stored_input, now=time.time()) is not None, "the next attempt needs it"
+
+
+class CompilingEngine(SolidEngine):
+    """An engine that reports torch.compile counts, as the real one does with ``compile``."""
+
+    def compile_counts(self) -> dict[str, int]:
+        return {"compiles": 7, "recompiles": 0, "eager_fallbacks": 3}
+
+
+def test_compile_counts_reach_metrics_through_the_announcement(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, tmp_path: Path
+) -> None:
+    from prometheus_client import generate_latest
+
+    from qwenserve.api.ops import build_registry
+    from qwenserve.api.services import Services
+    from qwenserve.config import Settings
+
+    registry = SqliteWorkerRegistry(tmp_path / "registry.db")
+    runner(store, media, CompilingEngine(), clock, worker_id="w-c", registry=registry).announce()
+    runner(store, media, SolidEngine(), clock, worker_id="w-plain", registry=registry).announce()
+    services = Services(
+        settings=Settings(), store=store, media=media, clock=clock, registry=registry
+    )
+    text = generate_latest(build_registry(services)).decode()
+    assert 'qwenserve_worker_torch_compiles_total{kind="compiles",worker="w-c"} 7.0' in text
+    assert 'qwenserve_worker_torch_compiles_total{kind="eager_fallbacks",worker="w-c"} 3.0' in text
+    compile_lines = [x for x in text.splitlines() if x.startswith("qwenserve_worker_torch_")]
+    assert len(compile_lines) == 3 and not any("w-plain" in x for x in compile_lines)
+
+
+def test_an_announcement_without_compile_counts_still_reads() -> None:
+    # Workers of the previous release announce no counts; a mixed cluster must still list them.
+    old = (
+        '{"worker_id": "w", "host": "h", "slugs": [], "resident": [], "current_job": null,'
+        ' "started_at": 1.0, "last_seen": 2.0}'
+    )
+    assert WorkerInfo.from_json(old).compiles == {}

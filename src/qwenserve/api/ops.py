@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from qwenserve.api.services import Services
@@ -64,12 +64,22 @@ class QueueCollector(Collector):
             "1 for each base model a worker holds in memory",
             labels=["worker", "model"],
         )
+        compiles = CounterMetricFamily(
+            "qwenserve_worker_torch_compiles",
+            "torch.compile work of a worker's engine (COMPILE): kind=compiles (graphs compiled "
+            "at warm-up), recompiles (compiled after warm-up: expected 0), eager_fallbacks "
+            "(block calls run eagerly for a variant warm-up missed)",
+            labels=["worker", "kind"],
+        )
         for worker in workers:
             busy.add_metric([worker.worker_id], 1.0 if worker.busy else 0.0)
             for base in worker.resident:
                 resident.add_metric([worker.worker_id, base], 1.0)
+            for kind, count in sorted(worker.compiles.items()):
+                compiles.add_metric([worker.worker_id, kind], float(count))
         yield busy
         yield resident
+        yield compiles
 
 
 def build_registry(services: Services) -> CollectorRegistry:

@@ -77,12 +77,14 @@ def build_runners(
 ) -> list[WorkerRunner]:
     """``count`` runners, each with its own engine (an engine runs one job at a time)."""
     from qwenserve.runtime import Engine
+    from qwenserve.runtime.config import default_max_batch
     from qwenserve.worker.inputs import MediaInputLoader
 
     inputs = MediaInputLoader.from_settings(settings, media)
     runners = []
     for index in range(count):
         engine = Engine(engine_config(settings))
+        max_batch = settings.max_batch or default_max_batch(engine.device.type)
         worker_id = f"{socket.gethostname()}-{os.getpid()}-{index}"
         runners.append(
             WorkerRunner(
@@ -98,7 +100,7 @@ def build_runners(
                     poll_interval_s=settings.idle_poll_s,
                     drain_timeout_s=settings.drain_timeout_s,
                     host=socket.gethostname(),
-                    max_batch=settings.max_batch,
+                    max_batch=max_batch,
                     batch_window_s=settings.batch_window_s,
                     prefetch=settings.prefetch,
                 ),
@@ -113,11 +115,15 @@ def warm_up(settings: Settings, runners: list[WorkerRunner], slugs: list[str] | 
     """Load (and, with compile on, compile) models before any job: never on a user request.
 
     ``settings.preload`` names them; with ``compile`` on and no preload, every served slug.
+    With batching on, batches of two are compiled too (one graph covers every size above 1).
     """
     targets = list(settings.preload) or (list(slugs or MODELS) if settings.compile else [])
     for runner in runners:
+        batch_sizes = (1, 2) if runner.config.max_batch > 1 else (1,)
         if targets:
-            timings = runner.engine.warm_up(targets)  # type: ignore[attr-defined]
+            timings = runner.engine.warm_up(  # type: ignore[attr-defined]
+                targets, batch_sizes=batch_sizes
+            )
             log.info("warmed up %s", ", ".join(f"{s} {t:.1f}s" for s, t in timings.items()))
 
 

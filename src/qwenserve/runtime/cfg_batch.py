@@ -10,10 +10,19 @@ transformer's ``forward``:
   (it computed them itself through the prompt cache).
 - On a call that is not the armed negative, the wrapper runs one transformer call on
   ``[cond; uncond]`` (text padded to one length, the padding masked out, as a batch of prompts
-  is), returns the cond half and keeps the uncond half.
+  is), returns the cond half and keeps the uncond half. Where both texts are unpadded and of one
+  length (known on the host: the pipeline passes ``None`` for an all-ones mask, the engine arms
+  ``None`` for one), the paired call gets no mask either, so attention can take its flash
+  kernels.
 - On the next call, if and only if it asks for exactly what was kept (the same latents tensor,
-  timestep, negative embeddings and mask), the kept half is returned; anything else is computed
-  normally. Correctness never rests on the call order: a mismatch costs one extra call.
+  negative embeddings and mask, and a timestep of the same shape), the kept half is returned;
+  anything else is computed normally: a mismatch costs one extra call.
+- The timestep's *values* are compared without a device sync per step: the comparisons stay on
+  the device, and their result is read once when the call ends; a mismatch then fails the call
+  (``InferenceError``, the image discarded) rather than return a wrong half. The pipeline asks
+  both passes of a step with the same latents and timestep, so that never happens in practice.
+  The embeddings are compared by value once per call (the pipeline passes the same objects on
+  every step).
 
 The result equals two separate calls up to float rounding in the batched kernels (the same
 bound as request batching: tests/runtime/test_cfg_batch.py). Not used with ``compile`` (data
@@ -31,9 +40,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qwenserve.errors import InferenceError
+
 
 def _mask_or_ones(embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The pipeline drops an all-ones mask (None); compare and pad with an explicit one."""
+    """None means all ones (the pipeline drops such a mask); an explicit one to compare or pad."""
     if mask is None:
         return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     return mask
@@ -63,13 +74,15 @@ class CfgBatcher:
     def __init__(self, transformer: torch.nn.Module) -> None:
         self._forward = transformer.forward
         transformer.forward = self._call
-        self._armed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._armed: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._seen_negative: tuple[torch.Tensor, torch.Tensor | None] | None = None
         """The (embeds, mask) objects last found equal to the armed negative: the pipeline
         passes the same objects every step, so the values are compared once per call."""
         self._seen_other: tuple[torch.Tensor, torch.Tensor | None] | None = None
         """Likewise the last (embeds, mask) found to differ from it (the prompt's own)."""
         self._kept: _Kept | None = None
+        self._timestep_mismatch: torch.Tensor | None = None
+        """On the device: whether any answered pass had another timestep than its pair's."""
         self.batched_calls = 0
         """Transformer calls that served both passes (for tests and metrics)."""
 
@@ -77,16 +90,27 @@ class CfgBatcher:
     def armed(
         self, negative_embeds: torch.Tensor, negative_mask: torch.Tensor | None
     ) -> Iterator[None]:
-        """Within this block, a transformer call with other text also computes this negative."""
-        self._armed = (negative_embeds, _mask_or_ones(negative_embeds, negative_mask))
+        """Within this block, a transformer call with other text also computes this negative.
+
+        ``negative_mask`` None: all ones. Raises InferenceError at the end of the block if a
+        pass was answered from a pair computed at another timestep."""
+        self._armed = (negative_embeds, negative_mask)
         self._seen_negative = self._seen_other = None
         self._kept = None
+        self._timestep_mismatch = None
         try:
             yield
+            mismatch = self._timestep_mismatch
+            if mismatch is not None and bool(mismatch):  # the one sync per call
+                raise InferenceError(
+                    "CFG pairing answered a pass computed at another timestep; the image was "
+                    "discarded (set cfg_batch off and report this)"
+                )
         finally:
             self._armed = None
             self._seen_negative = self._seen_other = None
             self._kept = None
+            self._timestep_mismatch = None
 
     def _is_armed_negative(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> bool:
         """Whether ``embeds``/``mask`` are the armed negative prompt (by value, then by identity
@@ -99,7 +123,13 @@ class CfgBatcher:
         same = (
             embeds.shape == negative.shape
             and torch.equal(embeds, negative)
-            and torch.equal(_mask_or_ones(embeds, mask).long(), negative_mask.long())
+            and (
+                (mask is None and negative_mask is None)
+                or torch.equal(
+                    _mask_or_ones(embeds, mask).long(),
+                    _mask_or_ones(negative, negative_mask).long(),
+                )
+            )
         )
         if same:
             self._seen_negative = (embeds, mask)
@@ -124,10 +154,11 @@ class CfgBatcher:
             kept is not None
             and hidden_states is kept.latents
             and timestep is not None
+            and timestep.shape == kept.timestep.shape
             and encoder_hidden_states is not None
-            and torch.equal(timestep, kept.timestep)
             and self._is_armed_negative(encoder_hidden_states, encoder_hidden_states_mask)
         ):
+            self._note_timestep(timestep, kept.timestep)
             return self._package(kept.output, return_dict)
         call = {
             "hidden_states": hidden_states,
@@ -145,10 +176,14 @@ class CfgBatcher:
         assert self._armed is not None and encoder_hidden_states is not None
         assert timestep is not None and img_shapes is not None
         negative, negative_mask = self._armed
-        mask = _mask_or_ones(encoder_hidden_states, encoder_hidden_states_mask)
         length = max(encoder_hidden_states.shape[1], negative.shape[1])
         embeds = torch.cat([_pad_to(encoder_hidden_states, length), _pad_to(negative, length)])
-        masks = torch.cat([_pad_to(mask, length), _pad_to(negative_mask.to(mask.dtype), length)])
+        masks: torch.Tensor | None = None
+        unpadded = encoder_hidden_states.shape[1] == negative.shape[1]
+        if not (unpadded and encoder_hidden_states_mask is None and negative_mask is None):
+            mask = _mask_or_ones(encoder_hidden_states, encoder_hidden_states_mask)
+            other = _mask_or_ones(negative, negative_mask).to(mask.dtype)
+            masks = torch.cat([_pad_to(mask, length), _pad_to(other, length)])
         output = self._forward(
             hidden_states=torch.cat([hidden_states, hidden_states]),
             encoder_hidden_states=embeds.to(encoder_hidden_states.dtype),
@@ -162,6 +197,12 @@ class CfgBatcher:
         self._kept = _Kept(hidden_states, timestep.clone(), output[batch:])
         self.batched_calls += 1
         return self._package(output[:batch], return_dict)
+
+    def _note_timestep(self, timestep: torch.Tensor, paired: torch.Tensor) -> None:
+        """Remember, on the device, whether ``timestep`` differs from the pair's (no sync)."""
+        differs = (timestep.to(paired.dtype) != paired).any()
+        previous = self._timestep_mismatch
+        self._timestep_mismatch = differs if previous is None else previous | differs
 
     def _can_pair(self, call: dict[str, Any]) -> bool:
         """Armed, a plain call (no guidance embedding or extras), not the negative itself."""

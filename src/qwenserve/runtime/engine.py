@@ -16,10 +16,8 @@ slugs get their own resident pipeline (key ``<base>+<lora file>``) with the LoRA
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import io
 import itertools
 import logging
 import threading
@@ -37,18 +35,17 @@ from PIL import Image
 from qwenserve.catalog import (
     GenerationRequest,
     LoraSource,
-    ModelSpec,
     PipelineKind,
     Recipe,
     SchedulerKind,
     get_model,
-    validate_request,
 )
 from qwenserve.errors import InferenceError, InvalidInput, OutOfMemory, QwenServeError
 from qwenserve.runtime.cfg_batch import CfgBatcher
+from qwenserve.runtime.compile import CompileStats, run_warm_up, warm_up_requests, warming
 from qwenserve.runtime.condition_area import capped_condition_area
-from qwenserve.runtime.config import EngineConfig, GeneratedImage
-from qwenserve.runtime.fast_paths import check_switches, set_vae_tiling
+from qwenserve.runtime.config import EngineConfig, GeneratedImage, resolve_cfg_batch
+from qwenserve.runtime.fast_paths import check_switches, set_vae_tiling, step_cache_reset_on_error
 from qwenserve.runtime.lora_check import read_lora
 from qwenserve.runtime.prompt_cache import PromptCache
 from qwenserve.runtime.resident import Resident, ResidentPipelines, device_budget
@@ -116,8 +113,14 @@ class Engine:
         self.config = config
         self._source: WeightSource | None = None
         self._lock = threading.RLock()
+        self._compile_stats = CompileStats()
         self._pipelines = ResidentPipelines(
-            config, self.device, self.dtype, self._weights, device_budget(config, self.device)
+            config,
+            self.device,
+            self.dtype,
+            self._weights,
+            device_budget(config, self.device),
+            self._compile_stats,
         )
         self._resident_keys: tuple[str, ...] = ()
         self._job_counter = itertools.count(1)
@@ -153,7 +156,7 @@ class Engine:
             for name, on in (
                 ("fused Lightning", config.fuse_lightning),
                 ("compiled", config.compile),
-                ("fp8", config.quantize == "fp8"),
+                (f"quantize {config.quantize}", config.quantize != "none"),
                 ("CPU offload", config.cpu_offload),
                 (f"step cache {config.step_cache}", config.step_cache is not None),
             )
@@ -183,11 +186,15 @@ class Engine:
             self._source = weight_source(self.config.weights, self.config.cache_dir)
         return self._source
 
-    def load(self, slug: str) -> None:
+    def compile_counts(self) -> dict[str, int]:
+        """Graphs compiled at warm-up and after it, and eager fallbacks (``compile``; metrics)."""
+        return self._compile_stats.as_dict()
+
+    def load(self, slug: str, *, batch_sizes: Sequence[int] = (1,)) -> None:
         """Make ``slug``'s base pipeline (and its recipe LoRAs) resident, as a warm-up.
 
-        With ``compile`` on, also runs one small generation, so the compilation happens here
-        and not on the first user request.
+        With ``compile`` on, also compiles every variant the slug can produce (sizes, prompt
+        lengths, ``batch_sizes``, adapter sets), so no user request waits for a compilation.
         """
         recipe = get_model(slug).recipe
         with self._lock:
@@ -196,34 +203,30 @@ class Engine:
                 self._recipe_adapter(resident, recipe.lightning, field="lora")
             for source in recipe.preset_loras.values():
                 self._recipe_adapter(resident, source, field="lora")
-            if self.config.compile and not resident.warmed:
-                self._warm(slug)
-                resident.warmed = True
+            if self.config.compile and slug not in resident.warmed:
+                with warming(resident.pipe.transformer):
+                    run_warm_up(self, slug, batch_sizes=batch_sizes)
+                resident.warmed.add(slug)
 
-    def warm_up(self, slugs: Sequence[str]) -> dict[str, float]:
-        """Load each slug and run one small generation with it; returns seconds per slug.
+    def warm_up(
+        self, slugs: Sequence[str], *, batch_sizes: Sequence[int] = (1,)
+    ) -> dict[str, float]:
+        """Load each slug and run one small generation with it (with ``compile``, every
+        variant ``load`` compiles); returns seconds per slug.
 
         Pays every first-call cost (compilation, CUDA kernel selection, LoRA loading) before
-        the worker takes jobs.
+        the worker takes jobs. ``batch_sizes``: (1, 2) when the worker batches.
         """
         timings: dict[str, float] = {}
         for slug in slugs:
             started = time.perf_counter()
-            self.load(slug)
-            with self._lock:
-                resident = self._pipelines.get(self._residency_key(get_model(slug).recipe))
-                if resident is None or not resident.warmed:
-                    self._warm(slug)
-                    if resident is not None:
-                        resident.warmed = True
+            self.load(slug, batch_sizes=batch_sizes)
+            if not self.config.compile:  # compiled pipelines ran every variant in load()
+                call = warm_up_requests(slug)[0]
+                self.generate(call.requests[0], images=call.images)
             timings[slug] = time.perf_counter() - started
             log.info("warmed up %s in %.2fs", slug, timings[slug])
         return timings
-
-    def _warm(self, slug: str) -> None:
-        spec = get_model(slug)
-        request, images = _warm_up_request(spec)
-        self.generate(request, images=images)
 
     def _residency_key(self, recipe: Recipe) -> str:
         """The base weights id; a fused-Lightning pipeline is its own entry."""
@@ -267,7 +270,7 @@ class Engine:
         cache, text-to-image) and no other wrapper of the transformer needs the two passes."""
         config = self.config
         return (
-            config.cfg_batch
+            resolve_cfg_batch(config, self.device.type)
             and recipe.pipeline is PipelineKind.TEXT_TO_IMAGE
             and config.prompt_cache_size > 0
             and not config.compile
@@ -674,10 +677,11 @@ class Engine:
         negative = kwargs.get("negative_prompt_embeds")
         try:
             with contextlib.ExitStack() as scope:
+                scope.enter_context(step_cache_reset_on_error(resident.pipe, self.config))
                 if capped:
                     scope.enter_context(capped_condition_area(TINY_AREA))
                 if resident.cfg is not None and negative is not None:
-                    mask = kwargs.get("negative_prompt_embeds_mask")
+                    mask = self._prompts.unless_all_ones(kwargs.get("negative_prompt_embeds_mask"))
                     scope.enter_context(resident.cfg.armed(negative, mask))
                 output = resident.pipe(**kwargs, callback_on_step_end=step_end)
         except QwenServeError:
@@ -704,21 +708,6 @@ class Engine:
         if not np.isfinite(pixels).all():
             raise InferenceError("the model produced NaN/inf values; the image was discarded")
         return pixels
-
-
-def _warm_up_request(spec: ModelSpec) -> tuple[GenerationRequest, list[Image.Image]]:
-    """A small valid request for ``spec`` (two steps; a grey input image for edit slugs)."""
-    body: dict[str, Any] = {"prompt": "warm-up", "seed": 1}
-    if spec.param("steps") is not None:
-        body["steps"] = 2
-    images: list[Image.Image] = []
-    if spec.image_fields:
-        picture = Image.new("RGB", (512, 512), (128, 128, 128))
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        body[spec.image_fields[0]] = base64.b64encode(buffer.getvalue()).decode("ascii")
-        images.append(picture)
-    return validate_request(spec.slug, body), images
 
 
 def _is_out_of_memory(error: Exception) -> bool:

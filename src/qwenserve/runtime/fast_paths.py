@@ -9,12 +9,15 @@ Switches that cannot work where the engine runs refuse at load with an ``Inferen
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from qwenserve.errors import InferenceError
-from qwenserve.runtime.config import EngineConfig
+from qwenserve.runtime.compile import CompileStats, compile_blocks
+from qwenserve.runtime.config import EngineConfig, QuantizeMode, quantize_mode
 
 
 def check_switches(config: EngineConfig, device: torch.device) -> None:
@@ -23,23 +26,61 @@ def check_switches(config: EngineConfig, device: torch.device) -> None:
         raise InferenceError(
             f"cpu_offload needs a CUDA GPU (this engine runs on {device.type}); turn it off"
         )
-    if config.quantize not in ("none", "fp8"):
-        raise InferenceError(f"unknown quantize {config.quantize!r}; expected none or fp8")
-    if config.quantize == "fp8" and importlib.util.find_spec("torchao") is None:
+    mode = quantize_mode(config.quantize)  # raises InferenceError for an unknown value
+    if mode != "none" and importlib.util.find_spec("torchao") is None:
         raise InferenceError(
-            "quantize=fp8 needs torchao, which is not installed: pip install 'qwenserve[gpu]'"
+            f"quantize={config.quantize} needs torchao, which is not installed: "
+            "pip install 'qwenserve[gpu]'"
         )
+    if mode == "fp8-speed":
+        check_fp8_speed(device)
     if config.step_cache is not None and not config.step_cache > 0.0:
         raise InferenceError(f"step_cache must be a positive threshold, not {config.step_cache}")
     if config.prompt_cache_size < 0:
         raise InferenceError("prompt_cache_size must be 0 (off) or more")
 
 
-def quantize_fp8(transformer: torch.nn.Module) -> None:
-    """float8 weight-only quantisation of every linear layer, in place (torchao)."""
-    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+FP8_SPEED_CAPABILITY = (8, 9)
+"""float8 matmuls (``torch._scaled_mm``) need Ada or Hopper (compute capability 8.9 or more)."""
 
-    quantize_(transformer, Float8WeightOnlyConfig())
+
+def check_fp8_speed(device: torch.device) -> None:
+    """Refuse ``fp8-speed`` where float8 matmuls cannot run (before any weights load)."""
+    if device.type != "cuda":
+        raise InferenceError(
+            f"quantize=fp8-speed needs a CUDA GPU with compute capability 8.9 or more (Ada, "
+            f"Hopper); this engine runs on {device.type}: use fp8-memory or none"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_SPEED_CAPABILITY:
+        raise InferenceError(
+            f"quantize=fp8-speed needs compute capability 8.9 or more (Ada, Hopper); this GPU "
+            f"has {capability[0]}.{capability[1]}: use fp8-memory or none"
+        )
+
+
+def fp8_config(mode: QuantizeMode) -> Any:
+    """The torchao config for ``mode``: weight-only float8 halves the transformer's weight memory
+    but dequantizes in every matmul (slower than bf16 where compute-bound); dynamic float8
+    activations with per-row scales run the matmuls themselves in float8 (faster on Hopper)."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        PerRow,
+    )
+
+    if mode == "fp8-memory":
+        return Float8WeightOnlyConfig()
+    if mode == "fp8-speed":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    raise InferenceError(f"quantize mode {mode!r} has no fp8 config")
+
+
+def quantize_fp8(transformer: torch.nn.Module, mode: QuantizeMode) -> None:
+    """float8 quantisation of every linear layer of ``transformer``, in place (torchao)."""
+    from torchao.quantization import quantize_
+
+    quantize_(transformer, fp8_config(mode))
 
 
 def enable_step_cache(transformer: Any, threshold: float) -> None:
@@ -49,16 +90,44 @@ def enable_step_cache(transformer: Any, threshold: float) -> None:
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
-def apply_fast_paths(pipe: Any, config: EngineConfig, device: torch.device) -> None:
-    """Quantise, cache, compile and place ``pipe`` as ``config`` asks."""
-    if config.quantize == "fp8":
-        quantize_fp8(pipe.transformer)
+def reset_step_cache(transformer: Any) -> None:
+    """Drop the step cache's kept residuals. A call that ends normally does this itself
+    (``maybe_free_model_hooks``); one that raises mid-way (OOM, cancel) would leave them for the
+    next call, which then fails at another shape or reuses a stale residual at the same one."""
+    from diffusers.hooks.hooks import HookRegistry
+
+    if hasattr(transformer, "_diffusers_hook"):
+        HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks(recurse=True)
+
+
+@contextmanager
+def step_cache_reset_on_error(pipe: Any, config: EngineConfig) -> Iterator[None]:
+    """Around a pipeline call: on an exception, reset the step cache's state (when it is on)."""
+    try:
+        yield
+    except BaseException:
+        if config.step_cache is not None:
+            reset_step_cache(pipe.transformer)
+        raise
+
+
+def apply_fast_paths(
+    pipe: Any,
+    config: EngineConfig,
+    device: torch.device,
+    compile_stats: CompileStats | None = None,
+) -> None:
+    """Quantise, cache, compile and place ``pipe`` as ``config`` asks (compilations counted
+    into ``compile_stats``)."""
+    mode = quantize_mode(config.quantize)
+    if mode != "none":
+        quantize_fp8(pipe.transformer, mode)
     if config.step_cache is not None:
         enable_step_cache(pipe.transformer, config.step_cache)
     if config.compile:
-        # In place (nn.Module.compile): the pipeline keeps its own transformer object, so the
-        # LoRA and cache machinery that looks at its class keeps working.
-        pipe.transformer.compile()
+        # The step cache decides per step, on data, whether to skip blocks: a graph break.
+        fullgraph = config.step_cache is None
+        compile_blocks(pipe.transformer, compile_stats or CompileStats(), fullgraph=fullgraph)
     if config.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -9,6 +9,7 @@ width (7 MiB at 3584 bf16); typical prompts take a few hundred KiB.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,19 +38,34 @@ class PromptCache:
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[PromptKey, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._full: set[PromptKey] = set()
+        """Keys whose mask is all ones (the pipeline returned none): known without a sync."""
+        self._all_ones: weakref.WeakValueDictionary[int, torch.Tensor] = (
+            weakref.WeakValueDictionary()
+        )
+        """Batch masks ``encode`` returned that are all ones (every row full, one length), by
+        id: a tensor's ``==`` compares values, so no set of tensors."""
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._full.clear()
 
-    def _one(self, pipe: Any, key: PromptKey) -> tuple[torch.Tensor, torch.Tensor]:
+    def unless_all_ones(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """None for a mask ``encode`` returned that is all ones, else ``mask``: attention then
+        runs unmasked (flash kernels) without a device sync to find that out."""
+        known = mask is not None and self._all_ones.get(id(mask)) is mask
+        return None if known else mask
+
+    def _one(self, pipe: Any, key: PromptKey) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(embeds, mask, whether the mask is all ones)."""
         entry = self._entries.get(key)
         if entry is not None:
             self.hits += 1
             self._entries.move_to_end(key)
-            return entry
+            return (*entry, key in self._full)
         self.misses += 1
         with torch.no_grad():  # the pipeline's __call__ has it; encode_prompt alone does not
             embeds, mask = pipe.encode_prompt(
@@ -57,14 +73,17 @@ class PromptCache:
                 device=pipe._execution_device,
                 max_sequence_length=key.max_sequence_length,
             )
+        full = mask is None
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         entry = (embeds.detach(), mask.detach())
         if self.max_entries > 0:
             self._entries[key] = entry
+            if full:
+                self._full.add(key)
             while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-        return entry
+                self._full.discard(self._entries.popitem(last=False)[0])
+        return (*entry, full)
 
     def encode(
         self,
@@ -79,8 +98,10 @@ class PromptCache:
             self._one(pipe, PromptKey(base_weights, template, prompt, max_sequence_length))
             for prompt in prompts
         ]
-        length = max(embeds.shape[1] for embeds, _mask in rows)
+        length = max(embeds.shape[1] for embeds, _mask, _full in rows)
         pad = torch.nn.functional.pad
-        padded = [pad(embeds, (0, 0, 0, length - embeds.shape[1])) for embeds, _ in rows]
-        masks = [pad(mask, (0, length - mask.shape[1])) for _, mask in rows]
-        return torch.cat(padded), torch.cat(masks)
+        padded = [pad(embeds, (0, 0, 0, length - embeds.shape[1])) for embeds, _, _ in rows]
+        mask = torch.cat([pad(mask, (0, length - mask.shape[1])) for _, mask, _ in rows])
+        if all(full and embeds.shape[1] == length for embeds, _, full in rows):
+            self._all_ones[id(mask)] = mask
+        return torch.cat(padded), mask

@@ -26,6 +26,7 @@ from diffusers import DiffusionPipeline
 from qwenserve.catalog import LoraSource, PipelineKind, Recipe, SchedulerKind
 from qwenserve.errors import InferenceError, QwenServeError
 from qwenserve.runtime.cfg_batch import CfgBatcher
+from qwenserve.runtime.compile import CompileStats
 from qwenserve.runtime.config import EngineConfig
 from qwenserve.runtime.cpu_kernels import use_fast_vae_norms
 from qwenserve.runtime.fast_paths import apply_fast_paths
@@ -65,7 +66,8 @@ class Resident:
     """Recipe LoRAs kept loaded: source → adapter name."""
     fused: LoraSource | None = None
     """The Lightning LoRA fused into this pipeline's weights (``fuse_lightning``), if any."""
-    warmed: bool = False
+    warmed: set[str] = field(default_factory=set)
+    """Slugs whose variants were compiled (``compile``; ``runtime/compile.py``)."""
     active: tuple[tuple[str, ...], tuple[float, ...]] | None = None
     """Adapters (names, weights) set active by the last call; None: unknown, set them again."""
     schedulers: dict[tuple[SchedulerKind, bool], Any] = field(default_factory=dict)
@@ -113,8 +115,10 @@ class ResidentPipelines:
         dtype: torch.dtype,
         source: Callable[[], WeightSource],
         budget: MemoryBudget,
+        compile_stats: CompileStats | None = None,
     ) -> None:
         self.config = config
+        self.compile_stats = compile_stats or CompileStats()
         self.device = device
         self.dtype = dtype
         self.budget = budget
@@ -279,7 +283,7 @@ class ResidentPipelines:
         pipe = resident.pipe
         if self.device.type == "cpu" and getattr(pipe, "vae", None) is not None:
             use_fast_vae_norms(pipe.vae)  # rebinds the same forward: harmless on a shared VAE
-        apply_fast_paths(pipe, self.config, self.device)
+        apply_fast_paths(pipe, self.config, self.device, self.compile_stats)
 
     def _evict(self, keys: Iterable[str], *, keep: frozenset[str], why: str) -> None:
         evicted = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +31,9 @@ class WorkerInfo:
     current_job: str | None
     started_at: float
     last_seen: float
+    compiles: dict[str, int] = field(default_factory=dict)
+    """The engine's torch.compile counts ("compiles", "recompiles", "eager_fallbacks"); empty
+    without ``compile`` or for an engine that does not count."""
 
     @property
     def busy(self) -> bool:
@@ -44,6 +47,7 @@ class WorkerInfo:
         data: dict[str, Any] = json.loads(text)
         data["slugs"] = tuple(data["slugs"])
         data["resident"] = tuple(data["resident"])
+        data["compiles"] = {str(k): int(v) for k, v in data.get("compiles", {}).items()}
         return cls(**data)
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from qwenserve.catalog import MODELS, GenerationRequest
 from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError, error_kind
@@ -89,6 +89,13 @@ class ImageEngine(Protocol):
     def resident(self) -> list[str]:
         """Base weights currently loaded (for routing)."""
         ...
+
+
+@runtime_checkable
+class CountsCompiles(Protocol):
+    """An engine that counts its torch.compile work (``qwenserve.runtime.Engine`` does)."""
+
+    def compile_counts(self) -> dict[str, int]: ...
 
 
 class InputLoader(Protocol):
@@ -297,6 +304,9 @@ class WorkerRunner:
             current_job=self.state.current_job,
             started_at=self.state.started_at,
             last_seen=self.clock(),
+            compiles=(
+                self.engine.compile_counts() if isinstance(self.engine, CountsCompiles) else {}
+            ),
         )
 
     def announce(self) -> None:
