@@ -19,8 +19,9 @@ deployments, or tests, can share one Redis server without seeing each other. The
     slugs                   set     every slug that has a queue
     expiry                  zset    every job scored by expires_at (for purge_expired)
     events                  stream  the event log: one entry per job transition (job_id,
-                                    key_id, slug, type, at, attempt, error_kind, error,
-                                    expires_at), trimmed from its head by purge_expired
+                                    key_id, slug, type, at, attempt, error_kind, error)
+    events:trim             zset    "<event id> <job id>" scored by when the event may go
+                                    (its ``at`` + the job's result TTL), for purge_expired
     jobevents:<job_id>      stream  the same entries of one job, under the same ids (for a
                                     job's own event stream); a TTL past the job's
     workers                 hash    worker id -> WorkerInfo JSON
@@ -56,6 +57,7 @@ _REQUEUED = "requeued:"
 _SLUGS = "slugs"
 _EXPIRY = "expiry"
 _EVENTS = "events"
+_EVENTS_TRIM = "events:trim"
 _JOB_EVENTS = "jobevents:"
 _WORKERS = "workers"
 _WORKERS_LAPSE = "workers:lapse"
@@ -75,6 +77,7 @@ local function queue_key(slug) return PREFIX .. '{_QUEUE}' .. slug end
 local function leases_key(slug) return PREFIX .. '{_LEASES}' .. slug end
 local function requeued_key(slug) return PREFIX .. '{_REQUEUED}' .. slug end
 local function events_key() return PREFIX .. '{_EVENTS}' end
+local function events_trim_key() return PREFIX .. '{_EVENTS_TRIM}' end
 local function job_events_key(job_id) return PREFIX .. '{_JOB_EVENTS}' .. job_id end
 local function wake_channel() return PREFIX .. '{_WAKE}' end
 local function done_channel() return PREFIX .. '{_DONE}' end
@@ -135,6 +138,10 @@ class RedisKeys:
     def events(self) -> str:
         """The event log stream (every job)."""
         return f"{self.prefix}{_EVENTS}"
+
+    def events_trim(self) -> str:
+        """Event ids (with their job's id) scored by when purge_expired may trim them."""
+        return f"{self.prefix}{_EVENTS_TRIM}"
 
     def job_events(self, job_id: str) -> str:
         """One job's events, under the same ids as in ``events``."""

@@ -28,8 +28,8 @@ QUEUED job in its script (refund, entry deleted) or sets ``cancel_requested_at``
 Event log. Every script that changes a job's status XADDs one entry to the ``events`` stream
 (and, under the same id, to ``jobevents:<id>``, so one job's events are read without scanning
 the log), in the same script as the change: the log cannot miss or invent a transition. Each
-entry carries when it may go (its ``at`` plus the job's result TTL); purge_expired trims the
-log's head up to the first entry still kept. Stream ids are the event ids.
+event is also listed in ``events:trim``, scored by when it may go (its ``at`` plus the job's
+result TTL), where purge_expired finds and XDELs it. Stream ids are the event ids.
 
 Wake-up. The submit and release scripts (and expire_leases) PUBLISH the job's slug on the
 ``wake`` channel in the same script, so no extra round trip: idle workers subscribed to it
@@ -385,10 +385,9 @@ class RedisStore(Store):
         return int(self._eval(self._scripts.expire_leases, leases, float_text(now)))
 
     def purge_expired(self, *, now: float) -> list[Job]:
-        while self._eval(self._scripts.trim_events, [], float_text(now), PURGE_BATCH) == (
-            PURGE_BATCH
-        ):
-            pass
+        trimmed = PURGE_BATCH
+        while trimmed == PURGE_BATCH:
+            trimmed = self._eval(self._scripts.trim_events, [], float_text(now), PURGE_BATCH)
         purged: list[Job] = []
         while True:
             batch = self._eval(

@@ -33,8 +33,7 @@ local function announce(job_id, event_type, now_text, error_kind, message)
     'slug', 'attempts', 'created_at', 'expires_at'))
   local ttl = math.max(tonumber(expires) - tonumber(created), 0)
   local fields = {'job_id', job_id, 'key_id', key_id, 'slug', slug, 'type', event_type,
-    'at', now_text, 'attempt', attempts or '0',
-    'expires_at', string.format('%.3f', tonumber(now_text) + ttl)}
+    'at', now_text, 'attempt', attempts or '0'}
   if error_kind then
     fields[#fields + 1] = 'error_kind'
     fields[#fields + 1] = error_kind
@@ -44,6 +43,8 @@ local function announce(job_id, event_type, now_text, error_kind, message)
   local id = redis.call('XADD', events_key(), '*', unpack(fields))
   local own = job_events_key(job_id)
   redis.call('XADD', own, id, unpack(fields))
+  redis.call('ZADD', events_trim_key(), string.format('%.6f', tonumber(now_text) + ttl),
+    id .. ' ' .. job_id)
   -- The job's stream outlives the job hash (the purge's own event is written just before the
   -- hash goes) and each of its events' retention; purge trims it entry by entry.
   local keep_ms = math.max(math.ceil(ttl * 1000), redis.call('PTTL', job), redis.call('PTTL', own))
