@@ -322,6 +322,8 @@ class SqliteStore(Store):
     ) -> Heartbeat:
         owned: set[str] = set()
         cancelled: set[str] = set()
+        if not progress:  # nothing held: no need to take the write lock
+            return Heartbeat(owned=frozenset(), cancelled=frozenset(), lost=frozenset())
         with self._db.write() as db:
             for job_id, report in progress.items():
                 step = report.step if report is not None else None
