@@ -15,6 +15,8 @@ responses, and nothing else invents status codes. This module imports nothing fr
     │   ├── UnknownModel                404  no such slug
     │   └── UnknownRequest              404  no such request id (or expired, or another key's)
     ├── InsufficientCredits             406  the balance cannot pay for the run
+    ├── Conflict                        409  the request no longer fits the job's state
+                                             (cancel of a finished job); carries job_status
     ├── RateLimited                     429  requests-per-minute limit hit; carries retry_after_s
     ├── UpstreamError                   502  fetching an input URL failed
     ├── UpstreamTimeout                 504  fetching an input URL timed out
@@ -82,6 +84,19 @@ class InsufficientCredits(QwenServeError):
     """The key's balance is below the model's price per run."""
 
     http_status = 406
+
+
+class Conflict(QwenServeError):
+    """The job is in a state the request cannot apply to (e.g. cancelling a finished job).
+
+    ``job_status`` is the job's status (``JobStatus`` value) so the API can say it.
+    """
+
+    http_status = 409
+
+    def __init__(self, message: str, *, job_status: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.job_status = job_status
 
 
 class RateLimited(QwenServeError):

@@ -1,10 +1,18 @@
-"""Jobs and their results: plain data shared by the store, the worker and the API. No I/O."""
+"""Jobs, their progress, results and events: plain data shared by the store, the worker and the
+API. No I/O."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+CANCELLED = "cancelled"
+"""``Job.error_kind`` of a job its owner cancelled (refunded)."""
+
+EXPIRED = "expired"
+"""``Job.error_kind`` announced for a job that reached ``expires_at`` before it finished
+(refunded, then purged)."""
 
 
 class JobStatus(enum.StrEnum):
@@ -18,6 +26,71 @@ class JobStatus(enum.StrEnum):
     @property
     def is_terminal(self) -> bool:
         return self in (JobStatus.COMPLETED, JobStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a running job got, as its worker reports it (denoising steps done of all)."""
+
+    step: int
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1 or not 0 <= self.step <= self.total_steps:
+            raise ValueError(f"invalid progress {self.step}/{self.total_steps}")
+
+    @property
+    def fraction(self) -> float:
+        """Done share in [0, 1], for a progress bar."""
+        return self.step / self.total_steps
+
+
+@dataclass(frozen=True)
+class JobProgress(Progress):
+    """A job's last reported progress and when the store recorded it (a stale ``updated_at``
+    tells a watcher the worker went quiet)."""
+
+    updated_at: float
+
+
+class JobEventType(enum.StrEnum):
+    """What a job event announces: one per transition of the job."""
+
+    QUEUED = "queued"
+    """Accepted (submit), or given back to the queue (release) to run again."""
+    PROCESSING = "processing"
+    """Claimed by a worker (``attempt`` counts the tries, a reclaimed lease included)."""
+    CANCEL_REQUESTED = "cancel_requested"
+    """Its owner asked to stop it while a worker runs it; a ``failed`` (or ``completed``, when
+    the worker finished first) follows."""
+    COMPLETED = "completed"
+    FAILED = "failed"
+    """Ended without a result: ``error_kind`` says why (an error class name, ``cancelled``,
+    ``expired``)."""
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobEventType.COMPLETED, JobEventType.FAILED)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of the store's durable event log, written in the same atomic step as the
+    transition it announces, so a consumer that reads the log misses nothing.
+
+    ``id`` is opaque and ordered by the store (pass it back as ``after`` to resume); compare
+    events by their position in a reply, not by the text of their ids.
+    """
+
+    id: str
+    job_id: str
+    key_id: str
+    slug: str
+    type: JobEventType
+    at: float
+    attempt: int = 0
+    error_kind: str | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +153,11 @@ class Job:
     error_kind: str | None = None
     worker_id: str | None = None
     lease_until: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    progress: JobProgress | None = None
+    """The running attempt's last reported progress; None before the first report and again
+    when the job goes back to the queue (a new attempt starts over). Kept once it ended."""
+    cancel_requested_at: float | None = None
+    """When its owner asked to cancel it while it was running (the worker then stops it)."""
 
     @property
     def queue_time_s(self) -> float | None:

@@ -16,8 +16,24 @@ from typing import Any
 
 import pytest
 
-from qwenserve.errors import InsufficientCredits, RateLimited
-from qwenserve.jobs import Job, JobResult, JobStatus
+from qwenserve.errors import (
+    Conflict,
+    InsufficientCredits,
+    InvalidRequest,
+    RateLimited,
+    UnknownRequest,
+)
+from qwenserve.jobs import (
+    CANCELLED,
+    EXPIRED,
+    Job,
+    JobEvent,
+    JobEventType,
+    JobProgress,
+    JobResult,
+    JobStatus,
+    Progress,
+)
 from qwenserve.store.base import ApiKey, Store
 
 START_S = 1_700_000_000.0
@@ -732,6 +748,434 @@ class StoreContract:
         for job_id, worker_id in taken:
             got = store.get_job(job_id, now=clock.now)
             assert got is not None and got.worker_id == worker_id and got.attempts == 1
+
+    # --- heartbeat and progress --------------------------------------------------------------
+    def test_heartbeat_renews_records_progress_and_reports_lost_and_cancelled(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock)
+        running, stopping, done = (make_job(key, clock) for _ in range(3))
+        for job in (running, stopping, done):
+            store.submit(job, rpm=0, now=clock.now)
+        claimed = store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=3)
+        assert len(claimed) == 3
+        assert store.complete(done.id, "w1", make_result(), now=clock.now)
+        store.cancel(stopping.id, key.id, now=clock.now)
+        clock.advance(20)
+        beat = store.heartbeat(
+            "w1",
+            {
+                running.id: Progress(3, 10),
+                stopping.id: None,
+                done.id: Progress(1, 2),
+                "no-such-job": None,
+            },
+            lease_s=30,
+            now=clock.now,
+        )
+        assert beat.owned == {running.id, stopping.id}
+        assert beat.cancelled == {stopping.id}
+        assert beat.lost == {done.id, "no-such-job"}
+        got = store.get_job(running.id, now=clock.now)
+        assert got is not None
+        assert got.lease_until == pytest.approx(clock.now + 30)
+        assert got.progress == JobProgress(3, 10, updated_at=clock.now)
+        assert got.progress.fraction == pytest.approx(0.3)
+        stopped = store.get_job(stopping.id, now=clock.now)
+        assert stopped is not None and stopped.progress is None
+        assert stopped.lease_until == pytest.approx(clock.now + 30)
+        finished = store.get_job(done.id, now=clock.now)
+        assert finished is not None and finished.progress is None  # a lost job records nothing
+        # renewed: past the first lease, inside the new one, nobody can take them
+        clock.advance(20)
+        assert store.claim("w2", slugs=None, lease_s=30, max_attempts=3, now=clock.now) == []
+        # another worker's heartbeat neither renews nor records
+        other = store.heartbeat("w2", {running.id: Progress(9, 10)}, lease_s=30, now=clock.now)
+        assert other.owned == frozenset() and other.lost == {running.id}
+        # no news keeps the last report
+        assert store.heartbeat("w1", {running.id: None}, lease_s=30, now=clock.now).owned
+        kept = store.get_job(running.id, now=clock.now)
+        assert kept is not None
+        assert kept.progress == JobProgress(3, 10, updated_at=clock.now - 20)
+
+    def test_heartbeat_of_nothing_and_of_a_reclaimed_job(self, store: Store, clock: Clock) -> None:
+        empty = store.heartbeat("w1", {}, lease_s=30, now=clock.now)
+        assert empty.owned == empty.cancelled == empty.lost == frozenset()
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=10) is not None
+        clock.advance(11)
+        assert claim_one(store, clock, "w2", lease_s=10) is not None
+        assert store.heartbeat("w1", {job.id: Progress(5, 8)}, lease_s=10, now=clock.now).lost == {
+            job.id
+        }
+        assert store.heartbeat("w2", {job.id: Progress(2, 8)}, lease_s=10, now=clock.now).owned
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None and got.progress == JobProgress(2, 8, updated_at=clock.now)
+
+    def test_progress_starts_over_with_each_attempt_and_stays_once_ended(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=10) is not None
+        store.heartbeat("w1", {job.id: Progress(4, 8)}, lease_s=10, now=clock.now)
+        assert store.release(job.id, "w1", now=clock.now)
+        released = store.get_job(job.id, now=clock.now)
+        assert released is not None and released.progress is None
+        assert claim_one(store, clock, "w1", lease_s=10) is not None
+        store.heartbeat("w1", {job.id: Progress(6, 8)}, lease_s=10, now=clock.now)
+        clock.advance(11)  # w1 died: the next attempt starts from nothing
+        retried = claim_one(store, clock, "w2", lease_s=10)
+        assert retried is not None and retried.progress is None
+        store.heartbeat("w2", {job.id: Progress(8, 8)}, lease_s=10, now=clock.now)
+        assert store.complete(job.id, "w2", make_result(), now=clock.now)
+        done = store.get_job(job.id, now=clock.now)
+        assert done is not None and done.progress == JobProgress(8, 8, updated_at=clock.now)
+
+    # --- cancel ------------------------------------------------------------------------------
+    def test_cancel_of_a_queued_job_ends_it_at_once_refunded(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.25)
+        store.submit(job, rpm=0, now=clock.now)
+        assert balance(store, key) == pytest.approx(0.75)
+        clock.advance(2)
+        cancelled = store.cancel(job.id, key.id, now=clock.now)
+        assert cancelled.status is JobStatus.FAILED
+        assert cancelled.error_kind == CANCELLED
+        assert cancelled.error is not None and "cancelled" in cancelled.error
+        assert cancelled.finished_at == pytest.approx(clock.now)
+        assert store.get_job(job.id, now=clock.now) == cancelled
+        assert balance(store, key) == pytest.approx(1.0)
+        assert claim_one(store, clock, "w1") is None
+        assert store.stats(now=clock.now).queued_by_model.get(job.slug, 0) == 0
+        assert [(e.type, e.error_kind) for e in store.job_events(job.id)] == [
+            (JobEventType.QUEUED, None),
+            (JobEventType.FAILED, CANCELLED),
+        ]
+        with pytest.raises(Conflict) as caught:
+            store.cancel(job.id, key.id, now=clock.now)
+        assert caught.value.job_status == JobStatus.FAILED
+        assert balance(store, key) == pytest.approx(1.0)
+
+    def test_cancel_of_a_running_job_is_answered_by_the_heartbeat(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.25)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=30) is not None
+        clock.advance(1)
+        requested = store.cancel(job.id, key.id, now=clock.now)
+        assert requested.status is JobStatus.PROCESSING
+        assert requested.cancel_requested_at == pytest.approx(clock.now)
+        assert balance(store, key) == pytest.approx(0.75)  # not refunded until it stops
+        clock.advance(1)
+        again = store.cancel(job.id, key.id, now=clock.now)  # idempotent while pending
+        assert again.cancel_requested_at == requested.cancel_requested_at
+        beat = store.heartbeat("w1", {job.id: Progress(2, 8)}, lease_s=30, now=clock.now)
+        assert beat.cancelled == {job.id}
+        assert store.fail(job.id, "w1", kind=CANCELLED, message="stopped", now=clock.now)
+        assert balance(store, key) == pytest.approx(1.0)
+        assert not store.fail(job.id, "w1", kind=CANCELLED, message="stopped", now=clock.now)
+        assert balance(store, key) == pytest.approx(1.0)
+        ended = store.get_job(job.id, now=clock.now)
+        assert ended is not None and ended.status is JobStatus.FAILED
+        assert ended.error_kind == CANCELLED
+        assert [e.type for e in store.job_events(job.id)] == [
+            JobEventType.QUEUED,
+            JobEventType.PROCESSING,
+            JobEventType.CANCEL_REQUESTED,
+            JobEventType.FAILED,
+        ]
+        with pytest.raises(Conflict):
+            store.cancel(job.id, key.id, now=clock.now)
+
+    def test_cancel_of_a_finished_job_is_a_conflict(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        done, broken = make_job(key, clock, cost_usd=0.25), make_job(key, clock, cost_usd=0.25)
+        store.submit(done, rpm=0, now=clock.now)
+        store.submit(broken, rpm=0, now=clock.now)
+        store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=2)
+        assert store.complete(done.id, "w1", make_result(), now=clock.now)
+        assert store.fail(broken.id, "w1", kind="InferenceError", message="x", now=clock.now)
+        for job, status in ((done, JobStatus.COMPLETED), (broken, JobStatus.FAILED)):
+            with pytest.raises(Conflict) as caught:
+                store.cancel(job.id, key.id, now=clock.now)
+            assert caught.value.job_status == status
+            assert caught.value.http_status == 409
+        assert balance(store, key) == pytest.approx(0.75)
+        got = store.get_job(done.id, now=clock.now)
+        assert got is not None and got.status is JobStatus.COMPLETED
+
+    def test_cancel_of_another_keys_unknown_or_expired_job_is_unknown(
+        self, store: Store, clock: Clock
+    ) -> None:
+        owner, stranger = make_key(store, clock), make_key(store, clock)
+        job = make_job(owner, clock, ttl_s=100)
+        store.submit(job, rpm=0, now=clock.now)
+        with pytest.raises(UnknownRequest):
+            store.cancel(job.id, stranger.id, now=clock.now)
+        with pytest.raises(UnknownRequest):
+            store.cancel("no-such-job", owner.id, now=clock.now)
+        got = store.get_job(job.id, now=clock.now)
+        assert got is not None and got.status is JobStatus.QUEUED
+        assert got.cancel_requested_at is None
+        assert [e.type for e in store.job_events(job.id)] == [JobEventType.QUEUED]
+        clock.advance(100)
+        with pytest.raises(UnknownRequest):
+            store.cancel(job.id, owner.id, now=clock.now)
+
+    def test_cancelled_job_whose_worker_is_lost_ends_instead_of_running_again(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.25)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=10) is not None
+        store.cancel(job.id, key.id, now=clock.now)
+        clock.advance(11)  # w1 died before it saw the request
+        assert claim_one(store, clock, "w2", lease_s=10) is None
+        ended = store.get_job(job.id, now=clock.now)
+        assert ended is not None and ended.status is JobStatus.FAILED
+        assert ended.error_kind == CANCELLED and ended.attempts == 1
+        assert balance(store, key) == pytest.approx(1.0)
+        assert not store.fail(job.id, "w1", kind=CANCELLED, message="late", now=clock.now)
+        assert balance(store, key) == pytest.approx(1.0)
+
+    def test_cancel_after_the_lease_ran_out_ends_at_once(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.25)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=10) is not None
+        clock.advance(11)
+        ended = store.cancel(job.id, key.id, now=clock.now)
+        assert ended.status is JobStatus.FAILED and ended.error_kind == CANCELLED
+        assert balance(store, key) == pytest.approx(1.0)
+        terminal = [e for e in store.job_events(job.id) if e.type.is_terminal]
+        assert len(terminal) == 1
+
+    def test_released_cancelled_job_ends_and_a_released_job_can_be_cancelled(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        stopping, waiting = make_job(key, clock, cost_usd=0.25), make_job(key, clock, cost_usd=0.25)
+        store.submit(stopping, rpm=0, now=clock.now)
+        store.submit(waiting, rpm=0, now=clock.now)
+        store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=2)
+        store.cancel(stopping.id, key.id, now=clock.now)
+        assert store.release(stopping.id, "w1", now=clock.now)  # worker shuts down
+        ended = store.get_job(stopping.id, now=clock.now)
+        assert ended is not None and ended.status is JobStatus.FAILED
+        assert ended.error_kind == CANCELLED
+        assert store.release(waiting.id, "w1", now=clock.now)
+        assert store.cancel(waiting.id, key.id, now=clock.now).status is JobStatus.FAILED
+        assert balance(store, key) == pytest.approx(1.0)
+        assert claim_one(store, clock, "w2") is None
+        assert store.stats(now=clock.now).queued_by_model.get(waiting.slug, 0) == 0
+
+    def test_a_worker_that_finishes_before_it_sees_the_cancel_completes(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock, balance_usd=1.0)
+        job = make_job(key, clock, cost_usd=0.25)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1") is not None
+        store.cancel(job.id, key.id, now=clock.now)
+        assert store.complete(job.id, "w1", make_result(), now=clock.now)
+        done = store.get_job(job.id, now=clock.now)
+        assert done is not None and done.status is JobStatus.COMPLETED
+        assert balance(store, key) == pytest.approx(0.75)  # it ran, so it is paid for
+
+    # --- the event log -----------------------------------------------------------------------
+    def test_every_ending_is_announced_exactly_once(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=10.0)
+        jobs = {name: make_job(key, clock, ttl_s=600) for name in ("done", "broken", "queued")}
+        jobs["running"] = make_job(key, clock, ttl_s=600)
+        jobs["lost"] = make_job(key, clock, ttl_s=600)
+        jobs["expired_running"] = make_job(key, clock, ttl_s=60)
+        jobs["expired_queued"] = make_job(key, clock, ttl_s=60)
+        for job in jobs.values():
+            store.submit(job, rpm=0, now=clock.now)
+            clock.advance(0.001)
+        names = {job.id: name for name, job in jobs.items()}
+        batch = store.claim("w1", slugs=None, lease_s=10, max_attempts=1, now=clock.now, limit=2)
+        assert [names[j.id] for j in batch] == ["done", "broken"]
+        assert store.complete(jobs["done"].id, "w1", make_result(), now=clock.now)
+        assert store.fail(
+            jobs["broken"].id, "w1", kind="InferenceError", message="boom", now=clock.now
+        )
+        store.cancel(jobs["queued"].id, key.id, now=clock.now)
+        store.claim("w1", slugs=None, lease_s=10, max_attempts=1, now=clock.now, limit=2)
+        store.cancel(jobs["running"].id, key.id, now=clock.now)
+        assert store.fail(jobs["running"].id, "w1", kind=CANCELLED, message="stop", now=clock.now)
+        clock.advance(11)  # "lost" exhausts its one attempt
+        assert [
+            names[j.id]
+            for j in store.claim("w2", slugs=None, lease_s=100, max_attempts=1, now=clock.now)
+        ] == ["expired_running"]
+        clock.advance(60)  # the two short-lived jobs expire unfinished
+        store.purge_expired(now=clock.now)
+        endings: dict[str, list[tuple[JobEventType, str | None]]] = {}
+        for event in store.events(after=None, limit=1000):
+            if event.type.is_terminal:
+                endings.setdefault(names[event.job_id], []).append((event.type, event.error_kind))
+        assert endings == {
+            "done": [(JobEventType.COMPLETED, None)],
+            "broken": [(JobEventType.FAILED, "InferenceError")],
+            "queued": [(JobEventType.FAILED, CANCELLED)],
+            "running": [(JobEventType.FAILED, CANCELLED)],
+            "lost": [(JobEventType.FAILED, "InferenceError")],
+            "expired_running": [(JobEventType.FAILED, EXPIRED)],
+            "expired_queued": [(JobEventType.FAILED, EXPIRED)],
+        }
+
+    def test_events_carry_the_job_and_resume_after_an_id(self, store: Store, clock: Clock) -> None:
+        assert store.events(after=None, limit=10) == []
+        assert store.last_event_id() is None
+        key = make_key(store, clock)
+        first, second = make_job(key, clock, slug="qwen-image"), make_job(key, clock, slug="fast")
+        store.submit(first, rpm=0, now=clock.now)
+        clock.advance(1)
+        store.submit(second, rpm=0, now=clock.now)
+        clock.advance(1)
+        assert claim_one(store, clock, "w1", slugs=["qwen-image"]) is not None
+        clock.advance(1)
+        assert store.complete(first.id, "w1", make_result(), now=clock.now)
+        every = store.events(after=None, limit=100)
+        assert [(e.job_id, e.type) for e in every] == [
+            (first.id, JobEventType.QUEUED),
+            (second.id, JobEventType.QUEUED),
+            (first.id, JobEventType.PROCESSING),
+            (first.id, JobEventType.COMPLETED),
+        ]
+        processing = every[2]
+        assert processing == JobEvent(
+            id=processing.id,
+            job_id=first.id,
+            key_id=key.id,
+            slug="qwen-image",
+            type=JobEventType.PROCESSING,
+            at=START_S + 2,
+            attempt=1,
+        )
+        assert len({e.id for e in every}) == 4
+        assert store.last_event_id() == every[-1].id
+        # paged reading sees each event once, in order
+        paged: list[JobEvent] = []
+        after: str | None = None
+        while page := store.events(after=after, limit=3):
+            paged += page
+            after = page[-1].id
+        assert paged == every
+        assert store.events(after=every[-1].id, limit=10) == []
+        assert store.job_events(first.id) == [every[0], every[2], every[3]]
+        assert store.job_events(first.id, after=every[0].id) == [every[2], every[3]]
+        assert store.job_events(second.id) == [every[1]]
+        assert store.job_events("no-such-job") == []
+        with pytest.raises(InvalidRequest):
+            store.events(after="not an id", limit=10)
+        with pytest.raises(InvalidRequest):
+            store.job_events(first.id, after="not an id")
+
+    def test_release_and_retry_are_announced(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        job = make_job(key, clock)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=10) is not None
+        assert store.release(job.id, "w1", now=clock.now)
+        assert claim_one(store, clock, "w1", lease_s=10) is not None
+        clock.advance(11)
+        assert claim_one(store, clock, "w2", lease_s=10) is not None
+        assert [(e.type, e.attempt) for e in store.job_events(job.id)] == [
+            (JobEventType.QUEUED, 0),
+            (JobEventType.PROCESSING, 1),
+            (JobEventType.QUEUED, 0),
+            (JobEventType.PROCESSING, 1),
+            (JobEventType.PROCESSING, 2),
+        ]
+
+    def test_refused_or_unapplied_changes_announce_nothing(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock, balance_usd=0.05)
+        with pytest.raises(InsufficientCredits):
+            store.submit(make_job(key, clock, cost_usd=0.1), rpm=0, now=clock.now)
+        job = make_job(key, clock, cost_usd=0.0)
+        store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1") is not None
+        assert not store.complete(job.id, "w2", make_result(), now=clock.now)
+        assert not store.fail(job.id, "w2", kind="InferenceError", message="x", now=clock.now)
+        assert not store.release(job.id, "w2", now=clock.now)
+        assert [e.type for e in store.events(after=None, limit=10)] == [
+            JobEventType.QUEUED,
+            JobEventType.PROCESSING,
+        ]
+
+    def test_event_log_is_trimmed_with_the_result_ttl(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        kept = make_job(key, clock, ttl_s=600)
+        done, stale = make_job(key, clock, ttl_s=60), make_job(key, clock, ttl_s=60)
+        for job in (kept, done, stale):
+            store.submit(job, rpm=0, now=clock.now)
+        assert claim_one(store, clock, "w1", slugs=None) is not None  # kept
+        assert claim_one(store, clock, "w1") is not None  # done
+        assert store.complete(done.id, "w1", make_result(), now=clock.now)
+        clock.advance(59)
+        store.purge_expired(now=clock.now)
+        assert len(store.events(after=None, limit=100)) == 6  # none is a TTL old yet
+        clock.advance(2)
+        store.purge_expired(now=clock.now)
+        # what happened a (60 s) TTL ago is gone, the longer-lived job's events stay, and the
+        # announcement that `stale` expired stays a TTL from now
+        left = store.events(after=None, limit=100)
+        assert [(e.job_id, e.type, e.error_kind) for e in left] == [
+            (kept.id, JobEventType.QUEUED, None),
+            (kept.id, JobEventType.PROCESSING, None),
+            (stale.id, JobEventType.FAILED, EXPIRED),
+        ]
+        assert store.job_events(done.id) == []
+        assert store.job_events(stale.id) == left[2:]
+        last = store.last_event_id()
+        assert last == left[2].id
+        clock.advance(61)
+        store.purge_expired(now=clock.now)
+        assert store.events(after=None, limit=100) == left[:2]
+        # ids keep growing after the newest events were trimmed: a reader resuming misses nothing
+        fresh = make_job(key, clock)
+        store.submit(fresh, rpm=0, now=clock.now)
+        assert [e.job_id for e in store.events(after=last, limit=10)] == [fresh.id]
+
+    # --- queue position ----------------------------------------------------------------------
+    def test_queue_position_per_model(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock)
+        order = ["a1", "b1", "a2", "b2", "a3"]
+        jobs = {
+            name: make_job(key, clock, slug="qwen-image" if name[0] == "a" else "qwen-image-fast")
+            for name in order
+        }
+        for name in order:
+            store.submit(jobs[name], rpm=0, now=clock.now)
+            clock.advance(1)
+
+        def positions() -> dict[str, int | None]:
+            return {name: store.queue_position(jobs[name].id, now=clock.now) for name in order}
+
+        assert positions() == {"a1": 0, "b1": 0, "a2": 1, "b2": 1, "a3": 2}
+        claimed = claim_one(store, clock, "w1", slugs=["qwen-image"])
+        assert claimed is not None and claimed.id == jobs["a1"].id
+        assert positions() == {"a1": None, "b1": 0, "a2": 0, "b2": 1, "a3": 1}
+        assert store.release(jobs["a1"].id, "w1", now=clock.now)  # back in its old place
+        assert positions() == {"a1": 0, "b1": 0, "a2": 1, "b2": 1, "a3": 2}
+        store.cancel(jobs["a2"].id, key.id, now=clock.now)
+        assert positions() == {"a1": 0, "b1": 0, "a2": None, "b2": 1, "a3": 1}
+        assert store.queue_position("no-such-job", now=clock.now) is None
+        clock.advance(TTL_S)
+        assert store.queue_position(jobs["a3"].id, now=clock.now) is None
 
 
 def run_in_threads(threads: int, tasks: list[Callable[[], None]]) -> None:

@@ -13,7 +13,7 @@ import redis
 
 from qwenserve.config import Settings
 from qwenserve.errors import ServiceUnavailable, Unauthenticated
-from qwenserve.jobs import JobStatus
+from qwenserve.jobs import JobEventType, JobStatus
 from qwenserve.media.redis_storage import RedisMediaStore
 from qwenserve.media.storage import new_media_id
 from qwenserve.store import open_store
@@ -92,6 +92,30 @@ def test_released_job_keeps_its_place_in_the_queue(store: RedisStore, clock: Clo
     assert stats.oldest_queued_age_s == pytest.approx(1.0)
     claimed = store.claim("w2", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=2)
     assert [j.id for j in claimed] == [first.id, second.id]
+
+
+def test_event_log_is_a_stream_and_each_job_has_its_own(
+    store: RedisStore, redis_client: redis.Redis, clock: Clock
+) -> None:
+    key = make_key(store, clock)
+    job, other = make_job(key, clock, ttl_s=60), make_job(key, clock, ttl_s=600)
+    store.submit(job, rpm=0, now=clock.now)
+    store.submit(other, rpm=0, now=clock.now)
+    assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
+    assert store.complete(job.id, "w1", make_result(), now=clock.now)
+    events = store.events(after=None, limit=10)
+    log = [entry_id for entry_id, _ in redis_client.xrange(store.keys.events())]
+    assert log == [e.id for e in events]
+    own = [entry_id for entry_id, _ in redis_client.xrange(store.keys.job_events(job.id))]
+    assert own == [e.id for e in events if e.job_id == job.id]
+    # the job's stream lives at least as long as the job hash
+    assert redis_client.pttl(store.keys.job_events(job.id)) >= redis_client.pttl(
+        store.keys.job(job.id)
+    )
+    clock.advance(60)
+    store.purge_expired(now=clock.now)
+    assert redis_client.xlen(store.keys.job_events(job.id)) == 0
+    assert [e.job_id for e in store.events(after=None, limit=10)] == [other.id]
 
 
 def test_job_hash_and_rate_counter_carry_ttls(
@@ -208,6 +232,8 @@ def test_state_survives_a_redis_restart_and_the_client_reconnects(
             server.start()  # the append-only file is replayed after a SIGKILL too
             done = store.get_job(running.id, now=clock.now)
             assert done is not None and done.status is JobStatus.COMPLETED
+            assert [e.type for e in store.job_events(running.id)][-1] is JobEventType.COMPLETED
+            assert len(store.events(after=None, limit=100)) == 5
         finally:
             store.close()
 

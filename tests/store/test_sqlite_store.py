@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,10 +18,11 @@ import pytest
 
 from qwenserve.config import Settings
 from qwenserve.errors import QwenServeError, ServiceUnavailable, Unauthenticated
-from qwenserve.jobs import JobStatus
+from qwenserve.jobs import CANCELLED, JobEventType, JobResult, JobStatus, Progress
 from qwenserve.store import open_store
-from qwenserve.store.sqlite import SCHEMA_VERSION, SqliteStore
+from qwenserve.store.sqlite import SCHEMA_VERSION, SqliteStore, schema
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
+from tests.store.schema_v1 import V1_RESULT, make_v1_database
 
 
 @pytest.fixture
@@ -83,6 +85,97 @@ def test_file_is_in_wal_mode_with_one_schema_version(db_path: Path) -> None:
         assert {"jobs_claim", "jobs_expiry"} <= indexes
     finally:
         raw.close()
+
+
+def _columns(path: Path, table: str) -> set[str]:
+    raw = sqlite3.connect(path)
+    try:
+        return {row[1] for row in raw.execute(f"PRAGMA table_info({table})")}
+    finally:
+        raw.close()
+
+
+def _version(path: Path) -> list[tuple[int]]:
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute("SELECT version FROM schema_version").fetchall()
+    finally:
+        raw.close()
+
+
+def test_a_v1_data_dir_is_upgraded_and_loses_nothing(db_path: Path, clock: Clock) -> None:
+    v1 = make_v1_database(db_path, now=clock.now)
+    assert "extra" in _columns(db_path, "jobs")
+    store = SqliteStore(db_path)
+    try:
+        assert _version(db_path) == [(SCHEMA_VERSION,)]
+        columns = _columns(db_path, "jobs")
+        assert {"progress_step", "progress_total", "progress_at", "cancel_requested_at"} <= columns
+        assert "extra" not in columns
+        key = store.key_by_hash(v1.key_hash)
+        assert key is not None and key.id == v1.key_id
+        assert key.balance_usd == pytest.approx(9.0) and key.rpm == 10
+        assert key.models == ("qwen-image",)
+        jobs = {job_id: store.get_job(job_id, now=clock.now) for job_id in vars(v1).values()}
+        got = {job_id: job.status for job_id, job in jobs.items() if job is not None}
+        assert got == {
+            v1.queued: JobStatus.QUEUED,
+            v1.queued_other_model: JobStatus.QUEUED,
+            v1.processing: JobStatus.PROCESSING,
+            v1.completed: JobStatus.COMPLETED,
+            v1.failed: JobStatus.FAILED,
+        }
+        completed = jobs[v1.completed]
+        assert completed is not None and completed.result == JobResult.from_dict(V1_RESULT)
+        failed = jobs[v1.failed]
+        assert failed is not None and (failed.error, failed.error_kind) == (
+            "boom",
+            "InferenceError",
+        )
+        running = jobs[v1.processing]
+        assert running is not None and running.worker_id == "w-old" and running.progress is None
+        assert running.params == {"prompt": "job 2", "seed": 2}
+        # the rate window the old release opened carries on: 4 of 10 used
+        outcome = store.submit(make_job(key, clock, cost_usd=0.0), rpm=10, now=clock.now)
+        assert outcome.rate_limit_remaining == 5
+        # queue order and positions across models, then the old jobs run and end as new ones do
+        assert store.queue_position(v1.queued, now=clock.now) == 0
+        assert store.queue_position(v1.queued_other_model, now=clock.now) == 0
+        store.cancel(v1.queued_other_model, key.id, now=clock.now)
+        claimed = store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
+        assert [j.id for j in claimed] == [v1.queued]
+        beat = store.heartbeat("w-old", {v1.processing: Progress(1, 4)}, lease_s=30, now=clock.now)
+        assert beat.owned == {v1.processing}
+        assert store.complete(v1.processing, "w-old", make_result(), now=clock.now)
+        assert store.topup(key.id, 0.0) == pytest.approx(9.25)  # the cancelled one refunded
+        assert [(e.job_id, e.type) for e in store.events(after=None, limit=10)][1:] == [
+            (v1.queued_other_model, JobEventType.FAILED),
+            (v1.queued, JobEventType.PROCESSING),
+            (v1.processing, JobEventType.COMPLETED),
+        ]
+    finally:
+        store.close()
+    SqliteStore(db_path).close()  # opening an upgraded file again changes nothing
+    assert _version(db_path) == [(SCHEMA_VERSION,)]
+
+
+def test_a_failed_upgrade_leaves_the_file_as_it_was(
+    db_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v1 = make_v1_database(db_path, now=clock.now)
+    broken = (*schema.MIGRATIONS[:1], (2, (*schema.MIGRATIONS[1][1], "NOT SQL")))
+    monkeypatch.setattr(schema, "MIGRATIONS", broken)
+    with pytest.raises(sqlite3.OperationalError):
+        SqliteStore(db_path)
+    assert _version(db_path) == [(1,)]
+    assert "extra" in _columns(db_path, "jobs")
+    assert "progress_step" not in _columns(db_path, "jobs")
+    monkeypatch.undo()
+    store = SqliteStore(db_path)
+    try:
+        assert store.get_job(v1.completed, now=clock.now) is not None
+    finally:
+        store.close()
 
 
 def test_newer_schema_is_refused(db_path: Path) -> None:
@@ -180,6 +273,61 @@ def test_open_store_chooses_sqlite(tmp_path: Path, clock: Clock) -> None:
         assert isinstance(explicit, SqliteStore) and explicit.path == explicit_path
     finally:
         explicit.close()
+
+
+_KILLED_MID_WORK = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from qwenserve.jobs import Job, JobStatus
+    from qwenserve.store.base import ApiKey
+    from qwenserve.store.sqlite import SqliteStore
+
+    now = float(sys.argv[2])
+    store = SqliteStore(Path(sys.argv[1]))
+    store.create_key(ApiKey(id="k", key_hash="h" * 64, name="k", balance_usd=1.0, rpm=0))
+    for n in range(3):
+        store.submit(Job(id=f"j{n}", slug="qwen-image", key_id="k", params={},
+                         status=JobStatus.QUEUED, created_at=now, expires_at=now + 3600,
+                         cost_usd=0.25), rpm=0, now=now)
+    store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=now, limit=2)
+    store.cancel("j2", "k", now=now)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_event_log_survives_kill_9(db_path: Path, clock: Clock) -> None:
+    """The log is in the same file as the jobs: a process killed mid-work loses none of it."""
+    process = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_WORK, str(db_path), repr(clock.now)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    store = SqliteStore(db_path)
+    try:
+        events = [(e.job_id, e.type, e.error_kind) for e in store.events(after=None, limit=20)]
+        assert events == [
+            ("j0", JobEventType.QUEUED, None),
+            ("j1", JobEventType.QUEUED, None),
+            ("j2", JobEventType.QUEUED, None),
+            ("j0", JobEventType.PROCESSING, None),
+            ("j1", JobEventType.PROCESSING, None),
+            ("j2", JobEventType.FAILED, CANCELLED),
+        ]
+        assert store.topup("k", 0.0) == pytest.approx(0.5)
+        # the restart path: leases expire, the jobs run again, and the log goes on from there
+        assert store.expire_leases(now=clock.now) == 2
+        last = store.last_event_id()
+        store.claim("w2", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=2)
+        assert [(e.job_id, e.attempt) for e in store.events(after=last, limit=10)] == [
+            ("j0", 2),
+            ("j1", 2),
+        ]
+    finally:
+        store.close()
 
 
 # --- several processes on one file ---------------------------------------------------------

@@ -24,7 +24,7 @@ from qwenserve.cli.compose import (
     start_wakeup,
     warm_up,
 )
-from qwenserve.store.workers import open_registry
+from qwenserve.store import open_registry
 from qwenserve.worker.host import ThreadHost
 
 log = logging.getLogger("qwenserve")

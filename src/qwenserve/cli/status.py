@@ -12,7 +12,7 @@ from rich.table import Table
 
 from qwenserve.cli.common import add_settings_options, settings_from
 from qwenserve.cli.compose import build_store
-from qwenserve.store.workers import open_registry
+from qwenserve.store import open_registry
 
 
 def register(subparsers: Any) -> None:

@@ -7,15 +7,21 @@ API node can never interleave half-done changes. The same contract suite
 
 Time is always passed in (``now``, Unix seconds) so leases, TTLs and rate-limit windows can be
 tested with an injected clock.
+
+Job control goes through three calls: a worker's ``heartbeat`` (renew its leases, record
+progress, learn which jobs it lost or must stop), an owner's ``cancel``, and the event log
+(``events``, ``job_events``): every transition of a job appends one ``JobEvent`` in the same
+atomic step, so whoever follows the log (completion hub, live streams, webhooks) misses nothing,
+even across a crash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from qwenserve.jobs import Job, JobResult
+from qwenserve.jobs import Job, JobEvent, JobResult, Progress
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,20 @@ class QueueStats:
     queued_by_model: dict[str, int] = field(default_factory=dict)
     processing_by_model: dict[str, int] = field(default_factory=dict)
     oldest_queued_age_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The store's answer to a worker's heartbeat, for the jobs it listed."""
+
+    owned: frozenset[str]
+    """Still this worker's: leases renewed, progress recorded."""
+    cancelled: frozenset[str]
+    """Owned, but their owner asked to cancel them: the worker stops each and calls
+    ``fail(..., kind=CANCELLED)``. A subset of ``owned``."""
+    lost: frozenset[str]
+    """Not this worker's any more (reclaimed after its lease ran out, ended, expired): the
+    worker drops them and must not report a result."""
 
 
 class Store(Protocol):
@@ -100,12 +120,28 @@ class Store(Protocol):
         Runnable: QUEUED, or PROCESSING with an expired lease (its worker died). Each claimed
         job becomes PROCESSING, owned by ``worker_id`` until ``now + lease_s``, with
         ``attempts`` raised by one and ``started_at`` set on its first claim. A job whose lease
-        expired after ``max_attempts`` attempts is failed instead (and refunded), with a reason.
-        ``slugs`` limits the models taken (None: any).
+        expired after ``max_attempts`` attempts is failed instead (and refunded), with a reason;
+        one whose owner asked to cancel it ends as cancelled (refunded). Each claim announces a
+        ``processing`` event. ``slugs`` limits the models taken (None: any).
+        """
+
+    def heartbeat(
+        self, worker_id: str, progress: Mapping[str, Progress | None], *, lease_s: float, now: float
+    ) -> Heartbeat:
+        """A worker's one control call for every job it holds, in one atomic step.
+
+        For each listed job this worker still owns (PROCESSING under ``worker_id``): extend the
+        lease to ``now + lease_s`` and record its progress (with ``now``; None: no news, the last
+        report stays). The answer says which are owned, which of those were cancelled, and which
+        are lost. A cancel-requested job's lease is renewed too: its worker is alive and about to
+        stop it.
         """
 
     def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float, now: float) -> bool:
-        """Extend the lease; False when the job is no longer this worker's (reclaimed, ended)."""
+        """Extend the lease; False when the job is no longer this worker's (reclaimed, ended).
+
+        ``heartbeat`` for one job without progress; kept until the runner uses heartbeat.
+        """
 
     def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
         """PROCESSING → COMPLETED, only while ``worker_id`` still owns it. False otherwise,
@@ -119,16 +155,59 @@ class Store(Protocol):
 
     def release(self, job_id: str, worker_id: str, *, now: float) -> bool:
         """Give a claimed job back to the queue (graceful shutdown): QUEUED again, the attempt
-        it was charged given back."""
+        it was charged given back, its progress cleared. A job whose owner asked to cancel it
+        is not queued again: it ends as cancelled (refunded). False when not this worker's."""
+
+    def cancel(self, job_id: str, key_id: str, *, now: float) -> Job:
+        """Its owner stops a job, in one atomic step; returns the job as it now is.
+
+        QUEUED: it ends at once, FAILED with ``error_kind=CANCELLED``, refunded. PROCESSING:
+        the request is recorded (``cancel_requested_at``); the worker learns it from its
+        heartbeat and fails the job as cancelled (refunded then), or completes it if it finished
+        first. When that worker's lease has run out, the job ends as cancelled at once (here or
+        in the next ``claim``) instead of running again. Asking again while a request is
+        pending changes nothing.
+
+        Raises:
+            UnknownRequest: no such job, expired, or another key's.
+            Conflict: the job already ended (``job_status`` says how).
+        """
 
     def expire_leases(self, *, now: float) -> int:
         """Make every PROCESSING lease expire now (a restarted single-node server owns none of
         them any more); returns how many."""
 
     def purge_expired(self, *, now: float) -> list[Job]:
-        """Delete jobs past ``expires_at``, refunding those that never finished; returns them
-        so their media can be deleted too."""
+        """Delete jobs past ``expires_at``, refunding those that never finished (announced as
+        ``failed``, kind ``EXPIRED``, or ``CANCELLED`` when a cancel was pending), and trim the
+        event log of events past their retention; returns the jobs so their media can go too."""
 
     def stats(self, *, now: float) -> QueueStats: ...
+
+    def queue_position(self, job_id: str, *, now: float) -> int | None:
+        """How many QUEUED jobs of the same model run before this one (0: next); None when the
+        job is not QUEUED (or unknown, or expired)."""
+
+    # --- the event log ----------------------------------------------------------------------
+    def events(self, *, after: str | None = None, limit: int = 100) -> list[JobEvent]:
+        """Up to ``limit`` events of every job, oldest first, after event id ``after`` (None:
+        from the start of the log). Events are kept for their job's result TTL from when they
+        happened, then trimmed by ``purge_expired``.
+
+        Raises:
+            InvalidRequest: ``after`` is not an event id of this store.
+        """
+
+    def job_events(self, job_id: str, *, after: str | None = None) -> list[JobEvent]:
+        """Every event of one job still in the log, oldest first, after event id ``after`` (a
+        client's Last-Event-ID). The caller checks that the job is the asker's.
+
+        Raises:
+            InvalidRequest: ``after`` is not an event id of this store.
+        """
+
+    def last_event_id(self) -> str | None:
+        """The id of the newest event in the log (None when empty): where a consumer that only
+        wants what happens from now on starts."""
 
     def close(self) -> None: ...

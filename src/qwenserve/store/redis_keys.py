@@ -8,8 +8,9 @@ deployments, or tests, can share one Redis server without seeing each other. The
     keyhash:<sha256>        string  the id of the key with that hash
     keys                    set     every key id (for listing)
     rate:<key_id>:<minute>  string  submits admitted in that minute window (INCR + EXPIRE)
-    job:<job_id>            hash    a job: every Job field (JSON for params, result, extra)
-                                    plus ``entry``, the id of its stream entry
+    job:<job_id>            hash    a job: every Job field (JSON for params and result;
+                                    progress_step/_total/_at, cancel_requested_at) plus
+                                    ``entry``, the id of its stream entry
     queue:<slug>            stream  one entry (job, created_at) per job not yet finished;
                                     one consumer group, ``workers``
     leases:<slug>           zset    PROCESSING jobs scored by lease_until
@@ -17,6 +18,12 @@ deployments, or tests, can share one Redis server without seeing each other. The
                                     pending) scored by created_at
     slugs                   set     every slug that has a queue
     expiry                  zset    every job scored by expires_at (for purge_expired)
+    events                  stream  the event log: one entry per job transition (job_id,
+                                    key_id, slug, type, at, attempt, error_kind, error)
+    events:trim             zset    "<event id> <job id>" scored by when the event may go
+                                    (its ``at`` + the job's result TTL), for purge_expired
+    jobevents:<job_id>      stream  the same entries of one job, under the same ids (for a
+                                    job's own event stream); a TTL past the job's
     workers                 hash    worker id -> WorkerInfo JSON
     workers:lapse           zset    worker ids scored by when their announcement lapses
     media:<media_id>        hash    data, content_type, expires_at
@@ -49,6 +56,9 @@ _LEASES = "leases:"
 _REQUEUED = "requeued:"
 _SLUGS = "slugs"
 _EXPIRY = "expiry"
+_EVENTS = "events"
+_EVENTS_TRIM = "events:trim"
+_JOB_EVENTS = "jobevents:"
 _WORKERS = "workers"
 _WORKERS_LAPSE = "workers:lapse"
 _MEDIA = "media:"
@@ -66,6 +76,9 @@ local function job_key(job_id) return PREFIX .. '{_JOB}' .. job_id end
 local function queue_key(slug) return PREFIX .. '{_QUEUE}' .. slug end
 local function leases_key(slug) return PREFIX .. '{_LEASES}' .. slug end
 local function requeued_key(slug) return PREFIX .. '{_REQUEUED}' .. slug end
+local function events_key() return PREFIX .. '{_EVENTS}' end
+local function events_trim_key() return PREFIX .. '{_EVENTS_TRIM}' end
+local function job_events_key(job_id) return PREFIX .. '{_JOB_EVENTS}' .. job_id end
 local function wake_channel() return PREFIX .. '{_WAKE}' end
 local function done_channel() return PREFIX .. '{_DONE}' end
 """
@@ -121,6 +134,18 @@ class RedisKeys:
 
     def expiry(self) -> str:
         return f"{self.prefix}{_EXPIRY}"
+
+    def events(self) -> str:
+        """The event log stream (every job)."""
+        return f"{self.prefix}{_EVENTS}"
+
+    def events_trim(self) -> str:
+        """Event ids (with their job's id) scored by when purge_expired may trim them."""
+        return f"{self.prefix}{_EVENTS_TRIM}"
+
+    def job_events(self, job_id: str) -> str:
+        """One job's events, under the same ids as in ``events``."""
+        return f"{self.prefix}{_JOB_EVENTS}{job_id}"
 
     def workers(self) -> str:
         return f"{self.prefix}{_WORKERS}"

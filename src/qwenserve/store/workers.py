@@ -4,6 +4,8 @@ Workers announce themselves every few seconds with a time-to-live; an announceme
 renewed lapses, so a killed worker disappears on its own. The API reads the registry for
 /metrics and `qwenserve status`; workers read it to route: a job goes to a worker that already
 holds its model when one is free (see ``qwenserve.worker.routing``).
+``qwenserve.store.open_registry`` picks the backend; the Redis one
+(``qwenserve.store.redis.registry``) imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-from qwenserve.config import Settings
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,3 @@ class SqliteWorkerRegistry:
 
     def remove(self, worker_id: str) -> None:
         self._conn().execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
-
-
-def open_registry(settings: Settings) -> WorkerRegistry:
-    """The registry beside ``settings.store``: a table in SQLite, keys with a TTL in Redis."""
-    if settings.store.startswith(("redis://", "rediss://")):
-        from qwenserve.store.redis import RedisWorkerRegistry
-
-        return RedisWorkerRegistry.from_url(settings.store)
-    return SqliteWorkerRegistry(settings.sqlite_path)

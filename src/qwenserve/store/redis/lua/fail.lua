@@ -1,0 +1,6 @@
+-- KEYS: job hash; ARGV: prefix, job id, worker id ('' for any), kind, message, now
+local status, owner = unpack(redis.call('HMGET', KEYS[1], 'status', 'worker_id'))
+if status ~= 'QUEUED' and status ~= 'PROCESSING' then return 0 end
+if ARGV[3] ~= '' and (status ~= 'PROCESSING' or owner ~= ARGV[3]) then return 0 end
+fail_and_refund(ARGV[2], ARGV[4], ARGV[5], ARGV[6])
+return 1

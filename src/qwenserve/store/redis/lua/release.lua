@@ -1,0 +1,19 @@
+-- KEYS: job hash; ARGV: prefix, job id, worker id, now
+local status, owner, attempts, slug, created_at, cancel = unpack(redis.call('HMGET', KEYS[1],
+  'status', 'worker_id', 'attempts', 'slug', 'created_at', 'cancel_requested_at'))
+if status ~= 'PROCESSING' or owner ~= ARGV[3] then return 0 end
+if cancel then
+  -- Its owner wanted it stopped: it ends here rather than waiting in the queue again.
+  fail_and_refund(ARGV[2], CANCELLED, CANCELLED_RELEASED, ARGV[4])
+  return 1
+end
+attempts = tonumber(attempts) or 0
+redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'attempts', math.max(attempts - 1, 0))
+redis.call('HDEL', KEYS[1], 'worker_id', 'lease_until')
+if attempts <= 1 then redis.call('HDEL', KEYS[1], 'started_at') end
+clear_progress(KEYS[1])
+announce(ARGV[2], EVENT_QUEUED, ARGV[4])
+redis.call('ZREM', leases_key(slug), ARGV[2])
+redis.call('ZADD', requeued_key(slug), created_at, ARGV[2])
+redis.call('PUBLISH', wake_channel(), slug)
+return 1

@@ -1,0 +1,33 @@
+-- KEYS: key hash, rate counter, job hash, slug set, expiry zset
+-- ARGV: prefix, job id, slug, cost, rpm, rate ttl s, job ttl ms, expires_at, created_at, now,
+--       job field/value pairs
+local job_id, slug = ARGV[2], ARGV[3]
+local cost, rpm = tonumber(ARGV[4]), tonumber(ARGV[5])
+local key = redis.call('HMGET', KEYS[1], 'balance_micro', 'revoked')
+if not key[1] or key[2] == '1' then return {'unauthenticated'} end
+local balance = tonumber(key[1])
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  -- The same submit again: a retry after a lost reply. It went through the first time.
+  return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and math.max(rpm - used, 0) or -1)}
+end
+if rpm > 0 and used >= rpm then return {'rate_limited'} end
+if cost > balance then return {'insufficient', string.format('%.0f', balance)} end
+if cost > 0 then balance = redis.call('HINCRBY', KEYS[1], 'balance_micro', -cost) end
+if rpm > 0 then
+  used = redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 11))
+local stream = queue_key(slug)
+if redis.call('EXISTS', stream) == 0 then
+  redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+end
+local entry = redis.call('XADD', stream, '*', 'job', job_id, 'created_at', ARGV[9])
+redis.call('HSET', KEYS[3], 'entry', entry)
+redis.call('PEXPIRE', KEYS[3], ARGV[7])
+redis.call('SADD', KEYS[4], slug)
+redis.call('ZADD', KEYS[5], ARGV[8], job_id)
+announce(job_id, EVENT_QUEUED, ARGV[10])
+redis.call('PUBLISH', wake_channel(), slug)
+return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and rpm - used or -1)}

@@ -1,0 +1,439 @@
+"""The scale-out Store: N API nodes and M workers sharing one Redis server.
+
+Every state change is one Lua script (``lua/``, assembled by ``scripts.py``), so it is atomic on
+the server: two API nodes, or a worker and an API node, never interleave half-done changes. Key
+names come from ``redis_keys``.
+
+Queue. Each slug has a stream (``queue:<slug>``) with one consumer group, ``workers``; submit
+XADDs the job id. A job's hash (``job:<id>``) is the source of truth for its state and the stream
+is the queue order and ownership index:
+
+* New jobs are delivered with XREADGROUP, so each stream entry goes to exactly one worker.
+* The lease is ``lease_until`` in the job hash, set from the caller's ``now``, and mirrored in a
+  per-slug sorted set (``leases:<slug>``, scored by lease_until). An expired lease is found with
+  ZRANGEBYSCORE up to ``now`` and checked against the hash inside the claim script. Redis's own
+  idle time (XAUTOCLAIM's min-idle-time) is not used to decide: it runs on the server's clock,
+  and the Store protocol lets callers inject theirs. The pending entry is moved to the new worker
+  with XCLAIM (and a heartbeat XCLAIMs it to itself, resetting its idle time), so XPENDING still
+  shows who holds what.
+* release() keeps the entry pending, marks the job QUEUED and lists it in ``requeued:<slug>``;
+  the next claim takes it back with XCLAIM, in its original queue position.
+* complete/fail/cancel/purge XACK + XDEL the entry, so a stream only holds unfinished jobs: its
+  length minus the leases is the queued count.
+
+Control. A worker's heartbeat is one script for all its jobs: renew each lease it still holds,
+record progress in the job hash, and answer owned / cancel-requested / lost. ``cancel`` ends a
+QUEUED job in its script (refund, entry deleted) or sets ``cancel_requested_at`` on a running one.
+
+Event log. Every script that changes a job's status XADDs one entry to the ``events`` stream
+(and, under the same id, to ``jobevents:<id>``, so one job's events are read without scanning
+the log), in the same script as the change: the log cannot miss or invent a transition. Each
+event is also listed in ``events:trim``, scored by when it may go (its ``at`` plus the job's
+result TTL), where purge_expired finds and XDELs it. Stream ids are the event ids.
+
+Wake-up. The submit and release scripts (and expire_leases) PUBLISH the job's slug on the
+``wake`` channel in the same script, so no extra round trip: idle workers subscribed to it
+(``redis_wakeup.RedisWakeup``) claim at once instead of at their next poll. Pub/sub is
+fire-and-forget (a worker that is reconnecting misses messages), so workers still poll, slowly.
+Likewise every script that ends a job PUBLISHes the job id on the ``done`` channel: API nodes
+subscribed to it wake the POST /v1 handler waiting for that job (``api.waiting.CompletionHub``),
+which otherwise only re-reads the store now and then.
+
+A claim looks at up to ``limit`` new entries (XRANGE after the group's last-delivered id), expired
+leases and released jobs of every slug asked for, sorts them by stream entry id (the submit order)
+and takes the oldest; a lease that ran out after ``max_attempts``, or on a job whose owner asked
+to cancel it, ends the job with a refund on the way. Entries whose job hash is gone (expired by
+Redis) are acknowledged and deleted.
+
+Money is integer micro-USD (HINCRBY). Rate limits are a fixed window per key and wall-clock
+minute: ``rate:<key_id>:<floor(now / 60)>`` counts admitted submits (INCR, EXPIRE 120 s), read,
+checked and raised in the submit script together with the debit, the job insert and the XADD, so
+a refused submit changes nothing. A burst straddling a minute boundary can admit up to 2 x rpm
+within 60 s; the next window starts at the following minute.
+
+Expiry. A job hash gets a Redis TTL of ``expires_at - now + expiry_grace_s``. Reads hide a job
+from ``expires_at`` on; the grace keeps it long enough for purge_expired (run by every API node)
+to find it through the ``expiry`` zset, refund it if it never finished (announcing it as failed,
+``expired``), remove its stream entry and return it so its media can go. The TTL is relative to
+the caller's ``now`` rather than an EXPIREAT, so an injected test clock does not make Redis delete
+fresh jobs. If no purge runs for the whole grace, Redis drops the job itself (its refund is then
+lost, and the log keeps its events until a purge runs).
+
+The scripts derive per-slug and per-job key names from the prefix, so this needs one Redis
+server, not a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar, cast
+
+import redis
+from redis.commands.core import Script
+
+from qwenserve.errors import QwenServeError
+from qwenserve.jobs import Job, JobEvent, JobResult, JobStatus, Progress
+from qwenserve.store import rules
+from qwenserve.store.base import ApiKey, Heartbeat, QueueStats, Store, SubmitOutcome
+from qwenserve.store.records import event_from_record, job_from_record, key_from_record
+from qwenserve.store.redis.client import connect, float_text, pairs, unavailable_as_503
+from qwenserve.store.redis.scripts import JobScripts
+from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
+
+RATE_KEY_TTL_S = 2 * rules.RATE_WINDOW_S
+DEFAULT_EXPIRY_GRACE_S = 24 * 3600.0
+PURGE_BATCH = 500
+
+_T = TypeVar("_T")
+_STREAM_ID = re.compile(r"^\d+-\d+$")
+
+
+def _range_start(after: str | None) -> str:
+    """The XRANGE start for "after event id ``after``"."""
+    if after is None:
+        return "-"
+    if not _STREAM_ID.match(after):
+        raise rules.invalid_event_id(after)
+    return f"({after}"
+
+
+def _events(entries: Sequence[tuple[str, Mapping[str, str]]]) -> list[JobEvent]:
+    return [event_from_record(entry_id, fields) for entry_id, fields in entries]
+
+
+class RedisStore(Store):
+    """A Store in Redis, shared by every API node and worker (see the module docstring).
+
+    Args:
+        client: a redis-py client with ``decode_responses=True`` (``from_url`` makes one that
+            reconnects with backoff).
+        namespace: key prefix, so several deployments or tests can share one server.
+        expiry_grace_s: how long past ``expires_at`` Redis keeps a job for purge_expired.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        expiry_grace_s: float = DEFAULT_EXPIRY_GRACE_S,
+    ) -> None:
+        self._redis = client
+        self.keys = RedisKeys(namespace)
+        self.expiry_grace_s = expiry_grace_s
+        self._scripts = JobScripts(client)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        expiry_grace_s: float = DEFAULT_EXPIRY_GRACE_S,
+    ) -> RedisStore:
+        """Connect to ``redis://HOST:PORT/DB`` (or ``rediss://``); nothing is sent until used."""
+        return cls(connect(url), namespace=namespace, expiry_grace_s=expiry_grace_s)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def _run(self, call: Callable[[], _T]) -> _T:
+        with unavailable_as_503("the job store"):
+            return call()
+
+    def _hash(self, key: str) -> dict[str, str]:
+        return cast(dict[str, str], self._run(lambda: self._redis.hgetall(key)))
+
+    def _members(self, key: str) -> list[str]:
+        return sorted(cast(set[str], self._run(lambda: self._redis.smembers(key))))
+
+    def _eval(self, script: Script, keys: Sequence[str], *args: str | int | float) -> Any:
+        """Run ``script`` with the key prefix as ARGV[1]."""
+        with unavailable_as_503("the job store"):
+            return script(keys=list(keys), args=[self.keys.prefix, *args])
+
+    # --- keys and credits -------------------------------------------------------------------
+    def create_key(self, key: ApiKey) -> None:
+        fields = {
+            "id": key.id,
+            "key_hash": key.key_hash,
+            "name": key.name,
+            "balance_micro": str(rules.to_micro(key.balance_usd)),
+            "rpm": str(key.rpm),
+            "models": json.dumps(list(key.models)),
+            "created_at": float_text(key.created_at),
+            "revoked": "1" if key.revoked else "0",
+        }
+        flat = [part for pair in fields.items() for part in pair]
+        created = self._eval(
+            self._scripts.create_key,
+            [self.keys.api_key(key.id), self.keys.key_by_hash(key.key_hash), self.keys.all_keys()],
+            key.id,
+            *flat,
+        )
+        if not created:
+            raise rules.duplicate_key(key.id)
+
+    def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        key_id = self._run(lambda: self._redis.get(self.keys.key_by_hash(key_hash)))
+        return self.get_key(cast(str, key_id)) if key_id is not None else None
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        data = self._hash(self.keys.api_key(key_id))
+        return key_from_record(data) if data else None
+
+    def list_keys(self) -> list[ApiKey]:
+        def read() -> list[dict[str, str]]:
+            pipe = self._redis.pipeline(transaction=False)
+            for key_id in self._members(self.keys.all_keys()):
+                pipe.hgetall(self.keys.api_key(key_id))
+            return [data for data in pipe.execute() if data]
+
+        keys = [key_from_record(data) for data in self._run(read)]
+        return sorted(keys, key=lambda k: (k.created_at, k.id))
+
+    def revoke_key(self, key_id: str) -> bool:
+        return bool(self._eval(self._scripts.revoke_key, [self.keys.api_key(key_id)]))
+
+    def topup(self, key_id: str, amount_usd: float) -> float:
+        balance = self._eval(
+            self._scripts.topup, [self.keys.api_key(key_id)], rules.to_micro(amount_usd)
+        )
+        if balance is None:
+            raise KeyError(key_id)
+        return rules.to_usd(int(balance))
+
+    # --- jobs -------------------------------------------------------------------------------
+    def submit(self, job: Job, *, rpm: int, now: float) -> SubmitOutcome:
+        cost_micro = rules.to_micro(job.cost_usd)
+        window = math.floor(now / rules.RATE_WINDOW_S)
+        ttl_ms = max(1, math.ceil((job.expires_at - now + self.expiry_grace_s) * 1000))
+        fields = {
+            "id": job.id,
+            "slug": job.slug,
+            "key_id": job.key_id,
+            "params": json.dumps(job.params),
+            "status": JobStatus.QUEUED.value,
+            "created_at": float_text(job.created_at),
+            "expires_at": float_text(job.expires_at),
+            "cost_micro": str(cost_micro),
+            "attempts": "0",
+        }
+        reply = self._eval(
+            self._scripts.submit,
+            [
+                self.keys.api_key(job.key_id),
+                self.keys.rate(job.key_id, window),
+                self.keys.job(job.id),
+                self.keys.slugs(),
+                self.keys.expiry(),
+            ],
+            job.id,
+            job.slug,
+            cost_micro,
+            rpm,
+            RATE_KEY_TTL_S,
+            ttl_ms,
+            float_text(job.expires_at),
+            float_text(job.created_at),
+            float_text(now),
+            *[part for pair in fields.items() for part in pair],
+        )
+        outcome = str(reply[0])
+        if outcome == "unauthenticated":
+            raise rules.invalid_key()
+        if outcome == "rate_limited":
+            raise rules.rate_limited(
+                rpm, reset_at=float((window + 1) * rules.RATE_WINDOW_S), now=now
+            )
+        if outcome == "insufficient":
+            raise rules.insufficient_credits(cost_micro, int(reply[1]))
+        if outcome != "ok":  # pragma: no cover - the script has no other answer
+            raise QwenServeError(f"unexpected reply from the submit script: {reply!r}")
+        remaining = int(reply[2])
+        return SubmitOutcome(
+            remaining_usd=rules.to_usd(int(reply[1])),
+            rate_limit_remaining=remaining if remaining >= 0 else None,
+        )
+
+    def get_job(self, job_id: str, *, now: float) -> Job | None:
+        data = self._hash(self.keys.job(job_id))
+        if not data or float(data["expires_at"]) <= now:
+            return None
+        return job_from_record(data)
+
+    def _slugs(self, slugs: Collection[str] | None) -> list[str]:
+        if slugs is not None:
+            return sorted(set(slugs))
+        return self._members(self.keys.slugs())
+
+    def claim(
+        self,
+        worker_id: str,
+        *,
+        slugs: Collection[str] | None,
+        lease_s: float,
+        max_attempts: int,
+        now: float,
+        limit: int = 1,
+    ) -> list[Job]:
+        if limit <= 0:
+            return []
+        chosen = self._slugs(slugs)
+        if not chosen:
+            return []
+        keys = [
+            key
+            for slug in chosen
+            for key in (self.keys.queue(slug), self.keys.leases(slug), self.keys.requeued(slug))
+        ]
+        reply = self._eval(
+            self._scripts.claim,
+            keys,
+            worker_id,
+            float_text(now),
+            float_text(now + lease_s),
+            max_attempts,
+            limit,
+            rules.gave_up_template(max_attempts),
+        )
+        return [job_from_record(pairs(flat)) for flat in reply]
+
+    def heartbeat(
+        self, worker_id: str, progress: Mapping[str, Progress | None], *, lease_s: float, now: float
+    ) -> Heartbeat:
+        job_ids = list(progress)
+        if not job_ids:
+            return Heartbeat(owned=frozenset(), cancelled=frozenset(), lost=frozenset())
+        args: list[str | int] = []
+        for job_id in job_ids:
+            report = progress[job_id]
+            args += [job_id, *((report.step, report.total_steps) if report else ("", ""))]
+        flags = self._eval(
+            self._scripts.heartbeat,
+            [],
+            worker_id,
+            float_text(now + lease_s),
+            float_text(now),
+            *args,
+        )
+        by_flag: dict[int, set[str]] = {0: set(), 1: set(), 2: set()}
+        for job_id, flag in zip(job_ids, flags, strict=True):
+            by_flag[int(flag)].add(job_id)
+        return Heartbeat(
+            owned=frozenset(by_flag[1] | by_flag[2]),
+            cancelled=frozenset(by_flag[2]),
+            lost=frozenset(by_flag[0]),
+        )
+
+    def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float, now: float) -> bool:
+        beat = self.heartbeat(worker_id, {job_id: None}, lease_s=lease_s, now=now)
+        return job_id in beat.owned
+
+    def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
+        return bool(
+            self._eval(
+                self._scripts.complete,
+                [self.keys.job(job_id)],
+                job_id,
+                worker_id,
+                json.dumps(result.to_dict()),
+                float_text(now),
+            )
+        )
+
+    def fail(
+        self, job_id: str, worker_id: str | None, *, kind: str, message: str, now: float
+    ) -> bool:
+        return bool(
+            self._eval(
+                self._scripts.fail,
+                [self.keys.job(job_id)],
+                job_id,
+                worker_id or "",
+                kind,
+                message,
+                float_text(now),
+            )
+        )
+
+    def release(self, job_id: str, worker_id: str, *, now: float) -> bool:
+        return bool(
+            self._eval(
+                self._scripts.release, [self.keys.job(job_id)], job_id, worker_id, float_text(now)
+            )
+        )
+
+    def cancel(self, job_id: str, key_id: str, *, now: float) -> Job:
+        reply = self._eval(
+            self._scripts.cancel, [self.keys.job(job_id)], job_id, key_id, float_text(now)
+        )
+        outcome = str(reply[0])
+        if outcome == "unknown":
+            raise rules.unknown_request(job_id)
+        if outcome == "ended":
+            raise rules.already_ended(job_id, str(reply[1]))
+        return job_from_record(pairs(reply[1]))
+
+    def expire_leases(self, *, now: float) -> int:
+        leases = [self.keys.leases(slug) for slug in self._slugs(None)]
+        if not leases:
+            return 0
+        return int(self._eval(self._scripts.expire_leases, leases, float_text(now)))
+
+    def purge_expired(self, *, now: float) -> list[Job]:
+        trimmed = PURGE_BATCH
+        while trimmed == PURGE_BATCH:
+            trimmed = self._eval(self._scripts.trim_events, [], float_text(now), PURGE_BATCH)
+        purged: list[Job] = []
+        while True:
+            batch = self._eval(
+                self._scripts.purge, [self.keys.expiry()], float_text(now), PURGE_BATCH
+            )
+            purged.extend(job_from_record(pairs(flat)) for flat in batch)
+            if len(batch) < PURGE_BATCH:
+                return purged
+
+    def stats(self, *, now: float) -> QueueStats:
+        rows = self._eval(self._scripts.stats, [self.keys.slugs()])
+        queued: dict[str, int] = {}
+        processing: dict[str, int] = {}
+        oldest: float | None = None
+        for slug, queued_count, processing_count, oldest_text in rows:
+            if int(queued_count):
+                queued[str(slug)] = int(queued_count)
+            if int(processing_count):
+                processing[str(slug)] = int(processing_count)
+            if oldest_text:
+                created_at = float(oldest_text)
+                oldest = created_at if oldest is None else min(oldest, created_at)
+        return QueueStats(
+            queued_by_model=queued,
+            processing_by_model=processing,
+            oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else None,
+        )
+
+    def queue_position(self, job_id: str, *, now: float) -> int | None:
+        ahead = int(
+            self._eval(self._scripts.queue_position, [self.keys.job(job_id)], float_text(now))
+        )
+        return ahead if ahead >= 0 else None
+
+    # --- the event log ----------------------------------------------------------------------
+    def events(self, *, after: str | None = None, limit: int = 100) -> list[JobEvent]:
+        start = _range_start(after)
+        entries = self._run(lambda: self._redis.xrange(self.keys.events(), start, "+", limit))
+        return _events(cast(list[tuple[str, dict[str, str]]], entries))
+
+    def job_events(self, job_id: str, *, after: str | None = None) -> list[JobEvent]:
+        start = _range_start(after)
+        entries = self._run(lambda: self._redis.xrange(self.keys.job_events(job_id), start, "+"))
+        return _events(cast(list[tuple[str, dict[str, str]]], entries))
+
+    def last_event_id(self) -> str | None:
+        newest = self._run(lambda: self._redis.xrevrange(self.keys.events(), "+", "-", 1))
+        entries = cast(list[tuple[str, dict[str, str]]], newest)
+        return entries[0][0] if entries else None

@@ -1,0 +1,120 @@
+"""The SQLite schema as an ordered list of migrations, applied in one transaction on open.
+
+``schema_version`` holds the version a file is at. Opening runs every step above it, in order,
+then records ``SCHEMA_VERSION``, all in the one ``BEGIN IMMEDIATE`` transaction (SQLite's DDL is
+transactional), so a crash mid-upgrade leaves the file at its old version, intact. A fresh file
+runs every step from version 0, so the upgrade path is the path every new install takes too. A
+file newer than this code is refused (an older qwenserve refuses ours the same way).
+
+A step is never edited once released: change the schema by appending one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from qwenserve.errors import QwenServeError
+
+_V1: tuple[str, ...] = (
+    """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id              TEXT PRIMARY KEY,
+    key_hash        TEXT NOT NULL UNIQUE,
+    name            TEXT NOT NULL,
+    balance_micro   INTEGER NOT NULL,
+    rpm             INTEGER NOT NULL,
+    models          TEXT NOT NULL,          -- JSON list of slugs, [] = every model
+    created_at      REAL NOT NULL,
+    revoked         INTEGER NOT NULL DEFAULT 0,
+    window_start    REAL,                   -- rate-limit window opened at (Unix s)
+    window_count    INTEGER NOT NULL DEFAULT 0
+)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq             INTEGER PRIMARY KEY,    -- submit order within one instant
+    id              TEXT NOT NULL UNIQUE,
+    slug            TEXT NOT NULL,
+    key_id          TEXT NOT NULL,
+    params          TEXT NOT NULL,          -- JSON
+    status          TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    expires_at      REAL NOT NULL,
+    cost_micro      INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    started_at      REAL,
+    finished_at     REAL,
+    result          TEXT,                   -- JSON of JobResult.to_dict()
+    error           TEXT,
+    error_kind      TEXT,
+    worker_id       TEXT,
+    lease_until     REAL,
+    extra           TEXT NOT NULL DEFAULT '{}'
+)
+    """,
+    "CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, slug, created_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at)",
+)
+"""The first released schema: keys (money in micro-USD, the rate window) and jobs."""
+
+_V2: tuple[str, ...] = (
+    # Job control: the running attempt's progress and a pending cancel request.
+    "ALTER TABLE jobs ADD COLUMN progress_step INTEGER",
+    "ALTER TABLE jobs ADD COLUMN progress_total INTEGER",
+    "ALTER TABLE jobs ADD COLUMN progress_at REAL",
+    "ALTER TABLE jobs ADD COLUMN cancel_requested_at REAL",
+    # The event log. AUTOINCREMENT: a seq is never reused after the log is trimmed, so a
+    # consumer resuming after seq N can never miss a later event that got N again.
+    """
+CREATE TABLE job_events (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id          TEXT NOT NULL,
+    key_id          TEXT NOT NULL,
+    slug            TEXT NOT NULL,
+    type            TEXT NOT NULL,          -- JobEventType
+    at              REAL NOT NULL,
+    attempt         INTEGER NOT NULL,
+    error_kind      TEXT,
+    error           TEXT,
+    expires_at      REAL NOT NULL           -- trimmed from then on (at + the job's result TTL)
+)
+    """,
+    "CREATE INDEX job_events_job ON job_events (job_id, seq)",
+    "CREATE INDEX job_events_expiry ON job_events (expires_at)",
+    # Job.extra was never used. DROP COLUMN needs SQLite 3.35; an older one keeps the unused
+    # column (it has a default, and every INSERT names its columns).
+    *(("ALTER TABLE jobs DROP COLUMN extra",) if sqlite3.sqlite_version_info >= (3, 35) else ()),
+)
+"""Progress, cancel requests and the durable event log; ``extra`` dropped."""
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2))
+"""(version reached, its statements), in order."""
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> int:
+    """Bring the database to ``SCHEMA_VERSION`` inside the caller's write transaction.
+
+    Returns the version the file was at (0: new).
+
+    Raises:
+        QwenServeError: the file was written by a newer qwenserve.
+    """
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    found: int = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+    if found > SCHEMA_VERSION:
+        raise QwenServeError(
+            f"the job store {path} has schema version {found}, newer than this qwenserve "
+            f"understands ({SCHEMA_VERSION}): upgrade qwenserve"
+        )
+    if found == SCHEMA_VERSION:
+        return found
+    for version, statements in MIGRATIONS:
+        if version > found:
+            for statement in statements:
+                db.execute(statement)
+    db.execute("DELETE FROM schema_version")
+    db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    return found

@@ -1,0 +1,525 @@
+"""The embedded Store: one SQLite file in WAL mode, safe across threads and processes.
+
+Every writing operation is one ``BEGIN IMMEDIATE`` transaction (``connection.py``), so a state
+change, its money and its event-log entry commit together or not at all. The schema and its
+migrations are in ``schema.py``.
+
+Money is kept as integer micro-USD (``*_micro`` columns) so that repeated debits and refunds are
+exact (``store.rules``).
+
+Rate limits use a fixed window per key: the first admitted submit opens a 60 s window
+(``window_start``) and ``window_count`` counts the submits admitted in it. A submit at or after
+``window_start + 60`` opens a new window. A rejected submit (rate-limited or unpaid) counts
+nothing, so the limit is on accepted work.
+
+The event log is the ``job_events`` table, ordered by its AUTOINCREMENT ``seq`` (the event id,
+as text). Writers are serialised by the write lock, so seqs commit in order: a reader resuming
+after seq N never misses an event committed later with a smaller seq. Being in the same file, the
+log survives a kill -9 like the jobs do.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+from qwenserve.jobs import (
+    CANCELLED,
+    EXPIRED,
+    Job,
+    JobEvent,
+    JobEventType,
+    JobResult,
+    JobStatus,
+    Progress,
+)
+from qwenserve.store import rules
+from qwenserve.store.base import ApiKey, Heartbeat, QueueStats, Store, SubmitOutcome
+from qwenserve.store.records import (
+    EVENT_FIELDS,
+    JOB_FIELDS,
+    KEY_FIELDS,
+    event_from_record,
+    job_from_record,
+    key_from_record,
+)
+from qwenserve.store.sqlite.connection import DEFAULT_BUSY_TIMEOUT_S, SqliteDatabase
+from qwenserve.store.sqlite.schema import migrate
+
+_JOB_COLUMNS = ", ".join(JOB_FIELDS)
+_KEY_COLUMNS = ", ".join(KEY_FIELDS)
+_EVENT_COLUMNS = "seq, " + ", ".join(EVENT_FIELDS)
+_RUNNABLE = "(status = 'QUEUED' OR (status = 'PROCESSING' AND lease_until <= ?))"
+_OWNED = "id = ? AND status = 'PROCESSING' AND worker_id = ?"
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return job_from_record(dict(row))
+
+
+def _event(row: sqlite3.Row) -> JobEvent:
+    return event_from_record(str(row["seq"]), dict(row))
+
+
+def _seq(after: str | None) -> int:
+    if after is None:
+        return 0
+    try:
+        return int(after)
+    except ValueError:
+        raise rules.invalid_event_id(after) from None
+
+
+def _announce(
+    db: sqlite3.Connection,
+    job_id: str,
+    event: JobEventType,
+    *,
+    now: float,
+    kind: str | None = None,
+    message: str | None = None,
+) -> None:
+    """Inside a write transaction: append ``event`` for the job to the log, kept for the job's
+    result TTL from now."""
+    db.execute(
+        "INSERT INTO job_events (job_id, key_id, slug, type, at, attempt, error_kind, error, "
+        "expires_at) SELECT id, key_id, slug, ?, ?, attempts, ?, ?, ? + (expires_at - created_at) "
+        "FROM jobs WHERE id = ?",
+        (event.value, now, kind, message, now, job_id),
+    )
+
+
+def _fail_and_refund(
+    db: sqlite3.Connection, job_id: str, *, kind: str, message: str, now: float
+) -> bool:
+    """Inside a write transaction: a non-terminal job → FAILED, its cost back to the key, the
+    ending announced. False when the job had already ended."""
+    row = db.execute(
+        "UPDATE jobs SET status = 'FAILED', error = ?, error_kind = ?, finished_at = ?, "
+        "lease_until = NULL WHERE id = ? AND status IN ('QUEUED', 'PROCESSING') "
+        "RETURNING key_id, cost_micro",
+        (message, kind, now, job_id),
+    ).fetchone()
+    if row is None:
+        return False
+    if row["cost_micro"]:
+        db.execute(
+            "UPDATE api_keys SET balance_micro = balance_micro + ? WHERE id = ?",
+            (row["cost_micro"], row["key_id"]),
+        )
+    _announce(db, job_id, JobEventType.FAILED, now=now, kind=kind, message=message)
+    return True
+
+
+class SqliteStore(Store):
+    """A Store in one SQLite file; several instances (and processes) may share the file.
+
+    Args:
+        path: the database file; its folder is created if missing.
+        busy_timeout_s: how long a writer waits for another one's lock before failing.
+
+    Raises:
+        QwenServeError: the file was written by a newer qwenserve (unknown schema version).
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        self._db = SqliteDatabase(path, busy_timeout_s=busy_timeout_s)
+        self.path = self._db.path
+        self.busy_timeout_s = busy_timeout_s
+        with self._db.write() as db:
+            migrate(db, self.path)
+
+    def close(self) -> None:
+        """Close every connection this store opened (in any thread)."""
+        self._db.close()
+
+    def _one(self, sql: str, args: tuple[object, ...]) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.connection().execute(sql, args).fetchone()
+        return row
+
+    # --- keys and credits -------------------------------------------------------------------
+    def create_key(self, key: ApiKey) -> None:
+        try:
+            with self._db.write() as db:
+                db.execute(
+                    f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key.id,
+                        key.key_hash,
+                        key.name,
+                        rules.to_micro(key.balance_usd),
+                        key.rpm,
+                        json.dumps(list(key.models)),
+                        key.created_at,
+                        int(key.revoked),
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise rules.duplicate_key(key.id) from None
+
+    def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        row = self._one(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (key_hash,))
+        return key_from_record(dict(row)) if row is not None else None
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        row = self._one(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
+        return key_from_record(dict(row)) if row is not None else None
+
+    def list_keys(self) -> list[ApiKey]:
+        rows = (
+            self._db.connection()
+            .execute(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")
+            .fetchall()
+        )
+        return [key_from_record(dict(row)) for row in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self._db.write() as db:
+            cursor = db.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?", (key_id,))
+            return cursor.rowcount == 1
+
+    def topup(self, key_id: str, amount_usd: float) -> float:
+        with self._db.write() as db:
+            row = db.execute(
+                "UPDATE api_keys SET balance_micro = balance_micro + ? WHERE id = ? "
+                "RETURNING balance_micro",
+                (rules.to_micro(amount_usd), key_id),
+            ).fetchone()
+            if row is None:
+                raise KeyError(key_id)
+            return rules.to_usd(row["balance_micro"])
+
+    # --- jobs -------------------------------------------------------------------------------
+    def submit(self, job: Job, *, rpm: int, now: float) -> SubmitOutcome:
+        cost_micro = rules.to_micro(job.cost_usd)
+        with self._db.write() as db:
+            key = db.execute(
+                "SELECT balance_micro, window_start, window_count, revoked FROM api_keys "
+                "WHERE id = ?",
+                (job.key_id,),
+            ).fetchone()
+            # Checked again here: a key revoked (by the CLI) after the request was authenticated
+            # must not get one more job in.
+            if key is None or key["revoked"]:
+                raise rules.invalid_key()
+            window_start: float | None = key["window_start"]
+            window_count: int = key["window_count"]
+            remaining: int | None = None
+            if rpm > 0:
+                if window_start is None or now >= window_start + rules.RATE_WINDOW_S:
+                    window_start, window_count = now, 0
+                if window_count >= rpm:
+                    raise rules.rate_limited(
+                        rpm, reset_at=window_start + rules.RATE_WINDOW_S, now=now
+                    )
+                window_count += 1
+                remaining = rpm - window_count
+            balance_micro: int = key["balance_micro"]
+            if cost_micro > balance_micro:
+                raise rules.insufficient_credits(cost_micro, balance_micro)
+            balance_micro -= cost_micro
+            db.execute(
+                "UPDATE api_keys SET balance_micro = ?, window_start = ?, window_count = ? "
+                "WHERE id = ?",
+                (balance_micro, window_start, window_count, job.key_id),
+            )
+            db.execute(
+                "INSERT INTO jobs (id, slug, key_id, params, status, created_at, expires_at, "
+                "cost_micro) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id,
+                    job.slug,
+                    job.key_id,
+                    json.dumps(job.params),
+                    JobStatus.QUEUED.value,
+                    job.created_at,
+                    job.expires_at,
+                    cost_micro,
+                ),
+            )
+            _announce(db, job.id, JobEventType.QUEUED, now=now)
+        return SubmitOutcome(
+            remaining_usd=rules.to_usd(balance_micro), rate_limit_remaining=remaining
+        )
+
+    def get_job(self, job_id: str, *, now: float) -> Job | None:
+        row = self._one(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ? AND expires_at > ?", (job_id, now)
+        )
+        return _job(row) if row is not None else None
+
+    def claim(
+        self,
+        worker_id: str,
+        *,
+        slugs: Collection[str] | None,
+        lease_s: float,
+        max_attempts: int,
+        now: float,
+        limit: int = 1,
+    ) -> list[Job]:
+        if limit <= 0 or (slugs is not None and not slugs):
+            return []
+        slug_filter = ""
+        slug_args: list[str] = []
+        if slugs is not None:
+            slug_args = sorted(set(slugs))
+            slug_filter = f" AND slug IN ({', '.join('?' * len(slug_args))})"
+        claimed: list[str] = []
+        with self._db.write() as db:
+            # Jobs ended on the way drop out of the runnable set, so the loop ends: each pass
+            # either claims or ends every row it read.
+            while len(claimed) < limit:
+                rows = db.execute(
+                    f"SELECT id, status, attempts, cancel_requested_at FROM jobs "
+                    f"WHERE {_RUNNABLE}{slug_filter} ORDER BY created_at, seq LIMIT ?",
+                    (now, *slug_args, limit - len(claimed)),
+                ).fetchall()
+                if not rows:
+                    break
+                for row in rows:
+                    if row["status"] == JobStatus.PROCESSING:
+                        if row["cancel_requested_at"] is not None:
+                            _fail_and_refund(
+                                db,
+                                row["id"],
+                                kind=CANCELLED,
+                                message=rules.CANCELLED_WORKER_LOST,
+                                now=now,
+                            )
+                            continue
+                        if row["attempts"] >= max_attempts:
+                            _fail_and_refund(
+                                db,
+                                row["id"],
+                                kind=rules.GIVE_UP_KIND,
+                                message=rules.gave_up_message(row["attempts"], max_attempts),
+                                now=now,
+                            )
+                            continue
+                    db.execute(
+                        "UPDATE jobs SET status = 'PROCESSING', worker_id = ?, lease_until = ?, "
+                        "attempts = attempts + 1, started_at = COALESCE(started_at, ?), "
+                        "progress_step = NULL, progress_total = NULL, progress_at = NULL "
+                        "WHERE id = ?",
+                        (worker_id, now + lease_s, now, row["id"]),
+                    )
+                    _announce(db, row["id"], JobEventType.PROCESSING, now=now)
+                    claimed.append(row["id"])
+            if not claimed:
+                return []
+            marks = ", ".join("?" * len(claimed))
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks}) ORDER BY created_at, seq",
+                claimed,
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def heartbeat(
+        self, worker_id: str, progress: Mapping[str, Progress | None], *, lease_s: float, now: float
+    ) -> Heartbeat:
+        owned: set[str] = set()
+        cancelled: set[str] = set()
+        if not progress:  # nothing held: no need to take the write lock
+            return Heartbeat(owned=frozenset(), cancelled=frozenset(), lost=frozenset())
+        with self._db.write() as db:
+            for job_id, report in progress.items():
+                step = report.step if report is not None else None
+                total = report.total_steps if report is not None else None
+                at = now if report is not None else None
+                row = db.execute(
+                    "UPDATE jobs SET lease_until = ?, progress_step = COALESCE(?, progress_step), "
+                    "progress_total = COALESCE(?, progress_total), "
+                    f"progress_at = COALESCE(?, progress_at) WHERE {_OWNED} "
+                    "RETURNING cancel_requested_at",
+                    (now + lease_s, step, total, at, job_id, worker_id),
+                ).fetchone()
+                if row is None:
+                    continue
+                owned.add(job_id)
+                if row["cancel_requested_at"] is not None:
+                    cancelled.add(job_id)
+        return Heartbeat(
+            owned=frozenset(owned),
+            cancelled=frozenset(cancelled),
+            lost=frozenset(progress) - owned,
+        )
+
+    def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float, now: float) -> bool:
+        beat = self.heartbeat(worker_id, {job_id: None}, lease_s=lease_s, now=now)
+        return job_id in beat.owned
+
+    def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
+        with self._db.write() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET status = 'COMPLETED', result = ?, finished_at = ?, "
+                f"lease_until = NULL WHERE {_OWNED}",
+                (json.dumps(result.to_dict()), now, job_id, worker_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            _announce(db, job_id, JobEventType.COMPLETED, now=now)
+            return True
+
+    def fail(
+        self, job_id: str, worker_id: str | None, *, kind: str, message: str, now: float
+    ) -> bool:
+        with self._db.write() as db:
+            if (
+                worker_id is not None
+                and db.execute(f"SELECT 1 FROM jobs WHERE {_OWNED}", (job_id, worker_id)).fetchone()
+                is None
+            ):
+                return False
+            return _fail_and_refund(db, job_id, kind=kind, message=message, now=now)
+
+    def release(self, job_id: str, worker_id: str, *, now: float) -> bool:
+        with self._db.write() as db:
+            row = db.execute(
+                f"SELECT cancel_requested_at FROM jobs WHERE {_OWNED}", (job_id, worker_id)
+            ).fetchone()
+            if row is None:
+                return False
+            if row["cancel_requested_at"] is not None:
+                return _fail_and_refund(
+                    db, job_id, kind=CANCELLED, message=rules.CANCELLED_RELEASED, now=now
+                )
+            db.execute(
+                "UPDATE jobs SET status = 'QUEUED', worker_id = NULL, lease_until = NULL, "
+                "attempts = MAX(attempts - 1, 0), "
+                "started_at = CASE WHEN attempts <= 1 THEN NULL ELSE started_at END, "
+                "progress_step = NULL, progress_total = NULL, progress_at = NULL WHERE id = ?",
+                (job_id,),
+            )
+            _announce(db, job_id, JobEventType.QUEUED, now=now)
+            return True
+
+    def cancel(self, job_id: str, key_id: str, *, now: float) -> Job:
+        with self._db.write() as db:
+            row = db.execute(
+                "SELECT key_id, status, expires_at, lease_until, cancel_requested_at FROM jobs "
+                "WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+            if row is None or row["key_id"] != key_id or row["expires_at"] <= now:
+                raise rules.unknown_request(job_id)
+            status = JobStatus(row["status"])
+            if status.is_terminal:
+                raise rules.already_ended(job_id, status.value)
+            if status is JobStatus.QUEUED:
+                message = rules.CANCELLED_BEFORE_START
+                _fail_and_refund(db, job_id, kind=CANCELLED, message=message, now=now)
+            else:
+                if row["cancel_requested_at"] is None:
+                    db.execute(
+                        "UPDATE jobs SET cancel_requested_at = ? WHERE id = ?", (now, job_id)
+                    )
+                    _announce(db, job_id, JobEventType.CANCEL_REQUESTED, now=now)
+                if row["lease_until"] is not None and row["lease_until"] <= now:
+                    # Its worker stopped renewing: nobody would act on the request.
+                    message = rules.CANCELLED_WORKER_LOST
+                    _fail_and_refund(db, job_id, kind=CANCELLED, message=message, now=now)
+            ended = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+            return _job(ended.fetchone())
+
+    def expire_leases(self, *, now: float) -> int:
+        with self._db.write() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE status = 'PROCESSING' "
+                "AND (lease_until IS NULL OR lease_until > ?)",
+                (now, now),
+            )
+            return cursor.rowcount
+
+    def purge_expired(self, *, now: float) -> list[Job]:
+        with self._db.write() as db:
+            db.execute("DELETE FROM job_events WHERE expires_at <= ?", (now,))
+            unfinished = db.execute(
+                "SELECT id, status, key_id, cost_micro, cancel_requested_at FROM jobs "
+                "WHERE expires_at <= ? AND status IN ('QUEUED', 'PROCESSING')",
+                (now,),
+            ).fetchall()
+            for row in unfinished:
+                # A paid job that expired before it finished gives its money back, and whoever
+                # follows the log learns that it ended.
+                if row["cancel_requested_at"] is not None:
+                    kind, message = CANCELLED, rules.CANCELLED_AT_EXPIRY
+                elif row["status"] == JobStatus.QUEUED:
+                    kind, message = EXPIRED, rules.EXPIRED_QUEUED
+                else:
+                    kind, message = EXPIRED, rules.EXPIRED_RUNNING
+                db.execute(
+                    "UPDATE api_keys SET balance_micro = balance_micro + ? WHERE id = ?",
+                    (row["cost_micro"], row["key_id"]),
+                )
+                _announce(db, row["id"], JobEventType.FAILED, now=now, kind=kind, message=message)
+            rows = db.execute(
+                f"DELETE FROM jobs WHERE expires_at <= ? RETURNING {_JOB_COLUMNS}", (now,)
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def stats(self, *, now: float) -> QueueStats:
+        queued: dict[str, int] = {}
+        processing: dict[str, int] = {}
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT slug, status, COUNT(*) AS n FROM jobs "
+                "WHERE status IN ('QUEUED', 'PROCESSING') GROUP BY slug, status"
+            ).fetchall()
+            oldest = db.execute(
+                "SELECT MIN(created_at) AS oldest FROM jobs WHERE status = 'QUEUED'"
+            ).fetchone()["oldest"]
+        for row in rows:
+            target = queued if row["status"] == JobStatus.QUEUED else processing
+            target[row["slug"]] = row["n"]
+        return QueueStats(
+            queued_by_model=queued,
+            processing_by_model=processing,
+            oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else None,
+        )
+
+    def queue_position(self, job_id: str, *, now: float) -> int | None:
+        with self._db.read() as db:
+            job = db.execute(
+                "SELECT seq, slug, status, created_at, expires_at FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+            if job is None or job["status"] != JobStatus.QUEUED or job["expires_at"] <= now:
+                return None
+            # Claims take the oldest first (created_at, then submit order): count those.
+            ahead: int = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED' AND slug = ? AND "
+                "(created_at < ? OR (created_at = ? AND seq < ?))",
+                (job["slug"], job["created_at"], job["created_at"], job["seq"]),
+            ).fetchone()[0]
+        return ahead
+
+    # --- the event log ----------------------------------------------------------------------
+    def events(self, *, after: str | None = None, limit: int = 100) -> list[JobEvent]:
+        rows = (
+            self._db.connection()
+            .execute(
+                f"SELECT {_EVENT_COLUMNS} FROM job_events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (_seq(after), limit),
+            )
+            .fetchall()
+        )
+        return [_event(row) for row in rows]
+
+    def job_events(self, job_id: str, *, after: str | None = None) -> list[JobEvent]:
+        rows = (
+            self._db.connection()
+            .execute(
+                f"SELECT {_EVENT_COLUMNS} FROM job_events WHERE job_id = ? AND seq > ? "
+                "ORDER BY seq",
+                (job_id, _seq(after)),
+            )
+            .fetchall()
+        )
+        return [_event(row) for row in rows]
+
+    def last_event_id(self) -> str | None:
+        row = self._one("SELECT MAX(seq) FROM job_events", ())
+        return str(row[0]) if row is not None and row[0] is not None else None
