@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from qwenserve.catalog import MODELS
 from qwenserve.config import Settings
+from qwenserve.errors import QwenServeError
 from qwenserve.media.storage import LocalMediaStore, MediaStore
 from qwenserve.store import open_store
 from qwenserve.store.base import Store
@@ -63,6 +64,19 @@ def engine_config(settings: Settings, *, resident_models: int | None = None) -> 
         prompt_cache_size=settings.prompt_cache_size,
         cfg_batch=settings.cfg_batch,
     )
+
+
+def check_weights(settings: Settings) -> None:
+    """Fail at startup, in seconds, where loading would otherwise hang: ``--weights hub`` on a
+    machine that cannot reach the hub. Raises SystemExit with the reason and what to set."""
+    if settings.weights != "hub":
+        return
+    from qwenserve.runtime.hub_access import check_hub_reachable
+
+    try:
+        check_hub_reachable()
+    except QwenServeError as error:
+        raise SystemExit(f"qwenserve: {error.message}") from error
 
 
 def build_runners(
@@ -121,9 +135,12 @@ def warm_up(settings: Settings, runners: list[WorkerRunner], slugs: list[str] | 
     for runner in runners:
         batch_sizes = (1, 2) if runner.config.max_batch > 1 else (1,)
         if targets:
-            timings = runner.engine.warm_up(  # type: ignore[attr-defined]
-                targets, batch_sizes=batch_sizes
-            )
+            try:
+                timings = runner.engine.warm_up(  # type: ignore[attr-defined]
+                    targets, batch_sizes=batch_sizes
+                )
+            except QwenServeError as error:
+                raise SystemExit(f"qwenserve: warm-up failed: {error.message}") from error
             log.info("warmed up %s", ", ".join(f"{s} {t:.1f}s" for s, t in timings.items()))
 
 

@@ -19,6 +19,7 @@ from qwenserve.cli.compose import (
     build_media,
     build_runners,
     build_store,
+    check_weights,
     is_redis,
     start_done_wakeup,
     start_wakeup,
@@ -68,6 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
         sync_timeout_s="sync_timeout_s",
     )
     configure_logging(settings.log_level)
+    if settings.workers > 0:
+        check_weights(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = build_store(settings)
     media = build_media(settings)

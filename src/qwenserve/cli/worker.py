@@ -14,6 +14,7 @@ from qwenserve.cli.compose import (
     build_media,
     build_runners,
     build_store,
+    check_weights,
     start_wakeup,
     warm_up,
 )
@@ -43,6 +44,7 @@ def _worker(args: argparse.Namespace) -> int:
         raise SystemExit(f"qwenserve worker: unknown model(s): {', '.join(unknown)}")
     if args.count < 1:
         raise SystemExit("qwenserve worker: --count must be at least 1")
+    check_weights(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = build_store(settings)
     media = build_media(settings)

@@ -19,6 +19,8 @@ import torch
 from qwenserve.errors import InvalidInput
 
 PREFIX = "transformer."
+_WRAPPERS = (PREFIX, "base_model.model.", "diffusion_model.")
+_PARTS = ((".lora_down.weight", ".lora_A.weight"), (".lora_up.weight", ".lora_B.weight"))
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.(?P<kind>weight|bias)$")
 
 
@@ -28,6 +30,27 @@ class LoraWeights:
 
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any] | None
+
+
+def _diffusers_key(key: str) -> str:
+    """``key`` as ``transformer.<module>.lora_A|B.weight``, whatever wrapper wrote it.
+
+    diffusers converts the published formats only when it spots one of their marks (``.alpha``,
+    ``lora_unet_``, ``diffusion_model.``, ``.default.``): a lightx2v-style file without alphas
+    keeps its ``lora_down``/``lora_up`` names, a trainer's ``transformer.``-prefixed file with
+    alphas comes back prefixed twice, and peft's raw ``base_model.model.`` prefix is never
+    removed. Each of those is the same LoRA (no alpha means scale 1), so it is renamed here.
+    """
+    stripped = True
+    while stripped:
+        stripped = False
+        for wrapper in _WRAPPERS:
+            if key.startswith(wrapper):
+                key, stripped = key[len(wrapper) :], True
+    for old, new in _PARTS:
+        if key.endswith(old):
+            key = key[: -len(old)] + new
+    return PREFIX + key
 
 
 def _reason(error: Exception) -> str:
@@ -59,13 +82,9 @@ def read_lora(
         ) from error
     if not state:
         raise InvalidInput(f"{field}: the file holds no tensors", field=field)
-    if not all(key.startswith(PREFIX) for key in state):
-        # A file without the component prefix addresses the transformer's modules directly.
-        state = {
-            key if key.startswith(PREFIX) else PREFIX + key: value for key, value in state.items()
-        }
-        if metadata and not any(key.startswith(PREFIX) for key in metadata):
-            metadata = {PREFIX + key: value for key, value in metadata.items()}
+    state = {_diffusers_key(key): value for key, value in state.items()}
+    if metadata and not any(key.startswith(PREFIX) for key in metadata):
+        metadata = {PREFIX + key: value for key, value in metadata.items()}
     modules = dict(transformer.named_modules())
     ranks: dict[str, dict[str, int]] = {}
     for key, tensor in state.items():

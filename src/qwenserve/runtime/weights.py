@@ -108,11 +108,17 @@ class HubWeights:
         return False
 
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
+        from qwenserve.runtime.hub_access import require_hub_repo
+
+        require_hub_repo(base_weights)  # a clear error now instead of a long network wait
         return base_weights
 
     def lora_file(self, source: LoraSource, base_weights: str, kind: PipelineKind) -> Path:
         from huggingface_hub import hf_hub_download
 
+        from qwenserve.runtime.hub_access import require_hub_repo
+
+        require_hub_repo(source.repo, source.filename)
         try:
             return Path(hf_hub_download(source.repo, source.filename))
         except Exception as error:  # network, auth, missing file: all an engine failure here
