@@ -79,7 +79,7 @@ def test_text_to_image_from_the_published_layout_matches_the_preset(
     # change the image entirely.
     assert np.abs(from_folder - from_preset).max() <= 2
     assert np.abs(from_folder - from_preset).mean() < 0.05
-    assert not (tmp_path / "unused").exists()  # nothing was built
+    assert not (tmp_path / "unused" / "tiny-v1").exists()  # no preset was built
 
 
 def test_edit_plus_from_the_published_layout(
