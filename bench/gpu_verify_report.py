@@ -26,7 +26,7 @@ HOW_TO_RUN = [
     " `PYTHONPATH=src:/tmp/site python bench/gpu_verify.py --out $OUT/gpu_verify.jsonl`)",
     "  3. here: `PYTHONPATH=src python bench/gpu_verify.py --report gpu_verify.jsonl`"
     " (this section)",
-    "- the CPU proof of the script itself: `make gpu-verify-dry-run` (every stage on the tiny"
+    "the CPU proof of the script itself: `make gpu-verify-dry-run` (every stage on the tiny"
     " preset; tests/bench/test_gpu_verify.py runs it in CI)",
 ]
 SKIP_COLUMNS = {"label", "wall_s"}
@@ -93,7 +93,11 @@ def _stage_facts(record: dict[str, Any]) -> list[str]:
     """The stage's own scalar results (versions, peak, build time, pytest counts)."""
     skip = {"stage", "n", "title", "status", "at", "dry_run", "device", "budget_s", "runs"}
     skip |= {"skipped", "error", "wall_s", "not_run", "tail", "command"}
-    facts = [f"{key} {_cell(value)}" for key, value in record.items() if key not in skip]
+    facts = [
+        f"{key} {_cell(value)}"
+        for key, value in record.items()
+        if key not in skip and value not in (None, [], {}, "")
+    ]
     return [f"  - {', '.join(facts)}"] if facts else []
 
 

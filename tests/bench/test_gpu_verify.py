@@ -29,7 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMON_KEYS = {"stage", "n", "title", "status", "at", "dry_run", "device", "budget_s"}
 STAGE_KEYS = {
     "env": {"torch", "diffusers", "cuda_available", "device_name", "peak_tflops", "runs"},
-    "pytest": {"files", "returncode", "collected", "passed", "failed", "skipped", "duration_s"},
+    "pytest": {
+        "files",
+        "returncode",
+        "collected",
+        "passed",
+        "failed",
+        "skipped_tests",
+        "duration_s",
+    },
     "build": {"weights", "build_s", "transformer_parameters_b", "gpu_allocated_gib"},
     "cfg": {"slug", "attention", "runs"},
     "fast": {"slug", "target_s_per_image", "load_s_unfused", "load_s_fused", "runs"},
@@ -83,7 +91,7 @@ def test_dry_run_writes_every_stage_with_its_measurements(
 
     # pytest -m gpu ran the GPU tests and, on a CPU, every one of them skipped.
     tests = by_stage["pytest"]
-    assert tests["collected"] > 0 and tests["skipped"] == tests["collected"]
+    assert tests["collected"] > 0 and tests["skipped_tests"] == tests["collected"]
     assert tests["failed"] == tests["errors"] == 0
     # cfg: both settings at the three sizes; the profiler saw which attention kernel ran.
     cfg = by_stage["cfg"]
@@ -179,3 +187,19 @@ def test_the_watchdog_writes_the_running_stage_and_stops_at_the_deadline(tmp_pat
         "status": "skipped",
         "skipped": "global deadline (4 s) reached",
     }
+
+
+def test_the_report_of_a_gpu_run_shows_its_device_and_tables() -> None:
+    """Rendering only: these records are made up here and never reach the docs."""
+    env = {"stage": "env", "status": "ok", "dry_run": False, "cuda_available": True}
+    env |= {"device_name": "NVIDIA H200", "peak_tflops": 700.0, "runs": []}
+    fast = {"stage": "fast", "title": "qwen-image-fast", "status": "partial", "wall_s": 1.0}
+    fast |= {
+        "runs": [{"label": "1024x1024 fused", "s_per_image": 1.0, "meets_target": True}],
+        "not_run": ["1328x1328 fused: stage budget"],
+    }
+    section = render([env, fast], "gpu_verify.jsonl")
+    assert "Not run on a GPU yet" not in section and "NVIDIA H200" in section
+    assert "**fast** (qwen-image-fast): partial" in section
+    assert "not run: 1328x1328 fused: stage budget" in section
+    assert "| 1024x1024 fused | 1 | yes |" in section
