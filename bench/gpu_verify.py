@@ -407,8 +407,7 @@ def run_stages(run: Run, specs: Sequence[StageSpec], selected: set[str] | None =
             run.current = None
             run.write(record)
         run.results[spec.name] = record
-        if spec.name != "build":  # build hands its engine to the stages after it
-            free_memory()
+        free_memory()  # what the stage dropped; the shared engine stays (run.shared holds it)
 
 
 # --- measuring helpers --------------------------------------------------------------------------
@@ -1052,7 +1051,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1, help="timed requests per case")
     parser.add_argument("--cache-dir", type=Path, help="model cache (default: a temporary one)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny preset, small sizes")
-    parser.add_argument("--report", type=Path, help="render a results file into PERFORMANCE.md")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="render results files (e.g. a full run and a --stages compile run) into the docs",
+    )
     parser.add_argument("--no-write", action="store_true", help="with --report: print only")
     args = parser.parse_args(argv)
     if args.report is not None:

@@ -25,22 +25,28 @@ HOW_TO_RUN = [
     " `bash bench/gpu_verify_on_device.sh` (installs the wheels into /tmp/site and runs"
     " `PYTHONPATH=src:/tmp/site python bench/gpu_verify.py --out $OUT/gpu_verify.jsonl`)",
     "  3. here: `PYTHONPATH=src python bench/gpu_verify.py --report gpu_verify.jsonl`"
-    " (this section)",
+    " (this section; a second file, e.g. of a `--stages compile` run, completes the first)",
     "the CPU proof of the script itself: `make gpu-verify-dry-run` (every stage on the tiny"
     " preset; tests/bench/test_gpu_verify.py runs it in CI)",
 ]
 SKIP_COLUMNS = {"label", "wall_s"}
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of a results file (a line cut off by a kill is dropped)."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+def read_results(*paths: Path) -> list[dict[str, Any]]:
+    """The stage lines of one or more results files, one per stage in first-seen order: a
+    later file's line replaces an earlier one unless it is a skip (so a ``--stages compile``
+    run completes a full one). A line cut off by a kill is dropped."""
+    by_stage: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            name = record.get("stage")
+            if name not in by_stage or record.get("status") != "skipped":
+                by_stage[name] = record
+    return list(by_stage.values())
 
 
 def _cell(value: Any) -> str:
@@ -138,13 +144,13 @@ def render(records: Sequence[dict[str, Any]], source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(path: Path, *, write: bool) -> int:
-    """Render ``path``; print it, and put it in docs/PERFORMANCE.md unless ``write`` is off."""
-    records = read_results(path)
+def report(paths: Sequence[Path], *, write: bool) -> int:
+    """Render ``paths``; print it, and put it in docs/PERFORMANCE.md unless ``write`` is off."""
+    records = read_results(*paths)
     if not records:
-        print(f"{path}: no results")
+        print(f"{', '.join(map(str, paths))}: no results")
         return 1
-    section = render(records, path.name)
+    section = render(records, ", ".join(path.name for path in paths))
     print(section)
     if write:
         write_section(TITLE, section)

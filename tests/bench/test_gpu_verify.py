@@ -203,3 +203,25 @@ def test_the_report_of_a_gpu_run_shows_its_device_and_tables() -> None:
     assert "**fast** (qwen-image-fast): partial" in section
     assert "not run: 1328x1328 fused: stage budget" in section
     assert "| 1024x1024 fused | 1 | yes |" in section
+
+
+def test_a_second_results_file_completes_the_first(tmp_path: Path) -> None:
+    full, follow_up = tmp_path / "full.jsonl", tmp_path / "compile.jsonl"
+    full.write_text(
+        '{"stage": "env", "status": "ok", "peak_tflops": 700}\n'
+        '{"stage": "compile", "status": "skipped", "skipped": "global budget"}\n'
+        '{"stage": "fp8", "status": "ok", "modes": []}\n'
+        '{"stage": "cut off by a ki'
+    )
+    follow_up.write_text(
+        '{"stage": "env", "status": "ok", "peak_tflops": 710}\n'
+        '{"stage": "compile", "status": "ok", "warm_up_s": 90}\n'
+        '{"stage": "fp8", "status": "skipped", "skipped": "not selected (--stages)"}\n'
+    )
+    records = read_results(full, follow_up)
+    assert [(r["stage"], r["status"]) for r in records] == [
+        ("env", "ok"),
+        ("compile", "ok"),
+        ("fp8", "ok"),
+    ]
+    assert records[0]["peak_tflops"] == 710 and records[1]["warm_up_s"] == 90
