@@ -569,7 +569,7 @@ def stage_pytest(run: Run, stage: Stage) -> None:
         report = Path(scratch) / "junit.xml"
         command = [
             sys.executable,
-            *("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"),
+            *("-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider"),
             f"--junitxml={report}",
             *files,
         ]
@@ -605,6 +605,15 @@ def stage_pytest(run: Run, stage: Stage) -> None:
                     if problem is not None:
                         message = (problem.get("message") or "").splitlines()[:1]
                         failed.append(f"{case.get('name')}: {outcome}: {''.join(message)[:200]}")
+        if not report.exists():  # killed at its timeout: count the verbose lines it printed
+            outcomes = re.findall(r"::\S+ (PASSED|FAILED|ERROR|SKIPPED)", output)
+            counts = {
+                "tests": len(outcomes),
+                "failures": outcomes.count("FAILED"),
+                "errors": outcomes.count("ERROR"),
+                "skipped": outcomes.count("SKIPPED"),
+            }
+            failed = [line for line in output.splitlines() if re.search(r"::\S+ FAILED", line)]
         record.update(
             collected=counts["tests"],
             passed=counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],

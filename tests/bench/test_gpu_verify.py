@@ -225,3 +225,14 @@ def test_a_second_results_file_completes_the_first(tmp_path: Path) -> None:
         ("fp8", "ok"),
     ]
     assert records[0]["peak_tflops"] == 710 and records[1]["warm_up_s"] == 90
+
+
+def test_pytest_cut_off_at_its_stage_budget_still_writes_its_line(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "bench/gpu_verify.py", "--dry-run", "--out", str(out)]
+    command += ["--stages", "pytest", "--stage-budget", "pytest=2"]
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tests = {r["stage"]: r for r in read_results(out)}["pytest"]
+    assert tests["timed_out"] is True and tests["status"] == "partial"
+    assert tests["returncode"] is None and tests["duration_s"] < 10
