@@ -934,9 +934,12 @@ def graphs_compiled(engine: Any) -> dict[str, Any]:
     }
     for name in sorted(dir(engine)):
         if "recompile" in name.lower() and not name.startswith("_"):
-            value = getattr(engine, name)
-            value = value() if callable(value) else value
-            if isinstance(value, int | float):
+            try:
+                value = getattr(engine, name)
+                value = value() if callable(value) else value
+            except Exception:  # not a counter after all
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
                 found[f"engine.{name}"] = value
     return found
 
@@ -974,7 +977,7 @@ def stage_compile(run: Run, stage: Stage) -> None:
         ("new prompt length", dataclasses.replace(default, prompt=LONG_PROMPT)),
         (
             f"new size {label(plan.fast_sizes[0])}",
-            request_for("qwen-image-fast", plan.fast_sizes[0], plan.fast_steps),
+            dataclasses.replace(default, width=plan.fast_sizes[0][0], height=plan.fast_sizes[0][1]),
         ),
     ]
     for name, request in cases:
