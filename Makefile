@@ -1,7 +1,7 @@
 # The commands people and CI both run.
 PY ?= python
 
-.PHONY: install serve test lint format typecheck bench
+.PHONY: install serve test lint format typecheck bench gpu-wheels gpu-verify-dry-run
 
 install:
 	pip install torch==2.13.0 -e '.[dev]'
@@ -33,3 +33,24 @@ bench:
 	$(PY) bench/cpu_vae_norm.py
 	$(PY) bench/cfg_batch.py
 	$(PY) bench/gpu_step_time.py
+
+# The GPU machine (python 3.12, torch, transformers, accelerate, pytest there; no internet) lacks
+# these: fetched here as cp312 manylinux wheels into .whl/ (ignored), which travels with the
+# tree (its limit is 64 MiB). bench/gpu_verify_on_device.sh installs them there and runs the proof.
+GPU_WHEELS = diffusers==0.42.1 peft==0.21.2 torchao==0.18.0 pydantic==2.13.4 \
+	pydantic-core==2.46.4 pydantic-settings==2.14.1 python-dotenv==1.2.2 annotated-types==0.7.0 \
+	typing-inspection==0.4.2 typing-extensions==4.16.0 pytest-asyncio==1.5.0
+GPU_WHEELS_MAX_KIB = 61440
+WHEEL_PLATFORMS = --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64 --platform manylinux1_x86_64
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(WHEEL_PLATFORMS) -d .whl $(GPU_WHEELS)
+	@kib=$$(du -sk .whl | cut -f1); ls .whl; echo ".whl/: $$kib KiB (limit $(GPU_WHEELS_MAX_KIB))"; \
+	if [ $$kib -gt $(GPU_WHEELS_MAX_KIB) ]; then echo "error: .whl/ is over 60 MiB" >&2; exit 1; fi
+
+gpu-verify-dry-run:
+	PYTHONPATH=src $(PY) bench/gpu_verify.py --dry-run --out build/gpu_verify_dry_run.jsonl

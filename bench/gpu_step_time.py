@@ -5,8 +5,9 @@
 With the random-full preset (the real 20B Qwen-Image transformer, random bf16 weights) through
 ``Engine.generate``: qwen-image (30 and 50 steps, true CFG: two transformer forwards per
 step, two separate calls: ``cfg_batch`` is off by default on CUDA) and qwen-image-fast (8 steps,
-Lightning, no CFG), all at exactly 1024x1024. One forward at 1024x1024 is about 72 TFLOP, so
-the FLOP-count limit per step is 72 (x2 with CFG) / --peak-tflops seconds
+Lightning, no CFG), all at exactly 1024x1024. One forward at 1024x1024 with 200 text tokens is
+about 72 TFLOP (``bench/step_timing.py`` has the formula), so the FLOP-count limit per step is
+72 (x2 with CFG) / --peak-tflops seconds
 (800 TFLOP/s: H100 dense bf16); the ratio limit / measured is the share of peak achieved.
 Per-step time is the median gap between step callbacks (CUDA synchronised); per image is the
 median wall time of a whole request. Without CUDA it writes an "unmeasured: no GPU" section.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import os
 import platform
 import statistics
@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import write_section  # noqa: E402
+from bench.step_timing import QWEN_IMAGE, StepClock, image_tokens  # noqa: E402
 
-TFLOP_PER_FORWARD_1024 = 72.0
+TFLOP_PER_FORWARD_1024 = QWEN_IMAGE.forward_flop(image_tokens(1024, 1024), 200) / 1e12
 CASES = (("qwen-image", 30, 4.0), ("qwen-image", 50, 4.0), ("qwen-image-fast", 8, 1.0))
 """The issue's yardsticks: the 50-step CFG image within 1.2x of its FLOP limit (8.6 s on an
 H100; the best published open engine takes 12.8 s); the 8-step Lightning image under 1.2 s."""
@@ -53,19 +54,12 @@ def measure(cache_dir: Path, runs: int, peak_tflops: float) -> list[str]:
         step_s: list[float] = []
         image_s: list[float] = []
         for _ in range(runs):
-            stamps: list[float] = []
-
-            def on_step(done: int, total: int, stamps: list[float] = stamps) -> None:
-                torch.cuda.synchronize()
-                stamps.append(time.perf_counter())
-
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            stamps.append(started)
-            engine.generate(request, on_step=on_step)
+            clock = StepClock(torch.cuda.synchronize)
+            started = clock.start()
+            engine.generate(request, on_step=clock)
             torch.cuda.synchronize()
             image_s.append(time.perf_counter() - started)
-            step_s.extend(b - a for a, b in itertools.pairwise(stamps))
+            step_s.extend(clock.step_s())
         forwards = 2 if guidance > 1 else 1
         limit_s = TFLOP_PER_FORWARD_1024 * forwards / peak_tflops
         measured_s = statistics.median(step_s)

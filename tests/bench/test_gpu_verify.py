@@ -1,0 +1,238 @@
+"""The GPU proof script (bench/gpu_verify.py), proven on the CPU: GPU minutes are scarce, so a
+broken stage must show up here, not on the lent machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bench.gpu_verify import (
+    DRY_PLAN,
+    QUANTIZE_MODES,
+    STAGES,
+    Run,
+    Stage,
+    StageSpec,
+    run_stages,
+)
+from bench.gpu_verify_report import read_results, render
+
+from qwenserve.errors import InferenceError
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON_KEYS = {"stage", "n", "title", "status", "at", "dry_run", "device", "budget_s"}
+STAGE_KEYS = {
+    "env": {"torch", "diffusers", "cuda_available", "device_name", "peak_tflops", "runs"},
+    "pytest": {
+        "files",
+        "returncode",
+        "collected",
+        "passed",
+        "failed",
+        "skipped_tests",
+        "duration_s",
+    },
+    "build": {"weights", "build_s", "transformer_parameters_b", "gpu_allocated_gib"},
+    "cfg": {"slug", "attention", "runs"},
+    "fast": {"slug", "target_s_per_image", "load_s_unfused", "load_s_fused", "runs"},
+    "vae": {"size", "memory_measured", "runs"},
+    "batch": {"slug", "batch", "runs"},
+    "fp8": {"modes", "bf16_s_per_step", "runs"},
+}
+TIMING_KEYS = {"s_per_step", "tflop_per_step", "limit_s_per_step", "share_of_peak"}
+ROW_KEYS = {
+    "cfg": {"cfg_batch", "s_per_image", *TIMING_KEYS},
+    "fast": {"fused", "s_per_image", "meets_target", *TIMING_KEYS},
+    "vae": {"batch", "tiled", "decode_s", "peak_gib"},
+    "batch": {"singles_s", "batch_s", "speedup", "share_of_peak"},
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    return env
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_stage_with_its_measurements(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    out = tmp_path / "gpu_verify.jsonl"
+    # compile on a CPU takes minutes: its budget is 0 here, which must still give its line.
+    command = [sys.executable, "bench/gpu_verify.py", "--dry-run", "--out", str(out)]
+    command += ["--cache-dir", str(shared_cache), "--stage-budget", "compile=0"]
+    done = subprocess.run(
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=280
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    records = read_results(out)
+    assert [r["stage"] for r in records] == [spec.name for spec in STAGES]
+    by_stage = {r["stage"]: r for r in records}
+    for record in records:
+        assert record.keys() >= COMMON_KEYS, record["stage"]
+        assert record["dry_run"] is True and record["device"] == "cpu"
+    for name, keys in STAGE_KEYS.items():
+        record = by_stage[name]
+        assert record["status"] == "ok", (name, record.get("error"), record.get("not_run"))
+        assert keys <= record.keys(), (name, keys - record.keys())
+    for name, keys in ROW_KEYS.items():
+        for row in by_stage[name]["runs"]:
+            assert keys <= row.keys(), (name, row)
+    assert by_stage["compile"]["status"] == "skipped"
+    assert "budget is 0" in by_stage["compile"]["skipped"]
+
+    # pytest -m gpu ran the GPU tests and, on a CPU, every one of them skipped.
+    tests = by_stage["pytest"]
+    assert tests["collected"] > 0 and tests["skipped_tests"] == tests["collected"]
+    assert tests["failed"] == tests["errors"] == 0
+    # cfg: both settings at the three sizes; the profiler saw which attention kernel ran.
+    cfg = by_stage["cfg"]
+    assert [row["cfg_batch"] for row in cfg["runs"]] == [True] * 3 + [False] * 3
+    assert all(row["forwards_per_step"] == 2 for row in cfg["runs"])
+    assert cfg["attention"]["sdpa_ops_cfg_batch_on"]
+    # Each fp8 mode has its own line: refused by the engine, failed, or measured.
+    modes = {row["mode"]: row for row in by_stage["fp8"]["runs"]}
+    assert set(modes) == set(QUANTIZE_MODES)
+    assert all({"refused", "error", "s_per_step"} & row.keys() for row in modes.values())
+    assert by_stage["env"]["peak_tflops"] > 0
+
+    section = render(records, out.name)
+    assert "Not run on a GPU yet" in section and "CPU dry run" in section
+    assert all(f"**{spec.name}**" in section for spec in STAGES)
+
+
+def _spec(name: str, body: Any, budget_s: float = 30.0, min_s: float = 0.0) -> StageSpec:
+    return StageSpec(name, f"stage {name}", budget_s, min_s, lambda run, stage: body(stage))
+
+
+def _raise(error: Exception) -> Any:
+    """A stage body or a measurement (any arguments) that raises ``error``."""
+
+    def fail(*_: Any) -> Any:
+        raise error
+
+    return fail
+
+
+def test_a_failing_stage_writes_its_error_and_the_run_goes_on(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    run = Run(DRY_PLAN, out, 60.0, tmp_path, dry_run=True)
+
+    def measures(stage: Stage) -> None:
+        stage.attempt("fits", lambda: {"value": 1})
+        stage.attempt("fails", _raise(InferenceError("out of memory on the GPU")))
+        stage.attempt("too long", lambda: {"value": 2}, estimate_s=1e6)
+
+    run_stages(
+        run,
+        [
+            _spec("broken", _raise(RuntimeError("boom"))),
+            _spec("oom", _raise(InferenceError("out of memory while generating"))),
+            _spec("cases", measures),
+            _spec("late", measures, min_s=1e6),
+            _spec("unselected", measures),
+        ],
+        selected={"broken", "oom", "cases", "late"},
+    )
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    by_stage = {line["stage"]: line for line in lines}
+    assert [line["stage"] for line in lines] == ["broken", "oom", "cases", "late", "unselected"]
+    assert by_stage["broken"]["status"] == "error"
+    assert by_stage["broken"]["error"] == "RuntimeError: boom"
+    assert by_stage["oom"]["oom"] is True
+    cases = by_stage["cases"]
+    assert cases["status"] == "partial"
+    assert [row["label"] for row in cases["runs"]] == ["fits", "fails"]
+    assert cases["runs"][1]["oom"] is True and "out of memory" in cases["runs"][1]["error"]
+    assert cases["not_run"][0].startswith("too long:")
+    assert by_stage["late"]["skipped"].startswith("global budget")
+    assert by_stage["unselected"]["skipped"] == "not selected (--stages)"
+
+
+def test_the_watchdog_writes_the_running_stage_and_stops_at_the_deadline(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from bench.gpu_verify import DRY_PLAN, Run, StageSpec, run_stages, stops_at_deadline
+
+        def slow(run, stage):
+            stage.record["measured_before_the_deadline"] = 1
+            time.sleep(60)
+
+        run = Run(DRY_PLAN, Path({str(out)!r}), 4.0, Path("."), dry_run=True)
+        specs = [StageSpec("slow", "slow", 30, 0, slow), StageSpec("next", "next", 30, 0, slow)]
+        with stops_at_deadline(run):
+            run_stages(run, specs)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, timeout=60
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    slow, after = read_results(out)
+    assert slow["status"] == "error" and "global deadline (4 s)" in slow["error"]
+    assert slow["measured_before_the_deadline"] == 1 and slow["wall_s"] < 10
+    assert after == {
+        "stage": "next",
+        "status": "skipped",
+        "skipped": "global deadline (4 s) reached",
+    }
+
+
+def test_the_report_of_a_gpu_run_shows_its_device_and_tables() -> None:
+    """Rendering only: these records are made up here and never reach the docs."""
+    env = {"stage": "env", "status": "ok", "dry_run": False, "cuda_available": True}
+    env |= {"device_name": "NVIDIA H200", "peak_tflops": 700.0, "runs": []}
+    fast = {"stage": "fast", "title": "qwen-image-fast", "status": "partial", "wall_s": 1.0}
+    fast |= {
+        "runs": [{"label": "1024x1024 fused", "s_per_image": 1.0, "meets_target": True}],
+        "not_run": ["1328x1328 fused: stage budget"],
+    }
+    section = render([env, fast], "gpu_verify.jsonl")
+    assert "Not run on a GPU yet" not in section and "NVIDIA H200" in section
+    assert "**fast** (qwen-image-fast): partial" in section
+    assert "not run: 1328x1328 fused: stage budget" in section
+    assert "| 1024x1024 fused | 1 | yes |" in section
+
+
+def test_a_second_results_file_completes_the_first(tmp_path: Path) -> None:
+    full, follow_up = tmp_path / "full.jsonl", tmp_path / "compile.jsonl"
+    full.write_text(
+        '{"stage": "env", "status": "ok", "peak_tflops": 700}\n'
+        '{"stage": "compile", "status": "skipped", "skipped": "global budget"}\n'
+        '{"stage": "fp8", "status": "ok", "modes": []}\n'
+        '{"stage": "cut off by a ki'
+    )
+    follow_up.write_text(
+        '{"stage": "env", "status": "ok", "peak_tflops": 710}\n'
+        '{"stage": "compile", "status": "ok", "warm_up_s": 90}\n'
+        '{"stage": "fp8", "status": "skipped", "skipped": "not selected (--stages)"}\n'
+    )
+    records = read_results(full, follow_up)
+    assert [(r["stage"], r["status"]) for r in records] == [
+        ("env", "ok"),
+        ("compile", "ok"),
+        ("fp8", "ok"),
+    ]
+    assert records[0]["peak_tflops"] == 710 and records[1]["warm_up_s"] == 90
+
+
+def test_pytest_cut_off_at_its_stage_budget_still_writes_its_line(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "bench/gpu_verify.py", "--dry-run", "--out", str(out)]
+    command += ["--stages", "pytest", "--stage-budget", "pytest=2"]
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tests = {r["stage"]: r for r in read_results(out)}["pytest"]
+    assert tests["timed_out"] is True and tests["status"] == "partial"
+    assert tests["returncode"] is None and tests["duration_s"] < 10
