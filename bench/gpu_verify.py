@@ -843,9 +843,9 @@ def stage_batch(run: Run, stage: Stage) -> None:
 # --- 8. fp8 modes -------------------------------------------------------------------------------
 @contextmanager
 def timing_fast_paths(seconds: list[float]) -> Iterator[None]:
-    """Times the engine's ``apply_fast_paths`` (where fp8 quantisation happens) by wrapping
-    the name ``runtime/engine.py`` calls it by: the engine times only whole loads."""
-    from qwenserve.runtime import engine as engine_module
+    """Times ``apply_fast_paths`` (where fp8 quantisation happens) by wrapping the name
+    ``runtime/resident.py`` calls it by: the engine times only whole loads."""
+    from qwenserve.runtime import resident as engine_module
 
     original = getattr(engine_module, "apply_fast_paths", None)
     if original is None:  # moved by a later engine: no split of the load time then
@@ -921,8 +921,8 @@ def stage_fp8(run: Run, stage: Stage) -> None:
 
 # --- 9. compile ---------------------------------------------------------------------------------
 def graphs_compiled(engine: Any) -> dict[str, Any]:
-    """Compile counts now: the engine's own recompile counter when it has one (any public
-    attribute named like ``recompile``), else dynamo's graph and frame counters."""
+    """Compile counts now: dynamo's graph and frame counters, and the engine's own counts
+    (``Engine.compile_counts()``: compiles, recompiles, eager fallbacks) when it has them."""
     from torch._dynamo.utils import counters
 
     found: dict[str, Any] = {
@@ -932,15 +932,10 @@ def graphs_compiled(engine: Any) -> dict[str, Any]:
         # A warm-up is cold only without hits here (inductor caches graphs on disk).
         "fxgraph_cache_hits": int(counters["inductor"].get("fxgraph_cache_hit", 0)),
     }
-    for name in sorted(dir(engine)):
-        if "recompile" in name.lower() and not name.startswith("_"):
-            try:
-                value = getattr(engine, name)
-                value = value() if callable(value) else value
-            except Exception:  # not a counter after all
-                continue
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                found[f"engine.{name}"] = value
+    counts = getattr(engine, "compile_counts", None)
+    if callable(counts):
+        for name, value in counts().items():
+            found[f"engine.{name}"] = int(value)
     return found
 
 
@@ -994,6 +989,7 @@ def stage_compile(run: Run, stage: Stage) -> None:
                 "first_call_s": first_s,
                 "compiles": compiles,
                 "recompiled": compiles["unique_graphs"] > 0 or compiles["frames_compiled"] > 0,
+                "ran_eager": compiles.get("engine.eager_fallbacks", 0) > 0,
                 **steady,
             }
 
