@@ -2,7 +2,7 @@
 
 The public facade over the runtime, and the one generate path: ``generate`` (one request) and
 ``generate_batch`` (requests with equal ``batch_key``) both run ``_generate``, where a single
-request is a batch of one. Each call takes the residency lock, gets the resident pipeline
+request is a batch of one. Each call takes the engine lock, gets the resident pipeline
 (``resident.py``: loading, the memory plan, shared text encoders and VAEs), switches on its
 adapters (``adapters.py``: recipe LoRAs kept loaded, a job's extra LoRAs for that call alone),
 builds the diffusers call (``call.py``: prompts, prompt-cache embeddings, one seeded generator
