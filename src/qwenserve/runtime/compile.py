@@ -158,12 +158,6 @@ def warming(transformer: Any) -> Iterator[None]:
         guard.warmed = True
 
 
-def is_compiled(transformer: Any) -> bool:
-    """Whether ``compile_blocks`` prepared ``transformer``."""
-    registry = getattr(transformer, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook(_GUARD_HOOK) is not None
-
-
 # --- warm-up ------------------------------------------------------------------------------------
 class BatchGenerator(Protocol):
     """What the warm-up needs of the engine."""

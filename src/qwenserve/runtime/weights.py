@@ -18,9 +18,6 @@ from qwenserve.errors import InferenceError
 class WeightSource(Protocol):
     """Resolves base weights ids and LoRA sources to something diffusers can load."""
 
-    @property
-    def is_tiny(self) -> bool: ...
-
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
         """A folder path or hub id for ``from_pretrained``."""
         ...
@@ -35,10 +32,6 @@ class FolderWeights:
     """A folder holding ``<org>/<name>`` diffusers folders and ``<repo>/<filename>`` LoRAs."""
 
     root: Path
-
-    @property
-    def is_tiny(self) -> bool:
-        return False
 
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
         folder = self.root / base_weights
@@ -65,10 +58,6 @@ class TinyWeights:
 
     cache_dir: Path
 
-    @property
-    def is_tiny(self) -> bool:
-        return True
-
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
         from qwenserve.runtime.tiny_preset import ensure_tiny_base
 
@@ -86,10 +75,6 @@ class RandomFullWeights:
 
     cache_dir: Path
 
-    @property
-    def is_tiny(self) -> bool:
-        return False
-
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
         return f"random-full:{base_weights}"
 
@@ -102,10 +87,6 @@ class RandomFullWeights:
 @dataclass(frozen=True)
 class HubWeights:
     """Hugging Face hub ids, through the local HF cache (downloads where the network allows)."""
-
-    @property
-    def is_tiny(self) -> bool:
-        return False
 
     def base_location(self, base_weights: str, kind: PipelineKind) -> str:
         from qwenserve.runtime.hub_access import require_hub_repo

@@ -1,0 +1,137 @@
+"""Building the diffusers call for 1..n requests that share one pipeline call.
+
+Everything a call's arguments depend on is decided here: the prompts (a preset's trigger word
+first) and negatives, text embeddings from the prompt cache where it applies, one seeded CPU
+generator per request (so each image is the one it would get alone), the size plan, the
+scheduler, VAE tiling and the input images. Adapters are set before (``adapters.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from qwenserve.catalog import GenerationRequest, PipelineKind, Recipe
+from qwenserve.errors import InvalidInput
+from qwenserve.runtime.fast_paths import set_vae_tiling
+from qwenserve.runtime.prompt_cache import PromptCache
+from qwenserve.runtime.resident import Pipeline, Resident
+from qwenserve.runtime.schedulers import scheduler_for
+from qwenserve.runtime.sizes import SizePlan, plan_size
+
+MAX_SEQUENCE_LENGTH = 1024
+"""Prompt tokens kept (the pipelines refuse more; longer prompts are truncated)."""
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """The exact diffusers call ``generate`` makes (for benchmarks and debugging)."""
+
+    pipeline: Pipeline
+    kwargs: dict[str, Any]
+    size: SizePlan
+
+
+def prompt_for(request: GenerationRequest, recipe: Recipe) -> str:
+    """The prompt sent: a preset LoRA's trigger word goes first."""
+    if request.lora is None:
+        return request.prompt
+    preset = recipe.preset_loras.get(request.lora)
+    if preset is None:
+        raise InvalidInput(f"unknown preset LoRA {request.lora!r}", field="lora")
+    return f"{preset.trigger}{request.prompt}" if preset.trigger else request.prompt
+
+
+def negative_for(request: GenerationRequest) -> str:
+    """The negative prompt sent with CFG on."""
+    # True CFG runs only with a negative prompt; " " is what the official examples send.
+    negative = request.negative_prompt
+    return negative if negative and negative.strip() else " "
+
+
+def call_kwargs(
+    requests: Sequence[GenerationRequest],
+    recipe: Recipe,
+    images: Sequence[Image.Image],
+    plan: SizePlan,
+    pipe: Pipeline,
+    prompts: PromptCache | None,
+) -> dict[str, Any]:
+    """The pipeline arguments for ``requests`` (one, or a batch sharing a batch key).
+
+    ``prompts``: the prompt cache, or None when it is off (prompts are then sent as text)."""
+    first = requests[0]
+    texts = [prompt_for(r, recipe) for r in requests]
+    generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
+    single = len(requests) == 1
+    kwargs: dict[str, Any] = {
+        "num_inference_steps": first.steps,
+        "width": plan.generate_width,
+        "height": plan.generate_height,
+        "generator": generators[0] if single else generators,
+        "output_type": "np",
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "true_cfg_scale": first.guidance if first.guidance > 1.0 else 1.0,
+    }
+    cfg = first.guidance > 1.0
+    negatives = [negative_for(r) for r in requests] if cfg else []
+    if recipe.pipeline is PipelineKind.TEXT_TO_IMAGE and prompts is not None:
+        embeds, mask = prompts.encode(pipe, recipe.base_weights, texts, MAX_SEQUENCE_LENGTH)
+        kwargs["prompt_embeds"], kwargs["prompt_embeds_mask"] = embeds, mask
+        if cfg:
+            embeds, mask = prompts.encode(pipe, recipe.base_weights, negatives, MAX_SEQUENCE_LENGTH)
+            kwargs["negative_prompt_embeds"] = embeds
+            kwargs["negative_prompt_embeds_mask"] = mask
+    else:
+        kwargs["prompt"] = texts[0] if single else texts
+        if cfg:
+            kwargs["negative_prompt"] = negatives[0] if single else negatives
+    if recipe.pipeline is PipelineKind.EDIT:
+        if len(images) != 1:
+            raise InvalidInput("this model edits exactly one image", field="image")
+        kwargs["image"] = images[0]
+    elif recipe.pipeline is PipelineKind.EDIT_PLUS:
+        if not 1 <= len(images) <= max(recipe.max_input_images, 1):
+            raise InvalidInput(
+                f"this model takes 1 to {recipe.max_input_images} images", field="image_1"
+            )
+        kwargs["image"] = list(images)
+    return kwargs
+
+
+def use_scheduler(resident: Resident, recipe: Recipe, steps: int) -> None:
+    """Set the recipe's scheduler on the pipeline, one kept per (kind, one step) and reused:
+    building one per call would cost more than the call's own ``set_timesteps``."""
+    one_step = steps <= 1
+    scheduler = resident.schedulers.get((recipe.scheduler, one_step))
+    if scheduler is None:
+        scheduler = scheduler_for(recipe.scheduler, steps, resident.stock_scheduler)
+        resident.schedulers[(recipe.scheduler, one_step)] = scheduler
+    if resident.pipe.scheduler is not scheduler:
+        resident.pipe.scheduler = scheduler
+
+
+def build_call(
+    resident: Resident,
+    recipe: Recipe,
+    requests: Sequence[GenerationRequest],
+    images: Sequence[Image.Image],
+    *,
+    tiny: bool,
+    prompts: PromptCache | None,
+    vae_tiling: Callable[[int, int, int], bool],
+) -> tuple[dict[str, Any], SizePlan]:
+    """Scheduler, VAE tiling and arguments for one call (adapters are already active).
+
+    ``tiny``: plan the tiny preset's sizes; ``vae_tiling(width, height, batch)``: whether the
+    decode should be tiled (the memory plan's answer)."""
+    first = requests[0]
+    use_scheduler(resident, recipe, first.steps)
+    plan = plan_size(first, recipe, [i.size for i in images], tiny=tiny)
+    tiled = vae_tiling(plan.generate_width, plan.generate_height, len(requests))
+    set_vae_tiling(resident.pipe, tiled)
+    return call_kwargs(requests, recipe, images, plan, resident.pipe, prompts), plan

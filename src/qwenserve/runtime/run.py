@@ -1,0 +1,102 @@
+"""Running one diffusers call and checking what it returns.
+
+The step callback reports progress and stops the denoising loop on cancellation; an
+out-of-memory error (CUDA's, or the CPU allocator's) becomes ``OutOfMemory`` naming the size and
+batch, raised only once the failed call's memory is freed; NaN/inf output is refused; pixels
+become an RGB image of exactly the planned size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError
+from qwenserve.runtime.resident import Pipeline
+from qwenserve.runtime.sizes import SizePlan
+
+
+def run_pipeline(
+    pipe: Pipeline,
+    kwargs: dict[str, Any],
+    plan: SizePlan,
+    *,
+    total_steps: int,
+    on_step: Callable[[int, int], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    scopes: Sequence[contextlib.AbstractContextManager[Any]] = (),
+    free_memory: Callable[[], None],
+    device_type: str,
+) -> np.ndarray[Any, Any]:
+    """Call ``pipe`` within ``scopes``; returns float pixels [B, H, W, 3] in [0, 1].
+
+    ``on_step`` gets (steps done, ``total_steps``) after each step; ``should_cancel`` is
+    checked there. Raises InferenceError ("cancelled", NaN output, any other failure) and
+    OutOfMemory (naming size and batch) after ``free_memory`` ran."""
+    cancelled = False
+    out_of_memory = False
+
+    def step_end(
+        pipeline: Pipeline, step: int, timestep: Any, tensors: dict[str, Any]
+    ) -> dict[str, Any]:
+        nonlocal cancelled
+        if on_step is not None:
+            on_step(step + 1, total_steps)
+        if should_cancel is not None and should_cancel():
+            cancelled = True
+            pipeline._interrupt = True  # skips the remaining steps (the image is discarded)
+        return {}
+
+    try:
+        with contextlib.ExitStack() as stack:
+            for scope in scopes:
+                stack.enter_context(scope)
+            output = pipe(**kwargs, callback_on_step_end=step_end)
+    except QwenServeError:
+        raise
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise InferenceError(f"generation failed: {type(error).__name__}: {error}") from error
+        out_of_memory = True  # raised below: the error's frames hold the call's tensors
+    if out_of_memory:
+        free_memory()
+        batch = len(kwargs["generator"]) if isinstance(kwargs["generator"], list) else 1
+        raise OutOfMemory(
+            f"out of memory generating {plan.width}x{plan.height} ×{batch} on {device_type}: "
+            + ("retry in smaller batches" if batch > 1 else "try a smaller size")
+        )
+    if cancelled:
+        raise InferenceError("cancelled")
+    pixels: np.ndarray[Any, Any] = np.asarray(output.images)
+    if pixels.ndim == 3:
+        pixels = pixels[None]
+    if not np.isfinite(pixels).all():
+        raise InferenceError("the model produced NaN/inf values; the image was discarded")
+    return pixels
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """CUDA's typed error, or the CPU allocator's plain RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+def to_image(pixels: np.ndarray[Any, Any], plan: SizePlan) -> Image.Image:
+    """Float [0, 1] HxWx3 → RGB image of exactly the planned size: center-cropped from a
+    slightly larger one, or (tiny preset, large explicit sizes) resized from a smaller one."""
+    array = (np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8)
+    image = Image.fromarray(array, mode="RGB") if array.ndim == 3 else Image.fromarray(array)
+    image = image.convert("RGB")
+    if plan.needs_resize:
+        return image.resize((plan.width, plan.height), Image.Resampling.BICUBIC)
+    if image.size != (plan.width, plan.height):
+        left = (image.width - plan.width) // 2
+        top = (image.height - plan.height) // 2
+        image = image.crop((left, top, left + plan.width, top + plan.height))
+    return image
