@@ -105,7 +105,9 @@ async def job_stream(
             pending = await _after(services, job.id, cursor)
             if pending:
                 continue
-            yield _ended_unlogged(current, links)
+            if cursor is None or not await _end_logged(services, job.id):
+                yield _ended_unlogged(current, links)
+            # else: the client's Last-Event-ID is at or after the end: it has it already.
             return
         live = (await live_view(services, current)).fields()
         steady = {k: v for k, v in live.items() if k != "eta_s"}  # ETAs tick every poll
@@ -119,3 +121,8 @@ async def job_stream(
 async def _after(services: Services, job_id: str, cursor: str | None) -> list[JobEvent]:
     events: list[JobEvent] = await services.call(services.store.job_events, job_id, after=cursor)
     return events
+
+
+async def _end_logged(services: Services, job_id: str) -> bool:
+    events = await _after(services, job_id, None)
+    return any(event.type.is_terminal for event in events)
