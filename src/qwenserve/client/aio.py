@@ -17,6 +17,7 @@ from qwenserve.client.core import (
     OnProgress,
     cancel_answer,
     default_headers,
+    inline_output,
     poll_until_terminal,
     submit_fields,
     terminal_tolerant_body,
@@ -114,6 +115,15 @@ class AsyncQwenServeClient:
     async def run(self, slug: str, **params: Any) -> dict[str, Any]:
         job = await self.submit_async(slug, **params)
         return await job.wait()
+
+    async def image(self, result: dict[str, Any]) -> bytes:
+        """The image of a COMPLETED result body: fetched from its URL, or decoded when inline."""
+        data = inline_output(result)
+        if data is not None:
+            return data
+        response = await self._http.get(result["output"])
+        raise_for_status(response)
+        return response.content
 
     async def credits(self) -> float:
         response = await self._http.get(f"{self.endpoints.v1}/get-user-credits")

@@ -7,6 +7,7 @@ status poll and receives the status body back (handing each to ``on_progress`` a
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Callable, Generator
@@ -123,6 +124,21 @@ def terminal_tolerant_body(response: httpx.Response) -> dict[str, Any]:
         return body
     raise_for_status(response)
     return body if isinstance(body, dict) else {}
+
+
+def inline_output(result: dict[str, Any]) -> bytes | None:
+    """A COMPLETED result's image when it came inline (``base64`` asked); None for a URL."""
+    output = result.get("output")
+    if not isinstance(output, str) or not output:
+        raise QwenServeClientError(None, "the result has no output (not COMPLETED?)")
+    if output.startswith(("http://", "https://")):
+        return None
+    try:
+        return base64.b64decode(output, validate=True)
+    except ValueError:
+        raise QwenServeClientError(
+            None, "the result's output is neither a URL nor base64"
+        ) from None
 
 
 def cancel_answer(response: httpx.Response) -> dict[str, Any]:

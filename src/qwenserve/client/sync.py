@@ -16,6 +16,7 @@ from qwenserve.client.core import (
     OnProgress,
     cancel_answer,
     default_headers,
+    inline_output,
     poll_until_terminal,
     submit_fields,
     terminal_tolerant_body,
@@ -123,6 +124,15 @@ class QwenServeClient:
     def run(self, slug: str, **params: Any) -> dict[str, Any]:
         """Submit through v2 and wait (600 s, polling every second) for the result body."""
         return self.submit_async(slug, **params).wait()
+
+    def image(self, result: dict[str, Any]) -> bytes:
+        """The image of a COMPLETED result body: fetched from its URL, or decoded when inline."""
+        data = inline_output(result)
+        if data is not None:
+            return data
+        response = self._http.get(result["output"])
+        raise_for_status(response)
+        return response.content
 
     def credits(self) -> float:
         response = self._http.get(f"{self.endpoints.v1}/get-user-credits")
