@@ -45,6 +45,17 @@ class Settings(BaseSettings):
         description="POST /v1 waiters re-read the store this often, a fallback: a job's end wakes "
         "them at once (in-process; from worker processes through Redis pub/sub).",
     )
+    cancel_on_disconnect: bool = Field(
+        True,
+        description="A POST /v1 caller that disconnects while waiting cancels its job (ended "
+        "and refunded if it had not started; stopped at the next step if running).",
+    )
+    events_poll_s: float = Field(
+        0.25,
+        gt=0,
+        le=5,
+        description="How often a GET /v2/requests/{id}/events stream reads the store for news.",
+    )
 
     # the engine
     weights: str = Field(

@@ -16,7 +16,8 @@ responses, and nothing else invents status codes. This module imports nothing fr
     │   └── UnknownRequest              404  no such request id (or expired, or another key's)
     ├── InsufficientCredits             406  the balance cannot pay for the run
     ├── Conflict                        409  the request no longer fits the job's state
-                                             (cancel of a finished job); carries job_status
+    │                                        (cancel of a finished job); carries job_status
+    │   └── Cancelled                   409  the job was cancelled by its owner (v1's answer)
     ├── RateLimited                     429  requests-per-minute limit hit; carries retry_after_s
     ├── UpstreamError                   502  fetching an input URL failed
     ├── UpstreamTimeout                 504  fetching an input URL timed out
@@ -28,6 +29,8 @@ responses, and nothing else invents status codes. This module imports nothing fr
 from __future__ import annotations
 
 from typing import ClassVar
+
+from qwenserve.jobs import CANCELLED, EXPIRED
 
 
 class QwenServeError(Exception):
@@ -99,6 +102,17 @@ class Conflict(QwenServeError):
         self.job_status = job_status
 
 
+class Cancelled(Conflict):
+    """The job was cancelled by its owner before it finished (and refunded).
+
+    What a v1 caller waiting on a job that got cancelled (through v2, or by its own
+    disconnect) is answered: 409, since the request conflicts with what became of its job.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message, job_status="FAILED", field=field)
+
+
 class RateLimited(QwenServeError):
     """The key sent more requests this minute than it may."""
 
@@ -167,5 +181,14 @@ def error_kind(error: QwenServeError) -> str:
 
 
 def rebuild_error(kind: str | None, message: str) -> QwenServeError:
-    """Rebuild a stored job failure (kind + message) as the typed error it was."""
+    """Rebuild a stored job failure (kind + message) as the typed error it was.
+
+    The two endings that are no error of the job's own map to what a client should read: a
+    ``cancelled`` job is ``Cancelled`` (409), an ``expired`` one ``UnknownRequest`` (404, as
+    every expired request reads). Unknown kinds are an ``InferenceError`` (500).
+    """
+    if kind == CANCELLED:
+        return Cancelled(message)
+    if kind == EXPIRED:
+        return UnknownRequest(message)
     return _BY_NAME.get(kind or "", InferenceError)(message)

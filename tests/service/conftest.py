@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.processes import Server
+from tests.redis_server import REDIS_SERVER, RedisServer
 
 
 @pytest.fixture
@@ -41,3 +43,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Iter
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A redis-server for this session's in-process API tests (skips when none is installed)."""
+    if shutil.which(REDIS_SERVER) is None:
+        pytest.skip("needs the redis-server binary")
+    with RedisServer() as redis_server:
+        yield redis_server.url

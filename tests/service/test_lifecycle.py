@@ -39,7 +39,8 @@ def wait_all_terminal(server: Server, key: str, ids: list[str], timeout_s: float
 
 def test_api_does_not_import_torch() -> None:
     code = (
-        "import sys, qwenserve.api.app, qwenserve.cli.serve, qwenserve.client;"
+        "import sys, qwenserve.api.app, qwenserve.cli.serve, qwenserve.cli.remote;"
+        "import qwenserve.client;"
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules];"
         "assert not bad, bad"
     )

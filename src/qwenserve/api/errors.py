@@ -1,5 +1,8 @@
 """The ONE place errors become HTTP responses: ``{"error": "..."}`` with the error's status.
 
+A ``Conflict`` (409: cancelling a finished job, a v1 job that was cancelled) also says the job's
+status: ``{"error": "...", "status": "COMPLETED"}``.
+
 Handlers raise typed errors from ``qwenserve.errors``; they never build error responses or pick
 status codes themselves. Anything unexpected becomes a 500 with no stack trace for the client.
 """
@@ -16,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenserve.errors import QwenServeError, RateLimited
+from qwenserve.errors import Conflict, QwenServeError, RateLimited
 
 log = logging.getLogger("qwenserve.api")
 
@@ -26,9 +29,10 @@ def error_response(error: QwenServeError, headers: dict[str, str] | None = None)
     all_headers = dict(headers or {})
     if isinstance(error, RateLimited):
         all_headers.update(rate_limit_headers(error))
-    return JSONResponse(
-        {"error": error.message}, status_code=error.http_status, headers=all_headers
-    )
+    body: dict[str, Any] = {"error": error.message}
+    if isinstance(error, Conflict):
+        body["status"] = error.job_status
+    return JSONResponse(body, status_code=error.http_status, headers=all_headers)
 
 
 def rate_limit_headers(error: RateLimited) -> dict[str, str]:

@@ -4,30 +4,31 @@ Answers the raw image bytes with the content type of ``image_format``, or with `
 ``base_64``) true, JSON with the base64 image. A job that fails answers its error with the
 status of its kind (400 for an unusable input, 502/504 for an input fetch, 500 for the engine).
 Past ``sync_timeout_s`` it answers 504; the job goes on and can still be read through v2 with
-the request id in ``X-Request-ID``.
+the request id in ``X-Request-ID``. A job cancelled meanwhile (through v2 with that id) answers
+409 ``{"error": "cancelled ...", "status": "FAILED"}``. With ``cancel_on_disconnect`` (the
+default), a caller that hangs up while waiting cancels its job: nobody is left to take the image.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from qwenserve.api import jobs
 from qwenserve.api.auth import CurrentKey
 from qwenserve.api.errors import error_response
-from qwenserve.api.services import (
-    Services,
-    read_json_body,
-    submit,
-    submit_headers,
-    wait_for_end,
-)
-from qwenserve.errors import UnknownRequest, UpstreamTimeout, rebuild_error
+from qwenserve.api.segmind import submit_headers
+from qwenserve.api.services import Services
+from qwenserve.errors import Conflict, UnknownRequest, UpstreamTimeout, rebuild_error
 from qwenserve.jobs import JobStatus
 
 router = APIRouter(tags=["v1 (sync)"])
+log = logging.getLogger("qwenserve.api")
 
 
 @router.get("/v1/get-user-credits", summary="The calling key's credit balance (USD)")
@@ -42,10 +43,21 @@ async def user_credits(key: CurrentKey) -> JSONResponse:
 )
 async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
     services: Services = request.app.state.services
-    body = await read_json_body(request)
-    submitted = await submit(services, key, slug, body)
+    body = await jobs.read_json_body(request)
+    submitted = await jobs.submit(services, key, slug, body)
     headers = submit_headers(submitted)
-    job = await wait_for_end(services, submitted.job.id, services.settings.sync_timeout_s)
+    watch_caller = request.is_disconnected if services.settings.cancel_on_disconnect else None
+    awaited = await jobs.await_end(
+        services, submitted.job.id, services.settings.sync_timeout_s, disconnected=watch_caller
+    )
+    job = awaited.job
+    if awaited.disconnected:
+        # It may have ended (or expired) meanwhile: then there is nothing to stop.
+        with contextlib.suppress(Conflict, UnknownRequest):
+            await jobs.cancel(services, key.id, submitted.job.id)
+        log.info("job %s: its v1 caller disconnected while it was waiting", submitted.job.id)
+        # Nobody reads this answer; it only closes the exchange.
+        return error_response(UnknownRequest("the caller disconnected"), headers)
     if job is None:
         return error_response(UnknownRequest("the request expired before it finished"), headers)
     if job.status is JobStatus.FAILED:

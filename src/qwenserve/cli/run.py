@@ -2,6 +2,7 @@
 
 The request goes through the same contract (``validate_request``), input loading (the media
 layer), engine and encoder as a served job, so what it prints is what the API would return.
+With ``--server URL`` a running server does the work instead (``cli/remote.py``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def register(subparsers: Any) -> None:
         help="tiny (random CPU preset), hub, or a weights folder (env QWENSERVE_WEIGHTS)",
     )
     parser.add_argument("--out", required=True, type=Path, help="where to write the image")
+    remote = parser.add_argument_group("remote (run on a server over v2)")
+    remote.add_argument(
+        "--server",
+        metavar="URL",
+        help="a qwenserve (or Segmind-compatible) server, e.g. http://127.0.0.1:8000; the job "
+        "is queued there, followed with a progress bar and ETA; Ctrl-C cancels it",
+    )
+    remote.add_argument(
+        "--api-key", help="the key for --server (default: QWENSERVE_API_KEY or SEGMIND_API_KEY)"
+    )
+    remote.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the result (--server)"
+    )
     add_settings_options(parser, store=False)
     parser.set_defaults(handler=handle)
 
@@ -124,9 +138,12 @@ def build_body(
 def handle(args: argparse.Namespace) -> int:
     """Run the ``run`` subcommand; returns the process exit code."""
     console = Console(stderr=True)
-    settings = settings_from(args, weights="weights")
     try:
-        return _run(args, settings, console)
+        if args.server:
+            from qwenserve.cli.remote import run_remote
+
+            return run_remote(args, console)
+        return _run(args, settings_from(args, weights="weights"), console)
     except InvalidRequest as error:
         where = (
             f"{error.field}: " if error.field and not error.message.startswith(error.field) else ""

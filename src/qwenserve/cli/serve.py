@@ -54,6 +54,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--sync-timeout", type=float, dest="sync_timeout_s", help="seconds POST /v1 waits"
     )
+    parser.add_argument(
+        "--cancel-on-disconnect",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a POST /v1 caller that hangs up while waiting cancels its job "
+        "(env QWENSERVE_CANCEL_ON_DISCONNECT, default on)",
+    )
     parser.set_defaults(handler=_serve)
 
 
@@ -67,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
         result_ttl_s="result_ttl_s",
         public_url="public_url",
         sync_timeout_s="sync_timeout_s",
+        cancel_on_disconnect="cancel_on_disconnect",
     )
     configure_logging(settings.log_level)
     if settings.workers > 0:

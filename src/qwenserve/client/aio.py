@@ -14,7 +14,10 @@ from qwenserve.client.core import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_WAIT_TIMEOUT_S,
     Endpoints,
+    OnProgress,
+    cancel_answer,
     default_headers,
+    inline_output,
     poll_until_terminal,
     submit_fields,
     terminal_tolerant_body,
@@ -24,12 +27,13 @@ from qwenserve.client.errors import raise_for_status
 
 @dataclass
 class AsyncJob:
-    """A submitted v2 request: ``await status()``, ``await result()``, ``await wait()``."""
+    """A submitted v2 request: ``await status()``, ``result()``, ``wait()``, ``cancel()``."""
 
     request_id: str
     status_url: str
     response_url: str
     submit_response: dict[str, Any]
+    cancel_url: str
     _http: httpx.AsyncClient = field(repr=False)
 
     async def status(self) -> dict[str, Any]:
@@ -38,11 +42,22 @@ class AsyncJob:
     async def result(self) -> dict[str, Any]:
         return terminal_tolerant_body(await self._http.get(self.response_url))
 
+    async def cancel(self) -> dict[str, Any]:
+        """See ``Job.cancel``."""
+        return cancel_answer(await self._http.post(self.cancel_url))
+
     async def wait(
-        self, timeout: float = DEFAULT_WAIT_TIMEOUT_S, interval: float = DEFAULT_POLL_INTERVAL_S
+        self,
+        timeout: float = DEFAULT_WAIT_TIMEOUT_S,
+        interval: float = DEFAULT_POLL_INTERVAL_S,
+        on_progress: OnProgress | None = None,
     ) -> dict[str, Any]:
         loop = poll_until_terminal(
-            self.request_id, timeout_s=timeout, interval_s=interval, clock=time.monotonic
+            self.request_id,
+            timeout_s=timeout,
+            interval_s=interval,
+            clock=time.monotonic,
+            on_progress=on_progress,
         )
         delay = next(loop)
         try:
@@ -62,10 +77,13 @@ class AsyncQwenServeClient:
         api_key: str | None = None,
         base_url: str = DEFAULT_BASE_URL,
         timeout: float = 600.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.endpoints = Endpoints.from_base_url(base_url)
         self._http = httpx.AsyncClient(
-            headers=default_headers(api_key), timeout=httpx.Timeout(timeout, connect=5.0)
+            headers=default_headers(api_key),
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            transport=transport,
         )
 
     async def __aenter__(self) -> AsyncQwenServeClient:
@@ -85,11 +103,27 @@ class AsyncQwenServeClient:
     async def submit_async(self, slug: str, **params: Any) -> AsyncJob:
         response = await self._http.post(f"{self.endpoints.v2}/{slug}", json=params)
         request_id, status_url, response_url, body = submit_fields(response)
-        return AsyncJob(request_id, status_url, response_url, body, self._http)
+        return AsyncJob(
+            request_id,
+            status_url,
+            response_url,
+            body,
+            self.endpoints.cancel_url(request_id),
+            self._http,
+        )
 
     async def run(self, slug: str, **params: Any) -> dict[str, Any]:
         job = await self.submit_async(slug, **params)
         return await job.wait()
+
+    async def image(self, result: dict[str, Any]) -> bytes:
+        """The image of a COMPLETED result body: fetched from its URL, or decoded when inline."""
+        data = inline_output(result)
+        if data is not None:
+            return data
+        response = await self._http.get(result["output"])
+        raise_for_status(response)
+        return response.content
 
     async def credits(self) -> float:
         response = await self._http.get(f"{self.endpoints.v1}/get-user-credits")

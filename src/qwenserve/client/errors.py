@@ -4,7 +4,8 @@
 
     QwenServeClientError     any non-success answer (status, detail)
     ├── InferenceFailed      the request ended FAILED (detail, status_body)
-    └── InferenceTimeout     wait() ran out of time before a terminal state (request_id)
+    ├── InferenceTimeout     wait() ran out of time before a terminal state (request_id)
+    └── AlreadyEnded         cancel() of a request that had already ended (409; job_status)
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class InferenceTimeout(QwenServeClientError):
         super().__init__(None, f"request {request_id!r} did not finish within {elapsed_s:.1f}s")
         self.request_id = request_id
         self.elapsed_s = elapsed_s
+
+
+class AlreadyEnded(QwenServeClientError):
+    """``cancel()`` came too late: the request had ended; ``job_status`` says how."""
+
+    def __init__(self, detail: str | None, job_status: str) -> None:
+        super().__init__(409, detail)
+        self.job_status = job_status
 
 
 def raise_for_status(response: httpx.Response) -> None:

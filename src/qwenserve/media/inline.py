@@ -14,7 +14,8 @@ the worker fetches them, through its SSRF guard, when the job runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from qwenserve.catalog import GenerationRequest
 from qwenserve.catalog.request import InputImage
@@ -67,6 +68,16 @@ def store_inline_images(
         forget(media, stored)
         raise
     return dataclasses.replace(request, images=tuple(images)), stored
+
+
+def stored_input_ids(params: Mapping[str, Any]) -> list[str]:
+    """The media ids of a job's stored inline inputs (from its ``params``)."""
+    ids = []
+    for image in params.get("images", ()):
+        media_id = stored_media_id(str(image.get("source", "")))
+        if media_id is not None:
+            ids.append(media_id)
+    return ids
 
 
 def forget(media: MediaStore, media_ids: Sequence[str]) -> None:

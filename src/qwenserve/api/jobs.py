@@ -1,0 +1,166 @@
+"""Submit, await and cancel: the one job path every dialect shares.
+
+Segmind's v1 (submit and wait) and v2 (submit, poll, cancel), and any later dialect, go through
+these calls, so limits, credits, durability and cancellation are one mechanism. Dialects only
+shape requests and responses; status codes come from the error tree (``api/errors.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from qwenserve.accounts.keys import authorize
+from qwenserve.api.services import Services
+from qwenserve.catalog import GenerationRequest, get_model, validate_request
+from qwenserve.errors import InvalidRequest, UnknownRequest
+from qwenserve.jobs import Job, JobStatus
+from qwenserve.media.inline import forget, store_inline_images, stored_input_ids
+from qwenserve.store.base import ApiKey, SubmitOutcome
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+log = logging.getLogger("qwenserve.api")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """An accepted job (durable: the store committed it), its request and admission figures."""
+
+    job: Job
+    request: GenerationRequest
+    outcome: SubmitOutcome
+
+
+@dataclass(frozen=True)
+class Awaited:
+    """What waiting on a job came to: the job as last read (None once it vanished, i.e.
+    expired), and whether the caller went away first."""
+
+    job: Job | None
+    disconnected: bool = False
+
+
+async def read_json_body(request: Request) -> Any:
+    """The body as JSON; malformed or oversized bodies are a 400 saying so."""
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
+    if not body.strip():
+        raise InvalidRequest("request body is empty: send a JSON object with the parameters")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"malformed JSON body: {error}") from None
+
+
+async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submitted:
+    """Validate, authorize, and enqueue atomically with the credit debit and rate limit.
+
+    Raises:
+        UnknownModel, Forbidden, InvalidRequest (naming the field): before anything is kept.
+        RateLimited, InsufficientCredits: the store refused it; nothing is kept or charged.
+    """
+    spec = get_model(slug)
+    authorize(key, slug)
+    request = validate_request(slug, body)
+    now = services.clock()
+    settings = services.settings
+    expires_at = now + settings.result_ttl_s
+    stored: list[str] = []
+    if request.images:  # inline images: checked now (400), kept out of the job record
+        request, stored = await services.call(
+            store_inline_images,
+            request,
+            services.media,
+            expires_at=expires_at,
+            max_bytes=settings.max_input_bytes,
+            max_pixels=settings.max_input_pixels,
+        )
+    job = Job(
+        id=str(uuid.uuid4()),
+        slug=slug,
+        key_id=key.id,
+        params=request.to_dict(),
+        status=JobStatus.QUEUED,
+        created_at=now,
+        expires_at=expires_at,
+        cost_usd=settings.price_for(slug, spec.price_usd),
+    )
+    try:
+        outcome = await services.call(services.store.submit, job, rpm=key.rpm, now=now)
+    except BaseException:  # refused (429, 406) or the store is down: nothing is kept
+        if stored:
+            await services.call(forget, services.media, stored)
+        raise
+    log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
+    if services.on_submitted is not None:
+        services.on_submitted(job.id)
+    return Submitted(job=job, request=request, outcome=outcome)
+
+
+async def owned_job(services: Services, key: ApiKey, request_id: str) -> Job:
+    """The caller's job; another key's, unknown and expired ids all read as 404 alike.
+
+    Raises:
+        UnknownRequest: not this key's job, unknown, or expired.
+    """
+    job: Job | None = await services.call(services.store.get_job, request_id, now=services.clock())
+    if job is None or job.key_id != key.id:
+        raise UnknownRequest(f"request '{request_id}' not found (unknown or expired)")
+    return job
+
+
+async def await_end(
+    services: Services,
+    job_id: str,
+    timeout_s: float,
+    *,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
+) -> Awaited:
+    """Wait until the job is terminal, ``timeout_s`` passed, or ``disconnected()`` says the
+    caller left (checked at each wake-up, at most ``wait_poll_s`` apart).
+
+    Woken at once by the completion hub; re-reads the store as the fallback.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    with services.hub.watch(job_id) as event:
+        while True:
+            job: Job | None = await services.call(
+                services.store.get_job, job_id, now=services.clock()
+            )
+            remaining = deadline - loop.time()
+            if job is None or job.status.is_terminal or remaining <= 0:
+                return Awaited(job)
+            if disconnected is not None and await disconnected():
+                return Awaited(job, disconnected=True)
+            await services.hub.sleep_until_notified(event, remaining)
+
+
+async def cancel(services: Services, key_id: str, job_id: str) -> Job:
+    """Its owner stops a job (``Store.cancel``): a queued one ends at once, FAILED as
+    cancelled and refunded; a running one is asked to stop at its next denoising step.
+
+    A job that ended here has its stored inline inputs deleted (no worker will) and its
+    waiters woken. Returns the job as it now is.
+
+    Raises:
+        UnknownRequest: unknown, expired, or another key's.
+        Conflict: it had already ended (``job_status`` says how).
+    """
+    job: Job = await services.call(services.store.cancel, job_id, key_id, now=services.clock())
+    if job.status.is_terminal:
+        await services.call(forget, services.media, stored_input_ids(job.params))
+        services.hub.notify(job.id)
+        log.info("job %s cancelled before it ran; refunded %.4f", job.id, job.cost_usd)
+    else:
+        log.info("job %s: cancel requested while %s", job.id, job.status.value)
+    return job
