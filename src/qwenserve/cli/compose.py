@@ -98,7 +98,6 @@ def build_runners(
                     lease_s=settings.lease_s,
                     max_attempts=settings.max_attempts,
                     poll_interval_s=settings.idle_poll_s,
-                    drain_timeout_s=settings.drain_timeout_s,
                     host=socket.gethostname(),
                     max_batch=max_batch,
                     batch_window_s=settings.batch_window_s,
