@@ -679,6 +679,25 @@ class StoreContract:
         assert {k: v for k, v in stats.processing_by_model.items() if v} == {"qwen-image-fast": 1}
         assert stats.oldest_queued_age_s == pytest.approx(14.0)
 
+    def test_stats_count_claimed_jobs_without_progress_as_waiting(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock)
+        for _ in range(3):
+            store.submit(make_job(key, clock, slug="qwen-image-fast"), rpm=0, now=clock.now)
+        running, ahead = store.claim(
+            "w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=2
+        )
+        assert store.stats(now=clock.now).waiting_by_model == {"qwen-image-fast": 2}
+        # The worker starts one: its progress is reported; the other still waits its turn.
+        store.heartbeat(
+            "w1", {running.id: Progress(0, 8), ahead.id: None}, lease_s=30, now=clock.now
+        )
+        stats = store.stats(now=clock.now)
+        assert stats.waiting_by_model == {"qwen-image-fast": 1}
+        assert {k: v for k, v in stats.processing_by_model.items() if v} == {"qwen-image-fast": 2}
+        assert {k: v for k, v in stats.queued_by_model.items() if v} == {"qwen-image-fast": 1}
+
     # --- concurrency -------------------------------------------------------------------------
     def test_concurrent_submits_never_overspend(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock, balance_usd=3.7)

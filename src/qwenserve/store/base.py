@@ -55,6 +55,10 @@ class QueueStats:
 
     queued_by_model: dict[str, int] = field(default_factory=dict)
     processing_by_model: dict[str, int] = field(default_factory=dict)
+    waiting_by_model: dict[str, int] = field(default_factory=dict)
+    """PROCESSING jobs that have not started denoising (no progress yet): claimed ahead behind
+    a running batch, or loading their inputs. Included in ``processing_by_model``; a queue
+    depth that counts what still waits for the engine adds them to ``queued_by_model``."""
     oldest_queued_age_s: float | None = None
 
 

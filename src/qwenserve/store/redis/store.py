@@ -401,18 +401,22 @@ class RedisStore(Store):
         rows = self._eval(self._scripts.stats, [self.keys.slugs()])
         queued: dict[str, int] = {}
         processing: dict[str, int] = {}
+        waiting: dict[str, int] = {}
         oldest: float | None = None
-        for slug, queued_count, processing_count, oldest_text in rows:
+        for slug, queued_count, processing_count, oldest_text, waiting_count in rows:
             if int(queued_count):
                 queued[str(slug)] = int(queued_count)
             if int(processing_count):
                 processing[str(slug)] = int(processing_count)
+            if int(waiting_count):
+                waiting[str(slug)] = int(waiting_count)
             if oldest_text:
                 created_at = float(oldest_text)
                 oldest = created_at if oldest is None else min(oldest, created_at)
         return QueueStats(
             queued_by_model=queued,
             processing_by_model=processing,
+            waiting_by_model=waiting,
             oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else None,
         )
 
