@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         description="POST /v1 waiters re-read the store this often, a fallback: a job's end wakes "
         "them at once (in-process; from worker processes through Redis pub/sub).",
     )
+    event_poll_s: float = Field(
+        0.2,
+        gt=0,
+        description="How often an API node reads the job event log (every ending, on any node, "
+        "wakes its POST /v1 waiter); on Redis the done channel also wakes it at once.",
+    )
 
     # the engine
     weights: str = Field(

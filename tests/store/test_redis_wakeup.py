@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from qwenserve.api.waiting import CompletionHub
 from qwenserve.cli.compose import start_done_wakeup
 from qwenserve.config import Settings
 from qwenserve.jobs import JobStatus
+from qwenserve.notify import CompletionHub
 from qwenserve.store.redis import RedisStore
 from qwenserve.store.redis_wakeup import RedisDoneWakeup, RedisWakeup
 from tests.redis_server import RedisServer
