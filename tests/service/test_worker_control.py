@@ -361,7 +361,8 @@ def test_a_looked_ahead_job_waits_without_progress_and_a_cancel_ends_it_unrun(
     store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
 ) -> None:
     ahead = job_running_and_one_looked_ahead(store, media, clock, key_id, forever=False)
-    ahead.worker.control.beat()
+    ahead.worker.control.beat()  # (the beat at the batch's start may still be on its way)
+    assert wait_until(lambda: job_of(store, ahead.first, clock).progress is not None)
     first, second = job_of(store, ahead.first, clock), job_of(store, ahead.second, clock)
     assert first.status is JobStatus.PROCESSING and first.progress is not None, "denoising"
     assert second.status is JobStatus.PROCESSING and second.progress is None, "waiting"

@@ -141,12 +141,6 @@ class Store(Protocol):
         stop it.
         """
 
-    def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float, now: float) -> bool:
-        """Extend the lease; False when the job is no longer this worker's (reclaimed, ended).
-
-        ``heartbeat`` for one job without progress; kept until the runner uses heartbeat.
-        """
-
     def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
         """PROCESSING → COMPLETED, only while ``worker_id`` still owns it. False otherwise,
         so a job is never completed twice."""

@@ -329,10 +329,6 @@ class RedisStore(Store):
             lost=frozenset(by_flag[0]),
         )
 
-    def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float, now: float) -> bool:
-        beat = self.heartbeat(worker_id, {job_id: None}, lease_s=lease_s, now=now)
-        return job_id in beat.owned
-
     def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
         return bool(
             self._eval(
