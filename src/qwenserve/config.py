@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         le=5,
         description="How often a GET /v2/requests/{id}/events stream reads the store for news.",
     )
+    event_poll_s: float = Field(
+        0.2,
+        gt=0,
+        description="How often an API node reads the job event log (every ending, on any node, "
+        "wakes its POST /v1 waiter); on Redis the done channel also wakes it at once.",
+    )
 
     # the engine
     weights: str = Field(

@@ -173,3 +173,28 @@ async def test_v1_waiter_of_a_job_cancelled_through_v2_gets_409(api: Harness) ->
     assert response.status_code == 409
     assert response.json()["status"] == "FAILED" and "cancel" in response.json()["error"]
     assert float(response.headers["x-remaining-credits"]) == pytest.approx(before)
+
+
+async def test_healthz_and_metrics_count_a_waiting_job_as_queued(api: Harness) -> None:
+    request_id = await api.submit()
+
+    async def figures() -> tuple[int, int, float, float]:
+        health = (await api.http.get("/healthz")).json()
+        metrics = (await api.http.get("/metrics")).text
+
+        def gauge(name: str) -> float:  # a model with nothing to count has no series
+            lines = [line for line in metrics.splitlines() if line.startswith(name + "{")]
+            return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+        return (
+            health["queued"],
+            health["processing"],
+            gauge("qwenserve_queue_depth"),
+            gauge("qwenserve_jobs_processing"),
+        )
+
+    assert await figures() == (1, 0, 1.0, 0.0)
+    api.claim()  # claimed ahead, no progress yet: still waiting for the engine
+    assert await figures() == (1, 0, 1.0, 0.0)
+    api.beat(request_id, 1)  # denoising now
+    assert await figures() == (0, 1, 0.0, 1.0)

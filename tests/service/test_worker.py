@@ -174,6 +174,7 @@ def runner(
     worker_id: str = "w1",
     inputs: NoInputs | None = None,
     registry: SqliteWorkerRegistry | None = None,
+    sleep: Callable[[float], None] = time.sleep,
     **config: float,
 ) -> WorkerRunner:
     return WorkerRunner(
@@ -186,10 +187,13 @@ def runner(
             lease_s=config.get("lease_s", 30.0),
             max_attempts=2,
             max_batch=int(config.get("max_batch", 4)),
+            batch_window_s=config.get("batch_window_s", 0.0),
+            control_period_s=config.get("control_period_s"),
             prefetch=bool(config.get("prefetch", False)),
             poll_interval_s=0.01,
         ),
         clock=clock,
+        sleep=sleep,
         registry=registry,
     )
 

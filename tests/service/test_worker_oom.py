@@ -75,7 +75,6 @@ def test_a_batch_out_of_memory_is_split_until_it_fits(
         assert stored is not None and stored.status is JobStatus.COMPLETED, stored
         assert stored.result is not None and stored.result.seed == job.params["seed"]
     assert engine.attempts == [5, 2, 3, 2]  # 5 → 2 + 3 → (1 + 1) + (1 + 2 → 1 + 1)
-    assert worker.state.jobs_completed == 5 and worker.state.jobs_failed == 0
 
 
 def test_a_single_request_out_of_memory_fails_alone_and_the_worker_serves_on(

@@ -36,6 +36,12 @@ from qwenserve.jobs import (
 )
 from qwenserve.store.base import ApiKey, Store
 
+
+def renewed(store: Store, job_id: str, worker_id: str, clock: Clock) -> bool:
+    """Renew one lease the way a worker does (a heartbeat without progress): still owned?"""
+    return job_id in store.heartbeat(worker_id, {job_id: None}, lease_s=30, now=clock.now).owned
+
+
 START_S = 1_700_000_000.0
 """Where every test clock starts (not on a minute boundary, on purpose)."""
 
@@ -444,22 +450,22 @@ class StoreContract:
         gone = store.get_job(doomed.id, now=clock.now)
         assert gone is not None and gone.status is JobStatus.FAILED
 
-    # --- renew_lease -------------------------------------------------------------------------
-    def test_renew_lease(self, store: Store, clock: Clock) -> None:
+    # --- lease renewal (a heartbeat without progress) ------------------------------------------
+    def test_heartbeat_renews_the_lease(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock)
         job = make_job(key, clock)
         store.submit(job, rpm=0, now=clock.now)
         assert claim_one(store, clock, "w1", lease_s=30) is not None
         clock.advance(20)
-        assert store.renew_lease(job.id, "w1", lease_s=30, now=clock.now) is True
-        renewed = store.get_job(job.id, now=clock.now)
-        assert renewed is not None and renewed.lease_until == pytest.approx(clock.now + 30)
+        assert renewed(store, job.id, "w1", clock) is True
+        held = store.get_job(job.id, now=clock.now)
+        assert held is not None and held.lease_until == pytest.approx(clock.now + 30)
         clock.advance(20)  # past the first lease, inside the renewed one
         assert claim_one(store, clock, "w2") is None
-        assert store.renew_lease(job.id, "w2", lease_s=30, now=clock.now) is False
-        assert store.renew_lease("no-such-job", "w1", lease_s=30, now=clock.now) is False
+        assert renewed(store, job.id, "w2", clock) is False
+        assert renewed(store, "no-such-job", "w1", clock) is False
 
-    def test_renew_lease_of_finished_or_reclaimed_job(self, store: Store, clock: Clock) -> None:
+    def test_heartbeat_of_an_ended_or_reclaimed_job(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock)
         done = make_job(key, clock)
         lost = make_job(key, clock)
@@ -468,11 +474,11 @@ class StoreContract:
         assert claim_one(store, clock, "w1", lease_s=30) is not None
         assert claim_one(store, clock, "w1", lease_s=30) is not None
         assert store.complete(done.id, "w1", make_result(), now=clock.now)
-        assert store.renew_lease(done.id, "w1", lease_s=30, now=clock.now) is False
+        assert renewed(store, done.id, "w1", clock) is False
         clock.advance(31)
         assert claim_one(store, clock, "w2") is not None
-        assert store.renew_lease(lost.id, "w1", lease_s=30, now=clock.now) is False
-        assert store.renew_lease(lost.id, "w2", lease_s=30, now=clock.now) is True
+        assert renewed(store, lost.id, "w1", clock) is False
+        assert renewed(store, lost.id, "w2", clock) is True
 
     # --- complete ----------------------------------------------------------------------------
     def test_complete_round_trips_the_result(self, store: Store, clock: Clock) -> None:
@@ -678,6 +684,25 @@ class StoreContract:
         }
         assert {k: v for k, v in stats.processing_by_model.items() if v} == {"qwen-image-fast": 1}
         assert stats.oldest_queued_age_s == pytest.approx(14.0)
+
+    def test_stats_count_claimed_jobs_without_progress_as_waiting(
+        self, store: Store, clock: Clock
+    ) -> None:
+        key = make_key(store, clock)
+        for _ in range(3):
+            store.submit(make_job(key, clock, slug="qwen-image-fast"), rpm=0, now=clock.now)
+        running, ahead = store.claim(
+            "w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=2
+        )
+        assert store.stats(now=clock.now).waiting_by_model == {"qwen-image-fast": 2}
+        # The worker starts one: its progress is reported; the other still waits its turn.
+        store.heartbeat(
+            "w1", {running.id: Progress(0, 8), ahead.id: None}, lease_s=30, now=clock.now
+        )
+        stats = store.stats(now=clock.now)
+        assert stats.waiting_by_model == {"qwen-image-fast": 1}
+        assert {k: v for k, v in stats.processing_by_model.items() if v} == {"qwen-image-fast": 2}
+        assert {k: v for k, v in stats.queued_by_model.items() if v} == {"qwen-image-fast": 1}
 
     # --- concurrency -------------------------------------------------------------------------
     def test_concurrent_submits_never_overspend(self, store: Store, clock: Clock) -> None:

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from qwenserve.api.waiting import CompletionHub
 from qwenserve.cli.compose import start_done_wakeup
 from qwenserve.config import Settings
 from qwenserve.jobs import JobStatus
+from qwenserve.notify import CompletionHub
 from qwenserve.store.redis import RedisStore
 from qwenserve.store.redis_wakeup import RedisDoneWakeup, RedisWakeup
 from tests.redis_server import RedisServer
@@ -120,7 +120,7 @@ def test_the_done_channel_carries_the_id_of_every_job_that_ends(
         completed = make_job(key, clock)
         store.submit(completed, rpm=0, now=clock.now)
         assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
-        assert store.renew_lease(completed.id, "w1", lease_s=30, now=clock.now)
+        assert store.heartbeat("w1", {completed.id: None}, lease_s=30, now=clock.now).owned
         assert store.release(completed.id, "w1", now=clock.now)
         assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
         assert not store.complete(completed.id, "w2", result, now=clock.now)  # not its lease

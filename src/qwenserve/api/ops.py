@@ -22,8 +22,9 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse(
         {
             "status": "ok",
-            "queued": sum(stats.queued_by_model.values()),
-            "processing": sum(stats.processing_by_model.values()),
+            # A claimed job waiting behind a running batch is still queued to a watcher.
+            "queued": sum(stats.waiting_for_engine().values()),
+            "processing": sum(stats.denoising().values()),
             "workers": len(await services.call(services.workers)),
         }
     )
@@ -38,15 +39,17 @@ class QueueCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self.services.store.stats(now=self.services.clock())
         queued = GaugeMetricFamily(
-            "qwenserve_queue_depth", "Jobs waiting for a worker", labels=["model"]
+            "qwenserve_queue_depth",
+            "Jobs not yet denoising (queued, or claimed and waiting behind a running batch)",
+            labels=["model"],
         )
-        for slug, count in sorted(stats.queued_by_model.items()):
+        for slug, count in sorted(stats.waiting_for_engine().items()):
             queued.add_metric([slug], count)
         yield queued
         processing = GaugeMetricFamily(
-            "qwenserve_jobs_processing", "Jobs running on a worker", labels=["model"]
+            "qwenserve_jobs_processing", "Jobs denoising on a worker", labels=["model"]
         )
-        for slug, count in sorted(stats.processing_by_model.items()):
+        for slug, count in sorted(stats.denoising().items()):
             processing.add_metric([slug], count)
         yield processing
         yield GaugeMetricFamily(

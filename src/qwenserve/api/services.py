@@ -12,9 +12,9 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from qwenserve.api.eta import StepRates, Throughput
-from qwenserve.api.waiting import CompletionHub
 from qwenserve.config import Settings
 from qwenserve.media.storage import MediaStore
+from qwenserve.notify import CompletionHub
 from qwenserve.store.base import Store
 from qwenserve.store.workers import WorkerInfo, WorkerRegistry
 

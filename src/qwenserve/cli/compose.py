@@ -19,7 +19,7 @@ from qwenserve.store.workers import WorkerRegistry
 from qwenserve.worker.runner import WorkerConfig, WorkerRunner
 
 if TYPE_CHECKING:
-    from qwenserve.api.waiting import CompletionHub
+    from qwenserve.notify import CompletionHub, EventFollower
     from qwenserve.runtime import EngineConfig
     from qwenserve.store.redis_wakeup import RedisDoneWakeup, RedisWakeup
 
@@ -112,7 +112,6 @@ def build_runners(
                     lease_s=settings.lease_s,
                     max_attempts=settings.max_attempts,
                     poll_interval_s=settings.idle_poll_s,
-                    drain_timeout_s=settings.drain_timeout_s,
                     host=socket.gethostname(),
                     max_batch=max_batch,
                     batch_window_s=settings.batch_window_s,
@@ -171,12 +170,14 @@ def start_wakeup(
     return RedisWakeup(settings.store, on_wake=wake_callback(runners, slugs)).start()
 
 
-def start_done_wakeup(settings: Settings, hub: CompletionHub) -> RedisDoneWakeup | None:
-    """On Redis, a subscriber that wakes ``hub``'s waiters when a job ends on any node: a POST
-    /v1 answered by a worker in another process returns at once (started; ``close()`` it on
-    shutdown). After each (re)subscription every waiter re-reads the store, since ends may have
-    been missed meanwhile. None on SQLite, where only in-process workers run and notify the hub
-    themselves. The hub's ``fallback_poll_s`` re-read stays as the safety net either way."""
+def start_done_wakeup(
+    settings: Settings, hub: CompletionHub, follower: EventFollower | None = None
+) -> RedisDoneWakeup | None:
+    """On Redis, a subscriber to the done channel (started; ``close()`` it on shutdown): each
+    job end published by any node wakes ``hub``'s waiters of that job at once and makes
+    ``follower`` read the event log now. After each (re)subscription every waiter re-reads the
+    store, since ends may have been missed meanwhile (the follower's read finds them too). None
+    on SQLite, where the follower's polling and in-process ``notify`` calls suffice."""
     if not is_redis(settings):
         return None
     from qwenserve.store.redis_wakeup import RedisDoneWakeup
@@ -186,5 +187,7 @@ def start_done_wakeup(settings: Settings, hub: CompletionHub) -> RedisDoneWakeup
             hub.notify_all()
         else:
             hub.notify(job_id)
+        if follower is not None:
+            follower.poke()
 
     return RedisDoneWakeup(settings.store, on_wake=on_job_end).start()

@@ -13,7 +13,6 @@ import uvicorn
 
 from qwenserve.api.app import create_app
 from qwenserve.api.services import Services
-from qwenserve.api.waiting import CompletionHub
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
 from qwenserve.cli.compose import (
     build_media,
@@ -25,6 +24,7 @@ from qwenserve.cli.compose import (
     start_wakeup,
     warm_up,
 )
+from qwenserve.notify import CompletionHub, follow_completions
 from qwenserve.store import open_registry
 from qwenserve.worker.host import ThreadHost
 
@@ -82,9 +82,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = build_store(settings)
     media = build_media(settings)
-    # Jobs ending wake their waiters at once: in-process workers call hub.notify, and on Redis
-    # `done_wakeup` relays the ends published by every worker. Re-reading is the safety net.
+    # Jobs ending wake their waiters: every ending is in the store's event log, which `events`
+    # follows (on Redis, `done_wakeup` makes it read at once); in-process workers also call
+    # hub.notify directly (no wait for the next read). Re-reading is the safety net.
     hub = CompletionHub(fallback_poll_s=settings.wait_poll_s)
+    events = follow_completions(store, hub, poll_s=settings.event_poll_s)
     registry = open_registry(settings)
     runners = build_runners(
         settings,
@@ -122,7 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
     warm_up(settings, runners, None)
     wakeup = start_wakeup(settings, runners, None)
-    done_wakeup = start_done_wakeup(settings, hub)
+    done_wakeup = start_done_wakeup(settings, hub, events)
     host.start()
     config = uvicorn.Config(
         app,
@@ -139,5 +141,6 @@ def _serve(args: argparse.Namespace) -> int:
             if subscriber is not None:
                 subscriber.close()
         host.shutdown(settings.drain_timeout_s)
+        events.close()
         store.close()
     return 0

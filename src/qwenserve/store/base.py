@@ -55,7 +55,24 @@ class QueueStats:
 
     queued_by_model: dict[str, int] = field(default_factory=dict)
     processing_by_model: dict[str, int] = field(default_factory=dict)
+    waiting_by_model: dict[str, int] = field(default_factory=dict)
+    """PROCESSING jobs that have not started denoising (no progress yet): claimed ahead behind
+    a running batch, or loading their inputs. Included in ``processing_by_model``; a queue
+    depth that counts what still waits for the engine adds them to ``queued_by_model``."""
     oldest_queued_age_s: float | None = None
+
+    def waiting_for_engine(self) -> dict[str, int]:
+        """Per model: jobs not yet denoising (QUEUED, or claimed but waiting): the queue a
+        watcher cares about, and what /metrics and /healthz report as queued."""
+        models = set(self.queued_by_model) | set(self.waiting_by_model)
+        return {m: self.queued_by_model.get(m, 0) + self.waiting_by_model.get(m, 0) for m in models}
+
+    def denoising(self) -> dict[str, int]:
+        """Per model: PROCESSING jobs that have started denoising."""
+        return {
+            m: count - self.waiting_by_model.get(m, 0)
+            for m, count in self.processing_by_model.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -135,12 +152,6 @@ class Store(Protocol):
         report stays). The answer says which are owned, which of those were cancelled, and which
         are lost. A cancel-requested job's lease is renewed too: its worker is alive and about to
         stop it.
-        """
-
-    def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float, now: float) -> bool:
-        """Extend the lease; False when the job is no longer this worker's (reclaimed, ended).
-
-        ``heartbeat`` for one job without progress; kept until the runner uses heartbeat.
         """
 
     def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from qwenserve.catalog import GenerationRequest
 from qwenserve.catalog.request import InputImage
 from qwenserve.errors import InvalidInput
+from qwenserve.jobs import Job
 from qwenserve.media.fetch import UrlFetcher
 from qwenserve.media.inline import stored_media_id
 from qwenserve.media.inputs import decode_image, load_input_image
@@ -19,6 +21,24 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from qwenserve.config import Settings
+
+
+class InputLoader(Protocol):
+    """Turns a request's image sources and LoRA locations into local, checked inputs."""
+
+    def load_images(self, request: GenerationRequest) -> list[Image.Image]: ...
+
+    def load_loras(self, request: GenerationRequest) -> list[Path]: ...
+
+
+@dataclass
+class Prepared:
+    """A claimed job decoded, with its inputs fetched and checked: ready for the engine."""
+
+    job: Job
+    request: GenerationRequest
+    images: list[Image.Image]
+    loras: list[Path]
 
 
 class MediaInputLoader:

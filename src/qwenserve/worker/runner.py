@@ -1,21 +1,23 @@
-"""The worker loop: claim → lease → inputs → engine → media → complete, or fail with a reason.
+"""The worker loop: claim → inputs → engine → finisher, with one control channel per worker.
 
 A runner owns no state of its own that matters: the job's state lives in the store, and every
 transition is one atomic store call that checks this worker still owns the job, so a worker that
 was presumed dead (its lease expired and another worker took the job) can never complete it a
-second time. The engine is injected (``ImageEngine``); this module never imports torch.
+second time. The engine is injected (``ImageEngine``); this package never imports torch.
 
-Two things keep the engine busy:
+Each concern has its module: ``claims`` (routing order, batch-mates, the batch window on the
+injected clock), ``control`` (one heartbeat per worker: leases, progress, stop reasons),
+``finisher`` (encode → media → complete, or fail / give back / drop). This loop ties them:
 
 - **Batching.** After claiming a job the engine can batch, the runner claims more jobs of the
   same model (up to ``max_batch``, waiting at most ``batch_window_s`` for them) and runs those
   with the same batch key as one pipeline call; the others go straight back to the queue.
-- **Overlap.** Encoding the image, storing it and recording the outcome happen on a finisher
-  thread while the runner already claims and runs the next job; with ``prefetch`` on, the next
-  job is claimed and its inputs fetched and decoded on a look-ahead thread while the current
-  batch is still denoising (only for slugs no idle peer serves, so a busy worker never takes
-  work an idle one would start at once). Registry announcements go through the heartbeat thread,
-  never in the way of a job.
+- **Overlap.** Results are stored on the finisher thread while the runner already runs the next
+  job; with ``prefetch`` on, the next job is claimed and its inputs loaded on a look-ahead
+  thread while the current batch denoises (only for slugs no idle peer serves). A looked-ahead
+  job waits with no progress: a watcher sees it as waiting, not denoising.
+- **Stops.** A job stopped while it waits ends at once; a running one at the engine's next
+  step: alone, the pipeline call stops; in a batch, only that job ends and the batch goes on.
 """
 
 from __future__ import annotations
@@ -23,87 +25,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
-from qwenserve.catalog import MODELS, GenerationRequest
-from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError, error_kind
-from qwenserve.jobs import Job, JobResult
-from qwenserve.media.encode import encode_image
-from qwenserve.media.inline import stored_media_id
-from qwenserve.media.storage import MediaStore, new_media_id
+from qwenserve.catalog import GenerationRequest
+from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError
+from qwenserve.media.storage import MediaStore
 from qwenserve.store.workers import WorkerInfo, WorkerRegistry
-from qwenserve.worker.routing import idle_peer_serves, plan_claims
+from qwenserve.worker.claims import Claimer, Sleep
+from qwenserve.worker.control import Clock, JobControl, StopReason
+from qwenserve.worker.engine import CancelCheck, CountsCompiles, ImageEngine, StepCallback
+from qwenserve.worker.finisher import Finisher, describe_crash
+from qwenserve.worker.inputs import InputLoader, Prepared
 
 if TYPE_CHECKING:
-    from PIL import Image
-
+    from qwenserve.jobs import Job
+    from qwenserve.runtime.config import GeneratedImage
     from qwenserve.store.base import Store
 
 log = logging.getLogger("qwenserve.worker")
 
-Clock = Callable[[], float]
-
-
-class GeneratedImageLike(Protocol):
-    @property
-    def image(self) -> Image.Image: ...
-    @property
-    def seed(self) -> int: ...
-    @property
-    def width(self) -> int: ...
-    @property
-    def height(self) -> int: ...
-    @property
-    def inference_time_s(self) -> float: ...
-
-
-class ImageEngine(Protocol):
-    """What the worker needs of the engine (``qwenserve.runtime.Engine`` is one)."""
-
-    def generate(
-        self,
-        request: GenerationRequest,
-        *,
-        images: Sequence[Image.Image] = (),
-        extra_loras: Sequence[Path] = (),
-        on_step: Callable[[int, int], None] | None = None,
-        should_cancel: Callable[[], bool] | None = None,
-    ) -> GeneratedImageLike: ...
-
-    def batch_key(self, request: GenerationRequest) -> Hashable | None:
-        """Requests with equal, non-None keys can share one pipeline call."""
-        ...
-
-    def generate_batch(
-        self,
-        requests: Sequence[GenerationRequest],
-        *,
-        images: Sequence[Sequence[Image.Image]] = (),
-        should_cancel: Callable[[], bool] | None = None,
-    ) -> Sequence[GeneratedImageLike]: ...
-
-    def resident(self) -> list[str]:
-        """Base weights currently loaded (for routing)."""
-        ...
-
-
-@runtime_checkable
-class CountsCompiles(Protocol):
-    """An engine that counts its torch.compile work (``qwenserve.runtime.Engine`` does)."""
-
-    def compile_counts(self) -> dict[str, int]: ...
-
-
-class InputLoader(Protocol):
-    """Turns a request's image sources and LoRA locations into local, checked inputs."""
-
-    def load_images(self, request: GenerationRequest) -> list[Image.Image]: ...
-
-    def load_loras(self, request: GenerationRequest) -> list[Path]: ...
+__all__ = ["ImageEngine", "InputLoader", "WorkerConfig", "WorkerRunner", "WorkerState"]
 
 
 @dataclass
@@ -115,8 +59,10 @@ class WorkerConfig:
     lease_s: float = 60.0
     max_attempts: int = 3
     poll_interval_s: float = 0.05
-    drain_timeout_s: float = 30.0
     heartbeat_s: float = 5.0
+    """How often the worker announces itself in the registry (routing, `qwenserve status`)."""
+    control_period_s: float | None = None
+    """Seconds between job heartbeats (leases, progress, stops); None: ``min(1, lease_s / 3)``."""
     host: str = "localhost"
     max_batch: int = 4
     """Most requests run in one pipeline call (1 disables batching)."""
@@ -131,81 +77,19 @@ class WorkerConfig:
 
 @dataclass
 class WorkerState:
-    """What a runner is doing now, for the registry, /metrics and `qwenserve status`."""
+    """What a runner is doing now, for the registry and `qwenserve status`."""
 
     current_job: str | None = None
-    jobs_completed: int = 0
-    jobs_failed: int = 0
-    batches: int = 0
-    busy_s: float = 0.0
     started_at: float = 0.0
 
 
-class _Leases:
-    """Renews the leases of every job this runner holds; notes the ones taken away."""
-
-    def __init__(self, store: Store, config: WorkerConfig, clock: Clock) -> None:
-        self._store = store
-        self._config = config
-        self._clock = clock
-        self._held: set[str] = set()
-        self._lost: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"{config.worker_id}-leases", daemon=True
-        )
-        self._thread.start()
-
-    def hold(self, job_id: str) -> None:
-        with self._lock:
-            self._held.add(job_id)
-
-    def drop(self, job_id: str) -> None:
-        with self._lock:
-            self._held.discard(job_id)
-            self._lost.discard(job_id)
-
-    def lost(self, job_id: str) -> bool:
-        with self._lock:
-            return job_id in self._lost
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        period = max(self._config.lease_s / 3.0, 0.05)
-        while not self._stop.wait(period):
-            with self._lock:
-                held = list(self._held - self._lost)
-            for job_id in held:
-                try:
-                    owned = self._store.renew_lease(
-                        job_id,
-                        self._config.worker_id,
-                        lease_s=self._config.lease_s,
-                        now=self._clock(),
-                    )
-                except Exception:  # a store hiccup: try again next period
-                    log.warning("lease renewal failed for %s", job_id, exc_info=True)
-                    continue
-                if not owned:
-                    with self._lock:
-                        if job_id in self._held:
-                            self._lost.add(job_id)
-
-
-@dataclass
-class _Prepared:
-    job: Job
-    request: GenerationRequest
-    images: list[Image.Image]
-    loras: list[Path]
-
-
 class WorkerRunner:
-    """Runs jobs from the store through the engine until stopped."""
+    """Runs jobs from the store through the engine until stopped.
+
+    ``clock`` (Unix seconds) and ``sleep`` are injectable: leases, progress times and the batch
+    window follow them. ``on_job_done`` is called with each job id once it ended here (the fast
+    path for waiters in this process; the store's event log announces every ending anyway).
+    """
 
     def __init__(
         self,
@@ -216,6 +100,7 @@ class WorkerRunner:
         inputs: InputLoader,
         config: WorkerConfig,
         clock: Clock = time.time,
+        sleep: Sleep = time.sleep,
         on_job_done: Callable[[str], None] | None = None,
         registry: WorkerRegistry | None = None,
     ) -> None:
@@ -225,19 +110,49 @@ class WorkerRunner:
         self.inputs = inputs
         self.config = config
         self.clock = clock
-        self.on_job_done = on_job_done
         self.registry = registry
         self.state = WorkerState(started_at=clock())
-        self._warm_streak = 0
+        self.control = JobControl(
+            store,
+            worker_id=config.worker_id,
+            lease_s=config.lease_s,
+            period_s=config.control_period_s,
+            clock=clock,
+            on_stopped=lambda job, _reason: self.finisher.submit_end(job),
+        )
+        self.finisher = Finisher(
+            store=store,
+            media=media,
+            control=self.control,
+            worker_id=config.worker_id,
+            clock=clock,
+            on_job_done=on_job_done,
+        )
+        self.claims = Claimer(
+            store=store,
+            engine=engine,
+            config=config,
+            control=self.control,
+            finisher=self.finisher,
+            registry=registry,
+            clock=clock,
+            sleep=sleep,
+        )
         self._stopping = threading.Event()
         self._work_arrived = threading.Event()
-        self._cancel_current = threading.Event()
         self._state_changed = threading.Event()
         self._generating = threading.Event()
-        self._leases = _Leases(store, config, clock)
-        self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"{config.worker_id}-finish")
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix=f"{config.worker_id}-ahead")
-        self._lookahead: Future[list[_Prepared] | None] | None = None
+        self._lookahead: Future[list[Prepared] | None] | None = None
+        self.control.start()
+
+    @property
+    def on_job_done(self) -> Callable[[str], None] | None:
+        return self.finisher.on_job_done
+
+    @on_job_done.setter
+    def on_job_done(self, callback: Callable[[str], None] | None) -> None:
+        self.finisher.on_job_done = callback
 
     # --- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -247,24 +162,20 @@ class WorkerRunner:
         self._state_changed.set()
 
     def wake(self) -> None:
-        """A job was just submitted in this process: claim now instead of at the next poll."""
+        """A job was just submitted: claim now instead of at the next poll."""
         self._work_arrived.set()
 
     def cancel_current(self) -> None:
-        """Abandon the jobs in hand at the next denoising step and give them back to the queue."""
-        self._cancel_current.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
+        """Stop the jobs in hand at the next denoising step and give them back to the queue."""
+        self.control.stop_all(StopReason.SHUTDOWN)
 
     def run_forever(self) -> None:
         """Claim and run jobs until ``stop()``; idles ``poll_interval_s`` between empty claims."""
         log.info("worker %s started", self.config.worker_id)
-        heartbeat = threading.Thread(
-            target=self._heartbeat, name=f"{self.config.worker_id}-heartbeat", daemon=True
+        presence = threading.Thread(
+            target=self._presence, name=f"{self.config.worker_id}-presence", daemon=True
         )
-        heartbeat.start()
+        presence.start()
         try:
             while not self._stopping.is_set():
                 try:
@@ -278,23 +189,23 @@ class WorkerRunner:
                     self._work_arrived.clear()
         finally:
             self.close()
-            heartbeat.join()
+            presence.join()
         log.info("worker %s stopped", self.config.worker_id)
 
     def close(self) -> None:
-        """Give back looked-ahead jobs, wait for results still being stored, stop renewing."""
+        """Give back looked-ahead jobs, wait for results still being stored, stop heartbeats."""
         self._generating.clear()
         self._work_arrived.set()
         for prepared in self._take_lookahead() or []:
             try:
-                self._give_back(prepared.job, "not started (worker stopping)")
+                self.finisher.give_back(prepared.job, "not started (worker stopping)")
             except Exception:  # the store is down: the lease runs out and another worker runs it
                 log.warning("job %s: could not give it back", prepared.job.id, exc_info=True)
         self._prefetcher.shutdown(wait=True)
-        self._finisher.shutdown(wait=True)
-        self._leases.close()
+        self.finisher.close()
+        self.control.close()
 
-    # --- presence and routing ------------------------------------------------------------------
+    # --- presence (the registry, for routing and `qwenserve status`) -------------------------
     def info(self) -> WorkerInfo:
         return WorkerInfo(
             worker_id=self.config.worker_id,
@@ -313,21 +224,17 @@ class WorkerRunner:
         if self.registry is not None:
             self.registry.announce(self.info(), ttl_s=3 * self.config.heartbeat_s)
 
-    def _announce_quietly(self) -> None:
-        try:
-            self.announce()
-        except Exception:
-            log.warning("worker %s: announce failed", self.config.worker_id, exc_info=True)
-
     def _announce_soon(self) -> None:
-        """A state change (busy/idle, resident models): the heartbeat thread announces it now,
-        off the job's path (a registry write costs a round trip or a disk sync)."""
+        """Busy/idle changed: the presence thread announces it now, off the job's path."""
         self._state_changed.set()
 
-    def _heartbeat(self) -> None:
+    def _presence(self) -> None:
         while not self._stopping.is_set():
             self._state_changed.clear()
-            self._announce_quietly()
+            try:
+                self.announce()
+            except Exception:
+                log.warning("worker %s: announce failed", self.config.worker_id, exc_info=True)
             self._state_changed.wait(self.config.heartbeat_s)
         if self.registry is not None:
             try:
@@ -335,39 +242,13 @@ class WorkerRunner:
             except Exception:
                 log.warning("worker %s: could not deregister", self.config.worker_id)
 
-    # --- claiming ---------------------------------------------------------------------------
-    def _claim(self, slugs: Sequence[str], limit: int) -> list[Job]:
-        """Claim up to ``limit`` jobs; their leases are renewed from this moment on."""
-        jobs = self.store.claim(
-            self.config.worker_id,
-            slugs=slugs,
-            lease_s=self.config.lease_s,
-            max_attempts=self.config.max_attempts,
-            now=self.clock(),
-            limit=limit,
-        )
-        for job in jobs:
-            self._leases.hold(job.id)
-        return jobs
-
-    def _give_back(self, job: Job, why: str) -> None:
-        """Return a claimed job to the queue, its attempt given back."""
-        try:
-            self.store.release(job.id, self.config.worker_id, now=self.clock())
-            log.info("job %s released (%s)", job.id, why)
-        finally:
-            self._leases.drop(job.id)
-
+    # --- the loop ---------------------------------------------------------------------------
     def run_once(self) -> bool:
         """Claim a job (and batch-mates) and run it to its end; False when nothing was runnable.
-
-        Models already resident here come first, then models no idle peer holds; every
-        ``warm_streak_limit`` warm claims the order flips once so cold models never starve.
-        A job the look-ahead thread already claimed and prepared comes before any of these.
-        """
+        A job the look-ahead thread already claimed and prepared comes first."""
         prepared = self._take_lookahead()
         if prepared is None:
-            jobs = self._claim_work(look_ahead=False)
+            jobs = self.claims.claim_work(look_ahead=False)
             if not jobs:
                 return False
             prepared = self._prepare_all(jobs)
@@ -376,120 +257,22 @@ class WorkerRunner:
         self.process_prepared(prepared)
         return True
 
-    def _claim_work(self, *, look_ahead: bool) -> list[Job]:
-        """One job by the routing plan, with its batch-mates; [] when nothing is claimable."""
-        peers = self.registry.alive(now=self.clock()) if self.registry is not None else []
-        plan = plan_claims(
-            served=list(self.config.slugs or MODELS),
-            resident=self.engine.resident(),
-            peers=peers,
-            worker_id=self.config.worker_id,
-        )
-        order = [(plan.warm, True), (plan.cold, False)]
-        if self._warm_streak >= self.config.warm_streak_limit:
-            order.reverse()
-        me = self.config.worker_id
-        for slugs, warm in order:
-            if look_ahead:  # leave to idle peers what they would start at once
-                slugs = tuple(s for s in slugs if not idle_peer_serves(s, peers, me))
-            if not slugs:
-                continue
-            jobs = self._claim(slugs, 1)
-            if jobs:
-                self._warm_streak = self._warm_streak + 1 if warm else 0
-                return self._with_batch_mates(jobs, self.config.batch_window_s)
-        return []
-
-    def _with_batch_mates(self, batch: list[Job], window_s: float) -> list[Job]:
-        """``batch`` plus queued jobs that can share its pipeline call; others go back."""
-        if self.config.max_batch <= 1 or len(batch) >= self.config.max_batch:
-            return batch
-        first = batch[0]
-        key = self._batch_key(first)
-        if key is None:
-            return batch
-        batch = list(batch)
-        deadline = time.monotonic() + window_s
-        while len(batch) < self.config.max_batch:
-            more = self._claim([first.slug], self.config.max_batch - len(batch))
-            mates = []
-            for job in more:
-                if self._batch_key(job) == key:
-                    mates.append(job)
-                else:  # not a batch-mate: straight back, its attempt given back
-                    self._give_back(job, "not a batch-mate")
-            batch.extend(mates)
-            remaining_s = deadline - time.monotonic()
-            if more and not mates:
-                break  # what waits next in line cannot join: do not churn it
-            if len(batch) >= self.config.max_batch or remaining_s <= 0:
-                break
-            if not more:
-                time.sleep(min(0.005, remaining_s))
-        return batch
-
-    def _batch_key(self, job: Job) -> Hashable | None:
-        try:
-            return self.engine.batch_key(GenerationRequest.from_dict(job.params))
-        except Exception:
-            return None
-
-    # --- looking ahead ----------------------------------------------------------------------
-    def _start_lookahead(self) -> None:
-        if self.config.prefetch and self._lookahead is None and not self._stopping.is_set():
-            self._lookahead = self._prefetcher.submit(self._look_ahead)
-
-    def _look_ahead(self) -> list[_Prepared] | None:
-        """While the current batch runs: claim the next job and load its inputs."""
-        while self._generating.is_set() and not self._stopping.is_set():
-            try:
-                jobs = self._claim_work(look_ahead=True)
-            except Exception:  # the store hiccupped: the main loop claims after this batch
-                log.warning("worker %s: look-ahead claim failed", self.config.worker_id)
-                return None
-            if jobs:
-                return self._prepare_all(jobs)
-            self._work_arrived.wait(self.config.poll_interval_s)
-            self._work_arrived.clear()
-        return None
-
-    def _take_lookahead(self) -> list[_Prepared] | None:
-        """The looked-ahead jobs (waiting for their inputs if need be), or None."""
-        lookahead, self._lookahead = self._lookahead, None
-        if lookahead is None:
-            return None
-        try:
-            return lookahead.result()
-        except Exception:
-            log.exception("worker %s: look-ahead crashed", self.config.worker_id)
-            return None
-
-    def _top_up(self, prepared: list[_Prepared]) -> list[_Prepared]:
-        """More batch-mates for looked-ahead jobs: some may have arrived since they were taken."""
-        if not prepared:
-            return prepared
-        jobs = [p.job for p in prepared]
-        more = self._with_batch_mates(jobs, 0.0)[len(jobs) :]
-        return prepared + self._prepare_all(more)
-
-    # --- running ----------------------------------------------------------------------------
     def wait_finished(self) -> None:
         """Block until every result handed to the finisher is stored."""
-        self._finisher.submit(lambda: None).result()
+        self.finisher.wait()
 
-    def _prepare_all(self, jobs: Sequence[Job]) -> list[_Prepared]:
-        """Decode each job and load its inputs; a job whose inputs fail ends here."""
-        return [p for p in (self._prepare(job) for job in jobs) if p is not None]
-
-    def process_prepared(self, prepared: list[_Prepared]) -> None:
+    def process_prepared(self, prepared: list[Prepared]) -> None:
         """Run prepared jobs; meanwhile the look-ahead thread (if on) gets the next ones."""
         if not prepared:
             return
-        self._cancel_current.clear()
+        steps = prepared[0].request.steps
+        runnable = set(j.id for j in self.control.begin([p.job for p in prepared], steps))
+        prepared = self._without_stopped(prepared, runnable)
+        if not prepared:
+            return
         jobs = [p.job for p in prepared]
         self.state.current_job = jobs[0].id
         self._announce_soon()
-        began = time.perf_counter()
         for job in jobs:
             log.info(
                 "job %s started slug=%s attempt=%d queue_time_s=%.3f batch=%d",
@@ -507,40 +290,59 @@ class WorkerRunner:
             self._generating.clear()
             self._work_arrived.set()  # the look-ahead stops waiting for work now
             self.state.current_job = None
-            self.state.busy_s += time.perf_counter() - began
             self._announce_soon()
 
-    def _should_cancel_for(self, jobs: Sequence[Job]) -> Callable[[], bool]:
-        def should_cancel() -> bool:
-            return self._cancel_current.is_set() or all(self._leases.lost(j.id) for j in jobs)
+    def _without_stopped(self, prepared: list[Prepared], runnable: set[str]) -> list[Prepared]:
+        """Ends the jobs not in ``runnable`` (stopped before they ran); returns the others."""
+        for p in prepared:
+            if p.job.id not in runnable:
+                self.finisher.end(p.job)
+        return [p for p in prepared if p.job.id in runnable]
 
-        return should_cancel
+    def _prepare_all(self, jobs: Sequence[Job]) -> list[Prepared]:
+        """Decode each job and load its inputs; a job whose inputs fail ends here."""
+        return [p for p in (self._prepare(job) for job in jobs) if p is not None]
 
-    def _prepare(self, job: Job) -> _Prepared | None:
-        """Decode the request and fetch its inputs; a job whose inputs fail ends here."""
+    def _prepare(self, job: Job) -> Prepared | None:
         try:
             request = GenerationRequest.from_dict(job.params)
-            return _Prepared(
+            return Prepared(
                 job, request, self.inputs.load_images(request), self.inputs.load_loras(request)
             )
         except QwenServeError as error:
-            self._end_with_error(job, error)
+            self.finisher.end(job, error)
         except Exception as error:
             log.exception("job %s: preparing inputs crashed", job.id)
-            self._end_with_error(job, InferenceError(_describe_crash(error)))
+            self.finisher.end(job, InferenceError(describe_crash(error)))
         return None
 
-    def _generate(self, prepared: list[_Prepared]) -> None:
+    def _step_hooks(self, jobs: Sequence[Job]) -> tuple[StepCallback, CancelCheck]:
+        """The engine's step callback and cancel check for one pipeline call: progress goes to
+        memory (the heartbeat sends it); a stopped job of a batch ends at the step where it is
+        seen while its batch-mates go on; the call stops once every job in it is stopped."""
+        ids = [job.id for job in jobs]
+
+        def on_step(done: int, total: int) -> None:
+            self.control.step(ids, done, total)
+            if len(ids) > 1:
+                for job in self.control.stopped_among(ids):
+                    self.finisher.submit_end(job)
+
+        return on_step, lambda: self.control.all_stopped(ids)
+
+    def _generate(self, prepared: list[Prepared]) -> None:
         jobs = [p.job for p in prepared]
-        should_cancel = self._should_cancel_for(jobs)
+        on_step, should_cancel = self._step_hooks(jobs)
         try:
+            outputs: Sequence[GeneratedImage]
             if len(prepared) == 1:
                 only = prepared[0]
-                outputs: Sequence[GeneratedImageLike] = [
+                outputs = [
                     self.engine.generate(
                         only.request,
                         images=only.images,
                         extra_loras=only.loras,
+                        on_step=on_step,
                         should_cancel=should_cancel,
                     )
                 ]
@@ -548,24 +350,24 @@ class WorkerRunner:
                 outputs = self.engine.generate_batch(
                     [p.request for p in prepared],
                     images=[p.images for p in prepared],
+                    on_step=on_step,
                     should_cancel=should_cancel,
                 )
-                self.state.batches += 1
         except QwenServeError as error:
             if isinstance(error, OutOfMemory) and self._split_after_oom(prepared, error):
                 return
             for p in prepared:
-                self._end_with_error(p.job, error)
+                self.finisher.end(p.job, error)
             return
         except Exception as error:  # a bug or a crash in the engine: never the trace to clients
             log.exception("engine crashed on %s", ", ".join(j.id for j in jobs))
             for p in prepared:
-                self._end_with_error(p.job, InferenceError(_describe_crash(error)))
+                self.finisher.end(p.job, InferenceError(describe_crash(error)))
             return
         for p, output in zip(prepared, outputs, strict=True):
-            self._finisher.submit(self._finish, p, output)
+            self.finisher.submit_result(p, output)
 
-    def _split_after_oom(self, prepared: list[_Prepared], error: OutOfMemory) -> bool:
+    def _split_after_oom(self, prepared: list[Prepared], error: OutOfMemory) -> bool:
         """A batch that ran out of memory runs again as two halves (each may split again, down
         to single requests); False for a single request, which fails alone."""
         if len(prepared) < 2:
@@ -574,81 +376,47 @@ class WorkerRunner:
         log.warning(
             "%s; retrying as batches of %d and %d", error.message, half, len(prepared) - half
         )
-        self._generate(prepared[:half])
-        self._generate(prepared[half:])
+        for part in (prepared[:half], prepared[half:]):
+            going_on = self.control.going_on([p.job.id for p in part])
+            part = self._without_stopped(part, going_on)
+            if part:
+                self._generate(part)
         return True
 
-    def _finish(self, prepared: _Prepared, generated: GeneratedImageLike) -> None:
-        """Encode, store and complete (on the finisher thread, overlapping the next job)."""
-        job, request = prepared.job, prepared.request
-        try:
-            data = encode_image(generated.image, request.image_format, request.quality)
-            media_id = new_media_id()
-            self.media.put(media_id, data, request.content_type, expires_at=job.expires_at)
-            result = JobResult(
-                media_id=media_id,
-                content_type=request.content_type,
-                width=generated.width,
-                height=generated.height,
-                seed=generated.seed,
-                inference_time_s=generated.inference_time_s,
-                size_bytes=len(data),
-            )
-            if self.store.complete(job.id, self.config.worker_id, result, now=self.clock()):
-                self.state.jobs_completed += 1
-                self._forget_inputs(job)
-                outcome = f"completed ({generated.width}x{generated.height}, seed {generated.seed})"
-            else:
-                self.media.delete(media_id)  # someone else owns the job now; keep one result
-                outcome = "discarded (job no longer ours)"
-            log.info("job %s %s", job.id, outcome)
-        except Exception as error:
-            log.exception("job %s: storing the result failed", job.id)
-            self._end_with_error(job, InferenceError(_describe_crash(error)))
-            return
-        finally:
-            self._leases.drop(job.id)
-        self._notify(job.id)
+    # --- looking ahead ----------------------------------------------------------------------
+    def _start_lookahead(self) -> None:
+        if self.config.prefetch and self._lookahead is None and not self._stopping.is_set():
+            self._lookahead = self._prefetcher.submit(self._look_ahead)
 
-    def _end_with_error(self, job: Job, error: QwenServeError) -> None:
-        """Fail the job, or give it back when we are cancelling for shutdown."""
-        try:
-            if self._cancel_current.is_set() and not self._leases.lost(job.id):
-                self.store.release(job.id, self.config.worker_id, now=self.clock())
-                log.info("job %s released (shutdown)", job.id)
-            elif self._leases.lost(job.id):
-                log.info("job %s abandoned (lease lost)", job.id)
-            elif self.store.fail(
-                job.id,
-                self.config.worker_id,
-                kind=error_kind(error),
-                message=error.message,
-                now=self.clock(),
-            ):
-                self.state.jobs_failed += 1
-                self._forget_inputs(job)
-                log.info("job %s failed (%s: %s)", job.id, error_kind(error), error.message)
-        finally:
-            self._leases.drop(job.id)
-        self._notify(job.id)
+    def _look_ahead(self) -> list[Prepared] | None:
+        """While the current batch runs: claim the next job and load its inputs."""
+        while self._generating.is_set() and not self._stopping.is_set():
+            try:
+                jobs = self.claims.claim_work(look_ahead=True)
+            except Exception:  # the store hiccupped: the main loop claims after this batch
+                log.warning("worker %s: look-ahead claim failed", self.config.worker_id)
+                return None
+            if jobs:
+                return self._prepare_all(jobs)
+            self._work_arrived.wait(self.config.poll_interval_s)
+            self._work_arrived.clear()
+        return None
 
-    def _forget_inputs(self, job: Job) -> None:
-        """Delete the inline inputs the API stored for ``job`` (media/inline.py) once it has
-        ended for good; expiry would take them an hour later. Never fails the job."""
+    def _take_lookahead(self) -> list[Prepared] | None:
+        """The looked-ahead jobs (waiting for their inputs if need be), or None."""
+        lookahead, self._lookahead = self._lookahead, None
+        if lookahead is None:
+            return None
         try:
-            for image in job.params.get("images", ()):
-                media_id = stored_media_id(str(image.get("source", "")))
-                if media_id is not None:
-                    self.media.delete(media_id)
+            return lookahead.result()
         except Exception:
-            log.warning("job %s: could not delete its stored inputs", job.id, exc_info=True)
+            log.exception("worker %s: look-ahead crashed", self.config.worker_id)
+            return None
 
-    def _notify(self, job_id: str) -> None:
-        if self.on_job_done is not None:
-            self.on_job_done(job_id)
-
-
-def _describe_crash(error: Exception) -> str:
-    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
-        return "inference failed: out of memory"
-    return "inference failed: internal error in the engine"
+    def _top_up(self, prepared: list[Prepared]) -> list[Prepared]:
+        """More batch-mates for looked-ahead jobs: some may have arrived since they were taken."""
+        if not prepared:
+            return prepared
+        jobs = [p.job for p in prepared]
+        more = self.claims.with_batch_mates(jobs, 0.0)[len(jobs) :]
+        return prepared + self._prepare_all(more)

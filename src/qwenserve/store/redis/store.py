@@ -36,7 +36,7 @@ Wake-up. The submit and release scripts (and expire_leases) PUBLISH the job's sl
 (``redis_wakeup.RedisWakeup``) claim at once instead of at their next poll. Pub/sub is
 fire-and-forget (a worker that is reconnecting misses messages), so workers still poll, slowly.
 Likewise every script that ends a job PUBLISHes the job id on the ``done`` channel: API nodes
-subscribed to it wake the POST /v1 handler waiting for that job (``api.waiting.CompletionHub``),
+subscribed to it wake the POST /v1 handler waiting for that job (``notify.CompletionHub``),
 which otherwise only re-reads the store now and then.
 
 A claim looks at up to ``limit`` new entries (XRANGE after the group's last-delivered id), expired
@@ -329,10 +329,6 @@ class RedisStore(Store):
             lost=frozenset(by_flag[0]),
         )
 
-    def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float, now: float) -> bool:
-        beat = self.heartbeat(worker_id, {job_id: None}, lease_s=lease_s, now=now)
-        return job_id in beat.owned
-
     def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
         return bool(
             self._eval(
@@ -401,18 +397,22 @@ class RedisStore(Store):
         rows = self._eval(self._scripts.stats, [self.keys.slugs()])
         queued: dict[str, int] = {}
         processing: dict[str, int] = {}
+        waiting: dict[str, int] = {}
         oldest: float | None = None
-        for slug, queued_count, processing_count, oldest_text in rows:
+        for slug, queued_count, processing_count, oldest_text, waiting_count in rows:
             if int(queued_count):
                 queued[str(slug)] = int(queued_count)
             if int(processing_count):
                 processing[str(slug)] = int(processing_count)
+            if int(waiting_count):
+                waiting[str(slug)] = int(waiting_count)
             if oldest_text:
                 created_at = float(oldest_text)
                 oldest = created_at if oldest is None else min(oldest, created_at)
         return QueueStats(
             queued_by_model=queued,
             processing_by_model=processing,
+            waiting_by_model=waiting,
             oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else None,
         )
 

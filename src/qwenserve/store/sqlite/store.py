@@ -347,10 +347,6 @@ class SqliteStore(Store):
             lost=frozenset(progress) - owned,
         )
 
-    def renew_lease(self, job_id: str, worker_id: str, *, lease_s: float, now: float) -> bool:
-        beat = self.heartbeat(worker_id, {job_id: None}, lease_s=lease_s, now=now)
-        return job_id in beat.owned
-
     def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
         with self._db.write() as db:
             cursor = db.execute(
@@ -463,9 +459,11 @@ class SqliteStore(Store):
     def stats(self, *, now: float) -> QueueStats:
         queued: dict[str, int] = {}
         processing: dict[str, int] = {}
+        waiting: dict[str, int] = {}
         with self._db.read() as db:
             rows = db.execute(
-                "SELECT slug, status, COUNT(*) AS n FROM jobs "
+                "SELECT slug, status, COUNT(*) AS n, "
+                "SUM(progress_step IS NULL AND status = 'PROCESSING') AS waiting FROM jobs "
                 "WHERE status IN ('QUEUED', 'PROCESSING') GROUP BY slug, status"
             ).fetchall()
             oldest = db.execute(
@@ -474,9 +472,12 @@ class SqliteStore(Store):
         for row in rows:
             target = queued if row["status"] == JobStatus.QUEUED else processing
             target[row["slug"]] = row["n"]
+            if row["waiting"]:
+                waiting[row["slug"]] = row["waiting"]
         return QueueStats(
             queued_by_model=queued,
             processing_by_model=processing,
+            waiting_by_model=waiting,
             oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else None,
         )
 

@@ -1,10 +1,13 @@
 """Waking API handlers when a job ends, without polling the store in a tight loop.
 
-In-process workers call ``notify`` the moment a job ends; handlers waiting on that job wake at
-once. On the Redis store, workers in other processes publish each job's end and every API node
-relays it here (``store.redis_wakeup.RedisDoneWakeup``, wired by the CLI), calling ``notify_all``
-after each (re)subscription since messages may have been missed. Waiters also re-read the store
-every ``fallback_poll_s``: correctness never depends on a notification arriving.
+Every ending is in the store's durable event log, and an ``EventFollower`` subscribed with
+``on_event`` (``notify.follow_completions``) announces each one here, on both backends: ends by
+workers in any process, give-ups after ``max_attempts`` inside a claim, cancels of queued jobs,
+refunds at expiry. In-process workers also call ``notify`` the moment a job ends (the fast
+path: no wait for the follower's next read). On Redis the done channel wakes the follower at
+once (``store.redis_wakeup.RedisDoneWakeup``) and, after each (re)subscription, ``notify_all``.
+Waiters also re-read the store every ``fallback_poll_s``: correctness never depends on a
+notification arriving.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+
+from qwenserve.jobs import JobEvent
 
 _Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event]
 
@@ -37,6 +42,11 @@ class CompletionHub:
         with self._lock:
             waiters = list(self._waiters.get(job_id, ()))
         _wake(waiters)
+
+    def on_event(self, event: JobEvent) -> None:
+        """An ``EventFollower`` subscriber: wake the waiters of a job that ended."""
+        if event.type.is_terminal:
+            self.notify(event.job_id)
 
     def notify_all(self) -> None:
         """Wake every waiter of every job (each re-reads the store); callable from any thread.

@@ -1,0 +1,58 @@
+"""What the worker needs of the engine: ``qwenserve.runtime.Engine`` is one, test fixtures are
+others. Typing only; the worker never imports torch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from qwenserve.catalog import GenerationRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from qwenserve.runtime.config import GeneratedImage
+
+StepCallback = Callable[[int, int], None]
+"""Called by the engine after each denoising step with (steps done, total steps)."""
+CancelCheck = Callable[[], bool]
+"""Asked by the engine after each denoising step: True stops the call ("cancelled")."""
+
+
+class ImageEngine(Protocol):
+    """Generates images for validated requests, one or a batch per pipeline call."""
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        images: Sequence[Image.Image] = (),
+        extra_loras: Sequence[Path] = (),
+        on_step: StepCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> GeneratedImage: ...
+
+    def batch_key(self, request: GenerationRequest) -> Hashable | None:
+        """Requests with equal, non-None keys can share one pipeline call."""
+        ...
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        images: Sequence[Sequence[Image.Image]] = (),
+        should_cancel: CancelCheck | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Sequence[GeneratedImage]: ...
+
+    def resident(self) -> list[str]:
+        """Base weights currently loaded (for routing)."""
+        ...
+
+
+@runtime_checkable
+class CountsCompiles(Protocol):
+    """An engine that counts its torch.compile work (``qwenserve.runtime.Engine`` does)."""
+
+    def compile_counts(self) -> dict[str, int]: ...

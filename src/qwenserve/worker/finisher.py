@@ -1,0 +1,173 @@
+"""The end of every job a worker held: encode → media → complete, or fail, give back, drop.
+
+Results are encoded and stored on one finisher thread, so encoding and disk overlap the next
+job's denoising. Every ending is one atomic store call that checks this worker still owns the
+job (a job is never completed twice, never refunded twice) and appends the ending to the
+store's event log; the in-process ``on_job_done`` callback is only the fast path for waiters in
+this process (``notify/``). Which ending a job gets is decided here, once: its stop reason
+(``worker/control.py``) first, else the error that ended it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from qwenserve.errors import InferenceError, QwenServeError, error_kind
+from qwenserve.jobs import CANCELLED, Job, JobResult
+from qwenserve.media.encode import encode_image
+from qwenserve.media.inline import stored_media_id
+from qwenserve.media.storage import MediaStore, new_media_id
+from qwenserve.worker.control import Clock, JobControl, StopReason
+
+if TYPE_CHECKING:
+    from qwenserve.runtime.config import GeneratedImage
+    from qwenserve.store.base import Store
+    from qwenserve.worker.inputs import Prepared
+
+log = logging.getLogger("qwenserve.worker")
+
+CANCEL_MESSAGE = "cancelled by its owner"
+
+
+class Finisher:
+    """Ends the jobs of one worker (see the module docstring).
+
+    Args:
+        on_job_done: called with the job id after each ending (any thread), for in-process
+            waiters; the store's event log announces it to everyone else.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        media: MediaStore,
+        control: JobControl,
+        worker_id: str,
+        clock: Clock,
+        on_job_done: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.media = media
+        self.control = control
+        self.worker_id = worker_id
+        self.clock = clock
+        self.on_job_done = on_job_done
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{worker_id}-finish")
+
+    def submit_result(self, prepared: Prepared, generated: GeneratedImage) -> None:
+        """Encode, store and complete on the finisher thread (overlapping the next job)."""
+        self._thread.submit(self._finish, prepared, generated)
+
+    def submit_end(self, job: Job) -> None:
+        """End a stopped job on the finisher thread (off the engine's or heartbeat's path);
+        nothing when someone else is ending it already."""
+        if self.control.claim_ending(job.id):
+            self._thread.submit(self._end, job, None)
+
+    def wait(self) -> None:
+        """Block until every result handed over so far is stored."""
+        self._thread.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+    def _finish(self, prepared: Prepared, generated: GeneratedImage) -> None:
+        job, request = prepared.job, prepared.request
+        if self.control.stop_reason(job.id) in (StopReason.CANCELLED, StopReason.LOST):
+            self.end(job)  # its image is discarded; a drain (SHUTDOWN) still stores it
+            return
+        if not self.control.claim_ending(job.id):
+            return  # ended already (cancelled at a step boundary)
+        try:
+            data = encode_image(generated.image, request.image_format, request.quality)
+            media_id = new_media_id()
+            self.media.put(media_id, data, request.content_type, expires_at=job.expires_at)
+            result = JobResult(
+                media_id=media_id,
+                content_type=request.content_type,
+                width=generated.width,
+                height=generated.height,
+                seed=generated.seed,
+                inference_time_s=generated.inference_time_s,
+                size_bytes=len(data),
+            )
+            if self.store.complete(job.id, self.worker_id, result, now=self.clock()):
+                self._forget_inputs(job)
+                outcome = f"completed ({generated.width}x{generated.height}, seed {generated.seed})"
+            else:
+                self.media.delete(media_id)  # someone else owns the job now; keep one result
+                outcome = "discarded (job no longer ours)"
+            log.info("job %s %s", job.id, outcome)
+        except Exception as error:
+            log.exception("job %s: storing the result failed", job.id)
+            self._fail(job, InferenceError(describe_crash(error)))
+        finally:
+            self.control.drop(job.id)
+        self._notify(job.id)
+
+    def end(self, job: Job, error: QwenServeError | None = None) -> None:
+        """End ``job`` without a result, by its stop reason, else as failed with ``error``:
+        SHUTDOWN gives it back, CANCELLED fails it as cancelled, LOST drops it. Does nothing
+        when someone else is ending it already."""
+        if self.control.claim_ending(job.id):
+            self._end(job, error)
+
+    def _end(self, job: Job, error: QwenServeError | None) -> None:
+        reason = self.control.stop_reason(job.id)
+        try:
+            if reason is StopReason.LOST:
+                log.info("job %s abandoned (no longer ours)", job.id)
+            elif reason is StopReason.SHUTDOWN:
+                if self.store.release(job.id, self.worker_id, now=self.clock()):
+                    log.info("job %s released (shutdown)", job.id)
+            elif reason is StopReason.CANCELLED:
+                self._fail(job, None)
+            else:
+                self._fail(job, error or InferenceError("inference failed: internal error"))
+        finally:
+            self.control.drop(job.id)
+        self._notify(job.id)
+
+    def give_back(self, job: Job, why: str) -> None:
+        """Return a claimed job to the queue, its attempt given back (never started here)."""
+        if not self.control.claim_ending(job.id):
+            return
+        try:
+            self.store.release(job.id, self.worker_id, now=self.clock())
+            log.info("job %s released (%s)", job.id, why)
+        finally:
+            self.control.drop(job.id)
+
+    def _fail(self, job: Job, error: QwenServeError | None) -> None:
+        """FAILED (refunded) with ``error``, or as cancelled by its owner when None."""
+        kind = CANCELLED if error is None else error_kind(error)
+        message = CANCEL_MESSAGE if error is None else error.message
+        if self.store.fail(job.id, self.worker_id, kind=kind, message=message, now=self.clock()):
+            self._forget_inputs(job)
+            log.info("job %s failed (%s: %s)", job.id, kind, message)
+
+    def _forget_inputs(self, job: Job) -> None:
+        """Delete the inline inputs the API stored for ``job`` (media/inline.py) once it has
+        ended for good; expiry would take them an hour later. Never fails the job."""
+        try:
+            for image in job.params.get("images", ()):
+                media_id = stored_media_id(str(image.get("source", "")))
+                if media_id is not None:
+                    self.media.delete(media_id)
+        except Exception:
+            log.warning("job %s: could not delete its stored inputs", job.id, exc_info=True)
+
+    def _notify(self, job_id: str) -> None:
+        if self.on_job_done is not None:
+            self.on_job_done(job_id)
+
+
+def describe_crash(error: BaseException) -> str:
+    """What a client may read about an unexpected failure: never the trace."""
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        return "inference failed: out of memory"
+    return "inference failed: internal error in the engine"
