@@ -1,5 +1,7 @@
-"""A reader for the seed pages in ../shared/seeds/, so the catalog is checked against the source
-of the contract itself rather than against a copy of it."""
+"""A reader for the seed pages (one Segmind API page per slug), so the catalog is checked against
+the source of the contract. The workspace's ../shared/seeds/ is read when it sits beside the
+checkout (it is the source); a fresh clone reads the copy in tests/catalog/seeds/, which
+``test_seed_copy_matches_the_source`` keeps equal to the source wherever both exist."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SEEDS_DIR = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+SOURCE_SEEDS_DIR = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+COPIED_SEEDS_DIR = Path(__file__).resolve().parent / "seeds"
+SEEDS_DIR = SOURCE_SEEDS_DIR if SOURCE_SEEDS_DIR.is_dir() else COPIED_SEEDS_DIR
 
 _HEADER = re.compile(r"^([a-z0-9_]+)(required|optional)$")
 _RANGE = re.compile(r"Range:\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)")

@@ -12,7 +12,7 @@ from PIL import Image
 from qwenserve.catalog import ALL_MODELS, MODELS, NO_DEFAULT, Param, validate_request
 from qwenserve.catalog.models import SEED_CEILING
 from qwenserve.errors import InvalidRequest, UnknownModel
-from tests.catalog.seed_pages import read_seed
+from tests.catalog.seed_pages import COPIED_SEEDS_DIR, SOURCE_SEEDS_DIR, read_seed
 
 
 def _tiny_png_b64() -> str:
@@ -255,3 +255,11 @@ def test_fast_and_base_share_weights_but_not_2512() -> None:
     assert MODELS["qwen-image-2512"].recipe.base_weights != MODELS["qwen-image"].recipe.base_weights
     assert MODELS["qwen-image-fast"].recipe.lightning is not None
     assert MODELS["qwen-image"].recipe.lightning is None
+
+
+@pytest.mark.skipif(not SOURCE_SEEDS_DIR.is_dir(), reason="no ../shared/seeds beside this checkout")
+@pytest.mark.parametrize("slug", sorted(MODELS))
+def test_seed_copy_matches_the_source(slug: str) -> None:
+    """The copy a fresh clone tests against is the contract's source, to the byte."""
+    name = f"{slug}.txt"
+    assert (COPIED_SEEDS_DIR / name).read_bytes() == (SOURCE_SEEDS_DIR / name).read_bytes()

@@ -113,7 +113,12 @@ async def owned_job(services: Services, key: ApiKey, request_id: str) -> Job:
         UnknownRequest: not this key's job, unknown, or expired.
     """
     job: Job | None = await services.call(services.store.get_job, request_id, now=services.clock())
-    if job is None or job.key_id != key.id:
+    return check_owned(job, key.id, request_id)
+
+
+def check_owned(job: Job | None, key_id: str, request_id: str) -> Job:
+    """``job`` if it is ``key_id``'s; else UnknownRequest (another key's job reads as unknown)."""
+    if job is None or job.key_id != key_id:
         raise UnknownRequest(f"request '{request_id}' not found (unknown or expired)")
     return job
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenserve.api.eta import queue_eta_s, running_eta_s
+from qwenserve.api.jobs import check_owned
 from qwenserve.api.services import Services
 from qwenserve.jobs import Job, JobProgress, JobStatus
 
@@ -67,19 +68,17 @@ def progress_fields(progress: JobProgress) -> dict[str, Any]:
     }
 
 
-async def live_view(services: Services, job: Job) -> LiveView:
-    """``job``'s live view: its queue position and the ETAs (reads the store off the loop)."""
-    now = services.clock()
+def read_live_view(services: Services, job: Job, *, now: float) -> LiveView:
+    """``job``'s live view: its queue position and the ETAs. Blocking (store reads for a
+    queued job): call it off the event loop, in the same trip as the job's own read."""
     if job.status is JobStatus.QUEUED:
-        position: int | None = await services.call(services.store.queue_position, job.id, now=now)
+        position = services.store.queue_position(job.id, now=now)
         if position is None:  # claimed (or cancelled) since it was read: show what it is now
-            fresh: Job | None = await services.call(services.store.get_job, job.id, now=now)
+            fresh = services.store.get_job(job.id, now=now)
             if fresh is None or fresh.status is JobStatus.QUEUED:
                 return LiveView(job)
-            return await live_view(services, fresh)
-        figures = await services.call(
-            services.throughput.figures, services.store, job.slug, now=now
-        )
+            return read_live_view(services, fresh, now=now)
+        figures = services.throughput.figures(services.store, job.slug, now=now)
         return LiveView(job, queue_position=position, eta_s=queue_eta_s(position, figures))
     if job.status is JobStatus.PROCESSING and job.progress is not None:
         pace = services.step_rates.seconds_per_step(job.id, job.progress, job.started_at)
@@ -87,3 +86,26 @@ async def live_view(services: Services, job: Job) -> LiveView:
     if job.status.is_terminal:
         services.step_rates.forget(job.id)
     return LiveView(job)
+
+
+async def live_view(services: Services, job: Job) -> LiveView:
+    """``job``'s live view, read off the event loop (see ``read_live_view``)."""
+    view: LiveView = await services.call(read_live_view, services, job, now=services.clock())
+    return view
+
+
+async def owned_live_view(services: Services, key_id: str, request_id: str) -> LiveView:
+    """The caller's job and its live view in ONE trip off the event loop (a status poll is the
+    hottest read: each trip costs more than the reads themselves).
+
+    Raises:
+        UnknownRequest: not this key's job, unknown, or expired.
+    """
+
+    def read() -> LiveView:
+        now = services.clock()
+        job = check_owned(services.store.get_job(request_id, now=now), key_id, request_id)
+        return read_live_view(services, job, now=now)
+
+    view: LiveView = await services.call(read)
+    return view

@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse
 
 from qwenserve.api import jobs, segmind
 from qwenserve.api.auth import CurrentKey
-from qwenserve.api.live import live_view
+from qwenserve.api.live import live_view, owned_live_view
 from qwenserve.api.services import Services
 from qwenserve.api.stream import job_stream
 from qwenserve.jobs import JobEvent, JobStatus
@@ -45,8 +45,7 @@ async def submit_v2(slug: str, request: Request, key: CurrentKey) -> JSONRespons
 @router.get("/v2/requests/{request_id}/status", summary="Poll a request's state")
 async def status_v2(request_id: str, request: Request, key: CurrentKey) -> JSONResponse:
     services: Services = request.app.state.services
-    job = await jobs.owned_job(services, key, request_id)
-    live = await live_view(services, job)
+    live = await owned_live_view(services, key.id, request_id)
     body = segmind.status_body(services, request, live)
     return JSONResponse(body, status_code=segmind.status_code(live.job))
 
@@ -54,8 +53,7 @@ async def status_v2(request_id: str, request: Request, key: CurrentKey) -> JSONR
 @router.get("/v2/requests/{request_id}", summary="Fetch a request's result")
 async def result_v2(request_id: str, request: Request, key: CurrentKey) -> JSONResponse:
     services: Services = request.app.state.services
-    job = await jobs.owned_job(services, key, request_id)
-    live = await live_view(services, job)
+    live = await owned_live_view(services, key.id, request_id)
     body = await segmind.result_body(services, request, live)
     return JSONResponse(body, status_code=segmind.status_code(live.job))
 
