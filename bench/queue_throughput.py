@@ -36,8 +36,8 @@ from tests.redis_server import RedisServer  # noqa: E402
 
 from bench.load import hammer  # noqa: E402
 from bench.report import append_section, table  # noqa: E402
+from qwenserve.backends import open_backend  # noqa: E402
 from qwenserve.config import Settings  # noqa: E402
-from qwenserve.store import open_store  # noqa: E402
 
 BODY = {"prompt": "a lighthouse", "steps": 2, "aspect_ratio": "1:1", "seed": 3}
 SLUG = "qwen-image-fast"
@@ -82,7 +82,8 @@ def v1_latency(server: Server, requests: int) -> tuple[float, float]:
     """Median wall time of a POST /v1, and from its job's end to the response, in seconds."""
     key = server.create_key(credits=1e9)
     store_url = server.extra_env.get("QWENSERVE_STORE", "sqlite")
-    store = open_store(Settings(data_dir=server.data_dir, store=store_url))
+    backend = open_backend(Settings(data_dir=server.data_dir, store=store_url))
+    store = backend.store
     walls, after_end = [], []
     try:
         with httpx.Client(headers={"x-api-key": key}, timeout=120) as client:
@@ -99,7 +100,7 @@ def v1_latency(server: Server, requests: int) -> tuple[float, float]:
                     after_end.append(received_at - job.finished_at)
                 time.sleep(0.3)  # let the worker go idle, as a lone request would find it
     finally:
-        store.close()
+        backend.close()
     return statistics.median(walls), statistics.median(after_end)
 
 

@@ -1,21 +1,113 @@
 """Settings: the one place environment variables (``QWENSERVE_*``) are read.
 
 Built once at the edge (the CLI) and passed down; nothing below reads the environment itself.
+The engine's and the worker's knobs are groups (``EngineSettings``, ``WorkerSettings``) that
+hold each default once; ``Settings.engine`` and ``Settings.worker`` hand them out.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path.home() / ".qwenserve"
 
 
-class Settings(BaseSettings):
-    """Every knob of qwenserve. Each field is also ``QWENSERVE_<FIELD>`` in the environment."""
+class EngineSettings(BaseModel):
+    """How the engine finds weights and runs them; ``runtime.EngineConfig`` is built from these
+    (its defaults are these) plus the cache folder. Details of each switch: EngineConfig."""
+
+    weights: str = Field(
+        default="tiny",
+        description="'tiny' (random CPU preset), 'hub' (Hugging Face ids via the HF cache) "
+        "or a folder holding <org>/<name> weight folders.",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    resident_models: int = Field(default=2, ge=1, description="Base pipelines kept loaded (LRU).")
+    resident_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory budget for resident pipelines; LRU evicts before a load to fit it "
+        "(None: on CUDA, free memory less memory_margin_gb).",
+    )
+    memory_margin_gb: float = Field(
+        default=8.0,
+        ge=0,
+        description="GiB of CUDA memory kept free of weights for activations and the VAE decode.",
+    )
+    # GPU fast paths (see qwenserve.runtime.config.EngineConfig for each switch's details)
+    fuse_lightning: bool = Field(
+        default=False, description="Fuse the Lightning LoRA for fast slugs."
+    )
+    compile: bool = Field(
+        default=False,
+        description="Regionally compile the transformer blocks; every variant warmed up at start.",
+    )
+    quantize: Literal["none", "fp8", "fp8-memory", "fp8-speed"] = Field(
+        default="none",
+        description="torchao float8: fp8-memory (alias fp8) weight-only, halves weight memory; "
+        "fp8-speed float8 matmuls (CUDA capability 8.9+).",
+    )
+    vae_tiling: bool | None = Field(
+        default=None, description="Tiled VAE decode (None: auto > 2 MP)."
+    )
+    cpu_offload: bool = Field(default=False, description="Model CPU offload for small GPUs (CUDA).")
+    step_cache: float | None = Field(
+        default=None, gt=0, description="First-block step-cache threshold (None: off)."
+    )
+    prompt_cache_size: int = Field(
+        default=64, ge=0, description="Cached text-encoder outputs (0: off)."
+    )
+    cfg_batch: bool | None = Field(
+        default=None,
+        description="Run CFG's conditional and unconditional passes as one batch "
+        "(None: on on a CPU, off on CUDA where it is unmeasured).",
+    )
+
+
+class WorkerSettings(BaseModel):
+    """How a served worker claims, batches and holds jobs; ``worker.WorkerConfig`` takes its
+    defaults from here."""
+
+    lease_s: float = Field(default=60.0, gt=0, description="A claimed job is retaken after this.")
+    max_attempts: int = Field(default=3, ge=1, description="Worker deaths before a job fails.")
+    poll_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="Idle worker polling period, a fallback: submits wake idle workers at once "
+        "(in-process on SQLite, through Redis pub/sub across processes).",
+    )
+    max_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most same-shape requests run in one pipeline call (1: off; None: 4 on a "
+        "CPU, 1 on CUDA where batching is unmeasured).",
+    )
+    batch_window_s: float = Field(
+        default=0.0, ge=0, description="Wait this long for batch-mates before a partial batch."
+    )
+    prefetch: bool = Field(
+        default=True,
+        description="While a batch runs, claim the next job and fetch/decode its inputs "
+        "(never a job an idle peer serves).",
+    )
+    preload: list[str] = Field(
+        default_factory=list,
+        description="Slugs loaded and warmed up before the worker takes jobs.",
+    )
+
+
+class Settings(EngineSettings, WorkerSettings, BaseSettings):
+    """Every knob of qwenserve. Each field is also ``QWENSERVE_<FIELD>`` in the environment.
+
+    The engine and worker groups are inherited, not nested, so that each of their fields keeps
+    its documented flat name (``QWENSERVE_COMPILE``, ``Settings(compile=True)``); read them
+    through ``settings.engine`` and ``settings.worker``, which is what their consumers take.
+    """
 
     model_config = SettingsConfigDict(env_prefix="QWENSERVE_", extra="ignore")
 
@@ -63,77 +155,6 @@ class Settings(BaseSettings):
         "wakes its POST /v1 waiter); on Redis the done channel also wakes it at once.",
     )
 
-    # the engine
-    weights: str = Field(
-        "tiny",
-        description="'tiny' (random CPU preset), 'hub' (Hugging Face ids via the HF cache) "
-        "or a folder holding <org>/<name> weight folders.",
-    )
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    resident_models: int = Field(2, ge=1, description="Base pipelines kept loaded (LRU).")
-    resident_memory_gb: float | None = Field(
-        None,
-        gt=0,
-        description="Memory budget for resident pipelines; LRU evicts before a load to fit it "
-        "(None: on CUDA, free memory less memory_margin_gb).",
-    )
-    memory_margin_gb: float = Field(
-        8.0,
-        ge=0,
-        description="GiB of CUDA memory kept free of weights for activations and the VAE decode.",
-    )
-    preload: list[str] = Field(
-        default_factory=list,
-        description="Slugs loaded and warmed up before the worker takes jobs.",
-    )
-    # GPU fast paths (see qwenserve.runtime.config.EngineConfig for each switch's details)
-    fuse_lightning: bool = Field(False, description="Fuse the Lightning LoRA for fast slugs.")
-    compile: bool = Field(
-        False,
-        description="Regionally compile the transformer blocks; every variant warmed up at start.",
-    )
-    quantize: Literal["none", "fp8", "fp8-memory", "fp8-speed"] = Field(
-        "none",
-        description="torchao float8: fp8-memory (alias fp8) weight-only, halves weight memory; "
-        "fp8-speed float8 matmuls (CUDA capability 8.9+).",
-    )
-    vae_tiling: bool | None = Field(None, description="Tiled VAE decode (None: auto > 2 MP).")
-    cpu_offload: bool = Field(False, description="Model CPU offload for small GPUs (CUDA).")
-    step_cache: float | None = Field(
-        None, gt=0, description="First-block step-cache threshold (None: off)."
-    )
-    prompt_cache_size: int = Field(64, ge=0, description="Cached text-encoder outputs (0: off).")
-    cfg_batch: bool | None = Field(
-        None,
-        description="Run CFG's conditional and unconditional passes as one batch "
-        "(None: on on a CPU, off on CUDA where it is unmeasured).",
-    )
-
-    # the worker
-    lease_s: float = Field(60.0, gt=0, description="A claimed job is retaken after this.")
-    max_attempts: int = Field(3, ge=1, description="Worker deaths before a job fails.")
-    poll_interval_s: float = Field(
-        0.5,
-        gt=0,
-        description="Idle worker polling period, a fallback: submits wake idle workers at once "
-        "(in-process on SQLite, through Redis pub/sub across processes).",
-    )
-    max_batch: int | None = Field(
-        None,
-        ge=1,
-        description="Most same-shape requests run in one pipeline call (1: off; None: 4 on a "
-        "CPU, 1 on CUDA where batching is unmeasured).",
-    )
-    batch_window_s: float = Field(
-        0.0, ge=0, description="Wait this long for batch-mates before a partial batch."
-    )
-    prefetch: bool = Field(
-        True,
-        description="While a batch runs, claim the next job and fetch/decode its inputs "
-        "(never a job an idle peer serves).",
-    )
-
     # inputs
     allow_private_urls: bool = Field(
         False, description="Let input URLs reach loopback/private/link-local addresses."
@@ -169,9 +190,14 @@ class Settings(BaseSettings):
         return self.data_dir / "qwenserve.db"
 
     @property
-    def idle_poll_s(self) -> float:
-        """How long an idle worker waits between claims unless a submit wakes it."""
-        return self.poll_interval_s
+    def engine(self) -> EngineSettings:
+        """The engine group, what ``runtime.EngineConfig.from_settings`` takes."""
+        return EngineSettings.model_construct(**_values(self, EngineSettings))
+
+    @property
+    def worker(self) -> WorkerSettings:
+        """The worker group, what ``worker.WorkerConfig.from_settings`` takes."""
+        return WorkerSettings.model_construct(**_values(self, WorkerSettings))
 
     @property
     def media_dir(self) -> Path:
@@ -183,3 +209,8 @@ class Settings(BaseSettings):
 
     def price_for(self, slug: str, default: float) -> float:
         return self.prices_usd.get(slug, default)
+
+
+def _values(settings: Settings, group: type[BaseModel]) -> dict[str, Any]:
+    # Already validated as Settings' own fields: copying them needs no second validation.
+    return {name: getattr(settings, name) for name in group.model_fields}

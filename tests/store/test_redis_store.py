@@ -11,12 +11,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from qwenserve.config import Settings
 from qwenserve.errors import ServiceUnavailable, Unauthenticated
 from qwenserve.jobs import JobEventType, JobStatus
 from qwenserve.media.redis_storage import RedisMediaStore
 from qwenserve.media.storage import new_media_id
-from qwenserve.store import open_store
 from qwenserve.store.redis import RedisStore, RedisWorkerRegistry
 from qwenserve.store.redis_keys import CONSUMER_GROUP, RedisKeys
 from qwenserve.store.workers import WorkerInfo
@@ -198,16 +196,6 @@ def test_invalid_namespace_is_refused() -> None:
     for bad in ("", "a:b", "{tag}", "x" * 65):
         with pytest.raises(ValueError):
             RedisKeys(bad)
-
-
-def test_open_store_chooses_redis(redis_url: str, redis_client: redis.Redis, clock: Clock) -> None:
-    opened = open_store(Settings(store=redis_url))
-    try:
-        assert isinstance(opened, RedisStore)
-        key = make_key(opened, clock)
-        assert redis_client.exists(f"qs:key:{key.id}")
-    finally:
-        opened.close()
 
 
 # --- restarts and outages -----------------------------------------------------------------------

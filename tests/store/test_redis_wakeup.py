@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from qwenserve.backends import open_backend
 from qwenserve.cli.compose import start_done_wakeup
 from qwenserve.config import Settings
 from qwenserve.jobs import JobStatus
@@ -178,7 +179,8 @@ async def test_an_api_nodes_waiters_all_look_again_after_the_subscriber_reconnec
             await hub.sleep_until_notified(event, timeout_s=60.0)
 
     with RedisServer() as server:
-        done = start_done_wakeup(Settings(store=server.url), hub)
+        backend = open_backend(Settings(store=server.url))
+        done = start_done_wakeup(backend, hub)
         assert isinstance(done, RedisDoneWakeup)
         store = RedisStore.from_url(server.url)
         try:
@@ -203,6 +205,7 @@ async def test_an_api_nodes_waiters_all_look_again_after_the_subscriber_reconnec
         finally:
             done.close()
             store.close()
+            backend.close()
 
 
 def _until_unsubscribed(subscriber: RedisWakeup) -> None:

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from qwenserve.config import Settings
 from qwenserve.errors import QwenServeError, ServiceUnavailable, Unauthenticated
 from qwenserve.jobs import CANCELLED, JobEventType, JobResult, JobStatus, Progress
-from qwenserve.store import open_store
 from qwenserve.store.sqlite import SCHEMA_VERSION, SqliteStore, schema
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
 from tests.store.schema_v1 import V1_RESULT, make_v1_database
@@ -256,23 +254,6 @@ def test_used_from_many_threads_then_closed(db_path: Path, clock: Clock) -> None
     store.close()
     with pytest.raises(QwenServeError, match="closed"):
         store.get_key(key.id)
-
-
-def test_open_store_chooses_sqlite(tmp_path: Path, clock: Clock) -> None:
-    default = open_store(Settings(data_dir=tmp_path / "data"))
-    try:
-        assert isinstance(default, SqliteStore)
-        assert default.path == tmp_path / "data" / "qwenserve.db"
-        make_key(default, clock)
-    finally:
-        default.close()
-    assert (tmp_path / "data" / "qwenserve.db").exists()
-    explicit_path = tmp_path / "elsewhere.db"
-    explicit = open_store(Settings(data_dir=tmp_path, store=f"sqlite:///{explicit_path}"))
-    try:
-        assert isinstance(explicit, SqliteStore) and explicit.path == explicit_path
-    finally:
-        explicit.close()
 
 
 _KILLED_MID_WORK = textwrap.dedent(

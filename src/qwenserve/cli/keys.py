@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from qwenserve.accounts.keys import create_api_key
+from qwenserve.backends import open_backend
 from qwenserve.cli.common import add_settings_options, settings_from
 from qwenserve.errors import QwenServeError
-from qwenserve.store import open_store
 
 
 def register(subparsers: Any) -> None:
@@ -44,7 +44,8 @@ def register(subparsers: Any) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
-    store = open_store(settings_from(args))
+    backend = open_backend(settings_from(args))
+    store = backend.store
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         plaintext, key = create_api_key(
@@ -59,7 +60,7 @@ def _create(args: argparse.Namespace) -> int:
         Console(stderr=True).print(f"[red]error:[/red] {error.message}")
         return 2
     finally:
-        store.close()
+        backend.close()
     console = Console(stderr=True)
     console.print(
         f"created key [bold]{key.id}[/bold] ({key.name}): ${key.balance_usd:.4f}, "
@@ -71,11 +72,12 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    store = open_store(settings_from(args))
+    backend = open_backend(settings_from(args))
+    store = backend.store
     try:
         keys = store.list_keys()
     finally:
-        store.close()
+        backend.close()
     table = Table("id", "name", "balance (USD)", "rpm", "models", "revoked")
     for key in keys:
         table.add_row(
@@ -91,11 +93,12 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    store = open_store(settings_from(args))
+    backend = open_backend(settings_from(args))
+    store = backend.store
     try:
         done = store.revoke_key(args.key_id)
     finally:
-        store.close()
+        backend.close()
     if not done:
         Console(stderr=True).print(f"[red]error:[/red] no key {args.key_id}")
         return 1
@@ -107,13 +110,14 @@ def _topup(args: argparse.Namespace) -> int:
     if args.amount <= 0:
         Console(stderr=True).print("[red]error:[/red] amount must be positive")
         return 2
-    store = open_store(settings_from(args))
+    backend = open_backend(settings_from(args))
+    store = backend.store
     try:
         balance = store.topup(args.key_id, args.amount)
     except KeyError:
         Console(stderr=True).print(f"[red]error:[/red] no key {args.key_id}")
         return 1
     finally:
-        store.close()
+        backend.close()
     print(f"{args.key_id}: balance ${balance:.6f}")
     return 0

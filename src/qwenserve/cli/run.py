@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     spec = get_model(args.slug)
     body = build_body(spec, prompt=args.prompt, params=args.param, images=args.image, out=args.out)
     request = validate_request(spec.slug, body)
-    if settings.weights == "hub":
+    if settings.engine.weights == "hub":
         from qwenserve.runtime.hub_access import require_hub_repo
 
         # Seconds, before torch loads: the hub unreachable, or offline and the repo not cached.

@@ -13,19 +13,16 @@ import uvicorn
 
 from qwenserve.api.app import create_app
 from qwenserve.api.services import Services
+from qwenserve.backends import open_backend
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
 from qwenserve.cli.compose import (
-    build_media,
-    build_runners,
-    build_store,
+    build_workers,
     check_weights,
-    is_redis,
     start_done_wakeup,
     start_wakeup,
     warm_up,
 )
 from qwenserve.notify import CompletionHub, follow_completions
-from qwenserve.store import open_registry
 from qwenserve.worker.host import ThreadHost
 
 log = logging.getLogger("qwenserve")
@@ -80,28 +77,21 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.workers > 0:
         check_weights(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = build_store(settings)
-    media = build_media(settings)
+    backend = open_backend(settings)
+    store = backend.store
     # Jobs ending wake their waiters: every ending is in the store's event log, which `events`
     # follows (on Redis, `done_wakeup` makes it read at once); in-process workers also call
     # hub.notify directly (no wait for the next read). Re-reading is the safety net.
     hub = CompletionHub(fallback_poll_s=settings.wait_poll_s)
     events = follow_completions(store, hub, poll_s=settings.event_poll_s)
-    registry = open_registry(settings)
-    runners = build_runners(
-        settings,
-        store,
-        media,
-        count=settings.workers,
-        on_job_done=hub.notify,
-        registry=registry,
-    )
-    if runners and not is_redis(settings):
+    workers = build_workers(settings, backend, count=settings.workers, on_job_done=hub.notify)
+    runners = [worker.runner for worker in workers]
+    if runners and not backend.shared:
         # The embedded store has one node: whatever was PROCESSING belonged to a server that
         # died (kill -9). Make it claimable now instead of waiting out its lease.
         orphans = store.expire_leases(now=time.time())
-        for dead in registry.alive(now=time.time()):
-            registry.remove(dead.worker_id)
+        for dead in backend.registry.alive(now=time.time()):
+            backend.registry.remove(dead.worker_id)
         if orphans:
             log.info("requeued %d job(s) left running by a previous server", orphans)
     host = ThreadHost(runners)
@@ -114,17 +104,17 @@ def _serve(args: argparse.Namespace) -> int:
     services = Services(
         settings=settings,
         store=store,
-        media=media,
+        media=backend.media,
         hub=hub,
-        registry=registry,
+        registry=backend.registry,
         on_submitted=wake_workers,
     )
     app = create_app(services)
-    if runners:
-        log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
-    warm_up(settings, runners, None)
-    wakeup = start_wakeup(settings, runners, None)
-    done_wakeup = start_done_wakeup(settings, hub, events)
+    if workers:
+        log.info("engine: %s", workers[0].engine.describe())
+    warm_up(settings, workers, None)
+    wakeup = start_wakeup(backend, runners, None)
+    done_wakeup = start_done_wakeup(backend, hub, events)
     host.start()
     config = uvicorn.Config(
         app,
@@ -142,5 +132,5 @@ def _serve(args: argparse.Namespace) -> int:
                 subscriber.close()
         host.shutdown(settings.drain_timeout_s)
         events.close()
-        store.close()
+        backend.close()
     return 0

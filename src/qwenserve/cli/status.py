@@ -10,9 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from qwenserve.backends import open_backend
 from qwenserve.cli.common import add_settings_options, settings_from
-from qwenserve.cli.compose import build_store
-from qwenserve.store import open_registry
 
 
 def register(subparsers: Any) -> None:
@@ -24,14 +23,13 @@ def register(subparsers: Any) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    store = build_store(settings)
-    registry = open_registry(settings)
+    backend = open_backend(settings)
     now = time.time()
     try:
-        stats = store.stats(now=now)
-        workers = registry.alive(now=now)
+        stats = backend.store.stats(now=now)
+        workers = backend.registry.alive(now=now)
     finally:
-        store.close()
+        backend.close()
     if args.json:
         print(
             json.dumps(

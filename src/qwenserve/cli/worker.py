@@ -8,17 +8,10 @@ import signal
 import threading
 from typing import Any
 
+from qwenserve.backends import open_backend
 from qwenserve.catalog import MODELS
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
-from qwenserve.cli.compose import (
-    build_media,
-    build_runners,
-    build_store,
-    check_weights,
-    start_wakeup,
-    warm_up,
-)
-from qwenserve.store import open_registry
+from qwenserve.cli.compose import build_workers, check_weights, start_wakeup, warm_up
 from qwenserve.worker.host import ThreadHost
 
 log = logging.getLogger("qwenserve")
@@ -46,13 +39,10 @@ def _worker(args: argparse.Namespace) -> int:
         raise SystemExit("qwenserve worker: --count must be at least 1")
     check_weights(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = build_store(settings)
-    media = build_media(settings)
-    registry = open_registry(settings)
-    runners = build_runners(
-        settings, store, media, count=args.count, slugs=slugs, registry=registry
-    )
-    log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
+    backend = open_backend(settings)
+    workers = build_workers(settings, backend, count=args.count, slugs=slugs)
+    runners = [worker.runner for worker in workers]
+    log.info("engine: %s", workers[0].engine.describe())
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -61,14 +51,14 @@ def _worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    warm_up(settings, runners, slugs)
+    warm_up(settings, workers, slugs)
     host = ThreadHost(runners)
-    wakeup = start_wakeup(settings, runners, slugs)
+    wakeup = start_wakeup(backend, runners, slugs)
     host.start()
     log.info("%d worker(s) serving %s", len(runners), ", ".join(slugs or ["all models"]))
     stop.wait()
     if wakeup is not None:
         wakeup.close()
     host.shutdown(settings.drain_timeout_s)
-    store.close()
+    backend.close()
     return 0

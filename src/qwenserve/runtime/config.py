@@ -8,12 +8,15 @@ from typing import Literal, get_args
 
 from PIL import Image
 
-from qwenserve.config import DEFAULT_DATA_DIR
+from qwenserve.config import DEFAULT_DATA_DIR, EngineSettings
 from qwenserve.errors import InferenceError
 
 Quantize = Literal["none", "fp8", "fp8-memory", "fp8-speed"]
 """``EngineConfig.quantize`` values; "fp8" is an alias of "fp8-memory"."""
 QuantizeMode = Literal["none", "fp8-memory", "fp8-speed"]
+
+_DEFAULTS = EngineSettings()
+"""Every default below is read from here: ``Settings`` (the engine group) holds each once."""
 
 
 @dataclass(frozen=True)
@@ -32,58 +35,65 @@ class EngineConfig:
     random bf16 weights (a small text encoder projected to the real width), to measure real
     compute cost without the real checkpoints. It needs a CUDA GPU and refuses elsewhere.
 
-    The fast-path switches below each default to the safe choice; see each field.
+    The fast-path switches below each default to the safe choice; see each field. Every default
+    is ``EngineSettings``' (``qwenserve.config``), so a bare EngineConfig is what an unconfigured
+    server runs.
     """
 
-    weights: str = "tiny"
+    weights: str = _DEFAULTS.weights
     cache_dir: Path = field(default_factory=lambda: DEFAULT_DATA_DIR / "cache")
-    device: str = "auto"
-    dtype: str = "auto"
-    resident_models: int = 2
-    resident_memory_gb: float | None = None
-    memory_margin_gb: float = 8.0
-    """Default 8. GiB of CUDA memory kept free of resident weights, for the work itself: the
+    device: str = _DEFAULTS.device
+    dtype: str = _DEFAULTS.dtype
+    resident_models: int = _DEFAULTS.resident_models
+    resident_memory_gb: float | None = _DEFAULTS.resident_memory_gb
+    memory_margin_gb: float = _DEFAULTS.memory_margin_gb
+    """GiB of CUDA memory kept free of resident weights, for the work itself: the
     transformer's activations (estimated ~3-5 GB for a batch of 4 at 1328² with CFG paired),
     cuBLAS workspaces and allocator fragmentation. A VAE decode that does not fit what is free
     less this margin is tiled. Ignored off CUDA and when ``resident_memory_gb`` is set (that
     budget is then taken as is for the weights; tiling still keeps the margin)."""
-    fuse_lightning: bool = False
-    """Default False. True: slugs with a Lightning LoRA get their own resident pipeline with the
+    fuse_lightning: bool = _DEFAULTS.fuse_lightning
+    """True: slugs with a Lightning LoRA get their own resident pipeline with the
     LoRA fused into the transformer weights (no per-call adapter cost, no adapter switching),
     at the price of a second copy of the base weights while both kinds of slug are resident."""
-    compile: bool = False
-    """Default False. True: regional compilation of the transformer's repeated blocks with
+    compile: bool = _DEFAULTS.compile
+    """True: regional compilation of the transformer's repeated blocks with
     dynamic shapes (``runtime/compile.py``); ``Engine.load``/``Engine.warm_up`` compile every
     size, batch size and adapter set the slug can produce, and afterwards a variant they missed
     runs eagerly (counted) instead of compiling on a user request."""
-    quantize: Quantize = "none"
-    """Default "none". Float8 transformer through torchao (``pip install qwenserve[gpu]``):
+    quantize: Quantize = _DEFAULTS.quantize
+    """Float8 transformer through torchao (``pip install qwenserve[gpu]``):
     "fp8-memory" (alias "fp8"): weight-only, halves the transformer's weight memory, dequantizes
     in every matmul (not faster). "fp8-speed": dynamic float8 activations with per-row scales,
     float8 matmuls; needs CUDA compute capability 8.9+ (Ada, Hopper), refused elsewhere."""
-    vae_tiling: bool | None = None
-    """Default None (auto: on CUDA, tiled when the whole decode's estimated peak, batch x
+    vae_tiling: bool | None = _DEFAULTS.vae_tiling
+    """None: auto (on CUDA, tiled when the whole decode's estimated peak, batch x
     pixels, does not fit the free memory less ``memory_margin_gb``; elsewhere above 2 MP over
     batch x pixels; ``runtime/memory_plan.py``). True/False force it on/off. Tiling bounds the
     decoder's peak memory."""
-    cpu_offload: bool = False
-    """Default False. True: ``enable_model_cpu_offload`` (each component on the GPU only while
+    cpu_offload: bool = _DEFAULTS.cpu_offload
+    """True: ``enable_model_cpu_offload`` (each component on the GPU only while
     it runs), for GPUs too small for the whole pipeline; needs CUDA, refused elsewhere."""
-    step_cache: float | None = None
-    """Default None (off). A float: diffusers' first-block cache with this relative threshold
+    step_cache: float | None = _DEFAULTS.step_cache
+    """None: off. A float: diffusers' first-block cache with this relative threshold
     (e.g. 0.05): a step whose first block's residual barely changed reuses the rest of the
     transformer's last output. Faster, slightly different images. The threshold is relative to
     the residual's mean size; the random tiny preset changes it ~100% per step, so there only
     thresholds above 1 skip anything."""
-    prompt_cache_size: int = 64
-    """Default 64. Text-encoder outputs kept per (base weights, template, prompt), least
+    prompt_cache_size: int = _DEFAULTS.prompt_cache_size
+    """Text-encoder outputs kept per (base weights, template, prompt), least
     recently used out; 0 turns the cache off. Text-to-image slugs only."""
-    cfg_batch: bool | None = None
-    """Default None (auto: on on a CPU, where it measured 1.18x per image; off on CUDA, where its
+    cfg_batch: bool | None = _DEFAULTS.cfg_batch
+    """None: auto (on on a CPU, where it measured 1.18x per image; off on CUDA, where its
     gain is unmeasured and its padded text can cost flash attention). With true CFG on, the
     conditional and unconditional transformer passes of each step run as one batch
     (``runtime/cfg_batch.py``); same images up to float rounding. Text-to-image slugs with the
     prompt cache on; not combined with ``compile`` or ``step_cache``."""
+
+    @classmethod
+    def from_settings(cls, engine: EngineSettings, *, cache_dir: Path) -> EngineConfig:
+        """The engine ``Settings.engine`` describes, its caches under ``cache_dir``."""
+        return cls(cache_dir=cache_dir, **engine.model_dump())
 
 
 def quantize_mode(quantize: str) -> QuantizeMode:

@@ -4,7 +4,7 @@ Workers announce themselves every few seconds with a time-to-live; an announceme
 renewed lapses, so a killed worker disappears on its own. The API reads the registry for
 /metrics and `qwenserve status`; workers read it to route: a job goes to a worker that already
 holds its model when one is free (see ``qwenserve.worker.routing``).
-``qwenserve.store.open_registry`` picks the backend; the Redis one
+``qwenserve.backends.open_backend`` picks the backend; the Redis one
 (``qwenserve.store.redis.registry``) imports this module, never the other way round.
 """
 
