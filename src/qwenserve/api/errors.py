@@ -1,7 +1,10 @@
 """The ONE place errors become HTTP responses: ``{"error": "..."}`` with the error's status.
 
-A ``Conflict`` (409: cancelling a finished job, a v1 job that was cancelled) also says the job's
-status: ``{"error": "...", "status": "COMPLETED"}``.
+An ``InvalidRequest`` (400) also lists every bad field: ``{"error": "steps must be …; seed
+must be …", "errors": [{"field": "steps", "message": "steps must be …"}, …]}`` (``error`` names
+them all, as Segmind's SDK shows only that string; a body-level one, such as malformed JSON,
+has ``"errors": []``). A ``Conflict`` (409: cancelling a finished job, a v1 job that was
+cancelled) also says the job's status: ``{"error": "...", "status": "COMPLETED"}``.
 
 Handlers raise typed errors from ``qwenserve.errors``; they never build error responses or pick
 status codes themselves. Anything unexpected becomes a 500 with no stack trace for the client.
@@ -19,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenserve.errors import Conflict, QwenServeError, RateLimited
+from qwenserve.errors import Conflict, FieldError, InvalidRequest, QwenServeError, RateLimited
 
 log = logging.getLogger("qwenserve.api")
 
@@ -30,6 +33,8 @@ def error_response(error: QwenServeError, headers: dict[str, str] | None = None)
     if isinstance(error, RateLimited):
         all_headers.update(rate_limit_headers(error))
     body: dict[str, Any] = {"error": error.message}
+    if isinstance(error, InvalidRequest):
+        body["errors"] = [{"field": e.field, "message": e.message} for e in error.errors]
     if isinstance(error, Conflict):
         body["status"] = error.job_status
     return JSONResponse(body, status_code=error.http_status, headers=all_headers)
@@ -70,11 +75,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(_request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        first = error.errors()[0] if error.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse(
-            {"error": f"{where or 'request'}: {first.get('msg', 'invalid')}"}, status_code=400
-        )
+        problems = []
+        for problem in error.errors():
+            where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body") or "request"
+            problems.append(FieldError(where, f"{where}: {problem.get('msg', 'invalid')}"))
+        if not problems:
+            return error_response(InvalidRequest("invalid request"))
+        return error_response(InvalidRequest.from_errors(problems))
 
     async def on_unexpected(_request: Request, error: Exception) -> JSONResponse:
         log.exception("internal error", exc_info=error)
