@@ -14,17 +14,60 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenserve.errors import Conflict, FieldError, InvalidRequest, QwenServeError, RateLimited
 
 log = logging.getLogger("qwenserve.api")
+
+
+class FieldErrorBody(BaseModel):
+    """One bad field of a 400."""
+
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (the OpenAPI document's schema of each declared error status)."""
+
+    error: str = Field(description="What went wrong, readable; on a 400 it names every bad field")
+    errors: list[FieldErrorBody] | None = Field(
+        None, description="400 only: each bad field and its problem ([] for a body-level one)"
+    )
+    status: str | None = Field(None, description="409 only: the job's status")
+
+
+ERROR_MEANINGS: Mapping[int, str] = {
+    400: "Invalid parameters: `error` names every bad field, `errors` lists them",
+    401: "Missing or unknown API key (send `x-api-key`)",
+    403: "The key may not use this model",
+    404: "Not found",
+    406: "The key's credits cannot pay for this run",
+    409: "The request conflicts with the job's state (`status` says it)",
+    429: "Too many requests this minute (see `Retry-After`)",
+    500: "The engine failed while running the job",
+    502: "Fetching an input URL failed",
+    503: "Shutting down, or no worker can take the job",
+    504: "No answer in time (an input URL, or the sync wait; the job goes on)",
+}
+
+
+def error_responses(
+    *statuses: int, meanings: Mapping[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route for the error statuses it really answers, each with the
+    ``{"error": ...}`` schema; ``meanings`` words a status for this route."""
+    words = {**ERROR_MEANINGS, **(meanings or {})}
+    return {status: {"model": ErrorBody, "description": words[status]} for status in statuses}
 
 
 def error_response(error: QwenServeError, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -3,7 +3,7 @@ the JSON Schema of each slug's body."""
 
 from qwenserve.catalog.models import ALL_MODELS, MODELS
 from qwenserve.catalog.request import CONTENT_TYPES, GenerationRequest, InputImage, LoraRef
-from qwenserve.catalog.schema import input_schema
+from qwenserve.catalog.schema import input_schema, model_card, model_entry
 from qwenserve.catalog.spec import (
     NO_DEFAULT,
     LoraSource,
@@ -31,5 +31,7 @@ __all__ = [
     "SchedulerKind",
     "get_model",
     "input_schema",
+    "model_card",
+    "model_entry",
     "validate_request",
 ]

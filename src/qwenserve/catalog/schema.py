@@ -1,4 +1,5 @@
-"""Each slug's request body as a JSON Schema (draft 2020-12), generated from its contract.
+"""Each slug's request body as a JSON Schema (draft 2020-12), generated from its contract, and
+the model cards of ``GET /v1/models`` (OpenAI's list shape) built around it.
 
 One generator for every reader: ``GET /v1/models/{slug}`` answers it, the OpenAPI document
 (``/docs``) uses it as each slug's request body, and a UI can build a form from it. It says what
@@ -17,9 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwenserve.catalog.spec import ModelSpec, Param
+from qwenserve.catalog.spec import ModelSpec, Param, PipelineKind
 from qwenserve.catalog.validate import MAX_PROMPT_CHARS, MAX_URL_CHARS
 
+# OpenAI's ``created`` (a Unix time): when these contracts were transcribed from the seed pages
+# (2026-11-24 UTC). One date for every slug: the pages give none.
+CATALOG_CREATED_AT = 1_795_478_400
+OWNED_BY = "qwenserve"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 IMAGE_ANNOTATION = "x-qwenserve-image"
 IMAGE_SOURCES = "An http(s) URL, a data: URI, or base64-encoded image bytes."
@@ -99,3 +104,26 @@ def _property(param: Param, *, max_text: int, max_url: int) -> dict[str, Any]:
 
 def _bound(param: Param, value: float) -> int | float:
     return int(value) if param.type == "integer" else value
+
+
+def model_entry(spec: ModelSpec, price_usd: float) -> dict[str, Any]:
+    """One entry of ``GET /v1/models``: OpenAI's model object plus what a picker shows.
+
+    ``price_usd`` is the price this server charges (Settings may override the catalog's).
+    """
+    return {
+        "id": spec.slug,
+        "object": "model",
+        "created": CATALOG_CREATED_AT,
+        "owned_by": OWNED_BY,
+        "kind": "text-to-image" if spec.recipe.pipeline is PipelineKind.TEXT_TO_IMAGE else "edit",
+        "title": spec.title,
+        "description": spec.summary,
+        "price_usd": price_usd,
+        "max_input_images": spec.recipe.max_input_images,
+    }
+
+
+def model_card(spec: ModelSpec, price_usd: float) -> dict[str, Any]:
+    """``GET /v1/models/{slug}``: the entry plus the request body's JSON Schema."""
+    return {**model_entry(spec, price_usd), "input_schema": input_schema(spec)}
