@@ -7,7 +7,8 @@ responses, and nothing else invents status codes. This module imports nothing fr
 ::
 
     QwenServeError                      500  base; never shown with a stack trace
-    ├── InvalidRequest                  400  a parameter is missing, mistyped or out of range
+    ├── InvalidRequest                  400  parameters missing, mistyped or out of range; carries
+    │                                        every bad field (``errors``: FieldError list)
     │   └── InvalidInput                400  an input image or LoRA file was fetched but is unusable
     ├── Unauthenticated                 401  missing or unknown API key
     ├── Forbidden                       403  the key may not use this model
@@ -28,6 +29,8 @@ responses, and nothing else invents status codes. This module imports nothing fr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 from qwenserve.jobs import CANCELLED, EXPIRED
@@ -47,10 +50,43 @@ class QwenServeError(Exception):
         return self.message
 
 
+@dataclass(frozen=True)
+class FieldError:
+    """One bad field of a request body: its name and a readable message that names it."""
+
+    field: str
+    message: str
+
+
 class InvalidRequest(QwenServeError):
-    """A request parameter is missing, of the wrong type, out of range or not allowed."""
+    """Request parameters are missing, of the wrong type, out of range or not allowed.
+
+    ``errors`` lists every bad field (a client fixes them all in one round trip); ``message``
+    stays one readable string naming each of them, since that is what Segmind's SDK shows.
+    ``field`` is the first bad field. Raise one for many fields with ``from_errors``; a
+    single-field ``InvalidRequest(msg, field=name)`` lists itself.
+    """
 
     http_status = 400
+
+    def __init__(
+        self, message: str, *, field: str | None = None, errors: Sequence[FieldError] = ()
+    ) -> None:
+        if field is None and errors:
+            field = errors[0].field
+        super().__init__(message, field=field)
+        if not errors and field is not None:
+            errors = (FieldError(field, message),)
+        self.errors: tuple[FieldError, ...] = tuple(errors)
+
+    @classmethod
+    def from_errors(cls, errors: Sequence[FieldError]) -> InvalidRequest:
+        """One error for every bad field: the messages joined with "; " in one string."""
+        if not errors:
+            raise ValueError("from_errors needs at least one FieldError")
+        if len(errors) == 1:
+            return cls(errors[0].message, field=errors[0].field)
+        return cls("; ".join(e.message for e in errors), errors=errors)
 
 
 class InvalidInput(InvalidRequest):

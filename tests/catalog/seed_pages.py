@@ -5,10 +5,12 @@ checkout (it is the source); a fresh clone reads the copy in tests/catalog/seeds
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SOURCE_SEEDS_DIR = Path(__file__).resolve().parents[3] / "shared" / "seeds"
 COPIED_SEEDS_DIR = Path(__file__).resolve().parent / "seeds"
@@ -62,3 +64,43 @@ def read_seed(slug: str) -> dict[str, SeedParam]:
             current.allowed_total = int(total.group(1)) if total else None
             current.allowed = re.findall(r'"([^"]*)"', lines[index + 1])
     return params
+
+
+_CODE_LINE = re.compile(r"^\s*\d+(.*)$")
+
+
+def read_examples(slug: str) -> list[dict[str, object]]:
+    """The example request bodies of a page's code sample: its dict literals (``data = {…}``,
+    ``payload = {…}``) and the keyword arguments of ``segmind.run(slug, …)``.
+
+    The sample is Python with numbered lines; JSON spellings (``false``) are read too.
+    """
+    text = (SEEDS_DIR / f"{slug}.txt").read_text(encoding="utf-8")
+    sample = text.split("\nAPI Endpoint\n", 1)[0]
+    code = "\n".join(
+        found.group(1) for line in sample.splitlines() if (found := _CODE_LINE.match(line))
+    )
+    bodies: list[dict[str, object]] = []
+    for node in ast.walk(ast.parse(code)):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Dict)
+            and any(isinstance(t, ast.Name) and t.id in ("data", "payload") for t in node.targets)
+        ):
+            bodies.append(_literal(node.value))
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "run"
+            and node.keywords
+        ):
+            bodies.append({k.arg: _literal(k.value) for k in node.keywords if k.arg})
+    return bodies
+
+
+def _literal(node: ast.expr) -> Any:
+    if isinstance(node, ast.Name):  # JSON spellings inside Python
+        return {"true": True, "false": False, "null": None}[node.id]
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True) if k}
+    return ast.literal_eval(node)

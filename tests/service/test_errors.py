@@ -45,12 +45,25 @@ def assert_error(response: httpx.Response, status: int, *needles: str) -> str:
 def test_400_names_the_field(server: Server, key: str) -> None:
     for path in ("/v1/qwen-image-fast", "/v2/qwen-image-fast"):
         response = post(server, path, key, json={"prompt": "x", "steps": 17})
-        assert_error(response, 400, "steps", "1 to 16")
+        assert_error(response, 400, "steps", "between 1 and 16")
     assert_error(post(server, "/v1/qwen-image-fast", key, json={"steps": 8}), 400, "prompt")
     response = post(
         server, "/v1/qwen-image", key, json={"prompt": "x", "steps": 30, "aspect_ratio": "5:4"}
     )
     assert_error(response, 400, "aspect_ratio")
+
+
+def test_400_names_every_bad_field_and_the_sdk_shows_them(server: Server, key: str) -> None:
+    body = {"prompt": "x", "steps": 17, "aspect_ratio": "5:4", "quality": 101}
+    response = post(server, "/v2/qwen-image-fast", key, json=body)
+    message = assert_error(response, 400, "steps", "aspect_ratio", "quality")
+    assert [e["field"] for e in response.json()["errors"]] == ["steps", "aspect_ratio", "quality"]
+    client = SegmindClient(api_key=key, base_url=f"{server.url}/v1")
+    for call in (client.run_sync, client.submit_async):
+        with pytest.raises(SegmindError) as caught:
+            call("qwen-image-fast", **body)
+        assert caught.value.status == 400
+        assert caught.value.detail == message, "the SDK shows every bad field"
 
 
 def test_400_malformed_json_and_non_object(server: Server, key: str) -> None:

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from qwenserve import __version__
-from qwenserve.api import media, ops, v1, v2
+from qwenserve.api import media, models, ops, v1, v2
+from qwenserve.api.docs import create_documented_app
 from qwenserve.api.errors import install_error_handlers
 from qwenserve.api.services import Services
 
@@ -46,7 +47,7 @@ def create_app(services: Services) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await purge
 
-    app = FastAPI(
+    app = create_documented_app(
         title="qwenserve",
         version=__version__,
         summary="Segmind-compatible serving for the Qwen-Image models",
@@ -56,6 +57,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.metrics_registry = ops.build_registry(services)
     install_error_handlers(app)
     app.include_router(ops.router)
+    app.include_router(models.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(media.router)

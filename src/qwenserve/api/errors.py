@@ -1,7 +1,10 @@
 """The ONE place errors become HTTP responses: ``{"error": "..."}`` with the error's status.
 
-A ``Conflict`` (409: cancelling a finished job, a v1 job that was cancelled) also says the job's
-status: ``{"error": "...", "status": "COMPLETED"}``.
+An ``InvalidRequest`` (400) also lists every bad field: ``{"error": "steps must be …; seed
+must be …", "errors": [{"field": "steps", "message": "steps must be …"}, …]}`` (``error`` names
+them all, as Segmind's SDK shows only that string; a body-level one, such as malformed JSON,
+has ``"errors": []``). A ``Conflict`` (409: cancelling a finished job, a v1 job that was
+cancelled) also says the job's status: ``{"error": "...", "status": "COMPLETED"}``.
 
 Handlers raise typed errors from ``qwenserve.errors``; they never build error responses or pick
 status codes themselves. Anything unexpected becomes a 500 with no stack trace for the client.
@@ -11,17 +14,60 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenserve.errors import Conflict, QwenServeError, RateLimited
+from qwenserve.errors import Conflict, FieldError, InvalidRequest, QwenServeError, RateLimited
 
 log = logging.getLogger("qwenserve.api")
+
+
+class FieldErrorBody(BaseModel):
+    """One bad field of a 400."""
+
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (the OpenAPI document's schema of each declared error status)."""
+
+    error: str = Field(description="What went wrong, readable; on a 400 it names every bad field")
+    errors: list[FieldErrorBody] | None = Field(
+        None, description="400 only: each bad field and its problem ([] for a body-level one)"
+    )
+    status: str | None = Field(None, description="409 only: the job's status")
+
+
+ERROR_MEANINGS: Mapping[int, str] = {
+    400: "Invalid parameters: `error` names every bad field, `errors` lists them",
+    401: "Missing or unknown API key (send `x-api-key`)",
+    403: "The key may not use this model",
+    404: "Not found",
+    406: "The key's credits cannot pay for this run",
+    409: "The request conflicts with the job's state (`status` says it)",
+    429: "Too many requests this minute (see `Retry-After`)",
+    500: "The engine failed while running the job",
+    502: "Fetching an input URL failed",
+    503: "Shutting down, or no worker can take the job",
+    504: "No answer in time (an input URL, or the sync wait; the job goes on)",
+}
+
+
+def error_responses(
+    *statuses: int, meanings: Mapping[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route for the error statuses it really answers, each with the
+    ``{"error": ...}`` schema; ``meanings`` words a status for this route."""
+    words = {**ERROR_MEANINGS, **(meanings or {})}
+    return {status: {"model": ErrorBody, "description": words[status]} for status in statuses}
 
 
 def error_response(error: QwenServeError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -30,6 +76,8 @@ def error_response(error: QwenServeError, headers: dict[str, str] | None = None)
     if isinstance(error, RateLimited):
         all_headers.update(rate_limit_headers(error))
     body: dict[str, Any] = {"error": error.message}
+    if isinstance(error, InvalidRequest):
+        body["errors"] = [{"field": e.field, "message": e.message} for e in error.errors]
     if isinstance(error, Conflict):
         body["status"] = error.job_status
     return JSONResponse(body, status_code=error.http_status, headers=all_headers)
@@ -70,11 +118,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(_request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        first = error.errors()[0] if error.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse(
-            {"error": f"{where or 'request'}: {first.get('msg', 'invalid')}"}, status_code=400
-        )
+        problems = []
+        for problem in error.errors():
+            where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body") or "request"
+            problems.append(FieldError(where, f"{where}: {problem.get('msg', 'invalid')}"))
+        if not problems:
+            return error_response(InvalidRequest("invalid request"))
+        return error_response(InvalidRequest.from_errors(problems))
 
     async def on_unexpected(_request: Request, error: Exception) -> JSONResponse:
         log.exception("internal error", exc_info=error)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from qwenserve.api.errors import error_responses
 from qwenserve.api.services import Services
 from qwenserve.errors import NotFound
 
 router = APIRouter(tags=["media"])
 
 
-@router.get("/media/{media_id}", summary="A generated image (URL valid until the result expires)")
+@router.get(
+    "/media/{media_id}",
+    summary="A generated image (URL valid until the result expires)",
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        **error_responses(404, meanings={404: "Unknown or expired media id"}),
+    },
+)
 async def get_media(media_id: str, request: Request) -> Response:
     services: Services = request.app.state.services
     stored = await services.call(services.media.get, media_id, now=services.clock())

@@ -15,13 +15,15 @@ import base64
 import contextlib
 import json
 import logging
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from qwenserve.api import jobs
 from qwenserve.api.auth import CurrentKey
-from qwenserve.api.errors import error_response
+from qwenserve.api.docs import add_slug_routes
+from qwenserve.api.errors import error_response, error_responses
 from qwenserve.api.segmind import submit_headers
 from qwenserve.api.services import Services
 from qwenserve.errors import Conflict, UnknownRequest, UpstreamTimeout, rebuild_error
@@ -31,16 +33,15 @@ router = APIRouter(tags=["v1 (sync)"])
 log = logging.getLogger("qwenserve.api")
 
 
-@router.get("/v1/get-user-credits", summary="The calling key's credit balance (USD)")
+@router.get(
+    "/v1/get-user-credits",
+    summary="The calling key's credit balance (USD)",
+    responses=error_responses(401),
+)
 async def user_credits(key: CurrentKey) -> JSONResponse:
     return JSONResponse({"credits": round(key.balance_usd, 6), "free-credits": 0.0})
 
 
-@router.post(
-    "/v1/{slug}",
-    summary="Run a model and wait for the image",
-    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
-)
 async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
     services: Services = request.app.state.services
     body = await jobs.read_json_body(request)
@@ -97,3 +98,40 @@ async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
             headers=headers,
         )
     return Response(content=data, media_type=content_type, headers=headers)
+
+
+RUN_V1_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The image bytes; with `base64` (`base_64`) true, JSON with the image",
+        "content": {
+            "image/png": {},
+            "image/jpeg": {},
+            "image/webp": {},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    },
+    **error_responses(
+        400,
+        401,
+        403,
+        404,
+        406,
+        409,
+        429,
+        500,
+        502,
+        503,
+        504,
+        meanings={
+            404: "The result expired before it was read",
+            409: "The job was cancelled meanwhile (`status`: FAILED)",
+            504: "No result within the sync timeout (poll the X-Request-ID through v2), "
+            "or an input URL timed out",
+        },
+    ),
+}
+add_slug_routes(
+    router, "/v1/{slug}", run_v1, summary="{title}: run and wait", responses=RUN_V1_RESPONSES
+)
+# Any other slug: the same handler answers 404 naming the models there are.
+router.add_api_route("/v1/{slug}", run_v1, methods=["POST"], include_in_schema=False)

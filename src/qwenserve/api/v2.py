@@ -9,12 +9,16 @@ unfinished (``api/live.py``: queue position, progress, ETA), additive to Segmind
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from qwenserve.api import jobs, segmind
 from qwenserve.api.auth import CurrentKey
+from qwenserve.api.docs import add_slug_routes
+from qwenserve.api.errors import error_responses
 from qwenserve.api.live import live_view, owned_live_view
 from qwenserve.api.services import Services
 from qwenserve.api.stream import job_stream
@@ -24,8 +28,19 @@ router = APIRouter(tags=["v2 (async)"])
 
 SSE_PING_S = 15.0
 
+# Segmind answers a FAILED job's reads with 422 and the status body (its SDK reads `status`).
+FAILED_422: dict[int | str, dict[str, Any]] = {
+    422: {
+        "description": "The request FAILED: the same body, with `status` FAILED and its `error`",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
+READ_RESPONSES = {
+    **error_responses(401, 404, meanings={404: "Unknown, expired, or another key's request"}),
+    **FAILED_422,
+}
 
-@router.post("/v2/{slug}", summary="Submit a request to the queue")
+
 async def submit_v2(slug: str, request: Request, key: CurrentKey) -> JSONResponse:
     services: Services = request.app.state.services
     body = await jobs.read_json_body(request)
@@ -42,7 +57,17 @@ async def submit_v2(slug: str, request: Request, key: CurrentKey) -> JSONRespons
     )
 
 
-@router.get("/v2/requests/{request_id}/status", summary="Poll a request's state")
+SUBMIT_RESPONSES = error_responses(400, 401, 403, 406, 429, 503)
+add_slug_routes(
+    router, "/v2/{slug}", submit_v2, summary="{title}: queue", responses=SUBMIT_RESPONSES
+)
+# Any other slug: the same handler answers 404 naming the models there are.
+router.add_api_route("/v2/{slug}", submit_v2, methods=["POST"], include_in_schema=False)
+
+
+@router.get(
+    "/v2/requests/{request_id}/status", summary="Poll a request's state", responses=READ_RESPONSES
+)
 async def status_v2(request_id: str, request: Request, key: CurrentKey) -> JSONResponse:
     services: Services = request.app.state.services
     live = await owned_live_view(services, key.id, request_id)
@@ -50,7 +75,9 @@ async def status_v2(request_id: str, request: Request, key: CurrentKey) -> JSONR
     return JSONResponse(body, status_code=segmind.status_code(live.job))
 
 
-@router.get("/v2/requests/{request_id}", summary="Fetch a request's result")
+@router.get(
+    "/v2/requests/{request_id}", summary="Fetch a request's result", responses=READ_RESPONSES
+)
 async def result_v2(request_id: str, request: Request, key: CurrentKey) -> JSONResponse:
     services: Services = request.app.state.services
     live = await owned_live_view(services, key.id, request_id)
@@ -62,6 +89,9 @@ async def result_v2(request_id: str, request: Request, key: CurrentKey) -> JSONR
     "/v2/requests/{request_id}/events",
     summary="Follow a request live (Server-Sent Events; resumable with Last-Event-ID)",
     response_class=EventSourceResponse,
+    responses=error_responses(
+        400, 401, 404, meanings={400: "Last-Event-ID is none of this request's event ids"}
+    ),
 )
 async def events_v2(
     request_id: str,
@@ -82,11 +112,21 @@ async def events_v2(
     )
 
 
+CANCEL_RESPONSES = error_responses(
+    401, 404, 409, meanings={409: "It had already ended (`status` says how)"}
+)
+
+
 @router.post(
     "/v2/requests/{request_id}/cancel",
     summary="Cancel a request (200: ended, refunded; 202: running, stops at its next step)",
+    responses=CANCEL_RESPONSES,
 )
-@router.delete("/v2/requests/{request_id}", summary="Cancel a request (alias of POST .../cancel)")
+@router.delete(
+    "/v2/requests/{request_id}",
+    summary="Cancel a request (alias of POST .../cancel)",
+    responses=CANCEL_RESPONSES,
+)
 async def cancel_v2(request_id: str, request: Request, key: CurrentKey) -> JSONResponse:
     services: Services = request.app.state.services
     job = await jobs.cancel(services, key.id, request_id)

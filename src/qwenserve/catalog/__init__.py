@@ -1,7 +1,9 @@
-"""The model catalog: each slug's parameter contract, price and recipe, and request validation."""
+"""The model catalog: each slug's parameter contract, price and recipe, request validation and
+the JSON Schema of each slug's body."""
 
 from qwenserve.catalog.models import ALL_MODELS, MODELS
 from qwenserve.catalog.request import CONTENT_TYPES, GenerationRequest, InputImage, LoraRef
+from qwenserve.catalog.schema import input_schema, model_card, model_entry
 from qwenserve.catalog.spec import (
     NO_DEFAULT,
     LoraSource,
@@ -28,5 +30,8 @@ __all__ = [
     "Recipe",
     "SchedulerKind",
     "get_model",
+    "input_schema",
+    "model_card",
+    "model_entry",
     "validate_request",
 ]

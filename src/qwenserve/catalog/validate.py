@@ -1,7 +1,9 @@
 """Checking a raw request body against a slug's contract, field by field.
 
-Every refusal is one ``InvalidRequest`` naming the field and what is allowed; nothing here can
-raise anything else for any JSON value a client sends.
+Every problem of a body is collected (unknown fields, missing required ones, wrong types, out of
+range, not allowed, then the checks across fields) and refused as one ``InvalidRequest`` listing
+each bad field, so a client fixes them all in one round trip. Nothing here can raise anything
+else for any JSON value a client sends.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, cast
 from qwenserve.catalog.models import MODELS
 from qwenserve.catalog.request import GenerationRequest, ImageFormat, InputImage, LoraRef
 from qwenserve.catalog.spec import ModelSpec, Param
-from qwenserve.errors import InvalidRequest, UnknownModel
+from qwenserve.errors import FieldError, InvalidRequest, UnknownModel
 
 MAX_PROMPT_CHARS = 10_000
 MAX_URL_CHARS = 4_096
@@ -42,8 +44,12 @@ def get_model(slug: str) -> ModelSpec:
     return spec
 
 
+class _Refused(ValueError):
+    """One field's value is unusable; the message names the field."""
+
+
 def _describe_range(param: Param) -> str:
-    return f"{_fmt(param.minimum)} to {_fmt(param.maximum)}"
+    return f"{_fmt(param.minimum)} and {_fmt(param.maximum)}"
 
 
 def _fmt(value: float | None) -> str:
@@ -56,10 +62,7 @@ def _check_range(param: Param, value: float) -> None:
     too_low = param.minimum is not None and value < param.minimum
     too_high = param.maximum is not None and value > param.maximum
     if too_low or too_high:
-        raise InvalidRequest(
-            f"{param.name} must be between {_describe_range(param)}, got {value!r}",
-            field=param.name,
-        )
+        raise _Refused(f"{param.name} must be between {_describe_range(param)}, got {value!r}")
 
 
 def _coerce(param: Param, value: Any) -> Any:
@@ -67,30 +70,30 @@ def _coerce(param: Param, value: Any) -> Any:
     name = param.name
     if param.type == "boolean":
         if not isinstance(value, bool):
-            raise InvalidRequest(f"{name} must be a boolean (true or false)", field=name)
+            raise _Refused(f"{name} must be a boolean (true or false)")
         return value
     if param.type == "integer":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidRequest(f"{name} must be an integer", field=name)
+            raise _Refused(f"{name} must be an integer")
         if isinstance(value, float):
             if not math.isfinite(value) or not value.is_integer():
-                raise InvalidRequest(f"{name} must be an integer, got {value!r}", field=name)
+                raise _Refused(f"{name} must be an integer, got {value!r}")
             value = int(value)
         _check_range(param, value)
         return value
     if param.type == "number":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidRequest(f"{name} must be a number", field=name)
+            raise _Refused(f"{name} must be a number")
         if not math.isfinite(value):
-            raise InvalidRequest(f"{name} must be a finite number", field=name)
+            raise _Refused(f"{name} must be a finite number")
         _check_range(param, value)
         return float(value)
     # string and uri
     if not isinstance(value, str):
-        raise InvalidRequest(f"{name} must be a string", field=name)
+        raise _Refused(f"{name} must be a string")
     if param.allowed is not None and value not in param.allowed:
         allowed = ", ".join(repr(a) for a in param.allowed)
-        raise InvalidRequest(f"{name} must be one of {allowed}, got {value!r}", field=name)
+        raise _Refused(f"{name} must be one of {allowed}, got {value!r}")
     if param.type == "uri":
         _check_image_source(name, value)
     return value
@@ -100,27 +103,19 @@ def _check_image_source(name: str, value: str) -> None:
     """Syntax only: the media layer fetches and decodes it, with its own limits and guards."""
     stripped = value.strip()
     if not stripped:
-        raise InvalidRequest(f"{name} must not be empty", field=name)
+        raise _Refused(f"{name} must not be empty")
     lowered = stripped[:16].lower()
     if lowered.startswith(("http://", "https://")):
         if len(stripped) > MAX_URL_CHARS:
-            raise InvalidRequest(
-                f"{name} URL is longer than {MAX_URL_CHARS} characters", field=name
-            )
+            raise _Refused(f"{name} URL is longer than {MAX_URL_CHARS} characters")
         return
     if lowered.startswith("data:"):
         return
-    if "://" in stripped[:32]:
-        raise InvalidRequest(
-            f"{name} must be an http(s) URL, a data URI or base64 image data", field=name
-        )
-    if not _BASE64_RE.match(stripped[:4096]):
-        raise InvalidRequest(
-            f"{name} must be an http(s) URL, a data URI or base64 image data", field=name
-        )
+    if "://" in stripped[:32] or not _BASE64_RE.match(stripped[:4096]):
+        raise _Refused(f"{name} must be an http(s) URL, a data URI or base64 image data")
 
 
-def _unknown_field_error(spec: ModelSpec, name: str) -> InvalidRequest:
+def _unknown_field_error(spec: ModelSpec, name: str) -> FieldError:
     hint = ""
     if name in ("base64", "base_64"):
         hint = f"; this model spells it '{spec.base64_field}'"
@@ -128,10 +123,10 @@ def _unknown_field_error(spec: ModelSpec, name: str) -> InvalidRequest:
         close = difflib.get_close_matches(name, spec.param_names, n=1)
         if close:
             hint = f"; did you mean '{close[0]}'?"
-    return InvalidRequest(
+    return FieldError(
+        name,
         f"unknown parameter '{name}' for {spec.slug}{hint} "
         f"(accepted: {', '.join(spec.param_names)})",
-        field=name,
     )
 
 
@@ -141,64 +136,92 @@ def validate_request(
     """Check ``body`` (a decoded JSON value) against ``slug``'s contract.
 
     Returns the typed request with defaults applied and the seed resolved.
-    Raises UnknownModel for an unknown slug and InvalidRequest (naming the field) otherwise.
+    Raises UnknownModel for an unknown slug, and otherwise one InvalidRequest listing every bad
+    field (``errors``; ``field`` is the first of them).
     """
     spec = get_model(slug)
     if not isinstance(body, Mapping):
         raise InvalidRequest("request body must be a JSON object")
-    for name in body:
-        if not isinstance(name, str) or spec.param(name) is None:
-            raise _unknown_field_error(spec, str(name))
-
+    problems = [
+        _unknown_field_error(spec, str(name))
+        for name in body
+        if not isinstance(name, str) or spec.param(name) is None
+    ]
     values: dict[str, Any] = {}
     for param in spec.params:
         raw = body.get(param.name)
         if raw is None:
             if param.required:
                 hint = f" (suggested value: {param.default!r})" if param.has_default else ""
-                raise InvalidRequest(f"{param.name} is required{hint}", field=param.name)
-            values[param.name] = param.default if param.has_default else None
+                problems.append(FieldError(param.name, f"{param.name} is required{hint}"))
+            else:
+                values[param.name] = param.default if param.has_default else None
             continue
-        values[param.name] = _coerce(param, raw)
+        try:
+            values[param.name] = _coerce(param, raw)
+        except _Refused as refused:
+            problems.append(FieldError(param.name, str(refused)))
+    problems.extend(_cross_field_problems(spec, values, {p.field for p in problems}))
+    if problems:
+        # Unknown fields first (as sent), then the page's order.
+        order = {name: index for index, name in enumerate(spec.param_names)}
+        problems.sort(key=lambda problem: order.get(problem.field, -1))
+        raise InvalidRequest.from_errors(problems)
     return _build(spec, values, seed_source)
 
 
-def _build(spec: ModelSpec, values: dict[str, Any], seed_source: SeedSource) -> GenerationRequest:
-    recipe = spec.recipe
-    prompt = cast(str, values["prompt"])
-    if not prompt.strip():
-        raise InvalidRequest("prompt must not be empty", field="prompt")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(f"prompt is longer than {MAX_PROMPT_CHARS} characters", field="prompt")
+def _cross_field_problems(
+    spec: ModelSpec, values: Mapping[str, Any], already_bad: set[str]
+) -> list[FieldError]:
+    """The checks past each field's type and range; a field already refused is not re-judged."""
+    problems: list[FieldError] = []
+    prompt = values.get("prompt")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            problems.append(FieldError("prompt", "prompt must not be empty"))
+        elif len(prompt) > MAX_PROMPT_CHARS:
+            problems.append(
+                FieldError("prompt", f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+            )
     negative = values.get("negative_prompt")
     if isinstance(negative, str) and len(negative) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(
-            f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters",
-            field="negative_prompt",
+        problems.append(
+            FieldError(
+                "negative_prompt",
+                f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters",
+            )
         )
-
-    images = tuple(
-        InputImage(field=name, source=values[name])
-        for name in spec.image_fields
-        if values.get(name) is not None
-    )
-    if recipe.max_input_images and not images:
+    has_image = any(values.get(name) is not None for name in spec.image_fields)
+    image_refused = any(name in already_bad for name in spec.image_fields)
+    if spec.recipe.max_input_images and not has_image and not image_refused:
         fields = " or ".join(spec.image_fields)
-        raise InvalidRequest(
-            f"an input image is required: send {fields}", field=spec.image_fields[0]
+        problems.append(
+            FieldError(spec.image_fields[0], f"an input image is required: send {fields}")
         )
-
-    extra_loras: list[LoraRef] = []
     for name in ("lora_2_url", "lora_3_url"):
         location = values.get(name)
         if location is None:
             continue
         if not location.strip():
-            raise InvalidRequest(f"{name} must not be empty", field=name)
-        if len(location) > MAX_URL_CHARS:
-            raise InvalidRequest(f"{name} is longer than {MAX_URL_CHARS} characters", field=name)
-        extra_loras.append(LoraRef(field=name, location=location.strip()))
+            problems.append(FieldError(name, f"{name} must not be empty"))
+        elif len(location) > MAX_URL_CHARS:
+            problems.append(FieldError(name, f"{name} is longer than {MAX_URL_CHARS} characters"))
+    return problems
 
+
+def _build(spec: ModelSpec, values: dict[str, Any], seed_source: SeedSource) -> GenerationRequest:
+    """The typed request from checked values (nothing left to refuse)."""
+    recipe = spec.recipe
+    images = tuple(
+        InputImage(field=name, source=values[name])
+        for name in spec.image_fields
+        if values.get(name) is not None
+    )
+    extra_loras = tuple(
+        LoraRef(field=name, location=values[name].strip())
+        for name in ("lora_2_url", "lora_3_url")
+        if values.get(name) is not None
+    )
     seed = values.get("seed")
     if seed is None or seed == -1:
         seed = seed_source()
@@ -212,18 +235,18 @@ def _build(spec: ModelSpec, values: dict[str, Any], seed_source: SeedSource) -> 
     guidance = values.get("guidance")
     return GenerationRequest(
         slug=spec.slug,
-        prompt=prompt,
+        prompt=cast(str, values["prompt"]),
         steps=int(steps),
         guidance=1.0 if guidance is None else float(guidance),
         seed=int(seed),
         image_format=cast(ImageFormat, values["image_format"]),
         quality=int(values["quality"]),
         base64=bool(values[spec.base64_field]),
-        negative_prompt=negative,
+        negative_prompt=values.get("negative_prompt"),
         aspect_ratio=values.get("aspect_ratio"),
         width=values.get("width"),
         height=values.get("height"),
         images=images,
         lora=values.get("lora"),
-        extra_loras=tuple(extra_loras),
+        extra_loras=extra_loras,
     )

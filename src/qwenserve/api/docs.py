@@ -1,0 +1,118 @@
+"""What ``/openapi.json`` and ``/docs`` show: one path per slug with its body's JSON Schema
+(``catalog.input_schema``, the same one ``GET /v1/models/{slug}`` answers), the key's security
+schemes (declared in ``api/auth.py``), and Swagger UI served from local files, so the page works
+with no network (the assets come from the ``fastapi-offline`` package).
+
+Handlers read their bodies themselves (``api/jobs.read_json_body``, then the catalog's
+validation), so no pydantic model declares the body: each slug's operation is marked
+(``x-qwenserve-slug``) and its body schema set into the finished document as the catalog writes
+it (FastAPI's own document model would turn an integer bound such as 2**63-1 into a float).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
+
+from qwenserve.api.auth import CurrentKey
+from qwenserve.catalog import ALL_MODELS, ModelSpec, get_model, input_schema
+from qwenserve.store.base import ApiKey
+
+DOCS_ASSETS_URL = "/docs-assets"
+SWAGGER_UI_PARAMETERS = {"persistAuthorization": True, "tryItOutEnabled": True}
+
+SLUG_MARKER = "x-qwenserve-slug"
+
+SlugHandler = Callable[[str, Request, ApiKey], Awaitable[Response]]
+
+
+def create_documented_app(**kwargs: Any) -> FastAPI:
+    """A FastAPI app whose ``/docs`` and ``/redoc`` load their assets from this server."""
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS_URL, swagger_ui_parameters=SWAGGER_UI_PARAMETERS, **kwargs
+    )
+    install_openapi(app)
+    return app
+
+
+def slug_request_body(spec: ModelSpec) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a slug's submit routes: its catalog schema, as is."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": input_schema(spec)}},
+        }
+    }
+
+
+def add_slug_routes(
+    router: APIRouter,
+    path: str,
+    handler: SlugHandler,
+    *,
+    summary: str,
+    responses: dict[int | str, dict[str, Any]],
+) -> None:
+    """``POST path`` for each slug (``path`` holds ``{slug}``), each documented with its own
+    body, so "Try it out" offers that slug's fields. ``summary`` may say ``{title}``."""
+    for spec in ALL_MODELS:
+        router.add_api_route(
+            path.format(slug=spec.slug),
+            _bound(handler, spec.slug),
+            methods=["POST"],
+            summary=summary.format(title=spec.title),
+            description=spec.summary,
+            operation_id=f"{handler.__name__}_{spec.slug.replace('-', '_')}",
+            responses=responses,
+            openapi_extra={SLUG_MARKER: spec.slug},
+        )
+
+
+def _bound(handler: SlugHandler, slug: str) -> Callable[..., Awaitable[Response]]:
+    async def endpoint(request: Request, key: CurrentKey) -> Response:
+        return await handler(slug, request, key)
+
+    endpoint.__name__ = handler.__name__
+    return endpoint
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Generate the document once, then set each slug's body and drop FastAPI's automatic 422
+    answers: this API answers a bad parameter with 400 (``api/errors.py``), and only the v2
+    reads declare a 422 (FAILED)."""
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()  # cached by FastAPI as app.openapi_schema
+            _set_slug_bodies(document)
+            _drop_framework_422(document)
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _set_slug_bodies(document: dict[str, Any]) -> None:
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            slug = operation.get(SLUG_MARKER)
+            if slug is not None:
+                operation.update(slug_request_body(get_model(slug)))
+
+
+def _drop_framework_422(document: dict[str, Any]) -> None:
+    marker = "#/components/schemas/HTTPValidationError"
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            answer = operation.get("responses", {}).get("422", {})
+            schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+            if schema.get("$ref") == marker:
+                del operation["responses"]["422"]
+    schemas = document.get("components", {}).get("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
