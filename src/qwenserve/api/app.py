@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from qwenserve import __version__
-from qwenserve.api import media, ops, v1, v2
+from qwenserve.api import media, openai_images, ops, v1, v2
 from qwenserve.api.errors import install_error_handlers
 from qwenserve.api.services import Services
 
@@ -56,6 +56,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.metrics_registry = ops.build_registry(services)
     install_error_handlers(app)
     app.include_router(ops.router)
+    app.include_router(openai_images.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(media.router)
