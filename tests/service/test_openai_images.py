@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import httpx
 import openai
@@ -259,3 +260,21 @@ def test_edit_stream_uses_image_edit_events(client: OpenAI) -> None:
     )
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
     assert decode(events[0].b64_json).size == decode(events[1].b64_json).size
+
+
+def test_a_refused_image_refunds_its_siblings(server: Server) -> None:
+    price = MODELS["qwen-image-fast"].price_usd
+    key = server.create_key(credits=2.5 * price, rpm=0)  # pays for two images, not three
+    sdk = OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
+    before = credits(server, key)
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk.images.generate(model="qwen-image-fast", prompt="a kite", n=3, extra_body={"steps": 2})
+    assert caught.value.status_code == 406
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "insufficient_quota"
+    # The two accepted ones were cancelled: refunded at once if queued, at their next step (or
+    # when they end) if a worker had started them.
+    deadline = time.monotonic() + 30
+    while credits(server, key) != pytest.approx(before, abs=1e-6) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert credits(server, key) == pytest.approx(before, abs=1e-6)

@@ -64,11 +64,19 @@ async def read_json_body(request: Request) -> Any:
 
 
 async def submit(
-    services: Services, key: ApiKey, slug: str, body: Any, *, partial_images: int = 0
+    services: Services,
+    key: ApiKey,
+    slug: str,
+    body: Any,
+    *,
+    partial_images: int = 0,
+    wake: bool = True,
 ) -> Submitted:
     """Validate, authorize, and enqueue atomically with the credit debit and rate limit.
 
     ``partial_images``: previews the worker stores while it denoises (``media/previews.py``).
+    ``wake=False`` leaves waking in-process workers (``Services.on_submitted``) to the caller,
+    which submits several jobs that should be claimed together.
 
     Raises:
         UnknownModel, Forbidden, InvalidRequest (naming the field): before anything is kept.
@@ -111,7 +119,7 @@ async def submit(
             await services.call(forget, services.media, stored)
         raise
     log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
-    if services.on_submitted is not None:
+    if wake and services.on_submitted is not None:
         services.on_submitted(job.id)
     return Submitted(job=job, request=request, outcome=outcome)
 

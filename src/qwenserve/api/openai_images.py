@@ -118,18 +118,22 @@ async def _run(request: Request, key: ApiKey, call: ImagesCall) -> Response:
 
 async def _submit_all(services: Services, key: ApiKey, call: ImagesCall) -> list[Submitted]:
     """The ``n`` jobs; if one is refused (429, 406), those accepted before it are cancelled
-    (refunded) and the refusal is the answer: all or nothing."""
+    (refunded) and the refusal is the answer: all or nothing. In-process workers are woken once
+    all are in, so they claim them together (one batch) and none has ended before a refusal."""
     accepted: list[Submitted] = []
     try:
         for body in call.job_bodies():
             accepted.append(
                 await jobs.submit(
-                    services, key, call.slug, body, partial_images=call.partial_images
+                    services, key, call.slug, body, partial_images=call.partial_images, wake=False
                 )
             )
     except BaseException:
         await _cancel(services, key, [s.job.id for s in accepted])
         raise
+    if services.on_submitted is not None:
+        for submitted in accepted:
+            services.on_submitted(submitted.job.id)
     return accepted
 
 
