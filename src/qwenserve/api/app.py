@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from qwenserve import __version__
-from qwenserve.api import media, models, ops, v1, v2
+from qwenserve.api import media, models, openai_images, ops, v1, v2
 from qwenserve.api.docs import create_documented_app
 from qwenserve.api.errors import install_error_handlers
 from qwenserve.api.services import Services
@@ -58,6 +58,7 @@ def create_app(services: Services) -> FastAPI:
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(models.router)
+    app.include_router(openai_images.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(media.router)

@@ -1,4 +1,8 @@
-"""The ONE place errors become HTTP responses: ``{"error": "..."}`` with the error's status.
+"""The ONE place errors become HTTP responses, with the error's status, in each dialect's shape.
+
+Segmind's routes answer ``{"error": "..."}``; OpenAI's (``/v1/images/...``) answer
+``{"error": {"message", "type", "param", "code"}}`` (``openai_body``): two renderers of the same
+tree, chosen by the route prefix, so a handler never knows which shape it answers in.
 
 An ``InvalidRequest`` (400) also lists every bad field: ``{"error": "steps must be …; seed
 must be …", "errors": [{"field": "steps", "message": "steps must be …"}, …]}`` (``error`` names
@@ -24,9 +28,21 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenserve.errors import Conflict, FieldError, InvalidRequest, QwenServeError, RateLimited
+from qwenserve.errors import (
+    Cancelled,
+    Conflict,
+    FieldError,
+    InvalidRequest,
+    QwenServeError,
+    RateLimited,
+    Unauthenticated,
+    UnknownModel,
+)
 
 log = logging.getLogger("qwenserve.api")
+
+OPENAI_PREFIX = "/v1/images/"
+"""Routes under this prefix speak OpenAI's dialect (``api/openai_images.py``)."""
 
 
 class FieldErrorBody(BaseModel):
@@ -70,15 +86,54 @@ def error_responses(
     return {status: {"model": ErrorBody, "description": words[status]} for status in statuses}
 
 
-def error_response(error: QwenServeError, headers: dict[str, str] | None = None) -> JSONResponse:
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    406: "insufficient_quota",
+    409: "invalid_request_error",
+    429: "requests",
+}
+
+
+def is_openai(request: Request) -> bool:
+    return request.url.path.startswith(OPENAI_PREFIX)
+
+
+def openai_body(status: int, message: str, error: QwenServeError | None = None) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}`` as OpenAI's SDK reads it."""
+    code: str | None = None
+    if isinstance(error, UnknownModel):
+        code = "model_not_found"
+    elif isinstance(error, Unauthenticated):
+        code = "invalid_api_key"
+    elif isinstance(error, Cancelled):
+        code = "cancelled"
+    elif status == 406:
+        code = "insufficient_quota"
+    elif status == 429:
+        code = "rate_limit_exceeded"
+    elif status == 400:
+        code = "invalid_value"
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    param = error.field if error is not None else None
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(
+    error: QwenServeError, headers: dict[str, str] | None = None, *, openai: bool = False
+) -> JSONResponse:
     """The response for a typed error (also used for a FAILED job's stored error in v1)."""
     all_headers = dict(headers or {})
     if isinstance(error, RateLimited):
         all_headers.update(rate_limit_headers(error))
     body: dict[str, Any] = {"error": error.message}
-    if isinstance(error, InvalidRequest):
+    if openai:
+        body = openai_body(error.http_status, error.message, error)
+    elif isinstance(error, InvalidRequest):
         body["errors"] = [{"field": e.field, "message": e.message} for e in error.errors]
-    if isinstance(error, Conflict):
+    elif isinstance(error, Conflict):
         body["status"] = error.job_status
     return JSONResponse(body, status_code=error.http_status, headers=all_headers)
 
@@ -98,13 +153,17 @@ def rate_limit_headers(error: RateLimited) -> dict[str, str]:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the mapping on ``app``."""
 
-    async def on_qwenserve_error(_request: Request, error: Exception) -> JSONResponse:
+    async def on_qwenserve_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, QwenServeError)
         if error.http_status >= 500:
             log.warning("%s: %s", type(error).__name__, error.message)
-        return error_response(error)
+        return error_response(error, openai=is_openai(request))
 
-    async def on_http_error(_request: Request, error: Exception) -> JSONResponse:
+    def plain(request: Request, message: str, status: int, **kw: Any) -> JSONResponse:
+        body = openai_body(status, message) if is_openai(request) else {"error": message}
+        return JSONResponse(body, status_code=status, **kw)
+
+    async def on_http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
         detail: Any = error.detail
         message = detail if isinstance(detail, str) else "request failed"
@@ -112,23 +171,20 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "not found"
         elif error.status_code == 405:
             message = "method not allowed"
-        return JSONResponse(
-            {"error": message}, status_code=error.status_code, headers=error.headers
-        )
+        return plain(request, message, error.status_code, headers=error.headers)
 
-    async def on_validation_error(_request: Request, error: Exception) -> JSONResponse:
+    async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
         problems = []
         for problem in error.errors():
             where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body") or "request"
             problems.append(FieldError(where, f"{where}: {problem.get('msg', 'invalid')}"))
-        if not problems:
-            return error_response(InvalidRequest("invalid request"))
-        return error_response(InvalidRequest.from_errors(problems))
+        invalid = InvalidRequest.from_errors(problems) if problems else InvalidRequest("invalid")
+        return error_response(invalid, openai=is_openai(request))
 
-    async def on_unexpected(_request: Request, error: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("internal error", exc_info=error)
-        return JSONResponse({"error": "internal server error"}, status_code=500)
+        return plain(request, "internal server error", 500)
 
     app.add_exception_handler(QwenServeError, on_qwenserve_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

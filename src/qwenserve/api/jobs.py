@@ -8,6 +8,7 @@ shape requests and responses; status codes come from the error tree (``api/error
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -23,6 +24,7 @@ from qwenserve.catalog import GenerationRequest, get_model, validate_request
 from qwenserve.errors import InvalidRequest, UnknownRequest
 from qwenserve.jobs import Job, JobStatus
 from qwenserve.media.inline import forget, store_inline_images, stored_input_ids
+from qwenserve.media.previews import new_preview_prefix
 from qwenserve.store.base import ApiKey, SubmitOutcome
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -61,8 +63,20 @@ async def read_json_body(request: Request) -> Any:
         raise InvalidRequest(f"malformed JSON body: {error}") from None
 
 
-async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submitted:
+async def submit(
+    services: Services,
+    key: ApiKey,
+    slug: str,
+    body: Any,
+    *,
+    partial_images: int = 0,
+    wake: bool = True,
+) -> Submitted:
     """Validate, authorize, and enqueue atomically with the credit debit and rate limit.
+
+    ``partial_images``: previews the worker stores while it denoises (``media/previews.py``).
+    ``wake=False`` leaves waking in-process workers (``Services.on_submitted``) to the caller,
+    which submits several jobs that should be claimed together.
 
     Raises:
         UnknownModel, Forbidden, InvalidRequest (naming the field): before anything is kept.
@@ -71,6 +85,10 @@ async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submi
     spec = get_model(slug)
     authorize(key, slug)
     request = validate_request(slug, body)
+    if partial_images > 0:
+        request = dataclasses.replace(
+            request, partial_images=partial_images, preview_id=new_preview_prefix()
+        )
     now = services.clock()
     settings = services.settings
     expires_at = now + settings.result_ttl_s
@@ -101,7 +119,7 @@ async def submit(services: Services, key: ApiKey, slug: str, body: Any) -> Submi
             await services.call(forget, services.media, stored)
         raise
     log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
-    if services.on_submitted is not None:
+    if wake and services.on_submitted is not None:
         services.on_submitted(job.id)
     return Submitted(job=job, request=request, outcome=outcome)
 

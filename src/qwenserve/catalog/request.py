@@ -52,6 +52,10 @@ class GenerationRequest:
     images: tuple[InputImage, ...] = ()
     lora: str | None = None
     extra_loras: tuple[LoraRef, ...] = ()
+    partial_images: int = 0
+    """Previews to make while denoising (OpenAI's ``partial_images``; none for Segmind)."""
+    preview_id: str | None = None
+    """Media id prefix the previews are stored under (``media/previews.py``), chosen at submit."""
 
     @property
     def content_type(self) -> str:

@@ -44,6 +44,7 @@ from qwenserve.runtime.compile import CompileStats, run_warm_up, warm_up_request
 from qwenserve.runtime.condition_area import capped_condition_area
 from qwenserve.runtime.config import EngineConfig, GeneratedImage, resolve_cfg_batch
 from qwenserve.runtime.fast_paths import check_switches, step_cache_reset_on_error
+from qwenserve.runtime.preview import PreviewCallback, preview_hook
 from qwenserve.runtime.prompt_cache import PromptCache
 from qwenserve.runtime.resident import Resident, ResidentPipelines, device_budget
 from qwenserve.runtime.run import run_pipeline, to_image
@@ -280,19 +281,23 @@ class Engine:
         extra_loras: Sequence[Path] = (),
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> GeneratedImage:
         """Run ``request`` and return its image (RGB, exactly the planned width x height).
 
         ``images`` are the decoded inputs in ``request.images`` order; ``extra_loras`` local
         LoRA files in ``request.extra_loras`` order, active for this call only. ``on_step``
-        gets (steps done, total) after each denoising step; ``should_cancel`` is checked there.
+        gets (steps done, total) after each denoising step; ``should_cancel`` is checked there;
+        ``on_preview`` gets each preview ``request.partial_images`` asks for (``preview.py``).
 
         Raises InvalidInput (naming the field) for a LoRA file that is not a LoRA for this model,
         OutOfMemory (an InferenceError naming the size) when the device runs out of memory,
         InferenceError for other engine failures: NaN output, cancellation ("cancelled"),
         weights that cannot be loaded.
         """
-        return self._generate([request], [images], extra_loras, on_step, should_cancel)[0]
+        return self._generate([request], [images], extra_loras, on_step, should_cancel, on_preview)[
+            0
+        ]
 
     def batch_key(self, request: GenerationRequest) -> Hashable | None:
         """Requests with equal non-None keys can run in one ``generate_batch`` call.
@@ -324,6 +329,7 @@ class Engine:
         images: Sequence[Sequence[Image.Image]] = (),
         should_cancel: Callable[[], bool] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[GeneratedImage]:
         """Run ``requests`` (all with one non-None ``batch_key``) as one pipeline call.
 
@@ -343,7 +349,7 @@ class Engine:
         per_request_images = list(images) if images else [() for _ in requests]
         if len(per_request_images) != len(requests):
             raise InferenceError("generate_batch: one image list per request, or none")
-        return self._generate(requests, per_request_images, (), on_step, should_cancel)
+        return self._generate(requests, per_request_images, (), on_step, should_cancel, on_preview)
 
     def _generate(
         self,
@@ -352,6 +358,7 @@ class Engine:
         extra_loras: Sequence[Path],
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[GeneratedImage]:
         """The one generate path: ``requests`` (one, or several sharing a batch key) as one
         pipeline call. Input images and extra LoRAs only for a batch of one (batches are
@@ -372,7 +379,10 @@ class Engine:
             with self._adapters.active(resident, recipe_adapters, first, extra_loras):
                 call_images = images[0] if single else []
                 kwargs, plan = self._prepare(resident, recipe, requests, call_images)
-                pixels = self._run(resident, kwargs, plan, first.steps, on_step, should_cancel)
+                on_latents = preview_hook(requests, plan, resident.pipe, on_preview)
+                pixels = self._run(
+                    resident, kwargs, plan, first.steps, on_step, should_cancel, on_latents
+                )
             elapsed_s = time.perf_counter() - started
         if single:
             log.info(
@@ -432,6 +442,7 @@ class Engine:
         total_steps: int,
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
+        on_latents: Callable[[int, Any], None] | None = None,
     ) -> np.ndarray[Any, Any]:
         """``run_pipeline`` within the scopes this call needs: the step cache reset on an
         error, the tiny preset's capped edit inputs, CFG pairing armed with the negatives."""
@@ -452,6 +463,7 @@ class Engine:
             total_steps=total_steps,
             on_step=on_step,
             should_cancel=should_cancel,
+            on_latents=on_latents,
             scopes=scopes,
             free_memory=self._pipelines.release_memory,
             device_type=self.device.type,

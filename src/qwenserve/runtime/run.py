@@ -29,6 +29,7 @@ def run_pipeline(
     total_steps: int,
     on_step: Callable[[int, int], None] | None,
     should_cancel: Callable[[], bool] | None,
+    on_latents: Callable[[int, Any], None] | None = None,
     scopes: Sequence[contextlib.AbstractContextManager[Any]] = (),
     free_memory: Callable[[], None],
     device_type: str,
@@ -36,7 +37,8 @@ def run_pipeline(
     """Call ``pipe`` within ``scopes``; returns float pixels [B, H, W, 3] in [0, 1].
 
     ``on_step`` gets (steps done, ``total_steps``) after each step; ``should_cancel`` is
-    checked there. Raises InferenceError ("cancelled", NaN output, any other failure) and
+    checked there; ``on_latents`` gets (steps done, the latents) after each step (previews).
+    Raises InferenceError ("cancelled", NaN output, any other failure) and
     OutOfMemory (naming size and batch) after ``free_memory`` ran."""
     cancelled = False
     out_of_memory = False
@@ -45,6 +47,8 @@ def run_pipeline(
         pipeline: Pipeline, step: int, timestep: Any, tensors: dict[str, Any]
     ) -> dict[str, Any]:
         nonlocal cancelled
+        if on_latents is not None and "latents" in tensors:
+            on_latents(step + 1, tensors["latents"])
         if on_step is not None:
             on_step(step + 1, total_steps)
         if should_cancel is not None and should_cancel():

@@ -18,6 +18,10 @@ StepCallback = Callable[[int, int], None]
 """Called by the engine after each denoising step with (steps done, total steps)."""
 CancelCheck = Callable[[], bool]
 """Asked by the engine after each denoising step: True stops the call ("cancelled")."""
+PreviewCallback = Callable[[int, int, "Image.Image"], None]
+"""Called by the engine with (the request's index in the call, the preview's index, the
+image) for each preview a request's ``partial_images`` asks for. Passed only when one does,
+so an engine that makes no previews need not take it."""
 
 
 class ImageEngine(Protocol):
@@ -31,6 +35,7 @@ class ImageEngine(Protocol):
         extra_loras: Sequence[Path] = (),
         on_step: StepCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> GeneratedImage: ...
 
     def batch_key(self, request: GenerationRequest) -> Hashable | None:
@@ -44,6 +49,7 @@ class ImageEngine(Protocol):
         images: Sequence[Sequence[Image.Image]] = (),
         should_cancel: CancelCheck | None = None,
         on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> Sequence[GeneratedImage]: ...
 
     def resident(self) -> list[str]:

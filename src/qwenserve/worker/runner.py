@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qwenserve.catalog import GenerationRequest
 from qwenserve.config import WorkerSettings
@@ -40,6 +40,7 @@ from qwenserve.worker.control import Clock, JobControl, StopReason
 from qwenserve.worker.engine import CancelCheck, CountsCompiles, ImageEngine, StepCallback
 from qwenserve.worker.finisher import Finisher, describe_crash
 from qwenserve.worker.inputs import InputLoader, Prepared
+from qwenserve.worker.previews import preview_saver, wants_previews
 
 if TYPE_CHECKING:
     from qwenserve.jobs import Job
@@ -362,6 +363,10 @@ class WorkerRunner:
     def _generate(self, prepared: list[Prepared]) -> None:
         jobs = [p.job for p in prepared]
         on_step, should_cancel = self._step_hooks(jobs)
+        requests = [p.request for p in prepared]
+        previews: dict[str, Any] = {}  # only when asked: engines without previews still fit
+        if wants_previews(requests):
+            previews["on_preview"] = preview_saver(jobs, requests, self.media)
         try:
             outputs: Sequence[GeneratedImage]
             if len(prepared) == 1:
@@ -373,14 +378,16 @@ class WorkerRunner:
                         extra_loras=only.loras,
                         on_step=on_step,
                         should_cancel=should_cancel,
+                        **previews,
                     )
                 ]
             else:
                 outputs = self.engine.generate_batch(
-                    [p.request for p in prepared],
+                    requests,
                     images=[p.images for p in prepared],
                     on_step=on_step,
                     should_cancel=should_cancel,
+                    **previews,
                 )
         except QwenServeError as error:
             if isinstance(error, OutOfMemory) and self._split_after_oom(prepared, error):

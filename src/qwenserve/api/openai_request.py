@@ -1,0 +1,292 @@
+"""OpenAI's images requests in the catalog's terms: which slug, how many jobs, and the Segmind
+body each job is validated with (``api/jobs.submit``), so every slug rule stays the catalog's.
+
+Mapping (the README's "OpenAI images API" section says the same):
+
+* ``model``: a qwenserve slug, text-to-image on generations, edit on edits (the other kind is a
+  400 naming ``model``; an unknown one a 404). Omitted: qwen-image-fast / qwen-image-edit-fast.
+* ``n`` (1-10): that many jobs; an explicit seed S gives them S, S+1, …
+* ``size``: ``auto`` (or none) is the slug's default; ``WxH`` is exact where the slug takes
+  width/height, else its nearest aspect ratio; a slug that follows its input image's size takes
+  only ``auto``.
+* ``output_format`` → ``image_format``; ``output_compression`` (0-100) → ``quality`` (clamped
+  into the slug's range); ``response_format`` ``b64_json`` (default) or ``url``.
+* ``quality``, ``style``, ``moderation``, ``user``, ``safety_identifier``, ``input_fidelity``:
+  accepted and ignored; ``background`` ``transparent`` is refused (the images are opaque).
+* Anything else is a slug parameter by its Segmind name (``extra_body``: steps, seed, guidance,
+  negative_prompt, …), checked by the slug's contract like any Segmind request.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from qwenserve.catalog import MODELS, ModelSpec, PipelineKind
+from qwenserve.errors import InvalidRequest, UnknownModel
+
+MAX_IMAGES = 10
+MAX_PARTIAL_IMAGES = 3
+DEFAULT_GENERATION_MODEL = "qwen-image-fast"
+DEFAULT_EDIT_MODEL = "qwen-image-edit-fast"
+IGNORED = ("quality", "style", "moderation", "user", "safety_identifier", "input_fidelity")
+OPENAI_FIELDS = frozenset(
+    (
+        "model",
+        "prompt",
+        "n",
+        "size",
+        "response_format",
+        "output_format",
+        "output_compression",
+        "background",
+        "stream",
+        "partial_images",
+        "image",
+        "mask",
+        *IGNORED,
+    )
+)
+ResponseFormat = Literal["url", "b64_json"]
+_SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+
+
+@dataclass(frozen=True)
+class ImagesCall:
+    """One OpenAI images request, decided: the slug, the Segmind body of each job and how to
+    answer."""
+
+    slug: str
+    body: dict[str, Any]
+    n: int
+    response_format: ResponseFormat
+    output_format: str
+    stream: bool
+    partial_images: int
+    edit: bool
+    seeds: tuple[int, ...] = field(default=())
+
+    def job_bodies(self) -> list[dict[str, Any]]:
+        """The body of each of the ``n`` jobs (distinct explicit seeds when one was given)."""
+        if not self.seeds:
+            return [dict(self.body) for _ in range(self.n)]
+        return [{**self.body, "seed": seed} for seed in self.seeds]
+
+
+def parse_generation(body: Any) -> ImagesCall:
+    """``POST /v1/images/generations``'s JSON body. Raises InvalidRequest / UnknownModel."""
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("request body must be a JSON object")
+    if "image" in body or "mask" in body:
+        name = "image" if "image" in body else "mask"
+        raise InvalidRequest(f"{name}: send images to /v1/images/edits", field=name)
+    return _parse(body, (), edit=False)
+
+
+def parse_edit(fields: Mapping[str, Any], images: Sequence[str]) -> ImagesCall:
+    """``POST /v1/images/edits``: the form's fields (strings, as multipart sends them) and
+    its images (base64). Raises InvalidRequest / UnknownModel."""
+    if "mask" in fields:
+        raise InvalidRequest(
+            "mask: Qwen-Image edits follow the prompt over the whole image and take no mask; "
+            "describe the region to change in the prompt",
+            field="mask",
+        )
+    if not images:
+        raise InvalidRequest("image is required: send one or more image files", field="image")
+    return _parse(_from_form(fields, _model(fields, edit=True)), images, edit=True)
+
+
+def _model(body: Mapping[str, Any], *, edit: bool) -> ModelSpec:
+    name = body.get("model")
+    if name is None:
+        name = DEFAULT_EDIT_MODEL if edit else DEFAULT_GENERATION_MODEL
+    if not isinstance(name, str):
+        raise InvalidRequest("model must be a string (a qwenserve model slug)", field="model")
+    spec = MODELS.get(name)
+    if spec is None:
+        raise UnknownModel(
+            f"model '{name}' not found; available models: {', '.join(sorted(MODELS))}",
+            field="model",
+        )
+    is_edit = spec.recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE
+    if is_edit != edit:
+        kind, route = ("an edit", "/v1/images/edits") if is_edit else ("a text-to-image", "")
+        where = f"; use {route}" if route else "; use /v1/images/generations"
+        raise InvalidRequest(f"model '{name}' is {kind} model{where}", field="model")
+    return spec
+
+
+def _from_form(fields: Mapping[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """Multipart sends every value as text: numbers and booleans back to their types (by the
+    OpenAI field, or the slug parameter's declared type); what does not parse stays text and
+    the contract names it."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        kind = {"n": "integer", "output_compression": "integer", "partial_images": "integer"}.get(
+            name, "boolean" if name == "stream" else None
+        )
+        param = spec.param(name)
+        if kind is None and param is not None:
+            kind = param.type
+        out[name] = _typed(value, kind)
+    return out
+
+
+def _typed(value: Any, kind: str | None) -> Any:
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            return float(text)
+    except ValueError:
+        return value
+    if kind == "boolean" and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return value
+
+
+def _parse(body: Mapping[str, Any], images: Sequence[str], *, edit: bool) -> ImagesCall:
+    spec = _model(body, edit=edit)
+    n = _int_field(body, "n", 1, 1, MAX_IMAGES)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream must be a boolean", field="stream")
+    partial = _int_field(body, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
+    if stream and n > 1:
+        raise InvalidRequest("n must be 1 when streaming", field="n")
+    response_format: ResponseFormat = "b64_json"
+    if body.get("response_format") == "url":
+        response_format = "url"
+    elif body.get("response_format") not in (None, "b64_json"):
+        raise InvalidRequest("response_format must be 'url' or 'b64_json'", field="response_format")
+    background = body.get("background")
+    if background not in (None, "auto", "opaque"):
+        raise InvalidRequest(
+            "background must be 'auto' or 'opaque': the images have no transparency",
+            field="background",
+        )
+    for name in IGNORED:
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise InvalidRequest(f"{name} must be a string", field=name)
+
+    mapped: dict[str, Any] = {}
+    if body.get("prompt") is not None:
+        mapped["prompt"] = body["prompt"]
+    mapped.update(_size(spec, body.get("size")))
+    output_format = body.get("output_format")
+    if output_format is not None:
+        if output_format not in ("png", "jpeg", "webp"):
+            raise InvalidRequest(
+                "output_format must be 'png', 'jpeg' or 'webp'", field="output_format"
+            )
+        mapped["image_format"] = output_format
+    if body.get("output_compression") is not None:
+        mapped["quality"] = _quality(spec, _int_field(body, "output_compression", 100, 0, 100))
+    mapped.update(_images(spec, images))
+
+    segmind = dict(mapped)
+    for name, value in body.items():
+        if name in OPENAI_FIELDS:
+            continue
+        if name in ("base64", "base_64") or name in spec.image_fields:
+            raise InvalidRequest(
+                f"{name} is set by the OpenAI API (response_format, image)", field=name
+            )
+        if name in mapped:
+            raise InvalidRequest(f"{name} conflicts with the OpenAI field that sets it", field=name)
+        segmind[name] = value
+    image_format = segmind.get("image_format")
+    format_param = spec.param("image_format")
+    if image_format is None:
+        image_format = format_param.default if format_param is not None else "png"
+    seed = segmind.get("seed")
+    seeds: tuple[int, ...] = ()
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 and n > 1:
+        seeds = tuple(seed + i for i in range(n))
+    return ImagesCall(
+        slug=spec.slug,
+        body=segmind,
+        n=n,
+        response_format=response_format,
+        output_format=str(image_format),
+        stream=bool(stream),
+        partial_images=partial if stream else 0,
+        edit=edit,
+        seeds=seeds,
+    )
+
+
+def _int_field(body: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer from {low} to {high}", field=name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be from {low} to {high}, got {value}", field=name)
+    return value
+
+
+def _size(spec: ModelSpec, size: Any) -> dict[str, Any]:
+    """``WxH`` in the slug's terms: exact width/height, else the nearest aspect ratio."""
+    if size is None or size == "auto":
+        return {}
+    match = _SIZE_RE.match(size) if isinstance(size, str) else None
+    width, height = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if width < 1 or height < 1:
+        raise InvalidRequest(
+            f"size must be 'auto' or WIDTHxHEIGHT (e.g. '1024x1024'), got {size!r}", field="size"
+        )
+    width_param, height_param = spec.param("width"), spec.param("height")
+    if width_param is not None and height_param is not None:
+        for side, param in ((width, width_param), (height, height_param)):
+            if (param.minimum is not None and side < param.minimum) or (
+                param.maximum is not None and side > param.maximum
+            ):
+                raise InvalidRequest(
+                    f"size {size!r}: {spec.slug} takes each side from {param.minimum:g} to "
+                    f"{param.maximum:g} pixels",
+                    field="size",
+                )
+        return {"width": width, "height": height}
+    ratio_param = spec.param("aspect_ratio")
+    if ratio_param is not None and ratio_param.allowed:
+        wanted = math.log(width / height)
+        ratios = [r for r in ratio_param.allowed if ":" in r]
+        best = min(ratios, key=lambda r: abs(math.log(_ratio(r)) - wanted))
+        return {"aspect_ratio": best}
+    raise InvalidRequest(
+        f"size {size!r}: {spec.slug} makes its image the size of the input image; send size='auto'",
+        field="size",
+    )
+
+
+def _ratio(name: str) -> float:
+    left, _, right = name.partition(":")
+    return float(left) / float(right)
+
+
+def _quality(spec: ModelSpec, compression: int) -> int:
+    param = spec.param("quality")
+    low = int(param.minimum) if param is not None and param.minimum is not None else 1
+    high = int(param.maximum) if param is not None and param.maximum is not None else 100
+    return min(max(compression, low), high)
+
+
+def _images(spec: ModelSpec, images: Sequence[str]) -> dict[str, str]:
+    if not images:
+        return {}
+    fields = spec.image_fields
+    if len(images) > len(fields):
+        raise InvalidRequest(
+            f"image: {spec.slug} takes at most {len(fields)} image(s), got {len(images)}",
+            field="image",
+        )
+    return dict(zip(fields, images, strict=False))
