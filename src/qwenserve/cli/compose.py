@@ -105,7 +105,7 @@ def build_runners(
                 store=store,
                 media=media,
                 engine=engine,
-                inputs=inputs,
+                inputs=inputs.for_worker(),
                 config=WorkerConfig(
                     worker_id=worker_id,
                     slugs=slugs,

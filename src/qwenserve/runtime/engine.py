@@ -164,6 +164,20 @@ class Engine:
         """Graphs compiled at warm-up and after it, and eager fallbacks (``compile``; metrics)."""
         return self._compile_stats.as_dict()
 
+    def pipeline_counts(self) -> dict[str, dict[str, int]]:
+        """Pipelines loaded and evicted so far, by residency key (metrics)."""
+        pipelines = self._pipelines
+        return {"loads": dict(pipelines.loads), "evictions": dict(pipelines.evictions)}
+
+    def device_memory(self) -> dict[str, int]:
+        """CUDA memory allocated and reserved by torch in bytes (metrics); empty elsewhere."""
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "gpu_allocated": int(torch.cuda.memory_allocated(self.device)),
+            "gpu_reserved": int(torch.cuda.memory_reserved(self.device)),
+        }
+
     def load(self, slug: str, *, batch_sizes: Sequence[int] = (1,)) -> None:
         """Make ``slug``'s base pipeline (and its recipe LoRAs) resident, as a warm-up.
 
