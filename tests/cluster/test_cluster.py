@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +12,12 @@ import httpx
 import pytest
 
 from tests.processes import Server, WorkerProcess, qwenserve
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, needs_redis
 from tests.service.helpers import body_for
 
 pytestmark = [
     pytest.mark.redis,
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+    needs_redis,
 ]
 
 
