@@ -121,7 +121,11 @@ def _serve(args: argparse.Namespace) -> int:
     )
     app = create_app(services)
     if runners:
-        log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
+        log.info(  # one line for all runners: they share one configuration
+            "engine: %s; %d worker(s)",
+            runners[0].engine.describe(),  # type: ignore[attr-defined]
+            len(runners),
+        )
     warm_up(settings, runners, None)
     wakeup = start_wakeup(settings, runners, None)
     done_wakeup = start_done_wakeup(settings, hub, events)

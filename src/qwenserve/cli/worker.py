@@ -52,7 +52,11 @@ def _worker(args: argparse.Namespace) -> int:
     runners = build_runners(
         settings, store, media, count=args.count, slugs=slugs, registry=registry
     )
-    log.info("engine: %s", runners[0].engine.describe())  # type: ignore[attr-defined]
+    log.info(  # one line for all runners: they share one configuration
+        "engine: %s; %d worker(s)",
+        runners[0].engine.describe(),  # type: ignore[attr-defined]
+        len(runners),
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -121,7 +121,8 @@ class Engine:
         return resolve_dtype(self.config.dtype, self.device)
 
     def describe(self) -> str:
-        """One line for logs and the CLI; says plainly when images are noise."""
+        """One line for logs and the CLI (callers prefix "engine: "); says plainly when images
+        are noise."""
         weights = describe_weights(self.config.weights)
         dtype = str(self.dtype).removeprefix("torch.")
         config = self.config
@@ -137,7 +138,7 @@ class Engine:
             if on
         ]
         return (
-            f"qwenserve engine: {weights}; device {self.device.type}, {dtype}; "
+            f"{weights}; device {self.device.type}, {dtype}; "
             f"up to {config.resident_models} resident pipeline(s)"
             + (f"; {', '.join(switches)}" if switches else "")
         )
