@@ -11,10 +11,16 @@
 The port and the data folder stay the same across ``restart()`` and ``kill()`` + ``start()``, so
 a client's URL keeps working and an append-only file is replayed. A temp folder made here is
 deleted by ``stop()``.
+
+The one place the tests look for the binary: ``redis_server_binary()`` (``redis-server`` on
+PATH, or the path in ``QWENSERVE_TEST_REDIS_SERVER``). Tests that need it call
+``require_redis_server()`` (or carry ``needs_redis``), which skips with what to install, or
+fails when ``QWENSERVE_REQUIRE_REDIS=1`` (CI, where a silent skip would hide the Redis suite).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -24,9 +30,37 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-REDIS_SERVER = "/usr/bin/redis-server"
+import pytest
+
+MISSING = (
+    "needs redis-server on PATH (e.g. apt-get install redis-server, brew install redis), or its "
+    "path in QWENSERVE_TEST_REDIS_SERVER"
+)
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0
+
+
+def redis_server_binary() -> str | None:
+    """The redis-server executable to run, or None when there is none."""
+    named = os.environ.get("QWENSERVE_TEST_REDIS_SERVER")
+    if named:
+        return shutil.which(named)
+    return shutil.which("redis-server")
+
+
+def redis_required() -> bool:
+    """True when a missing redis-server must fail the tests rather than skip them."""
+    return os.environ.get("QWENSERVE_REQUIRE_REDIS", "").lower() in ("1", "true", "yes")
+
+
+def require_redis_server() -> str:
+    """The binary, else skip the calling test (fail it under ``QWENSERVE_REQUIRE_REDIS=1``)."""
+    binary = redis_server_binary()
+    if binary is None:
+        if redis_required():
+            pytest.fail(MISSING + " (QWENSERVE_REQUIRE_REDIS is set)")
+        pytest.skip(MISSING)
+    return binary
 
 
 def _free_port() -> int:
@@ -52,7 +86,7 @@ class RedisServer:
         port: the port to listen on; a free one is chosen on the first start when None.
         appendonly: write an append-only file (fsync every second), so data survives restarts.
         dir: the data folder; a temp folder (removed by ``stop()``) when None.
-        binary: the redis-server executable.
+        binary: the redis-server executable (default: ``redis_server_binary()``).
     """
 
     def __init__(
@@ -60,7 +94,7 @@ class RedisServer:
         port: int | None = None,
         appendonly: bool = False,
         dir: Path | None = None,
-        binary: str = REDIS_SERVER,
+        binary: str | None = None,
     ) -> None:
         self.port = port
         self.appendonly = appendonly
@@ -83,6 +117,10 @@ class RedisServer:
         """Start the server and wait until it answers PING; raises RuntimeError if it cannot."""
         if self.running:
             return self
+        if self.binary is None:
+            self.binary = redis_server_binary()
+            if self.binary is None:
+                raise RuntimeError(MISSING)
         if self.dir is None:
             self.dir = Path(tempfile.mkdtemp(prefix="qwenserve-redis-"))
             self._own_dir = True
@@ -96,7 +134,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.logs()}")
 
     def _spawn(self) -> bool:
-        assert self.dir is not None and self.port is not None
+        assert self.dir is not None and self.port is not None and self.binary is not None
         args = [
             self.binary,
             "--port",
@@ -174,3 +212,9 @@ class RedisServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+needs_redis = pytest.mark.skipif(
+    redis_server_binary() is None and not redis_required(), reason=MISSING
+)
+"""A mark for tests that start their own servers: skipped (or failing) as above."""

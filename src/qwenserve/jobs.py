@@ -104,6 +104,8 @@ class JobResult:
     seed: int
     inference_time_s: float
     size_bytes: int
+    encode_time_s: float = 0.0
+    """Seconds the worker spent encoding the image (0 in results stored before it was kept)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +116,7 @@ class JobResult:
             "seed": self.seed,
             "inference_time_s": self.inference_time_s,
             "size_bytes": self.size_bytes,
+            "encode_time_s": self.encode_time_s,
         }
 
     @classmethod
@@ -126,6 +129,7 @@ class JobResult:
             seed=int(data["seed"]),
             inference_time_s=float(data["inference_time_s"]),
             size_bytes=int(data["size_bytes"]),
+            encode_time_s=float(data.get("encode_time_s", 0.0)),
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,14 +10,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import Server, WorkerProcess, qwenserve
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, needs_redis
 from tests.service.helpers import body_for
 
 pytestmark = [
     pytest.mark.redis,
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+    needs_redis,
 ]
 
 
@@ -153,6 +153,21 @@ def test_thirty_jobs_across_two_nodes_none_lost(cluster: Cluster) -> None:
     assert '"workers"' in status
     metrics = httpx.get(f"{cluster.apis[0].url}/metrics").text
     assert "qwenserve_workers 2.0" in metrics
+    # Both worker processes' own figures reach the other API node through their announcements
+    # (each announces when a batch ends): every job's inference time, counted once.
+    deadline = time.time() + 15
+    while True:
+        families = text_string_to_metric_families(httpx.get(f"{cluster.apis[1].url}/metrics").text)
+        counts = {
+            sample.labels["worker"]: sample.value
+            for family in families
+            for sample in family.samples
+            if sample.name == "qwenserve_job_inference_seconds_count"
+        }
+        if sum(counts.values()) == 30 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert sum(counts.values()) == 30, counts
 
 
 def test_v1_sync_through_api_node_without_worker(cluster: Cluster) -> None:

@@ -5,7 +5,6 @@ re-read of the store: the API node here re-reads only every 30 s."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,12 +16,12 @@ import pytest
 from qwenserve.accounts.keys import create_api_key
 from qwenserve.store.redis import RedisStore
 from tests.processes import Server, WorkerProcess
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, needs_redis
 from tests.service.helpers import body_for
 
 pytestmark = [
     pytest.mark.redis,
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+    needs_redis,
 ]
 
 SLOW_POLL = {"QWENSERVE_POLL_INTERVAL_S": "30", "QWENSERVE_LOG_LEVEL": "INFO"}

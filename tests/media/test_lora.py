@@ -12,7 +12,7 @@ import pytest
 
 from qwenserve.errors import InvalidInput, InvalidRequest
 from qwenserve.media.fetch import UrlFetcher
-from qwenserve.media.lora import LoraFetcher, lora_fetch_url, validate_lora_file
+from qwenserve.media.lora import LoraCacheCounts, LoraFetcher, lora_fetch_url, validate_lora_file
 from tests.media.loopback import LoopbackServer, body_route, make_image_bytes
 
 numpy = pytest.importorskip("numpy")
@@ -91,11 +91,14 @@ def test_second_resolve_does_not_fetch_again(server: LoopbackServer, tmp_path: P
     body = _lora_bytes()
     server.routes["/style.safetensors"] = body_route(body)
     url = server.url("/style.safetensors")
-    first = _fetcher(tmp_path).resolve(url, field="lora_2_url")
+    counts = LoraCacheCounts()
+    first = _fetcher(tmp_path).resolve(url, field="lora_2_url", counts=counts)
     assert first.read_bytes() == body
     assert first.name == f"{hashlib.sha256(body).hexdigest()}.safetensors"
-    assert _fetcher(tmp_path).resolve(url, field="lora_2_url") == first  # a new process, too
+    again = _fetcher(tmp_path).resolve(url, field="lora_2_url", counts=counts)
+    assert again == first  # a new process, too
     assert server.hits["/style.safetensors"] == 1
+    assert (counts.misses, counts.hits) == (1, 1)  # what the worker's /metrics reports
     assert not any((tmp_path / "loras" / "tmp").iterdir())
 
 

@@ -84,6 +84,36 @@ def test_invalid_input_exits_2_naming_the_field(
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "out", "says"),
+    [
+        (["qwen-image-fast", "--prompt", "x"], "x.gif", "cannot write .gif files"),
+        (["qwen-image-fast", "--prompt", "x", "--param", "image_format=png"], "x.jpg", "not jpeg"),
+        (["no-such-model", "--prompt", "x"], "x.png", "not found"),
+    ],
+)
+def test_an_unwritable_out_or_unknown_model_exits_2_before_any_work(
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    out: str,
+    says: str,
+) -> None:
+    import qwenserve.runtime
+
+    def no_engine(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("an engine was built for a request refused up front")
+
+    monkeypatch.setattr(qwenserve.runtime, "Engine", no_engine)
+    code = main(["run", *args, "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert says in err.replace("\n", "")
+    assert not (tmp_path / out).exists()
+
+
 def test_run_builds_its_engine_with_every_served_switch(tmp_path: Path) -> None:
     """`qwenserve run` and the served workers share one EngineConfig builder: a switch set for
     one (tiling, offload, fp8, CFG pairing, ...) is never silently dropped by the other."""

@@ -56,6 +56,12 @@ def test_the_old_pipeline_is_freed_before_the_next_one_loads(
     engine.generate(OTHER)
     assert alive_at_load == [False]  # two would not fit: the first was gone before the load
     assert engine.resident() == ["Qwen/Qwen-Image-2512"]
+    # What /metrics reports (through the worker's announcement).
+    assert engine.pipeline_counts() == {
+        "loads": {"Qwen/Qwen-Image": 1, "Qwen/Qwen-Image-2512": 1},
+        "evictions": {"Qwen/Qwen-Image": 1},
+    }
+    assert engine.device_memory() == {}  # no CUDA here: no GPU figures
 
 
 def test_free_device_memory_bounds_what_stays_resident(shared_cache: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.processes import Server
-from tests.redis_server import REDIS_SERVER, RedisServer
+from tests.redis_server import RedisServer, require_redis_server
 
 
 @pytest.fixture
@@ -48,7 +47,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Iter
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A redis-server for this session's in-process API tests (skips when none is installed)."""
-    if shutil.which(REDIS_SERVER) is None:
-        pytest.skip("needs the redis-server binary")
+    require_redis_server()
     with RedisServer() as redis_server:
         yield redis_server.url

@@ -5,7 +5,6 @@ real SQLite store and a real redis-server: worker ends, engine failures, cancels
 from __future__ import annotations
 
 import asyncio
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -144,10 +143,9 @@ def test_a_follower_resumes_where_it_stopped_after_a_restart(tmp_path: Path, clo
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    from tests.redis_server import REDIS_SERVER, RedisServer
+    from tests.redis_server import RedisServer, require_redis_server
 
-    if shutil.which(REDIS_SERVER) is None:
-        pytest.skip("needs the redis-server binary")
+    require_redis_server()
     with RedisServer() as server:
         yield server.url
 

@@ -440,12 +440,10 @@ def test_the_batch_window_waits_on_the_injected_clock(
 # --- the same control seam on Redis -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    import shutil
 
-    from tests.redis_server import REDIS_SERVER, RedisServer
+    from tests.redis_server import RedisServer, require_redis_server
 
-    if shutil.which(REDIS_SERVER) is None:
-        pytest.skip("needs the redis-server binary")
+    require_redis_server()
     with RedisServer() as server:
         yield server.url
 

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 import redis
 
-from tests.redis_server import REDIS_SERVER, RedisServer
+from tests.redis_server import RedisServer, require_redis_server
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """The URL of a redis-server started for this test session (skips when none is installed)."""
-    if shutil.which(REDIS_SERVER) is None:
-        pytest.skip("needs the redis-server binary")
+    require_redis_server()
     with RedisServer() as server:
         yield server.url
 

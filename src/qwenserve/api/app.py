@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from qwenserve import __version__
-from qwenserve.api import media, models, openai_images, ops, v1, v2
+from qwenserve.api import media, metrics, models, openai_images, ops, v1, v2
 from qwenserve.api.docs import create_documented_app
 from qwenserve.api.errors import install_error_handlers
 from qwenserve.api.services import Services
@@ -55,6 +55,7 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     app.state.metrics_registry = ops.build_registry(services)
+    metrics.instrument(app, app.state.metrics_registry)
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(models.router)

@@ -23,6 +23,7 @@ from qwenserve.api.services import Services
 from qwenserve.catalog import GenerationRequest, get_model, validate_request
 from qwenserve.errors import InvalidRequest, UnknownRequest
 from qwenserve.jobs import Job, JobStatus
+from qwenserve.media.fetch import refuse_literal_private_host
 from qwenserve.media.inline import forget, store_inline_images, stored_input_ids
 from qwenserve.media.previews import new_preview_prefix
 from qwenserve.store.base import ApiKey, SubmitOutcome
@@ -91,6 +92,8 @@ async def submit(
         )
     now = services.clock()
     settings = services.settings
+    if not settings.allow_private_urls:
+        refuse_private_urls(request)
     expires_at = now + settings.result_ttl_s
     stored: list[str] = []
     if request.images:  # inline images: checked now (400), kept out of the job record
@@ -122,6 +125,19 @@ async def submit(
     if wake and services.on_submitted is not None:
         services.on_submitted(job.id)
     return Submitted(job=job, request=request, outcome=outcome)
+
+
+def refuse_private_urls(request: GenerationRequest) -> None:
+    """Refuse input URLs (images, extra LoRAs) whose host is written as a private or loopback
+    address, at submit and for every dialect alike; the worker re-checks what names resolve to.
+
+    Raises InvalidRequest naming the field.
+    """
+    urls = [(image.field, image.source) for image in request.images]
+    urls += [(lora.field, lora.location) for lora in request.extra_loras]
+    for field, url in urls:
+        if url.strip().lower().startswith(("http://", "https://")):
+            refuse_literal_private_host(url.strip(), field=field)
 
 
 async def owned_job(services: Services, key: ApiKey, request_id: str) -> Job:

@@ -6,10 +6,11 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from qwenserve.api.metrics import JobOutcomes, WorkerFiguresCollector
 from qwenserve.api.services import Services
 
 router = APIRouter(tags=["operations"])
@@ -86,8 +87,14 @@ class QueueCollector(Collector):
 
 
 def build_registry(services: Services) -> CollectorRegistry:
+    """This app's series (``api/metrics.py`` lists them); its own registry, so several apps in
+    one process (tests) never share counters. ``process_*`` are the API process's own
+    (``process_resident_memory_bytes``); each worker's memory comes with its figures."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(QueueCollector(services))
+    registry.register(WorkerFiguresCollector(services))
+    registry.register(JobOutcomes(services.store))
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -43,6 +43,18 @@ def metrics(job: Job) -> dict[str, Any]:
     return out
 
 
+def server_timing(job: Job) -> str:
+    """The ``Server-Timing`` header of a finished job: queue wait, inference and encoding, in
+    milliseconds (a browser's dev tools and curl -v show them; no Segmind equivalent)."""
+    parts = []
+    if job.queue_time_s is not None:
+        parts.append(f"queue;dur={job.queue_time_s * 1000:.1f}")
+    if job.result is not None:
+        parts.append(f"inference;dur={job.result.inference_time_s * 1000:.1f}")
+        parts.append(f"encode;dur={job.result.encode_time_s * 1000:.1f}")
+    return ", ".join(parts)
+
+
 def status_code(job: Job) -> int:
     """FAILED is 422 with its body (Segmind's SDK reads the body's status to tell it apart)."""
     return 422 if job.status is JobStatus.FAILED else 200

@@ -24,7 +24,7 @@ from qwenserve.api import jobs
 from qwenserve.api.auth import CurrentKey
 from qwenserve.api.docs import add_slug_routes
 from qwenserve.api.errors import error_response, error_responses
-from qwenserve.api.segmind import submit_headers
+from qwenserve.api.segmind import server_timing, submit_headers
 from qwenserve.api.services import Services
 from qwenserve.errors import Conflict, UnknownRequest, UpstreamTimeout, rebuild_error
 from qwenserve.jobs import JobStatus
@@ -80,6 +80,7 @@ async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
         return error_response(UnknownRequest("the result expired before it was read"), headers)
     data, content_type = stored
     headers["x-generation-time"] = f"{result.inference_time_s:.4f}"
+    headers["Server-Timing"] = server_timing(job)
     headers["x-output-metadata"] = json.dumps(
         {"width": result.width, "height": result.height, "seed": result.seed}
     )

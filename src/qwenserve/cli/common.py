@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 from pydantic import ValidationError
 
@@ -38,12 +39,19 @@ def settings_from(args: argparse.Namespace, **mapping: str) -> Settings:
         raise SystemExit(f"qwenserve: invalid setting {where}: {first.get('msg')}") from None
 
 
-def configure_logging(level: str) -> None:
-    from rich.logging import RichHandler
+def configure_logging(level: str, stream: TextIO | None = None) -> None:
+    """Rich's handler on a terminal; one plain line per record (time, level, logger, message)
+    when ``stream`` (stdout) is piped or captured (CI, systemd, docker logs), where rich would
+    hard-wrap at 80 columns and split a line that log tools read as one."""
+    stream = stream or sys.stdout
+    handler: logging.Handler
+    if stream.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+        handler = RichHandler(console=Console(file=stream), show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -89,7 +89,7 @@ def build_workers(
             store=backend.store,
             media=backend.media,
             engine=engine,
-            inputs=inputs,
+            inputs=inputs.for_worker(),
             config=config,
             on_job_done=on_job_done,
             registry=backend.registry,

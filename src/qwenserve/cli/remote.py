@@ -50,11 +50,11 @@ def describe(update: StatusUpdate) -> str:
 
 def run_remote(args: argparse.Namespace, console: Console) -> int:
     """Run ``args`` on the server ``args.server``; returns the exit code."""
-    from qwenserve.cli.run import build_body  # the local run's body, so both agree
+    from qwenserve.cli.run import build_body, check_out  # the local run's, so both agree
 
     spec = get_model(args.slug)
     body = build_body(spec, prompt=args.prompt, params=args.param, images=args.image, out=args.out)
-    validate_request(spec.slug, body)
+    check_out(args.out, validate_request(spec.slug, body))
     try:
         with QwenServeClient(api_key=args.api_key, base_url=args.server) as client:
             return _follow(client, spec.slug, body, args.out, args.timeout, console)

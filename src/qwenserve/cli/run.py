@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qwenserve.catalog import ModelSpec, get_model, validate_request
+from qwenserve.catalog import GenerationRequest, ModelSpec, get_model, validate_request
 from qwenserve.cli.common import add_settings_options, settings_from
-from qwenserve.errors import InvalidRequest, QwenServeError
+from qwenserve.errors import InvalidRequest, QwenServeError, UnknownModel
 
 if TYPE_CHECKING:
     from qwenserve.config import Settings
@@ -135,6 +135,26 @@ def build_body(
     return body
 
 
+def check_out(out: Path, request: GenerationRequest) -> None:
+    """Refuse, before any work, an ``--out`` whose extension is not the format the request
+    makes (a .gif, or .jpg for a PNG request): the file would lie about its contents."""
+    suffix = out.suffix.lower()
+    if not suffix:
+        return
+    wanted = _SUFFIX_FORMATS.get(suffix)
+    if wanted is None:
+        known = ", ".join(sorted(_SUFFIX_FORMATS))
+        raise InvalidRequest(
+            f"--out {out}: cannot write {suffix} files; use one of {known}", field="out"
+        )
+    if wanted != request.image_format:
+        raise InvalidRequest(
+            f"--out {out}: {request.slug} makes {request.image_format} here, not {wanted} "
+            f"(set --param image_format=... to one it allows, or change the extension)",
+            field="out",
+        )
+
+
 def handle(args: argparse.Namespace) -> int:
     """Run the ``run`` subcommand; returns the process exit code."""
     console = Console(stderr=True)
@@ -144,7 +164,7 @@ def handle(args: argparse.Namespace) -> int:
 
             return run_remote(args, console)
         return _run(args, settings_from(args, weights="weights"), console)
-    except InvalidRequest as error:
+    except (InvalidRequest, UnknownModel) as error:
         where = (
             f"{error.field}: " if error.field and not error.message.startswith(error.field) else ""
         )
@@ -162,6 +182,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     spec = get_model(args.slug)
     body = build_body(spec, prompt=args.prompt, params=args.param, images=args.image, out=args.out)
     request = validate_request(spec.slug, body)
+    check_out(args.out, request)
     if settings.engine.weights == "hub":
         from qwenserve.runtime.hub_access import require_hub_repo
 
@@ -180,7 +201,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
 
     # The same switches as a served engine (tiling, offload, fp8, ...); one model at a time.
     engine = Engine(engine_config(settings, resident_models=1))
-    console.print(engine.describe())
+    console.print(f"engine: {engine.describe()}")
     if engine.is_tiny:
         console.print(
             "[yellow]warning:[/yellow] tiny preset: random weights, the image is noise "

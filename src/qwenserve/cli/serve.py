@@ -111,7 +111,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     app = create_app(services)
     if workers:
-        log.info("engine: %s", workers[0].engine.describe())
+        log.info(  # one line for all workers: they share one configuration
+            "engine: %s; %d worker(s)", workers[0].engine.describe(), len(workers)
+        )
     warm_up(settings, workers, None)
     wakeup = start_wakeup(backend, runners, None)
     done_wakeup = start_done_wakeup(backend, hub, events)

@@ -42,7 +42,9 @@ def _worker(args: argparse.Namespace) -> int:
     backend = open_backend(settings)
     workers = build_workers(settings, backend, count=args.count, slugs=slugs)
     runners = [worker.runner for worker in workers]
-    log.info("engine: %s", workers[0].engine.describe())
+    log.info(  # one line for all workers: they share one configuration
+        "engine: %s; %d worker(s)", workers[0].engine.describe(), len(workers)
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

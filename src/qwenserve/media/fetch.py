@@ -83,6 +83,39 @@ def is_public_address(address: IPAddress) -> bool:
     return not refused and address.is_global
 
 
+def refuse_literal_private_host(
+    url: str, *, field: str, policy: Callable[[IPAddress], bool] = is_public_address
+) -> None:
+    """Refuse, without any DNS lookup, an http(s) URL whose host is written as a private or
+    loopback address: an IP literal ``policy`` refuses, or ``localhost``.
+
+    The API calls it when a job is submitted (v1, v2 alike), so such a URL is a 400 before any
+    charge rather than a failed job; the worker's fetch still checks every address a name
+    resolves to (``UrlFetcher.resolve_allowed``), which is where names that lead to private
+    addresses are caught. Malformed URLs are left to the fetch, which names the fault.
+
+    Raises InvalidRequest naming ``field``, with the fetch's own wording.
+    """
+    try:
+        host = _parse_url(url, field=field, redirected=False).host.rstrip(".").lower()
+    except InvalidRequest:
+        return
+    addresses: list[IPAddress]
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always loopback
+        addresses = [ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")]
+    else:
+        try:
+            addresses = [ipaddress.ip_address(host)]
+        except ValueError:
+            return  # a name: judged by what it resolves to, at fetch time
+    if not all(policy(address) for address in addresses):
+        raise InvalidRequest(
+            f"{field}: the host {host!r} is a private, loopback or reserved address, "
+            "which this server does not fetch from",
+            field=field,
+        )
+
+
 def _parse_url(url: str, *, field: str, redirected: bool) -> httpx.URL:
     """Check a URL's shape: scheme, host syntax and the absence of credentials."""
     where = "a redirect" if redirected else "the URL"

@@ -185,6 +185,22 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+class LoraCacheCounts:
+    """Cache hits and misses of ``LoraFetcher.resolve`` for one worker (its /metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def record(self, *, hit: bool) -> None:
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+
+
 class LoraFetcher:
     """Fetches lora_2_url/lora_3_url once into a content-addressed cache and validates it.
 
@@ -211,8 +227,9 @@ class LoraFetcher:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
-    def resolve(self, location: str, *, field: str) -> Path:
-        """A local path to a validated LoRA file for ``location``, downloading it when needed.
+    def resolve(self, location: str, *, field: str, counts: LoraCacheCounts | None = None) -> Path:
+        """A local path to a validated LoRA file for ``location``, downloading it when needed;
+        a URL found in the cache or downloaded is a hit or a miss in ``counts``.
 
         Raises InvalidRequest (unsupported or refused location, local paths not enabled or
         outside the allowed folders), InvalidInput (not a safetensors LoRA file, too large)
@@ -228,6 +245,8 @@ class LoraFetcher:
         key = hashlib.sha256(url.encode("utf-8")).hexdigest()
         with self._lock_for(key):
             cached = self._cached(key)
+            if counts is not None:
+                counts.record(hit=cached is not None)
             if cached is not None:
                 return cached
             return self._download(url, key, field=field)

@@ -122,7 +122,8 @@ class Engine:
         return resolve_dtype(self.config.dtype, self.device)
 
     def describe(self) -> str:
-        """One line for logs and the CLI; says plainly when images are noise."""
+        """One line for logs and the CLI (callers prefix "engine: "); says plainly when images
+        are noise."""
         weights = describe_weights(self.config.weights)
         dtype = str(self.dtype).removeprefix("torch.")
         config = self.config
@@ -138,7 +139,7 @@ class Engine:
             if on
         ]
         return (
-            f"qwenserve engine: {weights}; device {self.device.type}, {dtype}; "
+            f"{weights}; device {self.device.type}, {dtype}; "
             f"up to {config.resident_models} resident pipeline(s)"
             + (f"; {', '.join(switches)}" if switches else "")
         )
@@ -164,6 +165,20 @@ class Engine:
     def compile_counts(self) -> dict[str, int]:
         """Graphs compiled at warm-up and after it, and eager fallbacks (``compile``; metrics)."""
         return self._compile_stats.as_dict()
+
+    def pipeline_counts(self) -> dict[str, dict[str, int]]:
+        """Pipelines loaded and evicted so far, by residency key (metrics)."""
+        pipelines = self._pipelines
+        return {"loads": dict(pipelines.loads), "evictions": dict(pipelines.evictions)}
+
+    def device_memory(self) -> dict[str, int]:
+        """CUDA memory allocated and reserved by torch in bytes (metrics); empty elsewhere."""
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "gpu_allocated": int(torch.cuda.memory_allocated(self.device)),
+            "gpu_reserved": int(torch.cuda.memory_reserved(self.device)),
+        }
 
     def load(self, slug: str, *, batch_sizes: Sequence[int] = (1,)) -> None:
         """Make ``slug``'s base pipeline (and its recipe LoRAs) resident, as a warm-up.

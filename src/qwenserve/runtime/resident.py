@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +124,10 @@ class ResidentPipelines:
         self.budget = budget
         self._source = source
         self._entries: OrderedDict[str, Resident] = OrderedDict()
+        self.loads: Counter[str] = Counter()
+        """Pipelines loaded, by residency key (for /metrics)."""
+        self.evictions: Counter[str] = Counter()
+        """Pipelines evicted, by residency key (for /metrics)."""
         self._shared: dict[str, _SharedModule] = {}
         self._estimates: dict[str, Footprint] = {}
         self._hashes = ContentHashes(config.cache_dir / "content-sha256.json")
@@ -192,6 +196,7 @@ class ResidentPipelines:
             )
             entry.users.add(key)
         self._entries[key] = resident
+        self.loads[key] += 1
         trim = plan_trim(
             [(k, r.footprint) for k, r in self._entries.items()],
             newest=key,
@@ -292,6 +297,7 @@ class ResidentPipelines:
             if resident is None:
                 continue
             evicted.append(key)
+            self.evictions[key] += 1
             for share_id in resident.footprint.share_ids():
                 entry = self._shared.get(share_id)
                 if entry is not None:

@@ -34,6 +34,9 @@ class WorkerInfo:
     compiles: dict[str, int] = field(default_factory=dict)
     """The engine's torch.compile counts ("compiles", "recompiles", "eager_fallbacks"); empty
     without ``compile`` or for an engine that does not count."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The worker's figures for /metrics (counters, gauges, histograms): a JSON snapshot whose
+    format ``qwenserve.worker.metrics`` defines; empty from a worker that reports none."""
 
     @property
     def busy(self) -> bool:
@@ -48,6 +51,8 @@ class WorkerInfo:
         data["slugs"] = tuple(data["slugs"])
         data["resident"] = tuple(data["resident"])
         data["compiles"] = {str(k): int(v) for k, v in data.get("compiles", {}).items()}
+        metrics = data.get("metrics")
+        data["metrics"] = metrics if isinstance(metrics, dict) else {}
         return cls(**data)
 
 

@@ -62,3 +62,21 @@ class CountsCompiles(Protocol):
     """An engine that counts its torch.compile work (``qwenserve.runtime.Engine`` does)."""
 
     def compile_counts(self) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class CountsPipelines(Protocol):
+    """An engine that counts pipeline loads and evictions (``qwenserve.runtime.Engine`` does)."""
+
+    def pipeline_counts(self) -> dict[str, dict[str, int]]:
+        """``{"loads": {residency key: n}, "evictions": {residency key: n}}``."""
+        ...
+
+
+@runtime_checkable
+class ReportsDeviceMemory(Protocol):
+    """An engine that reports accelerator memory (``qwenserve.runtime.Engine`` on CUDA)."""
+
+    def device_memory(self) -> dict[str, int]:
+        """``{"gpu_allocated": bytes, "gpu_reserved": bytes}``; empty without a GPU."""
+        ...

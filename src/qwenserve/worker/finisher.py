@@ -11,6 +11,7 @@ this process (``notify/``). Which ending a job gets is decided here, once: its s
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -83,7 +84,9 @@ class Finisher:
         if not self.control.claim_ending(job.id):
             return  # ended already (cancelled at a step boundary)
         try:
+            encode_started = time.perf_counter()
             data = encode_image(generated.image, request.image_format, request.quality)
+            encode_time_s = time.perf_counter() - encode_started
             media_id = new_media_id()
             self.media.put(media_id, data, request.content_type, expires_at=job.expires_at)
             result = JobResult(
@@ -94,6 +97,7 @@ class Finisher:
                 seed=generated.seed,
                 inference_time_s=generated.inference_time_s,
                 size_bytes=len(data),
+                encode_time_s=encode_time_s,
             )
             if self.store.complete(job.id, self.worker_id, result, now=self.clock()):
                 self._forget_inputs(job)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from qwenserve.catalog import GenerationRequest
 from qwenserve.catalog.request import InputImage
@@ -14,7 +14,7 @@ from qwenserve.jobs import Job
 from qwenserve.media.fetch import UrlFetcher
 from qwenserve.media.inline import stored_media_id
 from qwenserve.media.inputs import decode_image, load_input_image
-from qwenserve.media.lora import LoraFetcher
+from qwenserve.media.lora import LoraCacheCounts, LoraFetcher
 from qwenserve.media.storage import MediaStore
 
 if TYPE_CHECKING:
@@ -29,6 +29,13 @@ class InputLoader(Protocol):
     def load_images(self, request: GenerationRequest) -> list[Image.Image]: ...
 
     def load_loras(self, request: GenerationRequest) -> list[Path]: ...
+
+
+@runtime_checkable
+class CountsLoraCache(Protocol):
+    """An input loader that counts LoRA cache hits and misses (``MediaInputLoader`` does)."""
+
+    def lora_cache_counts(self) -> dict[str, int]: ...
 
 
 @dataclass
@@ -59,6 +66,23 @@ class MediaInputLoader:
         self.max_pixels = max_pixels
         self.media = media
         """Where the API stored inline images (``stored:`` sources, media/inline.py)."""
+        self.lora_counts = LoraCacheCounts()
+        """This loader's LoRA cache hits and misses (one loader per worker: its /metrics)."""
+
+    def for_worker(self) -> MediaInputLoader:
+        """A loader sharing these fetchers and caches, counting its LoRA cache use apart (each
+        worker reports its own counts)."""
+        return MediaInputLoader(
+            fetcher=self.fetcher,
+            loras=self.loras,
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+            media=self.media,
+        )
+
+    def lora_cache_counts(self) -> dict[str, int]:
+        """LoRA cache ``hits`` and ``misses`` of this loader so far."""
+        return {"hits": self.lora_counts.hits, "misses": self.lora_counts.misses}
 
     @classmethod
     def from_settings(cls, settings: Settings, media: MediaStore | None = None) -> MediaInputLoader:
@@ -103,4 +127,7 @@ class MediaInputLoader:
         return decode_image(stored[0], field=image.field, max_pixels=self.max_pixels)
 
     def load_loras(self, request: GenerationRequest) -> list[Path]:
-        return [self.loras.resolve(ref.location, field=ref.field) for ref in request.extra_loras]
+        return [
+            self.loras.resolve(ref.location, field=ref.field, counts=self.lora_counts)
+            for ref in request.extra_loras
+        ]

@@ -40,6 +40,8 @@ from qwenserve.worker.control import Clock, JobControl, StopReason
 from qwenserve.worker.engine import CancelCheck, CountsCompiles, ImageEngine, StepCallback
 from qwenserve.worker.finisher import Finisher, describe_crash
 from qwenserve.worker.inputs import InputLoader, Prepared
+from qwenserve.worker.metrics import BATCH, INFERENCE, QUEUE_WAIT, StepTimer, WorkerMetrics
+from qwenserve.worker.metrics import snapshot as metrics_snapshot
 from qwenserve.worker.previews import preview_saver, wants_previews
 
 if TYPE_CHECKING:
@@ -142,6 +144,8 @@ class WorkerRunner:
         self.clock = clock
         self.registry = registry
         self.state = WorkerState(started_at=clock())
+        self.metrics = WorkerMetrics()
+        """Figures for /metrics, sent with each announcement (``worker/metrics.py``)."""
         self.control = JobControl(
             store,
             worker_id=config.worker_id,
@@ -248,6 +252,7 @@ class WorkerRunner:
             compiles=(
                 self.engine.compile_counts() if isinstance(self.engine, CountsCompiles) else {}
             ),
+            metrics=metrics_snapshot(self.metrics, self.engine, self.inputs),
         )
 
     def announce(self) -> None:
@@ -304,6 +309,7 @@ class WorkerRunner:
         self.state.current_job = jobs[0].id
         self._announce_soon()
         for job in jobs:
+            self.metrics.observe(QUEUE_WAIT, job.queue_time_s or 0.0, job.slug)
             log.info(
                 "job %s started slug=%s attempt=%d queue_time_s=%.3f batch=%d",
                 job.id,
@@ -351,8 +357,10 @@ class WorkerRunner:
         memory (the heartbeat sends it); a stopped job of a batch ends at the step where it is
         seen while its batch-mates go on; the call stops once every job in it is stopped."""
         ids = [job.id for job in jobs]
+        timer = StepTimer(self.metrics, jobs[0].slug)
 
         def on_step(done: int, total: int) -> None:
+            timer.step(total)
             self.control.step(ids, done, total)
             if len(ids) > 1:
                 for job in self.control.stopped_among(ids):
@@ -400,7 +408,10 @@ class WorkerRunner:
             for p in prepared:
                 self.finisher.end(p.job, InferenceError(describe_crash(error)))
             return
+        slug = jobs[0].slug
+        self.metrics.observe(BATCH, len(prepared), slug)
         for p, output in zip(prepared, outputs, strict=True):
+            self.metrics.observe(INFERENCE, output.inference_time_s, slug)
             self.finisher.submit_result(p, output)
 
     def _split_after_oom(self, prepared: list[Prepared], error: OutOfMemory) -> bool:

@@ -1,0 +1,159 @@
+"""The /metrics series beyond the queue gauges (``api/ops.py``): HTTP, workers, job outcomes.
+
+- **HTTP**: ``prometheus-fastapi-instrumentator``'s ASGI middleware counts requests and times
+  them by route template (``/v2/requests/{request_id}/status``, never a raw id), method and
+  status. It only touches in-memory prometheus objects: no store call per request.
+- **Workers**: each worker's own figures (queue wait, inference, seconds per step, batch sizes,
+  pipeline loads and evictions, LoRA cache, memory) arrive in its registry announcement
+  (``worker/metrics.py``) and are rendered here per worker at scrape time, so one API node's
+  /metrics is complete whichever process the workers run in. No torch here.
+- **Job outcomes**: completions and failures by kind, counted from the store's event log,
+  which records every ending wherever it happened (a worker, a give-up inside someone's claim,
+  a cancel, an expiry). Counted from this node's start, read at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import metrics as http_metrics
+
+from qwenserve.api.services import Services
+from qwenserve.errors import InvalidRequest
+from qwenserve.jobs import JobEventType
+from qwenserve.store.base import Store
+from qwenserve.worker.metrics import SPECS, MetricSpec
+
+log = logging.getLogger("qwenserve.api")
+
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+"""Seconds; a POST /v1 lasts as long as its job, hence the long tail."""
+EVENT_PAGE = 500
+MAX_PAGES_PER_SCRAPE = 20
+
+
+def instrument(app: FastAPI, registry: CollectorRegistry) -> None:
+    """Count and time every HTTP request into ``registry`` (see the module docstring)."""
+    instrumentator = Instrumentator(should_group_status_codes=False, registry=registry)
+    instrumentator.add(
+        http_metrics.requests(metric_namespace="qwenserve", registry=registry),
+        http_metrics.latency(
+            metric_namespace="qwenserve",
+            should_include_status=True,
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        ),
+    )
+    instrumentator.instrument(app)
+
+
+class WorkerFiguresCollector(Collector):
+    """Renders every live worker's announced figures, labelled by worker."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[Metric]:
+        workers = self.services.workers()
+        for spec in SPECS.values():
+            family = _family(spec)
+            for worker in workers:
+                for entry in worker.metrics.get(spec.name, ()):
+                    try:
+                        _add(family, spec, worker.worker_id, entry)
+                    except (TypeError, ValueError, IndexError):  # another release's format
+                        log.debug("skipping %s from %s: %r", spec.name, worker.worker_id, entry)
+            yield family
+
+
+def _family(spec: MetricSpec) -> Metric:
+    labels = ["worker", *spec.labels]
+    if spec.kind == "counter":
+        return CounterMetricFamily(spec.name, spec.help, labels=labels)
+    if spec.kind == "gauge":
+        return GaugeMetricFamily(spec.name, spec.help, labels=labels)
+    return HistogramMetricFamily(spec.name, spec.help, labels=labels)
+
+
+def _add(family: Metric, spec: MetricSpec, worker: str, entry: Sequence[Any]) -> None:
+    labels = [worker, *(str(v) for v in entry[0])]
+    if len(labels) != len(spec.labels) + 1:
+        raise ValueError("label count")
+    if isinstance(family, HistogramMetricFamily):
+        bounds, counts, total = entry[1], entry[2], float(entry[3])
+        if len(counts) != len(bounds) + 1:
+            raise ValueError("bucket count")
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(float, bounds), float("inf")], counts, strict=True):
+            cumulative += int(count)
+            buckets.append((_le(bound), float(cumulative)))
+        family.add_metric(labels, buckets, total)
+    elif isinstance(family, CounterMetricFamily | GaugeMetricFamily):
+        family.add_metric(labels, float(entry[1]))
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+class JobOutcomes(Collector):
+    """Jobs completed, and failed by kind, per model: counted from the event log since this
+    node started (every ending is logged, whoever made it)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._position: str | None = store.last_event_id()
+        self._completed: dict[str, int] = {}
+        self._failed: dict[tuple[str, str], int] = {}
+
+    def _follow(self) -> None:
+        for _ in range(MAX_PAGES_PER_SCRAPE):
+            try:
+                page = self.store.events(after=self._position, limit=EVENT_PAGE)
+            except InvalidRequest:  # a position the store no longer knows: from now on
+                self._position = self.store.last_event_id()
+                return
+            for event in page:
+                self._position = event.id
+                if event.type is JobEventType.COMPLETED:
+                    self._completed[event.slug] = self._completed.get(event.slug, 0) + 1
+                elif event.type is JobEventType.FAILED:
+                    key = (event.slug, event.error_kind or "unknown")
+                    self._failed[key] = self._failed.get(key, 0) + 1
+            if len(page) < EVENT_PAGE:
+                return
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            self._follow()
+            completed = dict(self._completed)
+            failed = dict(self._failed)
+        done = CounterMetricFamily(
+            "qwenserve_jobs_completed", "Jobs completed (from the event log)", labels=["model"]
+        )
+        for slug, count in sorted(completed.items()):
+            done.add_metric([slug], float(count))
+        yield done
+        failures = CounterMetricFamily(
+            "qwenserve_job_failures",
+            "Jobs failed, by kind: an error class (InvalidInput, UpstreamError, InferenceError, "
+            "...), cancelled or expired (from the event log)",
+            labels=["model", "kind"],
+        )
+        for (slug, kind), count in sorted(failed.items()):
+            failures.add_metric([slug, kind], float(count))
+        yield failures
