@@ -114,11 +114,21 @@ def test_playground_in_a_browser(make_server: Callable[..., Server], tmp_path: P
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.on("pageerror", lambda error: errors.append(str(error)))
+            urls: list[str] = []
+            page.on("request", lambda request: urls.append(request.url))
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(f"{server.url}/")
             notice = page.locator("#notice")
             notice.wait_for(state="visible")
             assert "tiny preset" in notice.inner_text() and "noise" in notice.inner_text()
+
+            # A wrong key: the 401 is said in the banner.
+            field(page, "API key").fill("not-a-key")
+            field(page, "Model").select_option("qwen-image-fast")
+            field(page, "Steps").wait_for()
+            page.get_by_role("button", name="Generate").click()
+            page.locator("#banner").wait_for(state="visible")
+            assert page.locator("#banner").inner_text().startswith("401")
 
             # The key is kept in the browser, in a password field.
             field(page, "API key").fill(key)
@@ -184,7 +194,21 @@ def test_playground_in_a_browser(make_server: Callable[..., Server], tmp_path: P
             shot = tmp_path / "playground-bad-value.png"
             page.screenshot(path=str(shot), full_page=True)
             assert_not_blank(shot)
+
+            followed = [u for u in urls if "/v2/requests/" in u]
+            assert any(u.endswith("/events") for u in followed), "progress from the stream"
+            assert not any(u.endswith("/status") for u in followed), "no polling while it works"
+
+            # The events stream refused (say a proxy drops it): the status is polled instead.
+            page.route("**/events", lambda route: route.abort())
+            field(page, "Steps").fill("2")
+            page.get_by_role("button", name="Generate").click()
+            image_loaded(page)
+            assert page.locator("#f-steps-error").is_hidden(), "the old message went"
+            assert any(u.endswith("/status") for u in urls), "followed by polling"
+            assert page.locator("#banner").is_hidden()
         finally:
             browser.close()
-    # The page's own requests all succeeded; the 400 is the one the browser reports.
-    assert [e for e in errors if "400" not in e] == [], errors
+    # The page ran without a script error; the browser reports only the refusals made above.
+    expected = ("401", "400", "net::ERR_FAILED")
+    assert [e for e in errors if not any(word in e for word in expected)] == [], errors

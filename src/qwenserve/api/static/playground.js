@@ -61,7 +61,9 @@ function etaText(eta) {
 /** One status update (an SSE event's data or a status poll) onto the page. */
 function showUpdate(update) {
   const eta = etaText(update.eta_s);
-  if (update.status === "QUEUED") {
+  if (update.type === "cancel_requested" || (update.cancel_requested && !update.progress)) {
+    setStatus("Cancelling…", "", ui.progress.hidden ? null : ui.progress.value);
+  } else if (update.status === "QUEUED") {
     const position = update.queue_position;
     const where =
       position === null || position === undefined
