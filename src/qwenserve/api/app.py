@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from qwenserve import __version__
-from qwenserve.api import media, metrics, models, openai_images, ops, v1, v2
+from qwenserve.api import media, metrics, models, openai_images, ops, playground, v1, v2
 from qwenserve.api.docs import create_documented_app
 from qwenserve.api.errors import install_error_handlers
 from qwenserve.api.services import Services
@@ -63,4 +63,5 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(media.router)
+    app.include_router(playground.router)
     return app
