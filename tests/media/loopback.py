@@ -157,3 +157,23 @@ def drip_route(server: LoopbackServer, interval_s: float, total_bytes: int) -> H
             pass
 
     return handle
+
+
+def header_drip_route(server: LoopbackServer, interval_s: float, total_bytes: int) -> Handler:
+    """Send the status line, then a header one byte every ``interval_s``: the headers never end
+    in time, though every single read is quick (a per-read timeout never fires)."""
+
+    def handle(h: http.server.BaseHTTPRequestHandler) -> None:
+        try:
+            h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+            h.wfile.flush()
+            for _ in range(total_bytes):
+                if server.stopping.is_set():
+                    return
+                h.wfile.write(b"x")
+                h.wfile.flush()
+                time.sleep(interval_s)
+        except OSError:
+            pass
+
+    return handle

@@ -22,6 +22,7 @@ from tests.media.loopback import (
     body_route,
     chunked_route,
     drip_route,
+    header_drip_route,
     redirect_route,
     send,
     sleep_route,
@@ -311,6 +312,16 @@ def test_dripping_body_hits_the_total_deadline(server: LoopbackServer) -> None:
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout):
         UrlFetcher(allow_private=True, timeout_s=0.5).fetch(server.url("/drip"), field="f")
+    assert time.monotonic() - started < 1.5
+
+
+def test_dripping_headers_hit_the_total_deadline(server: LoopbackServer) -> None:
+    """Issue 13, defect 2: a header sent one byte at a time must not hold a worker past the
+    fetch's deadline (each read is quick, so only a deadline over the whole exchange ends it)."""
+    server.routes["/hdrip"] = header_drip_route(server, interval_s=0.05, total_bytes=1000)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        UrlFetcher(allow_private=True, timeout_s=0.5).fetch(server.url("/hdrip"), field="f")
     assert time.monotonic() - started < 1.5
 
 

@@ -14,10 +14,10 @@ so the fetcher decides where it may connect, not the client:
 - redirects are followed here, hop by hop, each hop checked as above, at most ``max_redirects``;
 - the body is streamed and abandoned as soon as it passes ``max_bytes`` (``Content-Length`` is
   checked first); decoded (gzip) bytes are what is counted;
-- every connect and read is bounded by what is left of one deadline of ``timeout_s`` for the
-  whole fetch, and the deadline is also checked between body chunks, so a fetch ends within
-  about twice ``timeout_s`` even against a server that drips bytes (name resolution uses the
-  system resolver's own timeouts).
+- one deadline of ``timeout_s`` covers the whole fetch, every hop: each connect, TLS
+  handshake, header read and body read is clamped to what is left of it
+  (``media/deadline.py``), so a server that drips its headers or its body a byte at a time
+  cannot hold a worker past it (name resolution uses the system resolver's own timeouts).
 
 Errors never carry the addresses the host resolved to, only what the client sent.
 """
@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from qwenserve.errors import InvalidInput, InvalidRequest, UpstreamError, UpstreamTimeout
+from qwenserve.media.deadline import DeadlineTransport
 
 DEFAULT_MAX_BYTES = 25 * 2**20
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -253,10 +254,11 @@ class UrlFetcher:
         deadline = time.monotonic() + self.timeout_s
         current = _parse_url(url, field=field, redirected=False)
         with httpx.Client(
-            verify=self._ssl_context,
-            trust_env=False,  # an environment proxy would connect to a host we did not check
+            # No environment proxy (it would connect to a host we did not check) and one
+            # deadline over every connect, header and body read of every hop.
+            transport=DeadlineTransport(deadline, ssl_context=self._ssl_context),
+            trust_env=False,
             follow_redirects=False,
-            limits=httpx.Limits(max_keepalive_connections=0),
             headers=_HEADERS,
         ) as client:
             redirects = 0
