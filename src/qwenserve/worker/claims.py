@@ -113,7 +113,13 @@ class Claimer:
         batch = list(batch)
         deadline = self.clock() + window_s
         while len(batch) < self.config.max_batch:
-            more = self.claim([first.slug], self.config.max_batch - len(batch))
+            try:
+                more = self.claim([first.slug], self.config.max_batch - len(batch))
+            except Exception:
+                # The store hiccupped: run the jobs in hand. Raising would drop them while
+                # they stay held, heartbeated forever and never run (issue 13, defect 3).
+                log.warning("worker %s: topping up a batch failed", self.config.worker_id)
+                break
             mates = []
             for job in more:
                 if self.batch_key(job) == key:
@@ -131,6 +137,11 @@ class Claimer:
         return batch
 
     def batch_key(self, job: Job) -> Hashable | None:
+        """The key batch-mates share; None for a job that must run alone: one that cannot be
+        decoded, or a retry (its last run never ended: it may be what crashed that worker, and
+        alone it cannot take batch-mates down with it again)."""
+        if job.attempts > 1:
+            return None
         try:
             return self.engine.batch_key(GenerationRequest.from_dict(job.params))
         except Exception:

@@ -6,6 +6,11 @@ job (a job is never completed twice, never refunded twice) and appends the endin
 store's event log; the in-process ``on_job_done`` callback is only the fast path for waiters in
 this process (``notify/``). Which ending a job gets is decided here, once: its stop reason
 (``worker/control.py``) first, else the error that ended it.
+
+A store outage is ridden out (``worker/retry.py``): each ending is retried, and an outage that
+outlasts the retries never turns into a failed job: the job is let go (no longer heartbeated),
+its lease runs out and it runs again. Nothing here raises for a store outage, so a job is never
+left held with nobody to end it.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from qwenserve.errors import InferenceError, QwenServeError, error_kind
-from qwenserve.jobs import CANCELLED, Job, JobResult
+from qwenserve.errors import InferenceError, QwenServeError, ServiceUnavailable, error_kind
+from qwenserve.jobs import CANCELLED, Job, JobResult, JobStatus
 from qwenserve.media.encode import encode_image
 from qwenserve.media.inline import stored_media_id
 from qwenserve.media.storage import MediaStore, new_media_id
 from qwenserve.worker.control import Clock, JobControl, StopReason
+from qwenserve.worker.retry import StoreRetry
 
 if TYPE_CHECKING:
     from qwenserve.runtime.config import GeneratedImage
@@ -50,8 +56,10 @@ class Finisher:
         worker_id: str,
         clock: Clock,
         on_job_done: Callable[[str], None] | None = None,
+        retry: StoreRetry | None = None,
     ) -> None:
         self.store = store
+        self.retry = retry or StoreRetry()
         self.media = media
         self.control = control
         self.worker_id = worker_id
@@ -88,7 +96,12 @@ class Finisher:
             data = encode_image(generated.image, request.image_format, request.quality)
             encode_time_s = time.perf_counter() - encode_started
             media_id = new_media_id()
-            self.media.put(media_id, data, request.content_type, expires_at=job.expires_at)
+            self.retry.call(
+                f"job {job.id}: storing its image",
+                lambda: self.media.put(
+                    media_id, data, request.content_type, expires_at=job.expires_at
+                ),
+            )
             result = JobResult(
                 media_id=media_id,
                 content_type=request.content_type,
@@ -99,19 +112,42 @@ class Finisher:
                 size_bytes=len(data),
                 encode_time_s=encode_time_s,
             )
-            if self.store.complete(job.id, self.worker_id, result, now=self.clock()):
+            if self._complete(job, result):
                 self._forget_inputs(job)
                 outcome = f"completed ({generated.width}x{generated.height}, seed {generated.seed})"
             else:
                 self.media.delete(media_id)  # someone else owns the job now; keep one result
                 outcome = "discarded (job no longer ours)"
             log.info("job %s %s", job.id, outcome)
+        except ServiceUnavailable:
+            log.error("job %s: the store stayed unavailable; its lease decides", job.id)
         except Exception as error:
             log.exception("job %s: storing the result failed", job.id)
-            self._fail(job, InferenceError(describe_crash(error)))
+            try:
+                self._fail(job, InferenceError(describe_crash(error)))
+            except ServiceUnavailable:
+                log.error("job %s: the store stayed unavailable; its lease decides", job.id)
         finally:
             self.control.drop(job.id)
         self._notify(job.id)
+
+    def _complete(self, job: Job, result: JobResult) -> bool:
+        """Complete ``job`` with ``result``, retried through an outage. A retry refused because
+        the lost first try was applied is still our completion: the job holds our media."""
+        if self.retry.call(
+            f"job {job.id}: completing it",
+            lambda: self.store.complete(job.id, self.worker_id, result, now=self.clock()),
+        ):
+            return True
+        stored = self.retry.call(
+            f"job {job.id}: reading it", lambda: self.store.get_job(job.id, now=self.clock())
+        )
+        return (
+            stored is not None
+            and stored.status is JobStatus.COMPLETED
+            and stored.result is not None
+            and stored.result.media_id == result.media_id
+        )
 
     def end(self, job: Job, error: QwenServeError | None = None) -> None:
         """End ``job`` without a result, by its stop reason, else as failed with ``error``:
@@ -126,12 +162,14 @@ class Finisher:
             if reason is StopReason.LOST:
                 log.info("job %s abandoned (no longer ours)", job.id)
             elif reason is StopReason.SHUTDOWN:
-                if self.store.release(job.id, self.worker_id, now=self.clock()):
+                if self._release(job):
                     log.info("job %s released (shutdown)", job.id)
             elif reason is StopReason.CANCELLED:
                 self._fail(job, None)
             else:
                 self._fail(job, error or InferenceError("inference failed: internal error"))
+        except ServiceUnavailable:
+            log.error("job %s: the store stayed unavailable; its lease decides", job.id)
         finally:
             self.control.drop(job.id)
         self._notify(job.id)
@@ -141,8 +179,10 @@ class Finisher:
         if not self.control.claim_ending(job.id):
             return
         try:
-            self.store.release(job.id, self.worker_id, now=self.clock())
+            self._release(job)
             log.info("job %s released (%s)", job.id, why)
+        except ServiceUnavailable:
+            log.error("job %s: the store stayed unavailable; its lease decides", job.id)
         finally:
             self.control.drop(job.id)
 
@@ -150,9 +190,20 @@ class Finisher:
         """FAILED (refunded) with ``error``, or as cancelled by its owner when None."""
         kind = CANCELLED if error is None else error_kind(error)
         message = CANCEL_MESSAGE if error is None else error.message
-        if self.store.fail(job.id, self.worker_id, kind=kind, message=message, now=self.clock()):
+        if self.retry.call(
+            f"job {job.id}: failing it",
+            lambda: self.store.fail(
+                job.id, self.worker_id, kind=kind, message=message, now=self.clock()
+            ),
+        ):
             self._forget_inputs(job)
             log.info("job %s failed (%s: %s)", job.id, kind, message)
+
+    def _release(self, job: Job) -> bool:
+        return self.retry.call(
+            f"job {job.id}: giving it back",
+            lambda: self.store.release(job.id, self.worker_id, now=self.clock()),
+        )
 
     def _forget_inputs(self, job: Job) -> None:
         """Delete the inline inputs the API stored for ``job`` (media/inline.py) once it has

@@ -43,6 +43,7 @@ from qwenserve.worker.inputs import InputLoader, Prepared
 from qwenserve.worker.metrics import BATCH, INFERENCE, QUEUE_WAIT, StepTimer, WorkerMetrics
 from qwenserve.worker.metrics import snapshot as metrics_snapshot
 from qwenserve.worker.previews import preview_saver, wants_previews
+from qwenserve.worker.retry import StoreRetry
 
 if TYPE_CHECKING:
     from qwenserve.jobs import Job
@@ -121,6 +122,7 @@ class WorkerRunner:
     ``clock`` (Unix seconds) and ``sleep`` are injectable: leases, progress times and the batch
     window follow them. ``on_job_done`` is called with each job id once it ended here (the fast
     path for waiters in this process; the store's event log announces every ending anyway).
+    ``retry`` is how store calls that end a job ride out an outage (``worker/retry.py``).
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class WorkerRunner:
         sleep: Sleep = time.sleep,
         on_job_done: Callable[[str], None] | None = None,
         registry: WorkerRegistry | None = None,
+        retry: StoreRetry | None = None,
     ) -> None:
         self.store = store
         self.media = media
@@ -161,6 +164,7 @@ class WorkerRunner:
             worker_id=config.worker_id,
             clock=clock,
             on_job_done=on_job_done,
+            retry=retry,
         )
         self.claims = Claimer(
             store=store,
@@ -398,13 +402,18 @@ class WorkerRunner:
                     **previews,
                 )
         except QwenServeError as error:
-            if isinstance(error, OutOfMemory) and self._split_after_oom(prepared, error):
+            if isinstance(error, OutOfMemory):
+                if self._split_after_oom(prepared, error):
+                    return
+            elif self._one_at_a_time(prepared, error):
                 return
             for p in prepared:
                 self.finisher.end(p.job, error)
             return
         except Exception as error:  # a bug or a crash in the engine: never the trace to clients
             log.exception("engine crashed on %s", ", ".join(j.id for j in jobs))
+            if self._one_at_a_time(prepared, error):
+                return
             for p in prepared:
                 self.finisher.end(p.job, InferenceError(describe_crash(error)))
             return
@@ -428,6 +437,19 @@ class WorkerRunner:
             part = self._without_stopped(part, going_on)
             if part:
                 self._generate(part)
+        return True
+
+    def _one_at_a_time(self, prepared: list[Prepared], error: Exception) -> bool:
+        """A batch whose call raised (not out of memory) runs again one request at a time, so
+        only the request that causes it fails and its batch-mates complete; False for a single
+        request, which fails alone."""
+        if len(prepared) < 2:
+            return False
+        log.warning("a batch of %d failed (%s); retrying one at a time", len(prepared), error)
+        for p in prepared:
+            alone = self._without_stopped([p], self.control.going_on([p.job.id]))
+            if alone:
+                self._generate(alone)
         return True
 
     # --- looking ahead ----------------------------------------------------------------------

@@ -1,0 +1,268 @@
+"""Reliability by attack (issue 13): a fixture per failure mode against the real worker runner.
+
+Each test asserts what a user would notice: every accepted job ends, exactly once, with its
+credits exact (charged once for a completion, refunded for a failure), and nothing is left held.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qwenserve.accounts.keys import create_api_key
+from qwenserve.catalog import GenerationRequest
+from qwenserve.jobs import Job, JobStatus
+from qwenserve.media.storage import LocalMediaStore
+from qwenserve.store.sqlite import SqliteStore
+from qwenserve.worker.retry import StoreRetry
+from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+from tests.service.faults import DOWN, LOST, OK, Flaky
+from tests.service.test_worker import Clock, Generated, NoInputs, SolidEngine, balance, submit
+
+COST = 0.1
+NO_WAIT = StoreRetry(sleep=lambda _s: None)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteStore:
+    return SqliteStore(tmp_path / "jobs.db")
+
+
+@pytest.fixture
+def media(tmp_path: Path) -> LocalMediaStore:
+    return LocalMediaStore(tmp_path / "media")
+
+
+@pytest.fixture
+def key_id(store: SqliteStore, clock: Clock) -> str:
+    _, key = create_api_key(store, name="t", credits_usd=1.0, rpm=0, now=clock())
+    return key.id
+
+
+def make_runner(
+    store: Any,
+    media: Any,
+    engine: SolidEngine,
+    clock: Clock,
+    *,
+    retry: StoreRetry = NO_WAIT,
+    worker_id: str = "w1",
+    max_batch: int = 4,
+) -> WorkerRunner:
+    return WorkerRunner(
+        store=store,
+        media=media,
+        engine=engine,
+        inputs=NoInputs(),
+        config=WorkerConfig(
+            worker_id=worker_id,
+            lease_s=30.0,
+            max_attempts=2,
+            max_batch=max_batch,
+            batch_window_s=0.0,
+            prefetch=False,
+            poll_interval_s=0.01,
+        ),
+        clock=clock,
+        retry=retry,
+    )
+
+
+def drain(worker: WorkerRunner) -> None:
+    """Run until nothing is runnable, then wait for the results to be stored."""
+    try:
+        while worker.run_once():
+            pass
+        worker.wait_finished()
+        assert worker.control.held() == [], "a job is still held after its end"
+    finally:
+        worker.close()
+
+
+def assert_all_ended(
+    store: SqliteStore, jobs: Sequence[Job], clock: Clock, *, failed: Sequence[str] = ()
+) -> None:
+    for job in jobs:
+        stored = store.get_job(job.id, now=clock())
+        assert stored is not None
+        expected = JobStatus.FAILED if job.id in failed else JobStatus.COMPLETED
+        assert stored.status is expected, (job.id, stored.status, stored.error)
+
+
+def media_count(root: Path) -> int:
+    return sum(1 for path in root.rglob("*") if path.is_file() and path.suffix != ".json")
+
+
+# --- defect 3: a failed batch top-up must not orphan the jobs in hand ----------------------
+
+
+def test_a_failed_batch_top_up_keeps_the_jobs_in_hand(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    jobs = [submit(store, key_id, clock, seed=seed) for seed in (1, 2, 3)]
+    flaky = Flaky(store)
+    flaky.script("claim", OK, DOWN)  # the first job is claimed, topping up its batch fails
+    worker = make_runner(flaky, media, SolidEngine(), clock)
+    assert worker.run_once()  # runs the job in hand instead of raising with it held
+    worker.wait_finished()
+    assert worker.control.held() == []  # nothing heartbeated that nobody will end
+    drain(worker)
+    assert_all_ended(store, jobs, clock)
+    assert balance(store, key_id) == pytest.approx(1.0 - 3 * COST)
+
+
+# --- defect 4: a store blip while storing a finished image is retried ----------------------
+
+
+@pytest.mark.parametrize("method", ["complete", "put"])
+def test_a_store_outage_at_the_end_is_retried_not_failed(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str, method: str
+) -> None:
+    job = submit(store, key_id, clock)
+    flaky_store, flaky_media = Flaky(store), Flaky(media)
+    (flaky_store if method == "complete" else flaky_media).script(method, DOWN, DOWN, DOWN)
+    drain(make_runner(flaky_store, flaky_media, SolidEngine(), clock))
+    assert_all_ended(store, [job], clock)
+    assert balance(store, key_id) == pytest.approx(1.0 - COST)
+
+
+def test_a_completion_whose_reply_was_lost_keeps_its_image(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str, tmp_path: Path
+) -> None:
+    job = submit(store, key_id, clock)
+    flaky = Flaky(store)
+    flaky.script("complete", LOST)  # applied; the retry is refused as not ours any more
+    drain(make_runner(flaky, media, SolidEngine(), clock))
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None and stored.status is JobStatus.COMPLETED and stored.result
+    assert media.get(stored.result.media_id, now=clock()) is not None
+    assert media_count(tmp_path / "media") == 1
+    assert balance(store, key_id) == pytest.approx(1.0 - COST)
+
+
+def test_an_outage_longer_than_the_retries_leaves_the_job_to_its_lease(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    job = submit(store, key_id, clock)
+    flaky = Flaky(store)
+    flaky.script("complete", *[DOWN] * 1000)
+    patient = StoreRetry(budget_s=0.05, first_wait_s=0.01, max_wait_s=0.01)
+    drain(make_runner(flaky, media, SolidEngine(), clock, retry=patient))
+    stored = store.get_job(job.id, now=clock())
+    assert stored is not None and stored.status is JobStatus.PROCESSING  # not failed
+    clock.now += 31  # its lease runs out: another worker completes it
+    flaky._scripts.clear()
+    drain(make_runner(store, media, SolidEngine(), clock, worker_id="w2"))
+    assert_all_ended(store, [job], clock)
+    assert balance(store, key_id) == pytest.approx(1.0 - COST)
+
+
+# --- one bad job never fails another ------------------------------------------------------
+
+
+class PoisonEngine(SolidEngine):
+    """Raises (a bug, not out of memory) on any call that includes the seed ``poison``."""
+
+    def __init__(self, poison: int) -> None:
+        super().__init__()
+        self.poison = poison
+        self.seen: list[list[int]] = []
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], **kwargs: object
+    ) -> list[Generated]:
+        self.seen.append([int(r.seed or 0) for r in requests])
+        if any(r.seed == self.poison for r in requests):
+            raise RuntimeError("index out of range in the scheduler")
+        return [SolidEngine.generate(self, r) for r in requests]
+
+    def generate(self, request: GenerationRequest, **kwargs: object) -> Generated:  # type: ignore[override]
+        self.seen.append([int(request.seed or 0)])
+        if request.seed == self.poison:
+            raise RuntimeError("index out of range in the scheduler")
+        return super().generate(request)
+
+
+def test_a_batch_that_raises_is_retried_one_at_a_time(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    jobs = [submit(store, key_id, clock, seed=seed) for seed in (11, 12, 13, 14)]
+    engine = PoisonEngine(poison=13)
+    drain(make_runner(store, media, engine, clock))
+    assert engine.seen == [[11, 12, 13, 14], [11], [12], [13], [14]]
+    assert_all_ended(store, jobs, clock, failed=["job-13"])
+    culprit = store.get_job("job-13", now=clock())
+    assert culprit is not None and culprit.error and "internal error" in culprit.error
+    assert balance(store, key_id) == pytest.approx(1.0 - 3 * COST)  # the culprit is refunded
+
+
+def test_jobs_of_a_batch_whose_worker_died_run_again_alone(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    jobs = [submit(store, key_id, clock, seed=seed) for seed in (21, 22, 23)]
+    taken = store.claim("dead", slugs=None, lease_s=5, max_attempts=2, now=clock(), limit=3)
+    assert len(taken) == 3  # a batch, then its worker process died (a segfault, say)
+    clock.now += 6
+    engine = SolidEngine()
+    drain(make_runner(store, media, engine, clock))
+    # Each runs alone: whichever crashed that worker cannot take its batch-mates down again.
+    assert engine.batch_sizes == []
+    assert_all_ended(store, jobs, clock)
+
+
+# --- the SQLite file locked by another process for some seconds ----------------------------
+
+
+class LockingEngine(SolidEngine):
+    """While it generates, another connection takes the database's exclusive lock and holds it
+    for ``hold_s`` (a backup, the `qwenserve keys` CLI, a stuck process)."""
+
+    def __init__(self, path: Path, hold_s: float) -> None:
+        super().__init__()
+        self.path, self.hold_s = path, hold_s
+        self.locker: threading.Thread | None = None
+
+    def generate(self, request: GenerationRequest, **kwargs: object) -> Generated:  # type: ignore[override]
+        locked = threading.Event()
+
+        def hold() -> None:
+            other = sqlite3.connect(self.path, isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            time.sleep(self.hold_s)
+            other.execute("COMMIT")
+            other.close()
+
+        self.locker = threading.Thread(target=hold)
+        self.locker.start()
+        locked.wait()
+        return super().generate(request)
+
+
+def test_a_locked_sqlite_file_is_waited_out(
+    tmp_path: Path, media: LocalMediaStore, clock: Clock
+) -> None:
+    store = SqliteStore(tmp_path / "locked.db", busy_timeout_s=0.2)
+    _, key = create_api_key(store, name="t", credits_usd=1.0, rpm=0, now=clock())
+    job = submit(store, key.id, clock)
+    engine = LockingEngine(store.path, hold_s=2.0)
+    real_time = StoreRetry(first_wait_s=0.05, max_wait_s=0.5)
+    worker = make_runner(store, media, engine, clock, retry=real_time)
+    assert worker.run_once()
+    worker.wait_finished()  # completing it waited for the lock instead of failing the job
+    assert engine.locker is not None
+    engine.locker.join()
+    drain(worker)
+    assert_all_ended(store, [job], clock)
+    assert balance(store, key.id) == pytest.approx(1.0 - COST)
