@@ -266,3 +266,65 @@ def test_a_locked_sqlite_file_is_waited_out(
     drain(worker)
     assert_all_ended(store, [job], clock)
     assert balance(store, key.id) == pytest.approx(1.0 - COST)
+
+
+# --- Redis killed and restarted mid-burst (a real redis-server with an append-only file) ---
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_redis_killed_mid_burst_every_job_ends_once(tmp_path: Path) -> None:
+    from qwenserve.store.redis import RedisStore
+    from tests.redis_server import RedisServer, require_redis_server
+
+    require_redis_server()
+    with RedisServer(appendonly=True, dir=tmp_path / "redis") as server:
+        store = RedisStore.from_url(server.url, namespace="burst")
+        media = LocalMediaStore(tmp_path / "media")
+        _, key = create_api_key(store, name="t", credits_usd=10.0, rpm=0, now=time.time())
+        jobs = [submit(store, key.id, time.time, seed=seed) for seed in range(100, 124)]
+        time.sleep(1.5)  # the append-only file has them (fsync every second)
+
+        class SlowEngine(SolidEngine):
+            def generate(self, request: GenerationRequest, **kwargs: object) -> Generated:  # type: ignore[override]
+                time.sleep(0.1)
+                return super().generate(request)
+
+        worker = WorkerRunner(
+            store=store,
+            media=media,
+            engine=SlowEngine(),
+            inputs=NoInputs(),
+            config=WorkerConfig(
+                worker_id="w1",
+                lease_s=3.0,
+                max_attempts=3,
+                max_batch=2,
+                batch_window_s=0.0,
+                poll_interval_s=0.05,
+            ),
+            retry=StoreRetry(first_wait_s=0.1, max_wait_s=0.5),
+        )
+        thread = threading.Thread(target=worker.run_forever)
+        thread.start()
+        try:
+            time.sleep(0.5)
+            server.kill()  # mid-burst: some jobs done, some running, most queued
+            time.sleep(3.0)
+            server.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                ended = [store.get_job(j.id, now=time.time()) for j in jobs]
+                if all(j is not None and j.status.is_terminal for j in ended):
+                    break
+                time.sleep(0.2)
+        finally:
+            worker.stop()
+            thread.join(30)
+        for job in jobs:
+            stored = store.get_job(job.id, now=time.time())
+            assert stored is not None and stored.status is JobStatus.COMPLETED, (job.id, stored)
+        remaining = store.get_key(key.id)
+        assert remaining is not None
+        assert remaining.balance_usd == pytest.approx(10.0 - len(jobs) * COST)
+        store.close()
