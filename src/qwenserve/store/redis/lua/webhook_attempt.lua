@@ -2,9 +2,14 @@
 -- ARGV: prefix, job id, owner, status, attempt JSON, next attempt at ('' when none), body
 local current = redis.call('HMGET', KEYS[1], 'owner', 'status', 'attempts', 'body')
 if current[1] ~= ARGV[3] or current[2] ~= 'pending' then return 0 end
-local attempts = cjson.decode(current[3] or '[]')
-table.insert(attempts, cjson.decode(ARGV[5]))
-redis.call('HSET', KEYS[1], 'attempts', cjson.encode(attempts), 'status', ARGV[4],
+-- Appended as text: cjson would round the times to 14 digits.
+local attempts = current[3] or '[]'
+if attempts == '[]' then
+  attempts = '[' .. ARGV[5] .. ']'
+else
+  attempts = string.sub(attempts, 1, -2) .. ',' .. ARGV[5] .. ']'
+end
+redis.call('HSET', KEYS[1], 'attempts', attempts, 'status', ARGV[4],
   'next_attempt_at', ARGV[6], 'owner', '', 'lease_until', '')
 if not current[4] or current[4] == '' then redis.call('HSET', KEYS[1], 'body', ARGV[7]) end
 if ARGV[4] == 'pending' then
