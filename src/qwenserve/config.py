@@ -167,6 +167,17 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
         default_factory=list, description="Folders a lora_*_url may name a local file in."
     )
 
+    # webhooks (notify/webhooks.py)
+    webhook_timeout_s: float = Field(10.0, gt=0, description="The most one delivery attempt takes.")
+    webhook_backoff_s: float = Field(
+        5.0, gt=0, description="The first webhook retry's delay; doubled each time, jittered."
+    )
+    webhook_max_backoff_s: float = Field(3600.0, gt=0, description="The longest retry delay.")
+    webhook_max_age_s: float = Field(
+        86400.0, gt=0, description="Webhook retries stop this long after the job ended."
+    )
+    webhook_poll_s: float = Field(0.5, gt=0, description="How often due deliveries are sent.")
+
     # accounts
     prices_usd: dict[str, float] = Field(
         default_factory=dict, description="Per-slug price overrides, e.g. {'qwen-image': 0.1}."

@@ -162,6 +162,8 @@ class Job:
     when the job goes back to the queue (a new attempt starts over). Kept once it ended."""
     cancel_requested_at: float | None = None
     """When its owner asked to cancel it while it was running (the worker then stops it)."""
+    webhook_url: str | None = None
+    """Where its ending is POSTed (``POST /v2/{slug}?webhook=URL``; notify/webhooks.py)."""
 
     @property
     def queue_time_s(self) -> float | None:

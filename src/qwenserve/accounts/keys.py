@@ -6,6 +6,7 @@ atomic step that enqueues the job, so two requests can never both spend the last
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import math
@@ -23,6 +24,17 @@ KEY_HEADER = "x-api-key"
 def generate_key() -> str:
     """A new secret: the prefix (so leaked keys are recognisable) and 256 random bits."""
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_webhook_secret() -> str:
+    """A webhook signing secret: ``whsec_`` and 32 random bytes in base64 (Standard Webhooks)."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def webhook_secret(store: Store, key_id: str, *, rotate: bool = False) -> str | None:
+    """The key's webhook signing secret, made on first need (or anew with ``rotate``); None
+    when there is no such key."""
+    return store.webhook_secret(key_id, candidate=new_webhook_secret(), rotate=rotate)
 
 
 def hash_key(plaintext: str) -> str:
@@ -77,6 +89,7 @@ def create_api_key(
         created_at=now,
     )
     store.create_key(key)
+    webhook_secret(store, key.id)  # made with the key, so `keys create` can show it
     return plaintext, key
 
 

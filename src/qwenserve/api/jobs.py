@@ -72,10 +72,12 @@ async def submit(
     *,
     partial_images: int = 0,
     wake: bool = True,
+    webhook_url: str | None = None,
 ) -> Submitted:
     """Validate, authorize, and enqueue atomically with the credit debit and rate limit.
 
     ``partial_images``: previews the worker stores while it denoises (``media/previews.py``).
+    ``webhook_url`` (checked by the caller) is kept with the job: its ending is POSTed there.
     ``wake=False`` leaves waking in-process workers (``Services.on_submitted``) to the caller,
     which submits several jobs that should be claimed together.
 
@@ -114,6 +116,7 @@ async def submit(
         created_at=now,
         expires_at=expires_at,
         cost_usd=settings.price_for(slug, spec.price_usd),
+        webhook_url=webhook_url,
     )
     try:
         outcome = await services.call(services.store.submit, job, rpm=key.rpm, now=now)

@@ -26,6 +26,7 @@ from qwenserve.api.docs import add_slug_routes
 from qwenserve.api.errors import error_response, error_responses
 from qwenserve.api.segmind import server_timing, submit_headers
 from qwenserve.api.services import Services
+from qwenserve.api.webhooks import refuse_on_v1
 from qwenserve.errors import Conflict, UnknownRequest, UpstreamTimeout, rebuild_error
 from qwenserve.jobs import JobStatus
 
@@ -44,6 +45,7 @@ async def user_credits(key: CurrentKey) -> JSONResponse:
 
 async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
     services: Services = request.app.state.services
+    refuse_on_v1(request)
     body = await jobs.read_json_body(request)
     submitted = await jobs.submit(services, key, slug, body)
     headers = submit_headers(submitted)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from qwenserve.api import jobs, segmind
+from qwenserve.api import jobs, segmind, webhooks
 from qwenserve.api.auth import CurrentKey
 from qwenserve.api.docs import add_slug_routes
 from qwenserve.api.errors import error_responses
@@ -44,7 +44,8 @@ READ_RESPONSES = {
 async def submit_v2(slug: str, request: Request, key: CurrentKey) -> JSONResponse:
     services: Services = request.app.state.services
     body = await jobs.read_json_body(request)
-    submitted = await jobs.submit(services, key, slug, body)
+    webhook = webhooks.webhook_url(request, allow_private=services.settings.allow_private_urls)
+    submitted = await jobs.submit(services, key, slug, body, webhook_url=webhook)
     urls = segmind.urls(services, request, submitted.job.id)
     return JSONResponse(
         {
@@ -72,6 +73,7 @@ async def status_v2(request_id: str, request: Request, key: CurrentKey) -> JSONR
     services: Services = request.app.state.services
     live = await owned_live_view(services, key.id, request_id)
     body = segmind.status_body(services, request, live)
+    body.update(await webhooks.webhook_fields(services, live.job))
     return JSONResponse(body, status_code=segmind.status_code(live.job))
 
 
@@ -82,6 +84,7 @@ async def result_v2(request_id: str, request: Request, key: CurrentKey) -> JSONR
     services: Services = request.app.state.services
     live = await owned_live_view(services, key.id, request_id)
     body = await segmind.result_body(services, request, live)
+    body.update(await webhooks.webhook_fields(services, live.job))
     return JSONResponse(body, status_code=segmind.status_code(live.job))
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from qwenserve.accounts.keys import create_api_key
+from qwenserve.accounts.keys import create_api_key, webhook_secret
 from qwenserve.backends import open_backend
 from qwenserve.cli.common import add_settings_options, settings_from
 from qwenserve.errors import QwenServeError
@@ -42,6 +42,14 @@ def register(subparsers: Any) -> None:
     topup.add_argument("amount", type=float, help="USD to add")
     topup.set_defaults(handler=_topup)
 
+    secret = actions.add_parser(
+        "webhook-secret", help="show a key's webhook signing secret (whsec_...)"
+    )
+    add_settings_options(secret)
+    secret.add_argument("key_id")
+    secret.add_argument("--rotate", action="store_true", help="replace it with a new one")
+    secret.set_defaults(handler=_webhook_secret)
+
 
 def _create(args: argparse.Namespace) -> int:
     backend = open_backend(settings_from(args))
@@ -56,6 +64,7 @@ def _create(args: argparse.Namespace) -> int:
             models=models,
             now=time.time(),
         )
+        secret = webhook_secret(store, key.id)
     except QwenServeError as error:
         Console(stderr=True).print(f"[red]error:[/red] {error.message}")
         return 2
@@ -67,6 +76,7 @@ def _create(args: argparse.Namespace) -> int:
         f"rpm {key.rpm or 'unlimited'}, models {', '.join(key.models) or 'all'}"
     )
     console.print("store it now: it is shown only once")
+    console.print(f"webhook signing secret: {secret} (again: qwenserve keys webhook-secret)")
     print(plaintext, flush=True)
     return 0
 
@@ -120,4 +130,17 @@ def _topup(args: argparse.Namespace) -> int:
     finally:
         backend.close()
     print(f"{args.key_id}: balance ${balance:.6f}")
+    return 0
+
+
+def _webhook_secret(args: argparse.Namespace) -> int:
+    backend = open_backend(settings_from(args))
+    try:
+        secret = webhook_secret(backend.store, args.key_id, rotate=args.rotate)
+    finally:
+        backend.close()
+    if secret is None:
+        Console(stderr=True).print(f"[red]error:[/red] no key {args.key_id}")
+        return 1
+    print(secret, flush=True)
     return 0

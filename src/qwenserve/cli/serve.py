@@ -13,6 +13,7 @@ import uvicorn
 
 from qwenserve.api.app import create_app
 from qwenserve.api.services import Services
+from qwenserve.api.webhooks import body_builder
 from qwenserve.backends import open_backend
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
 from qwenserve.cli.compose import (
@@ -23,6 +24,7 @@ from qwenserve.cli.compose import (
     warm_up,
 )
 from qwenserve.notify import CompletionHub, follow_completions
+from qwenserve.notify.webhooks import WebhookDispatcher, WebhookPolicy
 from qwenserve.worker.host import ThreadHost
 
 log = logging.getLogger("qwenserve")
@@ -110,6 +112,21 @@ def _serve(args: argparse.Namespace) -> int:
         on_submitted=wake_workers,
     )
     app = create_app(services)
+    # Webhooks: this node's dispatcher follows the log from the store's own cursor (so endings
+    # during a restart are delivered too); the follower only makes it look at once.
+    dispatcher = WebhookDispatcher(
+        store,
+        body_for=body_builder(services),
+        policy=WebhookPolicy(
+            timeout_s=settings.webhook_timeout_s,
+            backoff_s=settings.webhook_backoff_s,
+            max_backoff_s=settings.webhook_max_backoff_s,
+            max_age_s=settings.webhook_max_age_s,
+            allow_private=settings.allow_private_urls,
+        ),
+        poll_s=settings.webhook_poll_s,
+    ).start()
+    events.subscribe(lambda event: dispatcher.poke() if event.type.is_terminal else None)
     if workers:
         log.info(  # one line for all workers: they share one configuration
             "engine: %s; %d worker(s)", workers[0].engine.describe(), len(workers)
@@ -134,5 +151,6 @@ def _serve(args: argparse.Namespace) -> int:
                 subscriber.close()
         host.shutdown(settings.drain_timeout_s)
         events.close()
+        dispatcher.close()
         backend.close()
     return 0

@@ -17,11 +17,12 @@ even across a crash.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from qwenserve.jobs import Job, JobEvent, JobResult, Progress
+from qwenserve.store.webhooks import DeliveryStatus, WebhookAttempt, WebhookDelivery
 
 
 @dataclass(frozen=True)
@@ -220,5 +221,42 @@ class Store(Protocol):
     def last_event_id(self) -> str | None:
         """The id of the newest event in the log (None when empty): where a consumer that only
         wants what happens from now on starts."""
+
+    # --- webhooks (notify/webhooks.py) --------------------------------------------------------
+    def webhook_secret(self, key_id: str, *, candidate: str, rotate: bool = False) -> str | None:
+        """The key's webhook signing secret, set to ``candidate`` first when it has none (or
+        when ``rotate``), in one atomic step; None when there is no such key."""
+
+    def webhook_cursor(self) -> str | None:
+        """The event id after which the webhook dispatchers read the log next (None: start)."""
+
+    def enqueue_webhooks(self, events: Sequence[JobEvent], *, cursor: str, now: float) -> int:
+        """In one atomic step: a pending delivery (due now, its ``event_id`` the event's) for
+        each terminal event whose job named a webhook URL and has none yet, and the cursor moved
+        to ``cursor``. Returns how many were added (idempotent: a re-read adds none)."""
+
+    def claim_webhooks(
+        self, owner: str, *, lease_s: float, now: float, limit: int = 10
+    ) -> list[WebhookDelivery]:
+        """Take up to ``limit`` pending deliveries that are due (or whose lease ran out), each
+        leased to ``owner`` until ``now + lease_s``; deliveries older than their retention go."""
+
+    def record_webhook_attempt(
+        self,
+        job_id: str,
+        owner: str,
+        attempt: WebhookAttempt,
+        *,
+        status: DeliveryStatus,
+        next_attempt_at: float | None,
+        body: str,
+        now: float,
+    ) -> bool:
+        """Append ``attempt`` and move the delivery to ``status`` (due again at
+        ``next_attempt_at`` when pending), releasing the lease; ``body`` is kept from the first
+        attempt on. False (nothing changed) unless ``owner`` holds it and it is pending."""
+
+    def get_webhook(self, job_id: str) -> WebhookDelivery | None:
+        """The delivery of ``job_id``'s ending (None before it ended, or without a webhook)."""
 
     def close(self) -> None: ...

@@ -36,6 +36,7 @@ JOB_FIELDS = (
     "progress_total",
     "progress_at",
     "cancel_requested_at",
+    "webhook_url",
 )
 """Every stored field of a job (SQLite columns, Redis hash fields)."""
 
@@ -83,6 +84,7 @@ def job_from_record(record: Mapping[str, Any]) -> Job:
         lease_until=_float(record.get("lease_until")),
         progress=progress,
         cancel_requested_at=_float(record.get("cancel_requested_at")),
+        webhook_url=_text(record.get("webhook_url")) or None,
     )
 
 

@@ -24,6 +24,11 @@ deployments, or tests, can share one Redis server without seeing each other. The
                                     (its ``at`` + the job's result TTL), for purge_expired
     jobevents:<job_id>      stream  the same entries of one job, under the same ids (for a
                                     job's own event stream); a TTL past the job's
+    webhook:<job_id>        hash    the delivery of a job's ending to its webhook URL
+                                    (store.webhooks.DELIVERY_FIELDS, owner, lease_until)
+    webhooks:due            zset    pending deliveries scored by when they may be claimed
+                                    (next attempt due, or their lease running out)
+    webhooks:cursor         string  the event id the webhook dispatchers read the log after
     workers                 hash    worker id -> WorkerInfo JSON
     workers:lapse           zset    worker ids scored by when their announcement lapses
     media:<media_id>        hash    data, content_type, expires_at
@@ -59,6 +64,9 @@ _EXPIRY = "expiry"
 _EVENTS = "events"
 _EVENTS_TRIM = "events:trim"
 _JOB_EVENTS = "jobevents:"
+_WEBHOOK = "webhook:"
+_WEBHOOKS_DUE = "webhooks:due"
+_WEBHOOKS_CURSOR = "webhooks:cursor"
 _WORKERS = "workers"
 _WORKERS_LAPSE = "workers:lapse"
 _MEDIA = "media:"
@@ -79,6 +87,7 @@ local function requeued_key(slug) return PREFIX .. '{_REQUEUED}' .. slug end
 local function events_key() return PREFIX .. '{_EVENTS}' end
 local function events_trim_key() return PREFIX .. '{_EVENTS_TRIM}' end
 local function job_events_key(job_id) return PREFIX .. '{_JOB_EVENTS}' .. job_id end
+local function webhook_key(job_id) return PREFIX .. '{_WEBHOOK}' .. job_id end
 local function wake_channel() return PREFIX .. '{_WAKE}' end
 local function done_channel() return PREFIX .. '{_DONE}' end
 """
@@ -146,6 +155,16 @@ class RedisKeys:
     def job_events(self, job_id: str) -> str:
         """One job's events, under the same ids as in ``events``."""
         return f"{self.prefix}{_JOB_EVENTS}{job_id}"
+
+    def webhook(self, job_id: str) -> str:
+        """The delivery of ``job_id``'s ending to its webhook."""
+        return f"{self.prefix}{_WEBHOOK}{job_id}"
+
+    def webhooks_due(self) -> str:
+        return f"{self.prefix}{_WEBHOOKS_DUE}"
+
+    def webhooks_cursor(self) -> str:
+        return f"{self.prefix}{_WEBHOOKS_CURSOR}"
 
     def workers(self) -> str:
         return f"{self.prefix}{_WORKERS}"

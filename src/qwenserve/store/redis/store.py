@@ -81,6 +81,7 @@ from qwenserve.store.base import ApiKey, Heartbeat, QueueStats, Store, SubmitOut
 from qwenserve.store.records import event_from_record, job_from_record, key_from_record
 from qwenserve.store.redis.client import connect, float_text, pairs, unavailable_as_503
 from qwenserve.store.redis.scripts import JobScripts
+from qwenserve.store.redis.webhooks import RedisWebhooks
 from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
 
 RATE_KEY_TTL_S = 2 * rules.RATE_WINDOW_S
@@ -104,7 +105,7 @@ def _events(entries: Sequence[tuple[str, Mapping[str, str]]]) -> list[JobEvent]:
     return [event_from_record(entry_id, fields) for entry_id, fields in entries]
 
 
-class RedisStore(Store):
+class RedisStore(RedisWebhooks, Store):
     """A Store in Redis, shared by every API node and worker (see the module docstring).
 
     Args:
@@ -125,6 +126,7 @@ class RedisStore(Store):
         self.keys = RedisKeys(namespace)
         self.expiry_grace_s = expiry_grace_s
         self._scripts = JobScripts(client)
+        self._webhook_scripts = self.webhook_scripts(client)
 
     @classmethod
     def from_url(
@@ -221,6 +223,7 @@ class RedisStore(Store):
             "expires_at": float_text(job.expires_at),
             "cost_micro": str(cost_micro),
             "attempts": "0",
+            **({"webhook_url": job.webhook_url} if job.webhook_url else {}),
         }
         reply = self._eval(
             self._scripts.submit,

@@ -88,7 +88,36 @@ CREATE TABLE job_events (
 )
 """Progress, cancel requests and the durable event log; ``extra`` dropped."""
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2))
+_V3: tuple[str, ...] = ()
+"""A placeholder: version 3 (idempotency keys and history) is written on another branch, which
+replaces this empty step when the two meet."""
+
+_V4: tuple[str, ...] = (
+    # Webhooks: where a job's ending is POSTed, each key's signing secret, the deliveries.
+    "ALTER TABLE jobs ADD COLUMN webhook_url TEXT",
+    "ALTER TABLE api_keys ADD COLUMN webhook_secret TEXT",
+    """
+CREATE TABLE webhook_deliveries (
+    job_id          TEXT PRIMARY KEY,       -- one delivery per job ending
+    event_id        TEXT NOT NULL,          -- the ending's event id: the webhook-id header
+    key_id          TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    status          TEXT NOT NULL,          -- pending, delivered, failed
+    created_at      REAL NOT NULL,
+    attempts        TEXT NOT NULL DEFAULT '[]',  -- JSON list of {at, status_code | error}
+    next_attempt_at REAL,                   -- due from then on (pending only)
+    owner           TEXT,                   -- the dispatcher holding the lease
+    lease_until     REAL,
+    body            TEXT,                   -- the JSON sent, kept from the first attempt
+    expires_at      REAL NOT NULL
+)
+    """,
+    "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_at)",
+    "CREATE TABLE webhook_cursor (id INTEGER PRIMARY KEY CHECK (id = 1), after TEXT)",
+)
+"""Webhooks: the job's URL, the key's secret, deliveries and the dispatchers' log cursor."""
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3), (4, _V4))
 """(version reached, its statements), in order."""
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -47,6 +47,7 @@ from qwenserve.store.records import (
 )
 from qwenserve.store.sqlite.connection import DEFAULT_BUSY_TIMEOUT_S, SqliteDatabase
 from qwenserve.store.sqlite.schema import migrate
+from qwenserve.store.sqlite.webhooks import SqliteWebhooks
 
 _JOB_COLUMNS = ", ".join(JOB_FIELDS)
 _KEY_COLUMNS = ", ".join(KEY_FIELDS)
@@ -113,7 +114,7 @@ def _fail_and_refund(
     return True
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteWebhooks, Store):
     """A Store in one SQLite file; several instances (and processes) may share the file.
 
     Args:
@@ -227,7 +228,7 @@ class SqliteStore(Store):
             )
             db.execute(
                 "INSERT INTO jobs (id, slug, key_id, params, status, created_at, expires_at, "
-                "cost_micro) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "cost_micro, webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.slug,
@@ -237,6 +238,7 @@ class SqliteStore(Store):
                     job.created_at,
                     job.expires_at,
                     cost_micro,
+                    job.webhook_url,
                 ),
             )
             _announce(db, job.id, JobEventType.QUEUED, now=now)

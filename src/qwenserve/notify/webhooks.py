@@ -1,0 +1,277 @@
+"""Webhooks: POST a job's ending to the URL its submit named, signed, retried, at least once.
+
+``WebhookDispatcher`` runs on its own threads (never a worker's) on every API node. Each round:
+
+1. follow the durable event log from the store's persisted cursor (``Store.webhook_cursor``) and
+   turn each job ending into a pending delivery record (``Store.enqueue_webhooks``: one per job,
+   idempotent, the cursor moved in the same step), so an ending that happened while no node was
+   up, or just before a kill -9, is still delivered;
+2. claim the deliveries that are due under a lease (``Store.claim_webhooks``), so with several
+   nodes each is sent by one at a time, and a node that dies mid-send leaves it to the others
+   when the lease runs out;
+3. send each: the body is the request's ``GET /v2/requests/{id}`` body (built by the API layer,
+   ``body_for``), kept from the first attempt so every retry sends the same bytes, signed per
+   Standard Webhooks (``webhook-id`` is the ending's event id on every attempt,
+   ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256 of id.timestamp.body>``
+   with the key's ``whsec_`` secret). The host is resolved and every address checked by the
+   SSRF guard (``media.fetch``) unless private URLs are allowed, the connection goes to the
+   checked address, redirects are not followed, and one deadline bounds the whole attempt;
+4. record the attempt (``Store.record_webhook_attempt``): 2xx delivered; a timeout, connection
+   error, 408, 429 or 5xx is retried after ``backoff_s * 2**(n-1)`` (capped, with jitter) until
+   ``max_age_s`` after the ending; anything else (other statuses, a refused address) fails it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+from standardwebhooks import Webhook
+
+from qwenserve.accounts.keys import webhook_secret
+from qwenserve.errors import InvalidRequest, QwenServeError
+from qwenserve.media.fetch import IPAddress, UrlFetcher, is_public_address
+from qwenserve.store.base import Store
+from qwenserve.store.webhooks import DeliveryStatus, WebhookAttempt, WebhookDelivery
+
+log = logging.getLogger("qwenserve.webhooks")
+
+RETRIED_STATUSES = frozenset({408, 429})
+READ_LIMIT = 500
+MAX_URL_CHARS = 2048
+
+
+def signature_headers(secret: str, msg_id: str, timestamp: float, body: str) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt."""
+    at = datetime.fromtimestamp(int(timestamp), tz=UTC)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(timestamp)),
+        "webhook-signature": Webhook(secret).sign(msg_id, at, body),
+    }
+
+
+@dataclass(frozen=True)
+class WebhookPolicy:
+    """How deliveries are sent and retried (``Settings.webhook_*``)."""
+
+    timeout_s: float = 10.0
+    """The most one attempt takes: connect, send and read the answer."""
+    backoff_s: float = 5.0
+    """The first retry's delay; each next one doubles, up to ``max_backoff_s``, with jitter."""
+    max_backoff_s: float = 3600.0
+    max_age_s: float = 24 * 3600.0
+    """No retry is scheduled later than this after the job ended."""
+    lease_s: float = 60.0
+    allow_private: bool = False
+
+    def retry_delay_s(self, attempts: int, rng: random.Random) -> float:
+        """The delay after the ``attempts``-th failed attempt: exponential, half of it jitter."""
+        delay = min(self.max_backoff_s, self.backoff_s * 2.0 ** max(0, attempts - 1))
+        return delay / 2 + rng.uniform(0, delay / 2)
+
+
+class WebhookDispatcher:
+    """Follows the log, enqueues deliveries and sends them (see the module docstring).
+
+    Args:
+        store: where deliveries and the cursor live.
+        body_for: the JSON body of a job's ``GET /v2/requests/{id}`` (None: the job is gone).
+        policy: timeouts, backoff, retention, the SSRF switch.
+        poll_s: seconds between rounds when nothing pokes it.
+        clock: Unix seconds (injected in tests).
+        address_policy: which resolved addresses may be connected to (tests narrow it).
+        concurrency: deliveries sent at once.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        body_for: Callable[[str], str | None],
+        policy: WebhookPolicy | None = None,
+        poll_s: float = 0.5,
+        clock: Callable[[], float] = time.time,
+        address_policy: Callable[[IPAddress], bool] = is_public_address,
+        concurrency: int = 4,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.store = store
+        self.body_for = body_for
+        self.policy = policy or WebhookPolicy()
+        self.poll_s = poll_s
+        self.clock = clock
+        self.owner = f"webhooks-{uuid.uuid4().hex[:12]}"
+        self._guard = UrlFetcher(
+            allow_private=self.policy.allow_private,
+            timeout_s=self.policy.timeout_s,
+            address_policy=address_policy,
+        )
+        self._rng = random.Random()
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="qwenserve-webhook")
+        self._concurrency = concurrency
+        self._client = httpx.Client(
+            trust_env=False,  # an environment proxy would connect to a host we did not check
+            follow_redirects=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+            transport=transport,
+        )
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qwenserve-webhooks", daemon=True)
+
+    def start(self) -> WebhookDispatcher:
+        self._thread.start()
+        return self
+
+    def poke(self) -> None:
+        """Run a round now (a job just ended)."""
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._pool.shutdown(wait=True)
+        self._client.close()
+
+    def follow(self) -> int:
+        """Turn every job ending in the log after the cursor into a delivery; returns how many."""
+        added = 0
+        while True:
+            events = self.store.events(after=self.store.webhook_cursor(), limit=READ_LIMIT)
+            if not events:
+                return added
+            added += self.store.enqueue_webhooks(events, cursor=events[-1].id, now=self.clock())
+            if len(events) < READ_LIMIT:
+                return added
+
+    def round(self) -> int:
+        """One round: follow the log, then send every due delivery; returns attempts made."""
+        self.follow()
+        due = self.store.claim_webhooks(
+            self.owner, lease_s=self.policy.lease_s, now=self.clock(), limit=self._concurrency * 4
+        )
+        return sum(1 for _ in self._pool.map(self.deliver, due))
+
+    def deliver(self, delivery: WebhookDelivery) -> DeliveryStatus:
+        """Make one attempt at ``delivery`` (claimed by this dispatcher) and record it."""
+        body = delivery.body if delivery.body is not None else self.body_for(delivery.job_id)
+        started = self.clock()
+        if body is None:
+            attempt = WebhookAttempt(at=started, error="the request expired before delivery")
+            return self._record(delivery, attempt, DeliveryStatus.FAILED, body="")
+        attempt, retry = self._send(delivery, body, started)
+        if attempt.status_code is not None and 200 <= attempt.status_code < 300:
+            status = DeliveryStatus.DELIVERED
+        elif retry:
+            status = DeliveryStatus.PENDING
+        else:
+            status = DeliveryStatus.FAILED
+        next_at: float | None = None
+        if status is DeliveryStatus.PENDING:
+            delay_s = self.policy.retry_delay_s(len(delivery.attempts) + 1, self._rng)
+            next_at = self.clock() + delay_s
+            if next_at > delivery.created_at + self.policy.max_age_s:
+                status, next_at = DeliveryStatus.FAILED, None
+        return self._record(delivery, attempt, status, body=body, next_at=next_at)
+
+    def _record(
+        self,
+        delivery: WebhookDelivery,
+        attempt: WebhookAttempt,
+        status: DeliveryStatus,
+        *,
+        body: str,
+        next_at: float | None = None,
+    ) -> DeliveryStatus:
+        recorded = self.store.record_webhook_attempt(
+            delivery.job_id,
+            self.owner,
+            attempt,
+            status=status,
+            next_attempt_at=next_at,
+            body=body,
+            now=self.clock(),
+        )
+        outcome = attempt.status_code if attempt.status_code is not None else attempt.error
+        log.info(
+            "webhook %s attempt %d: %s -> %s%s",
+            delivery.job_id,
+            len(delivery.attempts) + 1,
+            outcome,
+            status.value,
+            "" if recorded else " (lease lost; not recorded)",
+        )
+        return status
+
+    def _send(
+        self, delivery: WebhookDelivery, body: str, now: float
+    ) -> tuple[WebhookAttempt, bool]:
+        """One POST; returns the attempt and whether a failure is worth retrying."""
+        secret = webhook_secret(self.store, delivery.key_id)
+        if secret is None:
+            return WebhookAttempt(at=now, error="the API key no longer exists"), False
+        deadline = time.monotonic() + self.policy.timeout_s
+        try:
+            url = httpx.URL(delivery.url)
+            host = url.raw_host.decode("ascii")
+            port = url.port or (443 if url.scheme == "https" else 80)
+            addresses = self._guard.resolve_allowed(host, port, field="webhook")
+        except InvalidRequest as error:  # refused by the SSRF guard: never retried
+            return WebhookAttempt(at=now, error=error.message), False
+        except QwenServeError as unresolved:  # the name does not resolve (now)
+            return WebhookAttempt(at=now, error=unresolved.message), True
+        except (httpx.InvalidURL, ValueError):
+            return WebhookAttempt(at=now, error="not a valid URL"), False
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "qwenserve-webhooks/1",
+            "Host": url.netloc.decode("ascii"),
+            **signature_headers(secret, delivery.event_id, now, body),
+        }
+        failed = "could not connect"
+        for address in addresses:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return WebhookAttempt(at=now, error="timed out"), True
+            try:
+                response = self._client.post(
+                    url.copy_with(host=address, fragment=None),
+                    content=body.encode("utf-8"),
+                    headers=headers,
+                    extensions={"sni_hostname": host},
+                    timeout=httpx.Timeout(remaining_s),
+                )
+            except httpx.ConnectError:
+                continue  # the host's next checked address
+            except httpx.TimeoutException:
+                return WebhookAttempt(at=now, error="timed out"), True
+            except httpx.HTTPError as failure:
+                failed = f"connection failed: {type(failure).__name__}"
+                break
+            code = response.status_code
+            return WebhookAttempt(at=now, status_code=code), code in RETRIED_STATUSES or code >= 500
+        return WebhookAttempt(at=now, error=failed), True
+
+    def _run(self) -> None:
+        failing = False
+        while not self._closed.is_set():
+            try:
+                self.round()
+                failing = False
+            except Exception as error:  # the store is away: try again next round
+                if not failing:
+                    log.warning("webhooks: round failed (%s); retrying", error)
+                failing = True
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
