@@ -28,9 +28,10 @@ from tests.service.inprocess import Harness, make_harness, open_test_store
 
 class Receiver:
     """A threaded HTTP server answering each POST with the next scripted status (a float:
-    sleep that long first, then 200), recording what it got."""
+    sleep that long first, then 200; ``"drip"``: the status line, then a header one byte every
+    0.2 s for 10 s), recording what it got."""
 
-    def __init__(self, script: list[int | float] | None = None) -> None:
+    def __init__(self, script: list[int | float | str] | None = None) -> None:
         self.script = list(script or [])
         self.got: list[tuple[dict[str, str], bytes]] = []
         receiver = self
@@ -40,6 +41,16 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 step = receiver.script.pop(0) if receiver.script else 200
+                if step == "drip":
+                    try:
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+                        for _ in range(50):
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    except OSError:  # the sender gave up: what this test wants
+                        pass
+                    return
                 if isinstance(step, float):
                     time.sleep(step)
                     step = 200
@@ -174,6 +185,25 @@ async def test_retries_after_500_and_a_timeout_with_the_same_id(
     assert done["status"] == "delivered" and len(done["attempts"]) == 3
     assert len({headers["webhook-id"] for headers, _ in receiver.got}) == 1
     assert len({body for _, body in receiver.got}) == 1
+
+
+async def test_a_receiver_dripping_its_headers_is_cut_at_the_deadline(
+    api: Harness, receiver: Receiver
+) -> None:
+    receiver.script = ["drip"]
+    job_id = await ended_job(api, receiver.url)
+    sender = dispatcher(api, timeout_s=1.0)
+    try:
+        started = time.monotonic()
+        await asyncio.to_thread(sender.round)
+        elapsed_s = time.monotonic() - started
+    finally:
+        sender.close()
+    # Every read is quick (a byte every 0.2 s), so only a deadline over the whole exchange
+    # stops it; without one the attempt would take the 10 s of the drip.
+    assert elapsed_s < 5, elapsed_s
+    attempt = (await result(api, job_id))["webhook"]["attempts"][0]
+    assert attempt["error"] == "timed out"
 
 
 async def test_410_stops_it(api: Harness, receiver: Receiver) -> None:

@@ -38,6 +38,7 @@ from standardwebhooks import Webhook
 
 from qwenserve.accounts.keys import webhook_secret
 from qwenserve.errors import InvalidRequest, QwenServeError
+from qwenserve.media.deadline import DeadlineTransport
 from qwenserve.media.fetch import IPAddress, UrlFetcher, is_public_address
 from qwenserve.store.base import Store
 from qwenserve.store.webhooks import DeliveryStatus, WebhookAttempt, WebhookDelivery
@@ -118,12 +119,8 @@ class WebhookDispatcher:
         self._rng = random.Random()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="qwenserve-webhook")
         self._concurrency = concurrency
-        self._client = httpx.Client(
-            trust_env=False,  # an environment proxy would connect to a host we did not check
-            follow_redirects=False,
-            limits=httpx.Limits(max_keepalive_connections=0),
-            transport=transport,
-        )
+        self._transport = transport
+        self._ssl_context = httpx.create_ssl_context()
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qwenserve-webhooks", daemon=True)
@@ -142,7 +139,6 @@ class WebhookDispatcher:
         if self._thread.is_alive():
             self._thread.join()
         self._pool.shutdown(wait=True)
-        self._client.close()
 
     def follow(self) -> int:
         """Turn every job ending in the log after the cursor into a delivery; returns how many."""
@@ -222,6 +218,27 @@ class WebhookDispatcher:
         if secret is None:
             return WebhookAttempt(at=now, error="the API key no longer exists"), False
         deadline = time.monotonic() + self.policy.timeout_s
+        with self._client(deadline) as client:
+            return self._post(client, delivery, body, secret, now, deadline)
+
+    def _client(self, deadline: float) -> httpx.Client:
+        """A client for one attempt: every connect, header and body read ends by ``deadline``
+        (a receiver that drips its answer cannot hold a sender thread past it)."""
+        return httpx.Client(
+            trust_env=False,  # an environment proxy would connect to a host we did not check
+            follow_redirects=False,
+            transport=self._transport or DeadlineTransport(deadline, ssl_context=self._ssl_context),
+        )
+
+    def _post(
+        self,
+        client: httpx.Client,
+        delivery: WebhookDelivery,
+        body: str,
+        secret: str,
+        now: float,
+        deadline: float,
+    ) -> tuple[WebhookAttempt, bool]:
         try:
             url = httpx.URL(delivery.url)
             host = url.raw_host.decode("ascii")
@@ -245,7 +262,7 @@ class WebhookDispatcher:
             if remaining_s <= 0:
                 return WebhookAttempt(at=now, error="timed out"), True
             try:
-                response = self._client.post(
+                response = client.post(
                     url.copy_with(host=address, fragment=None),
                     content=body.encode("utf-8"),
                     headers=headers,
