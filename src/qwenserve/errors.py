@@ -9,7 +9,8 @@ responses, and nothing else invents status codes. This module imports nothing fr
     QwenServeError                      500  base; never shown with a stack trace
     ├── InvalidRequest                  400  parameters missing, mistyped or out of range; carries
     │                                        every bad field (``errors``: FieldError list)
-    │   └── InvalidInput                400  an input image or LoRA file was fetched but is unusable
+    │   ├── InvalidInput                400  an input image or LoRA file was fetched but is unusable
+    │   └── BodyTooLarge                413  the request body passed the size limit (as it streamed)
     ├── Unauthenticated                 401  missing or unknown API key
     ├── Forbidden                       403  the key may not use this model
     ├── NotFound                        404
@@ -91,6 +92,12 @@ class InvalidRequest(QwenServeError):
 
 class InvalidInput(InvalidRequest):
     """An input (image or LoRA file) was read but cannot be used: bad format, too large, …"""
+
+
+class BodyTooLarge(InvalidRequest):
+    """The request body is larger than the server takes; refused while it streams in."""
+
+    http_status = 413
 
 
 class Unauthenticated(QwenServeError):
