@@ -192,9 +192,16 @@ class OutOfMemory(InferenceError):
 
 
 class ServiceUnavailable(QwenServeError):
-    """The server cannot take work right now (shutting down, no worker for the model)."""
+    """The server cannot take work right now (shutting down, no worker for the model, the
+    store unreachable). ``retry_after_s``, when known, is said in ``Retry-After``."""
 
     http_status = 503
+
+    def __init__(
+        self, message: str, *, field: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
 
 
 _BY_NAME: dict[str, type[QwenServeError]] = {

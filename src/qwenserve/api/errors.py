@@ -35,6 +35,7 @@ from qwenserve.errors import (
     InvalidRequest,
     QwenServeError,
     RateLimited,
+    ServiceUnavailable,
     Unauthenticated,
     UnknownModel,
 )
@@ -134,6 +135,8 @@ def error_response(
     all_headers = dict(headers or {})
     if isinstance(error, RateLimited):
         all_headers.update(rate_limit_headers(error))
+    if isinstance(error, ServiceUnavailable) and error.retry_after_s is not None:
+        all_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     body: dict[str, Any] = {"error": safe_text(error.message)}
     if openai:
         body = openai_body(error.http_status, safe_text(error.message), error)
