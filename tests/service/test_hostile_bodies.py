@@ -3,13 +3,17 @@ on every dialect that reads a JSON body. In-process over ASGI on a real SQLite s
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from qwenserve.api.body import MAX_BODY_BYTES
 from qwenserve.store.base import Store
+from tests.service.helpers import body_for
 from tests.service.inprocess import Harness, make_harness, open_test_store
 
 JSON_ROUTES = ["/v1/qwen-image-fast", "/v2/qwen-image-edit-fast", "/v1/images/generations"]
@@ -112,3 +116,14 @@ async def test_a_declared_content_length_past_the_limit_is_refused_unread(
     assert response.status_code == 413, response.text
     assert "larger than" in message(response.json())
     assert not read
+
+
+async def test_an_input_of_extreme_aspect_is_a_400_at_submit(api: Harness) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (10000, 10)).save(buffer, "PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    body = body_for("qwen-image-edit-fast", image=image)
+    response = await api.http.post("/v2/qwen-image-edit-fast", json=body, headers=api.headers())
+    assert response.status_code == 400, response.text
+    assert response.json()["errors"][0]["field"] == "image"
+    assert "10000x10" in response.json()["error"]
