@@ -9,7 +9,8 @@ responses, and nothing else invents status codes. This module imports nothing fr
     QwenServeError                      500  base; never shown with a stack trace
     ├── InvalidRequest                  400  parameters missing, mistyped or out of range; carries
     │                                        every bad field (``errors``: FieldError list)
-    │   └── InvalidInput                400  an input image or LoRA file was fetched but is unusable
+    │   ├── InvalidInput                400  an input image or LoRA file was fetched but is unusable
+    │   └── BodyTooLarge                413  the request body passed the size limit (as it streamed)
     ├── Unauthenticated                 401  missing or unknown API key
     ├── Forbidden                       403  the key may not use this model
     ├── NotFound                        404
@@ -91,6 +92,12 @@ class InvalidRequest(QwenServeError):
 
 class InvalidInput(InvalidRequest):
     """An input (image or LoRA file) was read but cannot be used: bad format, too large, …"""
+
+
+class BodyTooLarge(InvalidRequest):
+    """The request body is larger than the server takes; refused while it streams in."""
+
+    http_status = 413
 
 
 class Unauthenticated(QwenServeError):
@@ -185,9 +192,16 @@ class OutOfMemory(InferenceError):
 
 
 class ServiceUnavailable(QwenServeError):
-    """The server cannot take work right now (shutting down, no worker for the model)."""
+    """The server cannot take work right now (shutting down, no worker for the model, the
+    store unreachable). ``retry_after_s``, when known, is said in ``Retry-After``."""
 
     http_status = 503
+
+    def __init__(
+        self, message: str, *, field: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
 
 
 _BY_NAME: dict[str, type[QwenServeError]] = {

@@ -211,3 +211,18 @@ def test_animated_image_gives_first_frame(image_format: str) -> None:
     )
     loaded = _load(base64.b64encode(buffer.getvalue()).decode())
     assert loaded.getpixel((4, 4)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("size", [(10000, 10), (10, 10000), (1, 101)])
+def test_extreme_aspect_is_refused_naming_the_field(size: tuple[int, int]) -> None:
+    """The edit pipelines' resize would round the short side to 0 (issue 13)."""
+    with pytest.raises(InvalidInput, match="sides may differ at most 100:1") as caught:
+        _load(base64.b64encode(_png(*size)).decode())
+    assert caught.value.field == "image_1"
+    assert _load(base64.b64encode(_png(1000, 10)).decode()).size == (1000, 10)
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()

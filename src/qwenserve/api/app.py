@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from qwenserve import __version__
 from qwenserve.api import media, metrics, models, openai_images, ops, playground, v1, v2
+from qwenserve.api.body import BodyLimit
 from qwenserve.api.docs import create_documented_app
 from qwenserve.api.errors import install_error_handlers
 from qwenserve.api.services import Services
@@ -57,6 +58,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.metrics_registry = ops.build_registry(services)
     metrics.instrument(app, app.state.metrics_registry)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     app.include_router(ops.router)
     app.include_router(models.router)
     app.include_router(openai_images.router)

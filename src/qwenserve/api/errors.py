@@ -35,6 +35,7 @@ from qwenserve.errors import (
     InvalidRequest,
     QwenServeError,
     RateLimited,
+    ServiceUnavailable,
     Unauthenticated,
     UnknownModel,
 )
@@ -69,6 +70,7 @@ ERROR_MEANINGS: Mapping[int, str] = {
     404: "Not found",
     406: "The key's credits cannot pay for this run",
     409: "The request conflicts with the job's state (`status` says it)",
+    413: "The request body is larger than the server takes",
     429: "Too many requests this minute (see `Retry-After`)",
     500: "The engine failed while running the job",
     502: "Fetching an input URL failed",
@@ -93,12 +95,17 @@ _OPENAI_TYPES = {
     404: "invalid_request_error",
     406: "insufficient_quota",
     409: "invalid_request_error",
+    413: "invalid_request_error",
     429: "requests",
 }
 
 
 def is_openai(request: Request) -> bool:
-    return request.url.path.startswith(OPENAI_PREFIX)
+    return is_openai_path(request.url.path)
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PREFIX)
 
 
 def openai_body(status: int, message: str, error: QwenServeError | None = None) -> dict[str, Any]:
@@ -117,7 +124,7 @@ def openai_body(status: int, message: str, error: QwenServeError | None = None) 
     elif status == 400:
         code = "invalid_value"
     kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    param = error.field if error is not None else None
+    param = safe_text(error.field) if error is not None and error.field is not None else None
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -128,14 +135,24 @@ def error_response(
     all_headers = dict(headers or {})
     if isinstance(error, RateLimited):
         all_headers.update(rate_limit_headers(error))
-    body: dict[str, Any] = {"error": error.message}
+    if isinstance(error, ServiceUnavailable) and error.retry_after_s is not None:
+        all_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    body: dict[str, Any] = {"error": safe_text(error.message)}
     if openai:
-        body = openai_body(error.http_status, error.message, error)
+        body = openai_body(error.http_status, safe_text(error.message), error)
     elif isinstance(error, InvalidRequest):
-        body["errors"] = [{"field": e.field, "message": e.message} for e in error.errors]
+        body["errors"] = [
+            {"field": safe_text(e.field), "message": safe_text(e.message)} for e in error.errors
+        ]
     elif isinstance(error, Conflict):
         body["status"] = error.job_status
     return JSONResponse(body, status_code=error.http_status, headers=all_headers)
+
+
+def safe_text(text: str) -> str:
+    """``text`` as UTF-8 can carry it: messages echo what a client sent, and JSON lets a client
+    send lone UTF-16 surrogates, which would make the answer itself fail to encode (a 500)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def rate_limit_headers(error: RateLimited) -> dict[str, str]:

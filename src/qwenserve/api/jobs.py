@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,16 +18,15 @@ from typing import Any
 from fastapi import Request
 
 from qwenserve.accounts.keys import authorize
+from qwenserve.api.body import parse_json
 from qwenserve.api.services import Services
 from qwenserve.catalog import GenerationRequest, get_model, validate_request
-from qwenserve.errors import InvalidRequest, UnknownRequest
+from qwenserve.errors import UnknownRequest
 from qwenserve.jobs import Job, JobStatus
 from qwenserve.media.fetch import refuse_literal_private_host
 from qwenserve.media.inline import forget, store_inline_images, stored_input_ids
 from qwenserve.media.previews import new_preview_prefix
 from qwenserve.store.base import ApiKey, SubmitOutcome
-
-MAX_BODY_BYTES = 64 * 1024 * 1024
 
 log = logging.getLogger("qwenserve.api")
 
@@ -52,16 +50,9 @@ class Awaited:
 
 
 async def read_json_body(request: Request) -> Any:
-    """The body as JSON; malformed or oversized bodies are a 400 saying so."""
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
-    if not body.strip():
-        raise InvalidRequest("request body is empty: send a JSON object with the parameters")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidRequest(f"malformed JSON body: {error}") from None
+    """The body as JSON (``api/body.py``: size bounded as it streams in by ``BodyLimit``, depth
+    and number literals bounded while decoding); a body that breaks a bound is a 4xx saying so."""
+    return parse_json(await request.body())
 
 
 async def submit(

@@ -27,6 +27,7 @@ from starlette.formparsers import MultiPartException
 
 from qwenserve.api import jobs
 from qwenserve.api.auth import CurrentKey
+from qwenserve.api.errors import error_responses
 from qwenserve.api.jobs import Submitted
 from qwenserve.api.openai_request import ImagesCall, parse_edit, parse_generation
 from qwenserve.api.openai_stream import SSE_PING_S, image_events
@@ -46,15 +47,24 @@ log = logging.getLogger("qwenserve.api")
 
 MAX_FORM_FILES = 8
 MAX_FORM_FIELDS = 64
+IMAGES_RESPONSES = error_responses(400, 401, 403, 404, 406, 409, 413, 429, 500, 502, 503, 504)
 
 
-@router.post("/v1/images/generations", summary="Generate images (OpenAI's images API)")
+@router.post(
+    "/v1/images/generations",
+    summary="Generate images (OpenAI's images API)",
+    responses=IMAGES_RESPONSES,
+)
 async def generations(request: Request, key: CurrentKey) -> Response:
     call = parse_generation(await jobs.read_json_body(request))
     return await _run(request, key, call)
 
 
-@router.post("/v1/images/edits", summary="Edit images (OpenAI's images API, multipart)")
+@router.post(
+    "/v1/images/edits",
+    summary="Edit images (OpenAI's images API, multipart)",
+    responses=IMAGES_RESPONSES,
+)
 async def edits(request: Request, key: CurrentKey) -> Response:
     fields, images = await _read_form(request)
     return await _run(request, key, parse_edit(fields, images))

@@ -91,6 +91,8 @@ def _coerce(param: Param, value: Any) -> Any:
     # string and uri
     if not isinstance(value, str):
         raise _Refused(f"{name} must be a string")
+    if not is_text(value):
+        raise _Refused(f"{name} is not valid text: it holds a lone UTF-16 surrogate")
     if param.allowed is not None and value not in param.allowed:
         allowed = ", ".join(repr(a) for a in param.allowed)
         raise _Refused(f"{name} must be one of {allowed}, got {value!r}")
@@ -115,7 +117,23 @@ def _check_image_source(name: str, value: str) -> None:
         raise _Refused(f"{name} must be an http(s) URL, a data URI or base64 image data")
 
 
+def is_text(value: str) -> bool:
+    """Whether ``value`` is text every consumer can take: JSON allows lone UTF-16 surrogates
+    (``"\\ud800"``), which no UTF-8 encoder, tokenizer or database accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _readable(name: str) -> str:
+    """A client's string made safe to echo (lone surrogates written as escapes)."""
+    return name if is_text(name) else name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _unknown_field_error(spec: ModelSpec, name: str) -> FieldError:
+    name = _readable(name)
     hint = ""
     if name in ("base64", "base_64"):
         hint = f"; this model spells it '{spec.base64_field}'"

@@ -19,6 +19,12 @@ from qwenserve.errors import InvalidInput, InvalidRequest
 from qwenserve.media.fetch import DEFAULT_MAX_BYTES, UrlFetcher
 
 DEFAULT_MAX_PIXELS = 40_000_000
+MAX_ASPECT_RATIO = 100
+"""Longest side over shortest side of an input image. The edit pipelines resize each input to a
+fixed area at its own aspect, sides rounded to 32 px (``calculate_dimensions``): past an aspect
+of area/256 the short side rounds to 0 (576 at the 384² condition area, 256 at the tiny
+preset's) and the vision-language processor refuses an aspect over 200. 100 keeps a margin
+under all of them; such images are refused with a 400 naming the field, not a crash."""
 # MPO is how Pillow names JPEGs carrying extra pictures (most phone cameras write them).
 _ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP"})
 _OPEN_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -88,6 +94,12 @@ def _open_checked(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
         width, height = image.size
         if width < 1 or height < 1:
             raise InvalidInput(f"{field}: the image has no pixels", field=field)
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise InvalidInput(
+                f"{field}: the image is {width}x{height}; its sides may differ at most "
+                f"{MAX_ASPECT_RATIO}:1",
+                field=field,
+            )
         if width * height > max_pixels:
             raise InvalidInput(
                 f"{field}: the image is {width}x{height}, more than {max_pixels} pixels",

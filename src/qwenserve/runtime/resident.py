@@ -187,7 +187,8 @@ class ResidentPipelines:
             raise
         except Exception as error:
             self._drop_unused_shared()
-            raise InferenceError(f"could not prepare {key}: {error}") from error
+            log.error("could not prepare %s: %s: %s", key, type(error).__name__, error)
+            raise InferenceError(f"could not prepare the model {recipe.base_weights}") from error
         share_ids = {p.name: p.share_id for p in estimate.parts if p.share_id is not None}
         resident.footprint = pipeline_footprint(resident.pipe, share_ids)
         for name, share_id in share_ids.items():
@@ -268,9 +269,8 @@ class ResidentPipelines:
         except QwenServeError:
             raise
         except Exception as error:
-            raise InferenceError(
-                f"could not load {recipe.base_weights} from {location}: {error}"
-            ) from error
+            log.error("could not load %s from %s: %s", recipe.base_weights, location, error)
+            raise InferenceError(f"could not load the model {recipe.base_weights}") from error
         pipe.set_progress_bar_config(disable=True)
         log.info(
             "loaded %s (%s) from %s in %.2fs%s",

@@ -9,6 +9,7 @@ become an RGB image of exactly the planned size.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ from PIL import Image
 from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError
 from qwenserve.runtime.resident import Pipeline
 from qwenserve.runtime.sizes import SizePlan
+
+log = logging.getLogger("qwenserve.runtime")
 
 
 def run_pipeline(
@@ -65,7 +68,11 @@ def run_pipeline(
         raise
     except Exception as error:
         if not is_out_of_memory(error):
-            raise InferenceError(f"generation failed: {type(error).__name__}: {error}") from error
+            # The details are for the logs; a client reads a stable sentence.
+            log.error("generation failed: %s: %s", type(error).__name__, error)
+            raise InferenceError(
+                "generation failed: the engine could not run this request"
+            ) from error
         out_of_memory = True  # raised below: the error's frames hold the call's tensors
     if out_of_memory:
         free_memory()

@@ -3,6 +3,7 @@ Redis that stays away into a 503."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,10 @@ RECONNECT_BACKOFF_BASE_S = 0.05
 RECONNECT_BACKOFF_CAP_S = 1.0
 SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+STORE_RETRY_AFTER_S = 5.0
+"""What a 503 during an outage tells clients to wait: past the reconnect backoff."""
+
+log = logging.getLogger("qwenserve.store")
 
 
 def connect(url: str, *, decode_responses: bool = True) -> redis.Redis:
@@ -47,7 +52,11 @@ def unavailable_as_503(what: str) -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as error:
-        raise ServiceUnavailable(f"{what} (Redis) is unreachable: {error}", field="store") from None
+        # The details (the store's address) are for the logs, never for a client.
+        log.warning("%s: Redis unreachable: %s", what, error)
+        raise ServiceUnavailable(
+            f"{what} is unavailable; retry later", field="store", retry_after_s=STORE_RETRY_AFTER_S
+        ) from None
 
 
 def float_text(value: float) -> str:

@@ -9,6 +9,7 @@ not meant to be shared between threads mid-transaction).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from pathlib import Path
 from qwenserve.errors import QwenServeError, ServiceUnavailable
 
 DEFAULT_BUSY_TIMEOUT_S = 10.0
+
+log = logging.getLogger("qwenserve.store")
 
 
 class SqliteDatabase:
@@ -68,8 +71,9 @@ class SqliteDatabase:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
             # Another writer held the lock for longer than busy_timeout_s: a 503, not a crash.
+            log.warning("the job store is busy: %s", error)
             raise ServiceUnavailable(
-                f"the job store is busy ({error}); retry shortly", field="store"
+                "the job store is busy; retry shortly", field="store", retry_after_s=1.0
             ) from None
         try:
             yield connection
