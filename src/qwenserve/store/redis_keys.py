@@ -24,6 +24,8 @@ deployments, or tests, can share one Redis server without seeing each other. The
                                     (its ``at`` + the job's result TTL), for purge_expired
     jobevents:<job_id>      stream  the same entries of one job, under the same ids (for a
                                     job's own event stream); a TTL past the job's
+    idem:<sha256>           hash    an idempotency key (sha256 of "<key_id>\0<Idempotency-Key>"):
+                                    body_hash, job_id, expires_at; a Redis TTL of 24 h
     workers                 hash    worker id -> WorkerInfo JSON
     workers:lapse           zset    worker ids scored by when their announcement lapses
     media:<media_id>        hash    data, content_type, expires_at
@@ -40,6 +42,7 @@ The Lua scripts receive the prefix as their first argument and build per-slug an
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -59,6 +62,7 @@ _EXPIRY = "expiry"
 _EVENTS = "events"
 _EVENTS_TRIM = "events:trim"
 _JOB_EVENTS = "jobevents:"
+_IDEMPOTENCY = "idem:"
 _WORKERS = "workers"
 _WORKERS_LAPSE = "workers:lapse"
 _MEDIA = "media:"
@@ -146,6 +150,12 @@ class RedisKeys:
     def job_events(self, job_id: str) -> str:
         """One job's events, under the same ids as in ``events``."""
         return f"{self.prefix}{_JOB_EVENTS}{job_id}"
+
+    def idempotency(self, key_id: str, idempotency_key: str) -> str:
+        """An API key's ``Idempotency-Key`` record (hashed: the header may hold any printable
+        character, and the pair must not be ambiguous)."""
+        digest = hashlib.sha256(f"{key_id}\0{idempotency_key}".encode()).hexdigest()
+        return f"{self.prefix}{_IDEMPOTENCY}{digest}"
 
     def workers(self) -> str:
         return f"{self.prefix}{_WORKERS}"

@@ -88,7 +88,24 @@ CREATE TABLE job_events (
 )
 """Progress, cancel requests and the durable event log; ``extra`` dropped."""
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2))
+_V3: tuple[str, ...] = (
+    # Idempotency keys: one row per (API key, Idempotency-Key), written in the submit's own
+    # transaction; the primary key is what makes concurrent duplicates race to one job.
+    """
+CREATE TABLE idempotency (
+    key_id          TEXT NOT NULL,
+    idem_key        TEXT NOT NULL,
+    body_hash       TEXT NOT NULL,
+    job_id          TEXT NOT NULL,
+    expires_at      REAL NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+)
+    """,
+    "CREATE INDEX idempotency_expiry ON idempotency (expires_at)",
+)
+"""Idempotency keys (24 h)."""
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3))
 """(version reached, its statements), in order."""
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
