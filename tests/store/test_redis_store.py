@@ -20,6 +20,7 @@ from qwenserve.store.redis_keys import CONSUMER_GROUP, RedisKeys
 from qwenserve.store.workers import WorkerInfo
 from tests.redis_server import RedisServer
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
+from tests.store.contract_idempotency import IdempotencyContract
 
 pytestmark = pytest.mark.redis
 
@@ -41,7 +42,7 @@ def store(redis_url: str, redis_client: redis.Redis, namespace: str) -> Iterator
     opened.close()
 
 
-class TestRedisStore(StoreContract):
+class TestRedisStore(StoreContract, IdempotencyContract):
     """Every contract test, against an emptied redis-server."""
 
 

@@ -20,6 +20,7 @@ from qwenserve.errors import QwenServeError, ServiceUnavailable, Unauthenticated
 from qwenserve.jobs import CANCELLED, JobEventType, JobResult, JobStatus, Progress
 from qwenserve.store.sqlite import SCHEMA_VERSION, SqliteStore, schema
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
+from tests.store.contract_idempotency import IdempotencyContract
 from tests.store.schema_v1 import V1_RESULT, make_v1_database
 
 
@@ -40,7 +41,7 @@ def store(db_path: Path) -> Iterator[SqliteStore]:
     opened.close()
 
 
-class TestSqliteStore(StoreContract):
+class TestSqliteStore(StoreContract, IdempotencyContract):
     """Every contract test, against a fresh database file."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 
 from qwenserve.accounts.keys import authorize
+from qwenserve.api import idempotency
 from qwenserve.api.body import parse_json
 from qwenserve.api.services import Services
 from qwenserve.catalog import GenerationRequest, get_model, validate_request
@@ -27,6 +28,7 @@ from qwenserve.media.fetch import refuse_literal_private_host
 from qwenserve.media.inline import forget, store_inline_images, stored_input_ids
 from qwenserve.media.previews import new_preview_prefix
 from qwenserve.store.base import ApiKey, SubmitOutcome
+from qwenserve.store.rules import IDEMPOTENCY_HEADER
 
 log = logging.getLogger("qwenserve.api")
 
@@ -38,6 +40,11 @@ class Submitted:
     job: Job
     request: GenerationRequest
     outcome: SubmitOutcome
+
+    @property
+    def replayed(self) -> bool:
+        """An ``Idempotency-Key`` seen before: ``job`` is the one the first submit made."""
+        return self.outcome.replay_of is not None
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ async def submit(
     partial_images: int = 0,
     wake: bool = True,
     webhook_url: str | None = None,
+    idempotency_key: str | None = None,
 ) -> Submitted:
     """Validate, authorize, and enqueue atomically with the credit debit and rate limit.
 
@@ -71,14 +79,23 @@ async def submit(
     ``webhook_url`` (checked by the caller) is kept with the job: its ending is POSTed there.
     ``wake=False`` leaves waking in-process workers (``Services.on_submitted``) to the caller,
     which submits several jobs that should be claimed together.
+    ``idempotency_key``: the client's ``Idempotency-Key``; a repeat of an earlier submit (same
+    key and body, same API key, within 24 h) answers with the earlier job (``replayed``),
+    nothing charged.
 
     Raises:
         UnknownModel, Forbidden, InvalidRequest (naming the field): before anything is kept.
         RateLimited, InsufficientCredits: the store refused it; nothing is kept or charged.
+        Conflict: the idempotency key was used with another body (naming the header).
+        UnknownRequest: the idempotency key's job has expired meanwhile.
     """
     spec = get_model(slug)
     authorize(key, slug)
-    request = validate_request(slug, body)
+    seeds = idempotency.SeedRecorder()
+    request = validate_request(slug, body, seed_source=seeds)
+    idem = None
+    if idempotency_key is not None:
+        idem = idempotency.for_request(idempotency_key, slug, request, seed_drawn=seeds.drawn)
     if partial_images > 0:
         request = dataclasses.replace(
             request, partial_images=partial_images, preview_id=new_preview_prefix()
@@ -110,15 +127,38 @@ async def submit(
         webhook_url=webhook_url,
     )
     try:
-        outcome = await services.call(services.store.submit, job, rpm=key.rpm, now=now)
+        outcome = await services.call(
+            services.store.submit, job, rpm=key.rpm, now=now, idempotency=idem
+        )
     except BaseException:  # refused (429, 406) or the store is down: nothing is kept
         if stored:
             await services.call(forget, services.media, stored)
         raise
+    if outcome.replay_of is not None:
+        if stored:
+            await services.call(forget, services.media, stored)
+        return await _replayed(services, outcome)
     log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
     if wake and services.on_submitted is not None:
         services.on_submitted(job.id)
     return Submitted(job=job, request=request, outcome=outcome)
+
+
+async def _replayed(services: Services, outcome: SubmitOutcome) -> Submitted:
+    """The answer to a repeated submit: the job its idempotency key first made."""
+    assert outcome.replay_of is not None
+    original: Job | None = await services.call(
+        services.store.get_job, outcome.replay_of, now=services.clock()
+    )
+    if original is None:
+        raise UnknownRequest(
+            f"request '{outcome.replay_of}', made earlier with this {IDEMPOTENCY_HEADER}, has "
+            "expired: use a new key for a new request",
+            field=IDEMPOTENCY_HEADER,
+        )
+    log.info("job %s: submit replayed by its idempotency key", original.id)
+    request = GenerationRequest.from_dict(original.params)
+    return Submitted(job=original, request=request, outcome=outcome)
 
 
 def refuse_private_urls(request: GenerationRequest) -> None:

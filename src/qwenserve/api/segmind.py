@@ -23,6 +23,8 @@ def submit_headers(submitted: Submitted) -> dict[str, str]:
     }
     if submitted.outcome.rate_limit_remaining is not None:
         headers["x-rate-limit-remaining"] = str(submitted.outcome.rate_limit_remaining)
+    if submitted.replayed:
+        headers["Idempotent-Replayed"] = "true"
     return headers
 
 

@@ -6,7 +6,9 @@ status of its kind (400 for an unusable input, 502/504 for an input fetch, 500 f
 Past ``sync_timeout_s`` it answers 504; the job goes on and can still be read through v2 with
 the request id in ``X-Request-ID``. A job cancelled meanwhile (through v2 with that id) answers
 409 ``{"error": "cancelled ...", "status": "FAILED"}``. With ``cancel_on_disconnect`` (the
-default), a caller that hangs up while waiting cancels its job: nobody is left to take the image.
+default), a caller that hangs up while waiting cancels its job: nobody is left to take the image;
+unless it sent an ``Idempotency-Key``: then a retry with the same key and body is expected, and it
+waits for the same job (and answers the same image) instead of running it again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from qwenserve.api import jobs
+from qwenserve.api import idempotency, jobs
 from qwenserve.api.auth import CurrentKey
 from qwenserve.api.docs import add_slug_routes, unknown_slug
 from qwenserve.api.errors import error_response, error_responses
@@ -47,9 +49,12 @@ async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
     services: Services = request.app.state.services
     refuse_on_v1(request)
     body = await jobs.read_json_body(request)
-    submitted = await jobs.submit(services, key, slug, body)
+    idempotency_key = idempotency.header_value(request)
+    submitted = await jobs.submit(services, key, slug, body, idempotency_key=idempotency_key)
     headers = submit_headers(submitted)
-    watch_caller = request.is_disconnected if services.settings.cancel_on_disconnect else None
+    # With an Idempotency-Key a caller that hangs up will retry: its job is kept for the retry.
+    cancel_if_gone = services.settings.cancel_on_disconnect and idempotency_key is None
+    watch_caller = request.is_disconnected if cancel_if_gone else None
     awaited = await jobs.await_end(
         services, submitted.job.id, services.settings.sync_timeout_s, disconnected=watch_caller
     )

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from qwenserve.api import jobs, segmind, webhooks
+from qwenserve.api import idempotency, jobs, segmind, webhooks
 from qwenserve.api.auth import CurrentKey
 from qwenserve.api.docs import add_slug_routes, unknown_slug
 from qwenserve.api.errors import error_responses
@@ -45,7 +45,10 @@ async def submit_v2(slug: str, request: Request, key: CurrentKey) -> JSONRespons
     services: Services = request.app.state.services
     body = await jobs.read_json_body(request)
     webhook = webhooks.webhook_url(request, allow_private=services.settings.allow_private_urls)
-    submitted = await jobs.submit(services, key, slug, body, webhook_url=webhook)
+    idempotency_key = idempotency.header_value(request)
+    submitted = await jobs.submit(
+        services, key, slug, body, webhook_url=webhook, idempotency_key=idempotency_key
+    )
     urls = segmind.urls(services, request, submitted.job.id)
     return JSONResponse(
         {
@@ -58,7 +61,20 @@ async def submit_v2(slug: str, request: Request, key: CurrentKey) -> JSONRespons
     )
 
 
-SUBMIT_RESPONSES = error_responses(400, 401, 403, 406, 429, 503)
+SUBMIT_RESPONSES = error_responses(
+    400,
+    401,
+    403,
+    404,
+    406,
+    409,
+    429,
+    503,
+    meanings={
+        404: "The request an Idempotency-Key first made has expired",
+        409: "The Idempotency-Key was used with another body",
+    },
+)
 add_slug_routes(
     router, "/v2/{slug}", submit_v2, summary="{title}: queue", responses=SUBMIT_RESPONSES
 )

@@ -48,6 +48,21 @@ class SubmitOutcome:
     remaining_usd: float
     rate_limit_remaining: int | None
     """Requests left in the current minute window (None when the key is unlimited)."""
+    replay_of: str | None = None
+    """With an idempotency key seen before (same body, within its TTL): the id of the job that
+    first submit created. Nothing was charged or counted this time. None: a new job."""
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A client's ``Idempotency-Key`` for one submit, scoped to its API key.
+
+    ``body_hash`` is a canonical hash of the validated request and its slug: the same key with
+    another body is refused (409) rather than answered with the first job.
+    """
+
+    key: str
+    body_hash: str
 
 
 @dataclass(frozen=True)
@@ -111,13 +126,21 @@ class Store(Protocol):
         """Add credit; returns the new balance. Raises UnknownRequest-free KeyError if missing."""
 
     # --- jobs -------------------------------------------------------------------------------
-    def submit(self, job: Job, *, rpm: int, now: float) -> SubmitOutcome:
+    def submit(
+        self, job: Job, *, rpm: int, now: float, idempotency: Idempotency | None = None
+    ) -> SubmitOutcome:
         """Accept ``job`` (status QUEUED) in one atomic step with its admission checks.
 
         In one transaction: count the key's submits in the current minute (raise RateLimited
         when ``rpm`` > 0 and the count has reached it), debit ``job.cost_usd`` from the key's
         balance (raise InsufficientCredits when the balance is lower) and insert the job.
         Either all of it happens or none of it does.
+
+        With ``idempotency``: when ``job.key_id`` already used that idempotency key within
+        ``rules.IDEMPOTENCY_TTL_S``, nothing is admitted: the outcome's ``replay_of`` names the
+        job the first submit created (same body hash), or Conflict is raised (another body).
+        Otherwise the record is written in the same step as the job, so concurrent duplicates
+        make exactly one job and one charge. A refused submit records nothing.
         """
 
     def get_job(self, job_id: str, *, now: float) -> Job | None:

@@ -29,6 +29,8 @@ deployments, or tests, can share one Redis server without seeing each other. The
     webhooks:due            zset    pending deliveries scored by when they may be claimed
                                     (next attempt due, or their lease running out)
     webhooks:cursor         string  the event id the webhook dispatchers read the log after
+    idem:<sha256>           hash    an idempotency key (sha256 of "<key_id>\0<Idempotency-Key>"):
+                                    body_hash, job_id, expires_at; a Redis TTL of 24 h
     workers                 hash    worker id -> WorkerInfo JSON
     workers:lapse           zset    worker ids scored by when their announcement lapses
     media:<media_id>        hash    data, content_type, expires_at
@@ -45,6 +47,7 @@ The Lua scripts receive the prefix as their first argument and build per-slug an
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -67,6 +70,7 @@ _JOB_EVENTS = "jobevents:"
 _WEBHOOK = "webhook:"
 _WEBHOOKS_DUE = "webhooks:due"
 _WEBHOOKS_CURSOR = "webhooks:cursor"
+_IDEMPOTENCY = "idem:"
 _WORKERS = "workers"
 _WORKERS_LAPSE = "workers:lapse"
 _MEDIA = "media:"
@@ -165,6 +169,12 @@ class RedisKeys:
 
     def webhooks_cursor(self) -> str:
         return f"{self.prefix}{_WEBHOOKS_CURSOR}"
+
+    def idempotency(self, key_id: str, idempotency_key: str) -> str:
+        """An API key's ``Idempotency-Key`` record (hashed: the header may hold any printable
+        character, and the pair must not be ambiguous)."""
+        digest = hashlib.sha256(f"{key_id}\0{idempotency_key}".encode()).hexdigest()
+        return f"{self.prefix}{_IDEMPOTENCY}{digest}"
 
     def workers(self) -> str:
         return f"{self.prefix}{_WORKERS}"

@@ -20,6 +20,10 @@ MICRO_PER_USD = 1_000_000
 RATE_WINDOW_S = 60
 """Rate limits count admitted submits per key in windows of this many seconds."""
 
+IDEMPOTENCY_TTL_S = 24 * 3600.0
+"""How long a key's ``Idempotency-Key`` answers with the job it first created."""
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
 GIVE_UP_KIND = "InferenceError"
 """``error_kind`` of a job given up after its worker was lost ``max_attempts`` times."""
 
@@ -66,6 +70,16 @@ def duplicate_key(key_id: str) -> InvalidRequest:
 def unknown_request(job_id: str) -> UnknownRequest:
     """Unknown, expired and another key's job look the same: ids are not probed."""
     return UnknownRequest(f"no request {job_id!r}", field="request_id")
+
+
+def idempotency_mismatch(job_id: str, status: str) -> Conflict:
+    """The 409 of an idempotency key reused with another body."""
+    return Conflict(
+        f"this {IDEMPOTENCY_HEADER} was used within the last 24 h with a different body "
+        f"(request {job_id!r}): use a new key for a new request",
+        job_status=status,
+        field=IDEMPOTENCY_HEADER,
+    )
 
 
 def already_ended(job_id: str, status: str) -> Conflict:

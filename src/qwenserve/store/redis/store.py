@@ -77,7 +77,14 @@ from redis.commands.core import Script
 from qwenserve.errors import QwenServeError
 from qwenserve.jobs import Job, JobEvent, JobResult, JobStatus, Progress
 from qwenserve.store import rules
-from qwenserve.store.base import ApiKey, Heartbeat, QueueStats, Store, SubmitOutcome
+from qwenserve.store.base import (
+    ApiKey,
+    Heartbeat,
+    Idempotency,
+    QueueStats,
+    Store,
+    SubmitOutcome,
+)
 from qwenserve.store.records import event_from_record, job_from_record, key_from_record
 from qwenserve.store.redis.client import connect, float_text, pairs, unavailable_as_503
 from qwenserve.store.redis.scripts import JobScripts
@@ -209,7 +216,9 @@ class RedisStore(RedisWebhooks, Store):
         return rules.to_usd(int(balance))
 
     # --- jobs -------------------------------------------------------------------------------
-    def submit(self, job: Job, *, rpm: int, now: float) -> SubmitOutcome:
+    def submit(
+        self, job: Job, *, rpm: int, now: float, idempotency: Idempotency | None = None
+    ) -> SubmitOutcome:
         cost_micro = rules.to_micro(job.cost_usd)
         window = math.floor(now / rules.RATE_WINDOW_S)
         ttl_ms = max(1, math.ceil((job.expires_at - now + self.expiry_grace_s) * 1000))
@@ -233,6 +242,7 @@ class RedisStore(RedisWebhooks, Store):
                 self.keys.job(job.id),
                 self.keys.slugs(),
                 self.keys.expiry(),
+                self.keys.idempotency(job.key_id, idempotency.key if idempotency else ""),
             ],
             job.id,
             job.slug,
@@ -243,9 +253,14 @@ class RedisStore(RedisWebhooks, Store):
             float_text(job.expires_at),
             float_text(job.created_at),
             float_text(now),
+            idempotency.body_hash if idempotency else "",
+            float_text(now + rules.IDEMPOTENCY_TTL_S),
+            math.ceil((rules.IDEMPOTENCY_TTL_S + self.expiry_grace_s) * 1000),
             *[part for pair in fields.items() for part in pair],
         )
         outcome = str(reply[0])
+        if outcome == "idempotency_conflict":
+            raise rules.idempotency_mismatch(str(reply[1]), str(reply[2]))
         if outcome == "unauthenticated":
             raise rules.invalid_key()
         if outcome == "rate_limited":
@@ -254,12 +269,13 @@ class RedisStore(RedisWebhooks, Store):
             )
         if outcome == "insufficient":
             raise rules.insufficient_credits(cost_micro, int(reply[1]))
-        if outcome != "ok":  # pragma: no cover - the script has no other answer
+        if outcome not in ("ok", "replay"):  # pragma: no cover - the script has no other answer
             raise QwenServeError(f"unexpected reply from the submit script: {reply!r}")
         remaining = int(reply[2])
         return SubmitOutcome(
             remaining_usd=rules.to_usd(int(reply[1])),
             rate_limit_remaining=remaining if remaining >= 0 else None,
+            replay_of=str(reply[3]) if outcome == "replay" else None,
         )
 
     def get_job(self, job_id: str, *, now: float) -> Job | None:

@@ -88,9 +88,23 @@ CREATE TABLE job_events (
 )
 """Progress, cancel requests and the durable event log; ``extra`` dropped."""
 
-_V3: tuple[str, ...] = ()
-"""A placeholder: version 3 (idempotency keys and history) is written on another branch, which
-replaces this empty step when the two meet."""
+_V3: tuple[str, ...] = (
+    # Idempotency keys: one row per (API key, Idempotency-Key), written in the submit's own
+    # transaction; the primary key is what makes concurrent duplicates race to one job.
+    """
+CREATE TABLE idempotency (
+    key_id          TEXT NOT NULL,
+    idem_key        TEXT NOT NULL,
+    body_hash       TEXT NOT NULL,
+    job_id          TEXT NOT NULL,
+    expires_at      REAL NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+)
+    """,
+    "CREATE INDEX idempotency_expiry ON idempotency (expires_at)",
+)
+"""Idempotency keys (24 h)."""
+
 
 _V4: tuple[str, ...] = (
     # Webhooks: where a job's ending is POSTed, each key's signing secret, the deliveries.
@@ -117,7 +131,12 @@ CREATE TABLE webhook_deliveries (
 )
 """Webhooks: the job's URL, the key's secret, deliveries and the dispatchers' log cursor."""
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3), (4, _V4))
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, _V1),
+    (2, _V2),
+    (3, _V3),
+    (4, _V4),
+)
 """(version reached, its statements), in order."""
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

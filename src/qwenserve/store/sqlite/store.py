@@ -36,7 +36,14 @@ from qwenserve.jobs import (
     Progress,
 )
 from qwenserve.store import rules
-from qwenserve.store.base import ApiKey, Heartbeat, QueueStats, Store, SubmitOutcome
+from qwenserve.store.base import (
+    ApiKey,
+    Heartbeat,
+    Idempotency,
+    QueueStats,
+    Store,
+    SubmitOutcome,
+)
 from qwenserve.store.records import (
     EVENT_FIELDS,
     JOB_FIELDS,
@@ -45,6 +52,7 @@ from qwenserve.store.records import (
     job_from_record,
     key_from_record,
 )
+from qwenserve.store.sqlite import idempotent
 from qwenserve.store.sqlite.connection import DEFAULT_BUSY_TIMEOUT_S, SqliteDatabase
 from qwenserve.store.sqlite.schema import migrate
 from qwenserve.store.sqlite.webhooks import SqliteWebhooks
@@ -193,7 +201,9 @@ class SqliteStore(SqliteWebhooks, Store):
             return rules.to_usd(row["balance_micro"])
 
     # --- jobs -------------------------------------------------------------------------------
-    def submit(self, job: Job, *, rpm: int, now: float) -> SubmitOutcome:
+    def submit(
+        self, job: Job, *, rpm: int, now: float, idempotency: Idempotency | None = None
+    ) -> SubmitOutcome:
         cost_micro = rules.to_micro(job.cost_usd)
         with self._db.write() as db:
             key = db.execute(
@@ -205,6 +215,11 @@ class SqliteStore(SqliteWebhooks, Store):
             # must not get one more job in.
             if key is None or key["revoked"]:
                 raise rules.invalid_key()
+            if idempotency is not None:
+                original = idempotent.replay_of(db, job.key_id, idempotency, now=now)
+                if original is not None:
+                    return idempotent.replayed(key, original, rpm=rpm, now=now)
+                idempotent.record(db, job.key_id, idempotency, job.id, now=now)
             window_start: float | None = key["window_start"]
             window_count: int = key["window_count"]
             remaining: int | None = None
@@ -434,6 +449,7 @@ class SqliteStore(SqliteWebhooks, Store):
     def purge_expired(self, *, now: float) -> list[Job]:
         with self._db.write() as db:
             db.execute("DELETE FROM job_events WHERE expires_at <= ?", (now,))
+            idempotent.purge(db, now=now)
             unfinished = db.execute(
                 "SELECT id, status, key_id, cost_micro, cancel_requested_at FROM jobs "
                 "WHERE expires_at <= ? AND status IN ('QUEUED', 'PROCESSING')",

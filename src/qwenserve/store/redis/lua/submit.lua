@@ -1,6 +1,6 @@
--- KEYS: key hash, rate counter, job hash, slug set, expiry zset
+-- KEYS: key hash, rate counter, job hash, slug set, expiry zset, idempotency record
 -- ARGV: prefix, job id, slug, cost, rpm, rate ttl s, job ttl ms, expires_at, created_at, now,
---       job field/value pairs
+--       idempotency body hash ('' for none), its expires_at, its ttl ms, job field/value pairs
 local job_id, slug = ARGV[2], ARGV[3]
 local cost, rpm = tonumber(ARGV[4]), tonumber(ARGV[5])
 local key = redis.call('HMGET', KEYS[1], 'balance_micro', 'revoked')
@@ -11,6 +11,19 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   -- The same submit again: a retry after a lost reply. It went through the first time.
   return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and math.max(rpm - used, 0) or -1)}
 end
+local idem_hash = ARGV[11]
+if idem_hash ~= '' then
+  local seen, original, valid_until = unpack(redis.call('HMGET', KEYS[6], 'body_hash', 'job_id',
+    'expires_at'))
+  if seen and tonumber(valid_until) > tonumber(ARGV[10]) then
+    if seen ~= idem_hash then
+      return {'idempotency_conflict', original, redis.call('HGET', job_key(original), 'status')
+        or 'EXPIRED'}
+    end
+    local left = rpm > 0 and math.max(rpm - used, 0) or -1
+    return {'replay', string.format('%.0f', balance), tostring(left), original}
+  end
+end
 if rpm > 0 and used >= rpm then return {'rate_limited'} end
 if cost > balance then return {'insufficient', string.format('%.0f', balance)} end
 if cost > 0 then balance = redis.call('HINCRBY', KEYS[1], 'balance_micro', -cost) end
@@ -18,7 +31,12 @@ if rpm > 0 then
   used = redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 11))
+redis.call('HSET', KEYS[3], unpack(ARGV, 14))
+if idem_hash ~= '' then
+  redis.call('DEL', KEYS[6])
+  redis.call('HSET', KEYS[6], 'body_hash', idem_hash, 'job_id', job_id, 'expires_at', ARGV[12])
+  redis.call('PEXPIRE', KEYS[6], ARGV[13])
+end
 local stream = queue_key(slug)
 if redis.call('EXISTS', stream) == 0 then
   redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
