@@ -1,10 +1,11 @@
-"""Benchmark: what job control (one heartbeat per worker, the event log, live status fields)
-costs the queue endpoints, against an earlier revision, side by side in one run.
+"""Benchmark: what the changes since an earlier revision cost the queue endpoints, side by side
+in one run (job control: one heartbeat per worker, the event log, live status fields; metrics:
+HTTP instrumentation, workers' figures).
 
-    python bench/control_overhead.py --baseline REV [--seconds 4] [--rounds 2] [--no-write]
+    python bench/revision_overhead.py --baseline REV [--against REV] [--seconds 4] [--rounds 2]
 
-The baseline revision is checked out into a temporary git worktree and served from its own
-``src`` (``PYTHONPATH``); this checkout is served from its ``src``. For each side, alternating
+The baseline revision (and ``--against``, when given; else this checkout) is checked out into a
+temporary git worktree and served from its own ``src`` (``PYTHONPATH``). For each side, alternating
 A B A B so that drift on a shared machine hits both alike, it measures with 16 concurrent async
 clients in this process:
 
@@ -136,26 +137,50 @@ def measure(side: Side, tmp: Path, cache_dir: Path, seconds: float) -> dict[str,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", required=True, help="git revision to compare against")
+    parser.add_argument("--against", help="git revision measured (default: this checkout)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    revision = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    def short(rev: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", rev],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    revision = short(args.baseline)
+    measured = short(args.against) if args.against else None
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        checkout = tmp / "baseline"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(checkout), revision],
-            check=True,
-        )
+        checkouts = []
         try:
-            sides = [Side(f"baseline {revision}", checkout / "src"), Side("this", ROOT / "src")]
+            for name, rev in (("baseline", revision), ("measured", measured)):
+                if rev is None:
+                    continue
+                checkout = tmp / name
+                subprocess.run(
+                    [
+                        "git",
+                        "-C",
+                        str(ROOT),
+                        "worktree",
+                        "add",
+                        "-q",
+                        "--detach",
+                        str(checkout),
+                        rev,
+                    ],
+                    check=True,
+                )
+                checkouts.append(checkout)
+            this_src = checkouts[1] / "src" if measured else ROOT / "src"
+            sides = [
+                Side(f"baseline {revision}", checkouts[0] / "src"),
+                Side(measured or "this", this_src),
+            ]
             runs: dict[str, list[dict[str, float]]] = {side.name: [] for side in sides}
             for round_index in range(args.rounds):
                 for side in sides if round_index % 2 == 0 else reversed(sides):
@@ -163,10 +188,11 @@ def main() -> int:
                     runs[side.name].append(measure(side, round_tmp, tmp / "cache", args.seconds))
                     print(side.name, runs[side.name][-1], flush=True)
         finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)],
-                check=False,
-            )
+            for checkout in checkouts:
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)],
+                    check=False,
+                )
 
     base, this = (runs[side.name] for side in sides)
     rows = []
@@ -174,11 +200,11 @@ def main() -> int:
         old = statistics.median(r[name] for r in base)
         new = statistics.median(r[name] for r in this)
         rows.append([f"{name} (/s)", f"{old:.0f}", f"{new:.0f}", f"{new / old:.3f}"])
-    lines = table(["measure", f"baseline {revision}", "this checkout", "ratio"], rows)
+    lines = table(["measure", f"baseline {revision}", measured or "this checkout", "ratio"], rows)
     print("\n".join(lines))
     if not args.no_write:
         append_section(
-            "Job control overhead on the queue endpoints (vs an earlier revision)",
+            f"Queue endpoints: {measured or 'this checkout'} vs {revision}",
             lines,
             [
                 f"16 concurrent async clients in this process, {args.seconds:g} s each; "
