@@ -74,7 +74,7 @@ from typing import Any, TypeVar, cast
 import redis
 from redis.commands.core import Script
 
-from qwenserve.errors import QwenServeError
+from qwenserve.errors import NotSupported, QwenServeError
 from qwenserve.jobs import Job, JobEvent, JobResult, JobStatus, Progress
 from qwenserve.store import rules
 from qwenserve.store.base import (
@@ -85,6 +85,7 @@ from qwenserve.store.base import (
     Store,
     SubmitOutcome,
 )
+from qwenserve.store.history import HistoryFilter, HistoryPage, UsageRow
 from qwenserve.store.records import event_from_record, job_from_record, key_from_record
 from qwenserve.store.redis.client import connect, float_text, pairs, unavailable_as_503
 from qwenserve.store.redis.scripts import JobScripts
@@ -94,6 +95,7 @@ from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
 RATE_KEY_TTL_S = 2 * rules.RATE_WINDOW_S
 DEFAULT_EXPIRY_GRACE_S = 24 * 3600.0
 PURGE_BATCH = 500
+_HISTORY_NEEDS_SQLITE = "history needs the SQLite store for now"
 
 _T = TypeVar("_T")
 _STREAM_ID = re.compile(r"^\d+-\d+$")
@@ -442,6 +444,20 @@ class RedisStore(RedisWebhooks, Store):
         return ahead if ahead >= 0 else None
 
     # --- the event log ----------------------------------------------------------------------
+    # --- history and usage ----------------------------------------------------------------
+    def history(
+        self,
+        key_id: str,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        where: HistoryFilter = HistoryFilter(),  # noqa: B008 - frozen
+    ) -> HistoryPage:
+        raise NotSupported(_HISTORY_NEEDS_SQLITE)
+
+    def usage(self, key_id: str | None, *, since: float, until: float) -> list[UsageRow]:
+        raise NotSupported(_HISTORY_NEEDS_SQLITE)
+
     def events(self, *, after: str | None = None, limit: int = 100) -> list[JobEvent]:
         start = _range_start(after)
         entries = self._run(lambda: self._redis.xrange(self.keys.events(), start, "+", limit))
