@@ -90,7 +90,7 @@ def open_backend(settings: Settings) -> Backend:
         from qwenserve.store.redis import RedisStore, RedisWorkerRegistry
 
         return Backend(
-            store=RedisStore.from_url(settings.store),
+            store=RedisStore.from_url(settings.store, history_policy=history_policy(settings)),
             registry=RedisWorkerRegistry.from_url(settings.store),
             media=RedisMediaStore.from_url(settings.store),
             signals=RedisSignals(settings.store),

@@ -25,7 +25,6 @@ responses, and nothing else invents status codes. This module imports nothing fr
     ├── UpstreamTimeout                 504  fetching an input URL timed out
     ├── InferenceError                  500  the engine failed while running a job
     │   └── OutOfMemory                 500  the device ran out of memory for this size x batch
-    ├── NotSupported                    501  this deployment's store cannot answer the request
     └── ServiceUnavailable              503  shutting down or no worker can take the job
 """
 
@@ -192,12 +191,6 @@ class OutOfMemory(InferenceError):
     call held. The worker retries a batch in halves; a single request fails with this error."""
 
 
-class NotSupported(QwenServeError):
-    """The request is valid but the configured store does not offer it (yet)."""
-
-    http_status = 501
-
-
 class ServiceUnavailable(QwenServeError):
     """The server cannot take work right now (shutting down, no worker for the model, the
     store unreachable). ``retry_after_s``, when known, is said in ``Retry-After``."""
@@ -227,7 +220,6 @@ _BY_NAME: dict[str, type[QwenServeError]] = {
         UpstreamTimeout,
         InferenceError,
         OutOfMemory,
-        NotSupported,
         ServiceUnavailable,
     )
 }

@@ -12,10 +12,7 @@ from qwenserve.store.base import Store
 from tests.service.inprocess import Harness, make_harness, open_test_store
 
 
-_REDIS_501 = pytest.mark.xfail(strict=True, reason="501: history needs the SQLite store for now")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=[pytest.mark.redis, _REDIS_501])])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     yield from open_test_store(request.param, tmp_path, request)
 

@@ -74,7 +74,6 @@ ERROR_MEANINGS: Mapping[int, str] = {
     429: "Too many requests this minute (see `Retry-After`)",
     500: "The engine failed while running the job",
     502: "Fetching an input URL failed",
-    501: "This deployment's store does not offer it",
     503: "Shutting down, or no worker can take the job",
     504: "No answer in time (an input URL, or the sync wait; the job goes on)",
 }

@@ -60,7 +60,7 @@ def record_body(record: Any) -> dict[str, Any]:
 @router.get(
     "/v2/requests",
     summary="The key's own requests, newest first (paginated with next_cursor)",
-    responses=error_responses(400, 401, 501),
+    responses=error_responses(400, 401),
 )
 async def list_requests(
     request: Request,
@@ -114,7 +114,7 @@ def usage_body(rows: list[UsageRow]) -> dict[str, Any]:
 @router.get(
     "/v1/usage",
     summary="The key's own usage per model per UTC day (default: the last 30 days)",
-    responses=error_responses(400, 401, 501),
+    responses=error_responses(400, 401),
 )
 async def usage(
     request: Request, key: CurrentKey, since: str | None = None, until: str | None = None
