@@ -6,7 +6,6 @@ request whose result expired is still listed (its ``GET /v2/requests/{id}`` is a
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -17,30 +16,16 @@ from qwenserve.api.errors import error_responses
 from qwenserve.api.services import Services
 from qwenserve.errors import InvalidRequest
 from qwenserve.jobs import JobStatus
-from qwenserve.store.history import DAY_S, HistoryFilter, HistoryPage, UsageRow
+from qwenserve.store.history import (
+    DAY_S,
+    DEFAULT_USAGE_DAYS,
+    HistoryFilter,
+    HistoryPage,
+    UsageRow,
+    parse_instant,
+)
 
 router = APIRouter(tags=["history"])
-
-DEFAULT_USAGE_DAYS = 30
-
-
-def parse_instant(value: str | None, field: str) -> float | None:
-    """Unix seconds or an ISO 8601 date/time (UTC unless it says otherwise)."""
-    if value is None or not value.strip():
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(
-            f"{field} must be Unix seconds or an ISO 8601 date/time", field=field
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
 
 
 def record_body(record: Any) -> dict[str, Any]:

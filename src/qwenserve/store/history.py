@@ -22,6 +22,8 @@ from qwenserve.errors import InvalidRequest
 
 DEFAULT_HISTORY_TTL_S = 30 * 24 * 3600.0
 DAY_S = 86400
+DEFAULT_USAGE_DAYS = 30
+"""Usage reports cover this many days up to ``until`` unless told ``since``."""
 
 
 @dataclass(frozen=True)
@@ -108,3 +110,22 @@ def day_text(day: int) -> str:
 def prompt_of(params: dict[str, object], policy: HistoryPolicy) -> str | None:
     prompt = params.get("prompt")
     return str(prompt) if policy.keep_prompts and prompt is not None else None
+
+
+def parse_instant(value: str | None, field: str) -> float | None:
+    """Unix seconds or an ISO 8601 date/time (UTC unless it says otherwise)."""
+    if value is None or not value.strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(
+            f"{field} must be Unix seconds or an ISO 8601 date/time", field=field
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
