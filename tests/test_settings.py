@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from qwenserve.backends import history_policy
 from qwenserve.cli.compose import engine_config
 from qwenserve.config import EngineSettings, Settings, WorkerSettings
 from qwenserve.runtime import EngineConfig
@@ -36,6 +37,8 @@ CASES: dict[str, tuple[str, Callable[[Settings], Any], Any]] = {
     "PUBLIC_URL": ("https://x.example", lambda s: s.public_url, "https://x.example"),
     "WORKERS": ("0", lambda s: s.workers, 0),
     "RESULT_TTL_S": ("60", lambda s: s.result_ttl_s, 60.0),
+    "HISTORY_TTL_S": ("86400", lambda s: history_policy(s).ttl_s, 86400.0),
+    "HISTORY_KEEP_PROMPTS": ("true", lambda s: history_policy(s).keep_prompts, True),
     "SYNC_TIMEOUT_S": ("5", lambda s: s.sync_timeout_s, 5.0),
     "CANCEL_ON_DISCONNECT": ("false", lambda s: s.cancel_on_disconnect, False),
     "EVENTS_POLL_S": ("1.5", lambda s: s.events_poll_s, 1.5),

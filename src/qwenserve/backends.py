@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from qwenserve.config import Settings
 from qwenserve.media.storage import LocalMediaStore, MediaStore
 from qwenserve.store.base import Store
+from qwenserve.store.history import HistoryPolicy
 from qwenserve.store.workers import WorkerRegistry
 
 if TYPE_CHECKING:
@@ -73,6 +74,11 @@ class Backend:
                 close()
 
 
+def history_policy(settings: Settings) -> HistoryPolicy:
+    """What the store keeps of requests after their results expire."""
+    return HistoryPolicy(ttl_s=settings.history_ttl_s, keep_prompts=settings.history_keep_prompts)
+
+
 def open_backend(settings: Settings) -> Backend:
     """The backend ``settings.store`` names (see the module docstring).
 
@@ -84,7 +90,7 @@ def open_backend(settings: Settings) -> Backend:
         from qwenserve.store.redis import RedisStore, RedisWorkerRegistry
 
         return Backend(
-            store=RedisStore.from_url(settings.store),
+            store=RedisStore.from_url(settings.store, history_policy=history_policy(settings)),
             registry=RedisWorkerRegistry.from_url(settings.store),
             media=RedisMediaStore.from_url(settings.store),
             signals=RedisSignals(settings.store),
@@ -94,7 +100,7 @@ def open_backend(settings: Settings) -> Backend:
     from qwenserve.store.workers import SqliteWorkerRegistry
 
     return Backend(
-        store=SqliteStore(settings.sqlite_path),
+        store=SqliteStore(settings.sqlite_path, history_policy=history_policy(settings)),
         registry=SqliteWorkerRegistry(settings.sqlite_path),
         media=LocalMediaStore(settings.media_dir),
         signals=None,

@@ -131,6 +131,15 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
     workers: int = Field(1, ge=0, description="In-process workers (0: API only).")
     result_ttl_s: float = Field(3600.0, gt=0, description="Results and media kept this long.")
     sync_timeout_s: float = Field(600.0, gt=0, description="How long POST /v1 waits (then 504).")
+    history_ttl_s: float = Field(
+        30 * 24 * 3600.0,
+        gt=0,
+        description="Slim request records (GET /v2/requests, /v1/usage) kept this long after "
+        "submission, results or not.",
+    )
+    history_keep_prompts: bool = Field(
+        False, description="Keep each request's prompt in its history record."
+    )
     wait_poll_s: float = Field(
         0.25,
         gt=0,

@@ -15,11 +15,13 @@ from qwenserve.errors import ServiceUnavailable, Unauthenticated
 from qwenserve.jobs import JobEventType, JobStatus
 from qwenserve.media.redis_storage import RedisMediaStore
 from qwenserve.media.storage import new_media_id
+from qwenserve.store.history import HistoryPolicy
 from qwenserve.store.redis import RedisStore, RedisWorkerRegistry
 from qwenserve.store.redis_keys import CONSUMER_GROUP, RedisKeys
 from qwenserve.store.workers import WorkerInfo
 from tests.redis_server import RedisServer
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
+from tests.store.contract_history import HistoryContract
 from tests.store.contract_idempotency import IdempotencyContract
 
 pytestmark = pytest.mark.redis
@@ -42,7 +44,7 @@ def store(redis_url: str, redis_client: redis.Redis, namespace: str) -> Iterator
     opened.close()
 
 
-class TestRedisStore(StoreContract, IdempotencyContract):
+class TestRedisStore(StoreContract, IdempotencyContract, HistoryContract):
     """Every contract test, against an emptied redis-server."""
 
 
@@ -348,3 +350,17 @@ def test_large_balances_round_trip_exactly(redis_url: str) -> None:
     outcome = store.submit(make_job(key, clock, cost_usd=0.02), rpm=0, now=clock.now)
     assert outcome.remaining_usd == pytest.approx(1e9 - 0.02)
     store.close()
+
+
+def test_history_keeps_prompts_when_asked(redis_url: str, namespace: str, clock: Clock) -> None:
+    kept = RedisStore.from_url(
+        redis_url, namespace=namespace, history_policy=HistoryPolicy(keep_prompts=True)
+    )
+    try:
+        key = make_key(kept, clock)
+        job = make_job(key, clock)
+        kept.submit(job, rpm=0, now=clock.now)
+        [record] = kept.history(key.id, limit=5).records
+        assert record.prompt == job.params["prompt"]
+    finally:
+        kept.close()

@@ -20,6 +20,7 @@ from qwenserve.errors import QwenServeError, ServiceUnavailable, Unauthenticated
 from qwenserve.jobs import CANCELLED, JobEventType, JobResult, JobStatus, Progress
 from qwenserve.store.sqlite import SCHEMA_VERSION, SqliteStore, schema
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
+from tests.store.contract_history import HistoryContract
 from tests.store.contract_idempotency import IdempotencyContract
 from tests.store.schema_v1 import V1_RESULT, make_v1_database
 
@@ -41,7 +42,7 @@ def store(db_path: Path) -> Iterator[SqliteStore]:
     opened.close()
 
 
-class TestSqliteStore(StoreContract, IdempotencyContract):
+class TestSqliteStore(StoreContract, IdempotencyContract, HistoryContract):
     """Every contract test, against a fresh database file."""
 
 
@@ -133,6 +134,10 @@ def test_a_v1_data_dir_is_upgraded_and_loses_nothing(db_path: Path, clock: Clock
         )
         running = jobs[v1.processing]
         assert running is not None and running.worker_id == "w-old" and running.progress is None
+        history = {r.request_id: r for r in store.history(v1.key_id, limit=10).records}
+        assert {i: r.status for i, r in history.items()} == {i: s.value for i, s in got.items()}
+        assert history[v1.failed].cost_usd == 0 and history[v1.failed].error == "boom"
+        assert history[v1.completed].inference_time_s == V1_RESULT["inference_time_s"]
         assert running.params == {"prompt": "job 2", "seed": 2}
         # the rate window the old release opened carries on: 4 of 10 used
         outcome = store.submit(make_job(key, clock, cost_usd=0.0), rpm=10, now=clock.now)

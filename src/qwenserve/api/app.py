@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from qwenserve import __version__
-from qwenserve.api import media, metrics, models, openai_images, ops, playground, v1, v2
+from qwenserve.api import history, media, metrics, models, openai_images, ops, playground, v1, v2
 from qwenserve.api.body import BodyLimit
 from qwenserve.api.docs import create_documented_app
 from qwenserve.api.errors import install_error_handlers
@@ -62,6 +62,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(models.router)
     app.include_router(openai_images.router)
+    app.include_router(history.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(media.router)

@@ -1,4 +1,5 @@
-"""`qwenserve keys ...`: create, list, revoke and top up API keys (safe while the server runs)."""
+"""`qwenserve keys ...`: create, list, revoke and top up API keys, and report their usage (safe
+while the server runs)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from qwenserve.accounts.keys import create_api_key, webhook_secret
 from qwenserve.backends import open_backend
 from qwenserve.cli.common import add_settings_options, settings_from
 from qwenserve.errors import QwenServeError
+from qwenserve.store import rules
+from qwenserve.store.history import DAY_S, DEFAULT_USAGE_DAYS, parse_instant
 
 
 def register(subparsers: Any) -> None:
@@ -49,6 +52,15 @@ def register(subparsers: Any) -> None:
     secret.add_argument("key_id")
     secret.add_argument("--rotate", action="store_true", help="replace it with a new one")
     secret.set_defaults(handler=_webhook_secret)
+
+    usage = actions.add_parser(
+        "usage", help="requests, charges and GPU time per day and model (default: last 30 days)"
+    )
+    add_settings_options(usage)
+    usage.add_argument("key_id", nargs="?", help="one key (default: every key)")
+    usage.add_argument("--since", help="from (Unix seconds or ISO 8601; UTC unless it says)")
+    usage.add_argument("--until", help="to (default: now)")
+    usage.set_defaults(handler=_usage)
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -143,4 +155,39 @@ def _webhook_secret(args: argparse.Namespace) -> int:
         Console(stderr=True).print(f"[red]error:[/red] no key {args.key_id}")
         return 1
     print(secret, flush=True)
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    try:
+        until = parse_instant(args.until, "--until") or time.time()
+        since = parse_instant(args.since, "--since") or until - DEFAULT_USAGE_DAYS * DAY_S
+    except QwenServeError as error:
+        Console(stderr=True).print(f"[red]error:[/red] {error.message}")
+        return 2
+    backend = open_backend(settings_from(args))
+    try:
+        rows = backend.store.usage(args.key_id, since=since, until=until)
+    finally:
+        backend.close()
+    table = Table("day", "key", "model", "requests", "cost (USD)", "GPU seconds")
+    for row in rows:
+        table.add_row(
+            row.day,
+            row.key_id,
+            row.model,
+            str(row.count),
+            f"{row.cost_usd:.6f}",
+            f"{row.gpu_seconds:.3f}",
+        )
+    table.add_row(
+        "total",
+        "",
+        "",
+        str(sum(r.count for r in rows)),
+        f"{rules.to_usd(sum(rules.to_micro(r.cost_usd) for r in rows)):.6f}",
+        f"{sum(r.gpu_seconds for r in rows):.3f}",
+        style="bold",
+    )
+    Console(width=120).print(table)
     return 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from qwenserve.jobs import Job, JobEvent, JobResult, Progress
+from qwenserve.store.history import HistoryFilter, HistoryPage, UsageRow
 from qwenserve.store.webhooks import DeliveryStatus, WebhookAttempt, WebhookDelivery
 
 
@@ -222,6 +223,26 @@ class Store(Protocol):
     def queue_position(self, job_id: str, *, now: float) -> int | None:
         """How many QUEUED jobs of the same model run before this one (0: next); None when the
         job is not QUEUED (or unknown, or expired)."""
+
+    # --- history and usage -------------------------------------------------------------------
+    def history(
+        self,
+        key_id: str,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        where: HistoryFilter = HistoryFilter(),  # noqa: B008 - frozen, shared safely
+    ) -> HistoryPage:
+        """Up to ``limit`` of the key's history records matching ``where``, newest first (by
+        created_at, then request id), after ``cursor`` (a page's ``next_cursor``).
+
+        Raises:
+            InvalidRequest: ``cursor`` is not one this store gave out.
+        """
+
+    def usage(self, key_id: str | None, *, since: float, until: float) -> list[UsageRow]:
+        """Requests, charges and GPU seconds per UTC day, key and model, for the days from
+        ``since``'s to ``until``'s (inclusive), of one key or (None) every key."""
 
     # --- the event log ----------------------------------------------------------------------
     def events(self, *, after: str | None = None, limit: int = 100) -> list[JobEvent]:

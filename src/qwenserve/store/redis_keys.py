@@ -31,6 +31,16 @@ deployments, or tests, can share one Redis server without seeing each other. The
     webhooks:cursor         string  the event id the webhook dispatchers read the log after
     idem:<sha256>           hash    an idempotency key (sha256 of "<key_id>\0<Idempotency-Key>"):
                                     body_hash, job_id, expires_at; a Redis TTL of 24 h
+    hist:<job_id>           hash    a request's history record (request_id, key_id, slug,
+                                    status, created_at, day, finished_at, cost_micro,
+                                    inference_time_s, error_kind, error, prompt, expires_at);
+                                    outlives the job, until purged after history_ttl_s
+    histkey:<key_id>        zset    the key's job ids scored by created_at (equal scores in job
+                                    id order: stable cursors)
+    history:expiry          zset    job ids scored by when their record goes
+    usage:<key_id>:<day>    hash    per UTC day number of submission: "<slug>:count",
+                                    "<slug>:cost_micro" (charged now), "<slug>:gpu_ms"
+    usage:expiry            zset    "<key_id> <day>" scored by when the counters go
     workers                 hash    worker id -> WorkerInfo JSON
     workers:lapse           zset    worker ids scored by when their announcement lapses
     media:<media_id>        hash    data, content_type, expires_at
@@ -71,6 +81,11 @@ _WEBHOOK = "webhook:"
 _WEBHOOKS_DUE = "webhooks:due"
 _WEBHOOKS_CURSOR = "webhooks:cursor"
 _IDEMPOTENCY = "idem:"
+_HISTORY = "hist:"
+_HISTORY_BY_KEY = "histkey:"
+_HISTORY_EXPIRY = "history:expiry"
+_USAGE = "usage:"
+_USAGE_EXPIRY = "usage:expiry"
 _WORKERS = "workers"
 _WORKERS_LAPSE = "workers:lapse"
 _MEDIA = "media:"
@@ -92,6 +107,11 @@ local function events_key() return PREFIX .. '{_EVENTS}' end
 local function events_trim_key() return PREFIX .. '{_EVENTS_TRIM}' end
 local function job_events_key(job_id) return PREFIX .. '{_JOB_EVENTS}' .. job_id end
 local function webhook_key(job_id) return PREFIX .. '{_WEBHOOK}' .. job_id end
+local function history_key(job_id) return PREFIX .. '{_HISTORY}' .. job_id end
+local function history_by_key_key(key_id) return PREFIX .. '{_HISTORY_BY_KEY}' .. key_id end
+local function history_expiry_key() return PREFIX .. '{_HISTORY_EXPIRY}' end
+local function usage_expiry_key() return PREFIX .. '{_USAGE_EXPIRY}' end
+local function usage_key(key_id, day) return PREFIX .. '{_USAGE}' .. key_id .. ':' .. day end
 local function wake_channel() return PREFIX .. '{_WAKE}' end
 local function done_channel() return PREFIX .. '{_DONE}' end
 """
@@ -175,6 +195,24 @@ class RedisKeys:
         character, and the pair must not be ambiguous)."""
         digest = hashlib.sha256(f"{key_id}\0{idempotency_key}".encode()).hexdigest()
         return f"{self.prefix}{_IDEMPOTENCY}{digest}"
+
+    def history(self, job_id: str) -> str:
+        """A request's history record (outlives the job)."""
+        return f"{self.prefix}{_HISTORY}{job_id}"
+
+    def history_by_key(self, key_id: str) -> str:
+        """The key's requests scored by created_at."""
+        return f"{self.prefix}{_HISTORY_BY_KEY}{key_id}"
+
+    def history_expiry(self) -> str:
+        return f"{self.prefix}{_HISTORY_EXPIRY}"
+
+    def usage(self, key_id: str, day: int) -> str:
+        """The key's usage counters of UTC day number ``day`` (``store.history.day_number``)."""
+        return f"{self.prefix}{_USAGE}{key_id}:{day}"
+
+    def usage_expiry(self) -> str:
+        return f"{self.prefix}{_USAGE_EXPIRY}"
 
     def workers(self) -> str:
         return f"{self.prefix}{_WORKERS}"

@@ -67,6 +67,7 @@ class JobScripts:
         self.cancel = script("cancel")
         self.expire_leases = script("expire_leases")
         self.purge = script("purge")
+        self.purge_history = script("purge_history")
         self.trim_events = script("trim_events")
         self.stats = script("stats")
         self.queue_position = script("queue_position")

@@ -85,8 +85,10 @@ from qwenserve.store.base import (
     Store,
     SubmitOutcome,
 )
+from qwenserve.store.history import DAY_S, HistoryPolicy, day_number, prompt_of
 from qwenserve.store.records import event_from_record, job_from_record, key_from_record
 from qwenserve.store.redis.client import connect, float_text, pairs, unavailable_as_503
+from qwenserve.store.redis.history import RedisHistory
 from qwenserve.store.redis.scripts import JobScripts
 from qwenserve.store.redis.webhooks import RedisWebhooks
 from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
@@ -112,7 +114,7 @@ def _events(entries: Sequence[tuple[str, Mapping[str, str]]]) -> list[JobEvent]:
     return [event_from_record(entry_id, fields) for entry_id, fields in entries]
 
 
-class RedisStore(RedisWebhooks, Store):
+class RedisStore(RedisHistory, RedisWebhooks, Store):
     """A Store in Redis, shared by every API node and worker (see the module docstring).
 
     Args:
@@ -120,6 +122,7 @@ class RedisStore(RedisWebhooks, Store):
             reconnects with backoff).
         namespace: key prefix, so several deployments or tests can share one server.
         expiry_grace_s: how long past ``expires_at`` Redis keeps a job for purge_expired.
+        history_policy: how long request history is kept, and whether with prompts.
     """
 
     def __init__(
@@ -128,8 +131,10 @@ class RedisStore(RedisWebhooks, Store):
         *,
         namespace: str = DEFAULT_NAMESPACE,
         expiry_grace_s: float = DEFAULT_EXPIRY_GRACE_S,
+        history_policy: HistoryPolicy = HistoryPolicy(),  # noqa: B008 - frozen
     ) -> None:
         self._redis = client
+        self.history_policy = history_policy
         self.keys = RedisKeys(namespace)
         self.expiry_grace_s = expiry_grace_s
         self._scripts = JobScripts(client)
@@ -142,9 +147,15 @@ class RedisStore(RedisWebhooks, Store):
         *,
         namespace: str = DEFAULT_NAMESPACE,
         expiry_grace_s: float = DEFAULT_EXPIRY_GRACE_S,
+        history_policy: HistoryPolicy = HistoryPolicy(),  # noqa: B008 - frozen
     ) -> RedisStore:
         """Connect to ``redis://HOST:PORT/DB`` (or ``rediss://``); nothing is sent until used."""
-        return cls(connect(url), namespace=namespace, expiry_grace_s=expiry_grace_s)
+        return cls(
+            connect(url),
+            namespace=namespace,
+            expiry_grace_s=expiry_grace_s,
+            history_policy=history_policy,
+        )
 
     def close(self) -> None:
         self._redis.close()
@@ -256,6 +267,7 @@ class RedisStore(RedisWebhooks, Store):
             idempotency.body_hash if idempotency else "",
             float_text(now + rules.IDEMPOTENCY_TTL_S),
             math.ceil((rules.IDEMPOTENCY_TTL_S + self.expiry_grace_s) * 1000),
+            *self._history_args(job, now),
             *[part for pair in fields.items() for part in pair],
         )
         outcome = str(reply[0])
@@ -277,6 +289,29 @@ class RedisStore(RedisWebhooks, Store):
             rate_limit_remaining=remaining if remaining >= 0 else None,
             replay_of=str(reply[3]) if outcome == "replay" else None,
         )
+
+    def _history_args(self, job: Job, now: float) -> list[str | int]:
+        """The submit script's history arguments (see lua/submit.lua): the record's and the
+        day counters' expiry (and Redis TTLs past it, relative to ``now`` like the job's)."""
+        policy = self.history_policy
+        day = day_number(job.created_at)
+        record_until = job.created_at + policy.ttl_s
+        usage_until = (day + 1) * DAY_S + policy.ttl_s
+        prompt = prompt_of(job.params, policy)
+
+        def ttl_ms(until: float) -> int:
+            return max(1, math.ceil((until - now + self.expiry_grace_s) * 1000))
+
+        return [
+            job.key_id,
+            float_text(record_until),
+            ttl_ms(record_until),
+            day,
+            float_text(usage_until),
+            ttl_ms(usage_until),
+            "1" if prompt is not None else "0",
+            prompt or "",
+        ]
 
     def get_job(self, job_id: str, *, now: float) -> Job | None:
         data = self._hash(self.keys.job(job_id))
@@ -403,6 +438,14 @@ class RedisStore(RedisWebhooks, Store):
         trimmed = PURGE_BATCH
         while trimmed == PURGE_BATCH:
             trimmed = self._eval(self._scripts.trim_events, [], float_text(now), PURGE_BATCH)
+        gone = PURGE_BATCH
+        while gone >= PURGE_BATCH:
+            gone = self._eval(
+                self._scripts.purge_history,
+                [self.keys.history_expiry(), self.keys.usage_expiry()],
+                float_text(now),
+                PURGE_BATCH,
+            )
         purged: list[Job] = []
         while True:
             batch = self._eval(

@@ -131,11 +131,44 @@ CREATE TABLE webhook_deliveries (
 )
 """Webhooks: the job's URL, the key's secret, deliveries and the dispatchers' log cursor."""
 
+_V5: tuple[str, ...] = (
+    # Request history: a slim record per request that outlives the job (no output), kept in
+    # step with it by the same transactions (store/sqlite/history.py).
+    """
+CREATE TABLE history (
+    job_id          TEXT PRIMARY KEY,
+    key_id          TEXT NOT NULL,
+    slug            TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    finished_at     REAL,
+    cost_micro      INTEGER NOT NULL,       -- charged now: 0 once refunded
+    inference_time_s REAL,
+    error           TEXT,
+    prompt          TEXT,                   -- only with HISTORY_KEEP_PROMPTS
+    expires_at      REAL NOT NULL
+)
+    """,
+    "CREATE INDEX history_key ON history (key_id, created_at, job_id)",
+    "CREATE INDEX history_expiry ON history (expires_at)",
+    # The jobs an upgraded file still holds get their records (kept the default 30 days).
+    """
+INSERT INTO history (job_id, key_id, slug, status, created_at, finished_at, cost_micro,
+    inference_time_s, error, prompt, expires_at)
+SELECT id, key_id, slug, status, created_at, finished_at,
+    CASE WHEN status = 'FAILED' THEN 0 ELSE cost_micro END,
+    json_extract(result, '$.inference_time_s'), error, NULL, created_at + 2592000
+FROM jobs
+    """,
+)
+"""Request history (GET /v2/requests, GET /v1/usage), with records for the jobs already there."""
+
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (1, _V1),
     (2, _V2),
     (3, _V3),
     (4, _V4),
+    (5, _V5),
 )
 """(version reached, its statements), in order."""
 

@@ -37,28 +37,27 @@ from qwenserve.jobs import (
 )
 from qwenserve.store import rules
 from qwenserve.store.base import (
-    ApiKey,
     Heartbeat,
     Idempotency,
     QueueStats,
     Store,
     SubmitOutcome,
 )
+from qwenserve.store.history import HistoryPolicy
 from qwenserve.store.records import (
     EVENT_FIELDS,
     JOB_FIELDS,
-    KEY_FIELDS,
     event_from_record,
     job_from_record,
-    key_from_record,
 )
-from qwenserve.store.sqlite import idempotent
+from qwenserve.store.sqlite import history, idempotent
 from qwenserve.store.sqlite.connection import DEFAULT_BUSY_TIMEOUT_S, SqliteDatabase
+from qwenserve.store.sqlite.history import SqliteHistory
+from qwenserve.store.sqlite.keys import SqliteKeys
 from qwenserve.store.sqlite.schema import migrate
 from qwenserve.store.sqlite.webhooks import SqliteWebhooks
 
 _JOB_COLUMNS = ", ".join(JOB_FIELDS)
-_KEY_COLUMNS = ", ".join(KEY_FIELDS)
 _EVENT_COLUMNS = "seq, " + ", ".join(EVENT_FIELDS)
 _RUNNABLE = "(status = 'QUEUED' OR (status = 'PROCESSING' AND lease_until <= ?))"
 _OWNED = "id = ? AND status = 'PROCESSING' AND worker_id = ?"
@@ -98,6 +97,7 @@ def _announce(
         "FROM jobs WHERE id = ?",
         (event.value, now, kind, message, now, job_id),
     )
+    history.transition(db, job_id, event, now=now, message=message)
 
 
 def _fail_and_refund(
@@ -122,7 +122,7 @@ def _fail_and_refund(
     return True
 
 
-class SqliteStore(SqliteWebhooks, Store):
+class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
     """A Store in one SQLite file; several instances (and processes) may share the file.
 
     Args:
@@ -133,7 +133,14 @@ class SqliteStore(SqliteWebhooks, Store):
         QwenServeError: the file was written by a newer qwenserve (unknown schema version).
     """
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        history_policy: HistoryPolicy = HistoryPolicy(),  # noqa: B008 - frozen
+    ) -> None:
+        self.history_policy = history_policy
         self._db = SqliteDatabase(path, busy_timeout_s=busy_timeout_s)
         self.path = self._db.path
         self.busy_timeout_s = busy_timeout_s
@@ -147,58 +154,6 @@ class SqliteStore(SqliteWebhooks, Store):
     def _one(self, sql: str, args: tuple[object, ...]) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._db.connection().execute(sql, args).fetchone()
         return row
-
-    # --- keys and credits -------------------------------------------------------------------
-    def create_key(self, key: ApiKey) -> None:
-        try:
-            with self._db.write() as db:
-                db.execute(
-                    f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key.id,
-                        key.key_hash,
-                        key.name,
-                        rules.to_micro(key.balance_usd),
-                        key.rpm,
-                        json.dumps(list(key.models)),
-                        key.created_at,
-                        int(key.revoked),
-                    ),
-                )
-        except sqlite3.IntegrityError:
-            raise rules.duplicate_key(key.id) from None
-
-    def key_by_hash(self, key_hash: str) -> ApiKey | None:
-        row = self._one(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (key_hash,))
-        return key_from_record(dict(row)) if row is not None else None
-
-    def get_key(self, key_id: str) -> ApiKey | None:
-        row = self._one(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
-        return key_from_record(dict(row)) if row is not None else None
-
-    def list_keys(self) -> list[ApiKey]:
-        rows = (
-            self._db.connection()
-            .execute(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")
-            .fetchall()
-        )
-        return [key_from_record(dict(row)) for row in rows]
-
-    def revoke_key(self, key_id: str) -> bool:
-        with self._db.write() as db:
-            cursor = db.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?", (key_id,))
-            return cursor.rowcount == 1
-
-    def topup(self, key_id: str, amount_usd: float) -> float:
-        with self._db.write() as db:
-            row = db.execute(
-                "UPDATE api_keys SET balance_micro = balance_micro + ? WHERE id = ? "
-                "RETURNING balance_micro",
-                (rules.to_micro(amount_usd), key_id),
-            ).fetchone()
-            if row is None:
-                raise KeyError(key_id)
-            return rules.to_usd(row["balance_micro"])
 
     # --- jobs -------------------------------------------------------------------------------
     def submit(
@@ -256,6 +211,7 @@ class SqliteStore(SqliteWebhooks, Store):
                     job.webhook_url,
                 ),
             )
+            history.insert(db, job, self.history_policy)
             _announce(db, job.id, JobEventType.QUEUED, now=now)
         return SubmitOutcome(
             remaining_usd=rules.to_usd(balance_micro), rate_limit_remaining=remaining
@@ -450,6 +406,7 @@ class SqliteStore(SqliteWebhooks, Store):
         with self._db.write() as db:
             db.execute("DELETE FROM job_events WHERE expires_at <= ?", (now,))
             idempotent.purge(db, now=now)
+            history.purge(db, now=now)
             unfinished = db.execute(
                 "SELECT id, status, key_id, cost_micro, cancel_requested_at FROM jobs "
                 "WHERE expires_at <= ? AND status IN ('QUEUED', 'PROCESSING')",

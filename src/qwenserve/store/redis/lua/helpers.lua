@@ -25,6 +25,36 @@ local function last_delivered(stream)
   return nil
 end
 
+-- The request's history record and its day's usage counters follow each transition, in the
+-- transition's own script (store/history.py). A failure is always refunded in the same step, so
+-- it costs 0. Jobs without a record (submitted before history existed) are left alone.
+local function history_follow(job_id, event_type, now_text, error_kind, message)
+  local hist = history_key(job_id)
+  if redis.call('EXISTS', hist) == 0 then return end
+  if event_type == EVENT_QUEUED or event_type == EVENT_PROCESSING then
+    redis.call('HSET', hist, 'status', string.upper(event_type))
+    return
+  end
+  if event_type ~= EVENT_COMPLETED and event_type ~= EVENT_FAILED then return end
+  local key_id, slug, day, cost = unpack(redis.call('HMGET', hist, 'key_id', 'slug', 'day',
+    'cost_micro'))
+  local usage = usage_key(key_id, day)
+  redis.call('HSET', hist, 'status', string.upper(event_type), 'finished_at', now_text)
+  if event_type == EVENT_COMPLETED then
+    local result = redis.call('HGET', job_key(job_id), 'result')
+    local seconds = result and tonumber(cjson.decode(result)['inference_time_s'])
+    if seconds then
+      redis.call('HSET', hist, 'inference_time_s', string.format('%.17g', seconds))
+      redis.call('HINCRBY', usage, slug .. ':gpu_ms', math.floor(seconds * 1000 + 0.5))
+    end
+  else
+    redis.call('HSET', hist, 'cost_micro', '0', 'error_kind', error_kind or '', 'error',
+      message or '')
+    local charged = tonumber(cost) or 0
+    if charged ~= 0 then redis.call('HINCRBY', usage, slug .. ':cost_micro', -charged) end
+  end
+end
+
 -- Append one event to the log (and to the job's own stream, under the same id), kept for the
 -- job's result TTL from now. Called in the same script as the transition it announces.
 local function announce(job_id, event_type, now_text, error_kind, message)
@@ -49,6 +79,7 @@ local function announce(job_id, event_type, now_text, error_kind, message)
   -- hash goes) and each of its events' retention; purge trims it entry by entry.
   local keep_ms = math.max(math.ceil(ttl * 1000), redis.call('PTTL', job), redis.call('PTTL', own))
   redis.call('PEXPIRE', own, string.format('%.0f', math.max(keep_ms, 1)))
+  history_follow(job_id, event_type, now_text, error_kind, message)
   return id
 end
 

@@ -1,6 +1,8 @@
 -- KEYS: key hash, rate counter, job hash, slug set, expiry zset, idempotency record
 -- ARGV: prefix, job id, slug, cost, rpm, rate ttl s, job ttl ms, expires_at, created_at, now,
---       idempotency body hash ('' for none), its expires_at, its ttl ms, job field/value pairs
+--       idempotency body hash ('' for none), its expires_at, its ttl ms, key id, history
+--       record's expires_at, its ttl ms, usage day, the day counters' expires_at, their ttl ms,
+--       prompt kept ('1'/'0'), the prompt, job field/value pairs
 local job_id, slug = ARGV[2], ARGV[3]
 local cost, rpm = tonumber(ARGV[4]), tonumber(ARGV[5])
 local key = redis.call('HMGET', KEYS[1], 'balance_micro', 'revoked')
@@ -31,7 +33,7 @@ if rpm > 0 then
   used = redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 14))
+redis.call('HSET', KEYS[3], unpack(ARGV, 22))
 if idem_hash ~= '' then
   redis.call('DEL', KEYS[6])
   redis.call('HSET', KEYS[6], 'body_hash', idem_hash, 'job_id', job_id, 'expires_at', ARGV[12])
@@ -46,6 +48,20 @@ redis.call('HSET', KEYS[3], 'entry', entry)
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('SADD', KEYS[4], slug)
 redis.call('ZADD', KEYS[5], ARGV[8], job_id)
+-- Its history record (announce keeps it in step from here on) and the day's usage counters.
+local key_id, day = ARGV[14], ARGV[17]
+local hist = history_key(job_id)
+redis.call('HSET', hist, 'request_id', job_id, 'key_id', key_id, 'slug', slug, 'status',
+  'QUEUED', 'created_at', ARGV[9], 'day', day, 'cost_micro', ARGV[4], 'expires_at', ARGV[15])
+if ARGV[20] == '1' then redis.call('HSET', hist, 'prompt', ARGV[21]) end
+redis.call('PEXPIRE', hist, ARGV[16])
+redis.call('ZADD', history_by_key_key(key_id), ARGV[9], job_id)
+redis.call('ZADD', history_expiry_key(), ARGV[15], job_id)
+local usage = usage_key(key_id, day)
+redis.call('HINCRBY', usage, slug .. ':count', 1)
+redis.call('HINCRBY', usage, slug .. ':cost_micro', ARGV[4])
+redis.call('PEXPIRE', usage, ARGV[19])
+redis.call('ZADD', usage_expiry_key(), ARGV[18], key_id .. ' ' .. day)
 announce(job_id, EVENT_QUEUED, ARGV[10])
 redis.call('PUBLISH', wake_channel(), slug)
 return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and rpm - used or -1)}
