@@ -84,7 +84,10 @@ class RedisServer:
 
     Args:
         port: the port to listen on; a free one is chosen on the first start when None.
-        appendonly: write an append-only file (fsync every second), so data survives restarts.
+        appendonly: write an append-only file, so data survives restarts.
+        appendfsync: when the append-only file is fsynced: ``everysec`` (Redis' default: a kill
+            -9 may lose the last second) or ``always`` (before each reply: an acknowledged write
+            survives a kill -9).
         dir: the data folder; a temp folder (removed by ``stop()``) when None.
         binary: the redis-server executable (default: ``redis_server_binary()``).
     """
@@ -95,9 +98,13 @@ class RedisServer:
         appendonly: bool = False,
         dir: Path | None = None,
         binary: str | None = None,
+        appendfsync: str = "everysec",
     ) -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         self.port = port
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.dir = Path(dir) if dir is not None else None
         self.binary = binary
         self.process: subprocess.Popen[bytes] | None = None
@@ -147,6 +154,8 @@ class RedisServer:
             "",
             "--appendonly",
             "yes" if self.appendonly else "no",
+            "--appendfsync",
+            self.appendfsync,
             "--daemonize",
             "no",
             "--logfile",

@@ -328,3 +328,32 @@ def test_redis_killed_mid_burst_every_job_ends_once(tmp_path: Path) -> None:
         assert remaining is not None
         assert remaining.balance_usd == pytest.approx(10.0 - len(jobs) * COST)
         store.close()
+
+
+# --- a store outage is one warning line per missed heartbeat, not a traceback --------------
+
+
+def test_a_heartbeat_missed_in_an_outage_logs_one_line_other_errors_their_traceback(
+    store: SqliteStore, clock: Clock, key_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from qwenserve.errors import ServiceUnavailable
+    from qwenserve.worker.control import JobControl
+
+    class Failing:
+        def __init__(self) -> None:
+            self.errors: list[Exception] = [
+                ServiceUnavailable("the job store is unavailable; retry later"),
+                RuntimeError("a bug"),
+            ]
+
+        def heartbeat(self, *args: object, **kwargs: object) -> None:
+            raise self.errors.pop(0)
+
+    control = JobControl(Failing(), worker_id="w1", lease_s=30.0, clock=clock)  # type: ignore[arg-type]
+    control.hold([submit(store, key_id, clock, seed=1)])
+    with caplog.at_level("WARNING", logger="qwenserve.worker"):
+        control.beat()
+        control.beat()
+    outage, bug = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
+    assert "unavailable" in outage.getMessage() and not outage.exc_info
+    assert bug.exc_info and "a bug" in bug.getMessage()

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qwenserve.errors import ServiceUnavailable
 from qwenserve.jobs import Job, Progress
 
 if TYPE_CHECKING:
@@ -145,8 +146,12 @@ class JobControl:
             answer = self.store.heartbeat(
                 self.worker_id, reports, lease_s=self.lease_s, now=self.clock()
             )
-        except Exception:  # a store hiccup: leases outlast a few missed beats
-            log.warning("worker %s: heartbeat failed", self.worker_id, exc_info=True)
+        except Exception as error:  # a store hiccup: leases outlast a few missed beats
+            # An outage is one line (the store logged where); anything else, its traceback.
+            outage = isinstance(error, ServiceUnavailable)
+            log.warning(
+                "worker %s: heartbeat failed: %s", self.worker_id, error, exc_info=not outage
+            )
             with self._lock:  # resend what was not recorded, unless newer news came meanwhile
                 for job_id, report in reports.items():
                     again = self._held.get(job_id)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwenserve.catalog import GenerationRequest
 from qwenserve.config import WorkerSettings
-from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError
+from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError, ServiceUnavailable
 from qwenserve.media.storage import MediaStore
 from qwenserve.store.workers import WorkerInfo, WorkerRegistry
 from qwenserve.worker.claims import Claimer, Sleep
@@ -272,8 +272,14 @@ class WorkerRunner:
             self._state_changed.clear()
             try:
                 self.announce()
-            except Exception:
-                log.warning("worker %s: announce failed", self.config.worker_id, exc_info=True)
+            except Exception as error:  # an outage is one line; anything else, its traceback
+                outage = isinstance(error, ServiceUnavailable)
+                log.warning(
+                    "worker %s: announce failed: %s",
+                    self.config.worker_id,
+                    error,
+                    exc_info=not outage,
+                )
             self._state_changed.wait(self.config.heartbeat_s)
         if self.registry is not None:
             try:
