@@ -29,9 +29,9 @@ from tests.service.inprocess import Harness, make_harness, open_test_store
 class Receiver:
     """A threaded HTTP server answering each POST with the next scripted status (a float:
     sleep that long first, then 200; ``"drip"``: the status line, then a header one byte every
-    0.2 s for 10 s), recording what it got."""
+    0.2 s for 10 s), recording what it got; on ``port`` (0: a free one)."""
 
-    def __init__(self, script: list[int | float | str] | None = None) -> None:
+    def __init__(self, script: list[int | float | str] | None = None, port: int = 0) -> None:
         self.script = list(script or [])
         self.got: list[tuple[dict[str, str], bytes]] = []
         receiver = self
@@ -61,7 +61,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
