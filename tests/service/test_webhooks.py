@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from standardwebhooks import Webhook
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from qwenserve.accounts.keys import webhook_secret
 from qwenserve.api.webhooks import body_builder
@@ -185,6 +185,30 @@ async def test_retries_after_500_and_a_timeout_with_the_same_id(
     assert done["status"] == "delivered" and len(done["attempts"]) == 3
     assert len({headers["webhook-id"] for headers, _ in receiver.got}) == 1
     assert len({body for _, body in receiver.got}) == 1
+
+
+async def test_a_retry_after_rotation_is_signed_with_the_new_secret(
+    api: Harness, receiver: Receiver
+) -> None:
+    receiver.script = [503, 200]
+    job_id = await ended_job(api, receiver.url)
+    old = webhook_secret(api.store, api.key_id)
+    sender = dispatcher(api)
+    try:
+        await asyncio.to_thread(sender.round)
+        new = webhook_secret(api.store, api.key_id, rotate=True)
+        api.clock.advance(10)
+        await asyncio.to_thread(sender.round)
+    finally:
+        sender.close()
+    assert old is not None and new is not None and new != old
+    (first_headers, first_body), (headers, body) = receiver.got
+    assert first_body == body and first_headers["webhook-id"] == headers["webhook-id"]
+    Webhook(old).verify(first_body, first_headers)
+    assert Webhook(new).verify(body, headers)["request_id"] == job_id
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(body, headers)
+    assert (await result(api, job_id))["webhook"]["status"] == "delivered"
 
 
 async def test_a_receiver_dripping_its_headers_is_cut_at_the_deadline(
