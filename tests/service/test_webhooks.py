@@ -9,13 +9,13 @@ import ipaddress
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from standardwebhooks import Webhook
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from qwenserve.accounts.keys import webhook_secret
 from qwenserve.api.webhooks import body_builder
@@ -28,10 +28,13 @@ from tests.service.inprocess import Harness, make_harness, open_test_store
 
 class Receiver:
     """A threaded HTTP server answering each POST with the next scripted status (a float:
-    sleep that long first, then 200; ``"drip"``: the status line, then a header one byte every
-    0.2 s for 10 s), recording what it got."""
+    sleep that long first, then 200; a callable: call it, then 200; ``"drip"``: the status
+    line, then a header one byte every 0.2 s for 10 s), recording what it got; on ``port``
+    (0: a free one)."""
 
-    def __init__(self, script: list[int | float | str] | None = None) -> None:
+    def __init__(
+        self, script: list[int | float | str | Callable[[], None]] | None = None, port: int = 0
+    ) -> None:
         self.script = list(script or [])
         self.got: list[tuple[dict[str, str], bytes]] = []
         receiver = self
@@ -51,6 +54,9 @@ class Receiver:
                     except OSError:  # the sender gave up: what this test wants
                         pass
                     return
+                if callable(step):
+                    step()
+                    step = 200
                 if isinstance(step, float):
                     time.sleep(step)
                     step = 200
@@ -61,7 +67,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -187,6 +193,30 @@ async def test_retries_after_500_and_a_timeout_with_the_same_id(
     assert len({body for _, body in receiver.got}) == 1
 
 
+async def test_a_retry_after_rotation_is_signed_with_the_new_secret(
+    api: Harness, receiver: Receiver
+) -> None:
+    receiver.script = [503, 200]
+    job_id = await ended_job(api, receiver.url)
+    old = webhook_secret(api.store, api.key_id)
+    sender = dispatcher(api)
+    try:
+        await asyncio.to_thread(sender.round)
+        new = webhook_secret(api.store, api.key_id, rotate=True)
+        api.clock.advance(10)
+        await asyncio.to_thread(sender.round)
+    finally:
+        sender.close()
+    assert old is not None and new is not None and new != old
+    (first_headers, first_body), (headers, body) = receiver.got
+    assert first_body == body and first_headers["webhook-id"] == headers["webhook-id"]
+    Webhook(old).verify(first_body, first_headers)
+    assert Webhook(new).verify(body, headers)["request_id"] == job_id
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(body, headers)
+    assert (await result(api, job_id))["webhook"]["status"] == "delivered"
+
+
 async def test_a_receiver_dripping_its_headers_is_cut_at_the_deadline(
     api: Harness, receiver: Receiver
 ) -> None:
@@ -204,6 +234,35 @@ async def test_a_receiver_dripping_its_headers_is_cut_at_the_deadline(
     assert elapsed_s < 5, elapsed_s
     attempt = (await result(api, job_id))["webhook"]["attempts"][0]
     assert attempt["error"] == "timed out"
+
+
+async def test_the_lease_covers_every_attempt_of_a_claim(api: Harness, receiver: Receiver) -> None:
+    """Slow receivers (each within the timeout): while this dispatcher is still sending the
+    deliveries it claimed, none of them may be taken by another node (it would send it too)."""
+    taken: list[int] = []
+
+    def slow_answer() -> None:
+        api.clock.advance(31)  # under the 40 s timeout, past a 60 s lease by the third
+        taken.append(len(api.store.claim_webhooks("other-node", lease_s=60, now=api.clock.now)))
+
+    receiver.script = [slow_answer, slow_answer, slow_answer]
+    ids = [await ended_job(api, receiver.url) for _ in range(3)]
+    sender = WebhookDispatcher(
+        api.store,
+        body_for=body_builder(api.services),
+        policy=WebhookPolicy(timeout_s=40.0),
+        clock=api.clock,
+        address_policy=loopback_only,
+        concurrency=1,
+    )
+    try:
+        assert await asyncio.to_thread(sender.round) == 3
+    finally:
+        sender.close()
+    assert taken == [0, 0, 0]
+    assert len(receiver.got) == 3
+    for job_id in ids:
+        assert (await result(api, job_id))["webhook"]["status"] == "delivered"
 
 
 async def test_410_stops_it(api: Harness, receiver: Receiver) -> None:

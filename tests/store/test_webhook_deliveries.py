@@ -134,6 +134,42 @@ def test_claim_lease_retry_and_outcome(store: Store) -> None:
     assert store.claim_webhooks("n4", lease_s=30, now=clock.advance(3600)) == []
 
 
+def test_release_leases_after_a_restart(store: Store) -> None:
+    clock = Clock()
+    job, waiting = _ended(store, clock), _ended(store, clock)
+    _follow(store, clock)
+    claimed = store.claim_webhooks("dead", lease_s=60, now=clock.now)
+    assert {d.job_id for d in claimed} == {job.id, waiting.id}
+    retry = WebhookAttempt(at=clock.now, status_code=503)
+    assert store.record_webhook_attempt(
+        waiting.id,
+        "dead",
+        retry,
+        status=DeliveryStatus.PENDING,
+        next_attempt_at=clock.now + 100,
+        body="{}",
+        now=clock.now,
+    )
+    assert store.claim_webhooks("new", lease_s=60, now=clock.advance(1)) == []  # still leased
+    assert store.release_webhook_leases(now=clock.now) == 1  # not the one merely waiting
+    [again] = store.claim_webhooks("new", lease_s=60, now=clock.now)
+    assert again.job_id == job.id and again.attempts == ()
+    assert store.claim_webhooks("other", lease_s=60, now=clock.now) == []  # leased anew
+    ok = WebhookAttempt(at=clock.now, status_code=200)
+    assert not store.record_webhook_attempt(  # the dead owner's late word changes nothing
+        job.id,
+        "dead",
+        ok,
+        status=DeliveryStatus.DELIVERED,
+        next_attempt_at=None,
+        body="{}",
+        now=clock.now,
+    )
+    assert store.release_webhook_leases(now=clock.now) == 1
+    due = {d.job_id: d for d in store.claim_webhooks("new", lease_s=60, now=clock.advance(100))}
+    assert set(due) == {job.id, waiting.id} and due[waiting.id].attempts == (retry,)
+
+
 def test_racing_claims_take_each_delivery_once(store: Store) -> None:
     clock = Clock()
     jobs = [_ended(store, clock) for _ in range(6)]

@@ -96,6 +96,12 @@ def _serve(args: argparse.Namespace) -> int:
             backend.registry.remove(dead.worker_id)
         if orphans:
             log.info("requeued %d job(s) left running by a previous server", orphans)
+    if not backend.shared:
+        # Likewise a webhook delivery a dead server was sending: send it again now rather than
+        # after its lease (a kill -9 mid-send would otherwise hold it back for lease_s).
+        held = store.release_webhook_leases(now=time.time())
+        if held:
+            log.info("retrying %d webhook delivery(ies) left mid-send by a previous server", held)
     host = ThreadHost(runners)
 
     def wake_workers(_job_id: str) -> None:

@@ -6,9 +6,10 @@
    turn each job ending into a pending delivery record (``Store.enqueue_webhooks``: one per job,
    idempotent, the cursor moved in the same step), so an ending that happened while no node was
    up, or just before a kill -9, is still delivered;
-2. claim the deliveries that are due under a lease (``Store.claim_webhooks``), so with several
-   nodes each is sent by one at a time, and a node that dies mid-send leaves it to the others
-   when the lease runs out;
+2. claim the deliveries that are due under a lease (``Store.claim_webhooks``) long enough for
+   every attempt of the claim, so with several nodes each is sent by one at a time, and a node
+   that dies mid-send leaves it to the others when the lease runs out (a restarted single-node
+   server takes its leases back at once: ``Store.release_webhook_leases``);
 3. send each: the body is the request's ``GET /v2/requests/{id}`` body (built by the API layer,
    ``body_for``), kept from the first attempt so every retry sends the same bytes, signed per
    Standard Webhooks (``webhook-id`` is the ending's event id on every attempt,
@@ -72,6 +73,7 @@ class WebhookPolicy:
     max_age_s: float = 24 * 3600.0
     """No retry is scheduled later than this after the job ended."""
     lease_s: float = 60.0
+    """The shortest lease of a claim; longer when the claimed attempts could take longer."""
     allow_private: bool = False
 
     def retry_delay_s(self, attempts: int, rng: random.Random) -> float:
@@ -119,6 +121,12 @@ class WebhookDispatcher:
         self._rng = random.Random()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="qwenserve-webhook")
         self._concurrency = concurrency
+        self._claim_limit = concurrency * 4
+        # The claimed deliveries are sent ``concurrency`` at a time, each attempt bounded by the
+        # timeout: the lease must outlast them all (and a margin), or another node would take
+        # and send one that this node is still about to send.
+        waves = -(-self._claim_limit // concurrency)
+        self._lease_s = max(self.policy.lease_s, (waves + 1) * self.policy.timeout_s)
         self._transport = transport
         self._ssl_context = httpx.create_ssl_context()
         self._wake = threading.Event()
@@ -155,7 +163,7 @@ class WebhookDispatcher:
         """One round: follow the log, then send every due delivery; returns attempts made."""
         self.follow()
         due = self.store.claim_webhooks(
-            self.owner, lease_s=self.policy.lease_s, now=self.clock(), limit=self._concurrency * 4
+            self.owner, lease_s=self._lease_s, now=self.clock(), limit=self._claim_limit
         )
         return sum(1 for _ in self._pool.map(self.deliver, due))
 

@@ -285,6 +285,12 @@ class Store(Protocol):
         """Take up to ``limit`` pending deliveries that are due (or whose lease ran out), each
         leased to ``owner`` until ``now + lease_s``; deliveries older than their retention go."""
 
+    def release_webhook_leases(self, *, now: float) -> int:
+        """Every pending delivery leased to a dispatcher made claimable again at once (its
+        attempts and due time kept), so a restart of the only node (a kill -9 mid-send) need
+        not wait out the dead node's lease. Returns how many were released. Never while another
+        node may be sending: only a server that is the store's one node calls it."""
+
     def record_webhook_attempt(
         self,
         job_id: str,

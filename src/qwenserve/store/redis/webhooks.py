@@ -36,6 +36,7 @@ class WebhookScripts:
     enqueue: Script
     claim: Script
     attempt: Script
+    release: Script
 
 
 class RedisWebhooks:
@@ -63,6 +64,7 @@ class RedisWebhooks:
             enqueue=script("webhook_enqueue"),
             claim=script("webhook_claim"),
             attempt=script("webhook_attempt"),
+            release=script("webhook_release"),
         )
 
     def webhook_secret(self, key_id: str, *, candidate: str, rotate: bool = False) -> str | None:
@@ -103,6 +105,11 @@ class RedisWebhooks:
             limit,
         )
         return [delivery_from_record(pairs(flat)) for flat in reply]
+
+    def release_webhook_leases(self, *, now: float) -> int:
+        return int(
+            self._eval(self._webhook_scripts.release, [self.keys.webhooks_due()], float_text(now))
+        )
 
     def record_webhook_attempt(
         self,

@@ -80,6 +80,15 @@ class SqliteWebhooks:
             ).fetchall()
         return [delivery_from_record(dict(row)) for row in rows]
 
+    def release_webhook_leases(self, *, now: float) -> int:
+        with self._db.write() as db:
+            released = db.execute(
+                "UPDATE webhook_deliveries SET owner = NULL, lease_until = NULL "
+                "WHERE status = 'pending' AND lease_until > ?",
+                (now,),
+            ).rowcount
+        return int(released)
+
     def record_webhook_attempt(
         self,
         job_id: str,
