@@ -12,7 +12,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from qwenserve.catalog import SchedulerKind
-from qwenserve.errors import InferenceError
+from qwenserve.errors import InferenceError, InvalidInput
 from qwenserve.runtime import Engine, EngineConfig
 from qwenserve.runtime.schedulers import STOCK_SCHEDULER_CONFIG, scheduler_for
 from tests.runtime.conftest import (
@@ -180,3 +180,26 @@ def test_resident_answers_while_a_job_holds_the_engine(engine: Engine) -> None:
     engine.generate(make_request("qwen-image-fast", prompt="x", steps=2, seed=1), on_step=on_step)
     assert in_time == [True], "resident() waited for the running job"
     assert "Qwen/Qwen-Image" in answered[0]
+
+
+@pytest.mark.parametrize(
+    ("slug", "fields"),
+    [
+        ("qwen-image-edit-fast", {"image": png_base64(INPUT), "steps": 1}),
+        ("qwen-image-edit-plus-product-photography", {"image_1": png_base64(INPUT)}),
+    ],
+)
+def test_edit_prompt_past_the_token_limit_is_a_400_naming_prompt(
+    engine: Engine, slug: str, fields: dict[str, Any]
+) -> None:
+    # 9,000 characters pass validation (10,000 max) but are thousands of tokens: the edit
+    # pipelines would fail in the transformer with a shape error (issue 13, defect 6).
+    long = make_request(slug, prompt="把这只猫变成红色" * 1125, seed=1, **fields)
+    with pytest.raises(InvalidInput) as refused:
+        engine.generate(long, images=[INPUT])
+    assert refused.value.field == "prompt" and refused.value.http_status == 400
+    assert "at most 1024" in refused.value.message
+    # Just inside the limit (the tiny tokenizer spends 3 tokens per CJK character) still runs.
+    near = make_request(slug, prompt="猫" * 300, seed=1, **fields)
+    result = engine.generate(near, images=[INPUT])
+    assert_valid_image(result.image, result.width, result.height)

@@ -62,9 +62,16 @@ async def test_model_card_carries_its_input_schema(api: Harness) -> None:
 async def test_models_routes_leave_the_segmind_routes_alone(api: Harness) -> None:
     credits = await api.http.get("/v1/get-user-credits", headers=api.headers())
     assert credits.status_code == 200 and credits.json()["credits"] == 10.0
-    # POST /v1/models is Segmind's sync route with slug "models": no such model.
-    response = await api.http.post("/v1/models", headers=api.headers(), json={"prompt": "x"})
-    assert response.status_code == 404 and "available models" in response.json()["error"]
+    # POST /v1/models is not Segmind's sync route with slug "models": the path is served, for GET.
+    for path in ("/v1/models", "/v1/get-user-credits", "/v1/server-info"):
+        response = await api.http.post(path, headers=api.headers(), json={"prompt": "x"})
+        assert response.status_code == 405 and response.headers["allow"] == "GET", path
+    for path in ("/v1/qwen-image-turbo", "/v2/requests"):
+        response = await api.http.post(path, headers=api.headers(), json={"prompt": "x"})
+        assert response.status_code == 404 and "available models" in response.json()["error"]
+    # Allow lists every method the path is served for, not only the first route's.
+    options = await api.http.options("/v2/requests/abc", headers=api.headers())
+    assert options.status_code == 405 and options.headers["allow"] == "GET, DELETE"
     submitted = await api.http.post(
         "/v2/qwen-image-fast", headers=api.headers(), json={"prompt": "a fox", "steps": 8}
     )

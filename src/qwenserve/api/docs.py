@@ -16,8 +16,6 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi_offline import FastAPIOffline
-from starlette.exceptions import HTTPException
-from starlette.routing import Match
 
 from qwenserve.api.auth import CurrentKey
 from qwenserve.catalog import ALL_MODELS, ModelSpec, get_model, input_schema
@@ -118,18 +116,3 @@ def _drop_framework_422(document: dict[str, Any]) -> None:
     schemas = document.get("components", {}).get("schemas", {})
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
-
-
-async def unknown_slug(request: Request, slug: str) -> Response:
-    """``POST /v1/{slug}`` or ``/v2/{slug}`` for a slug no route serves: a path another route
-    serves with other methods (``GET /v1/models``) is a 405, anything else a 404 naming the
-    models, both before the body is read."""
-    for route in request.app.router.routes:
-        methods = getattr(route, "methods", None)
-        if not methods or "{slug}" in getattr(route, "path", "{slug}"):
-            continue
-        match, _ = route.matches({**request.scope, "method": sorted(methods)[0]})
-        if match is Match.FULL:
-            raise HTTPException(405, headers={"Allow": ", ".join(sorted(methods))})
-    get_model(slug)  # raises UnknownModel (every known slug has its own route)
-    raise HTTPException(404)  # pragma: no cover - unreachable while every slug has a route

@@ -12,12 +12,20 @@ cancelled) also says the job's status: ``{"error": "...", "status": "COMPLETED"}
 
 Handlers raise typed errors from ``qwenserve.errors``; they never build error responses or pick
 status codes themselves. Anything unexpected becomes a 500 with no stack trace for the client.
+
+Routing's own refusals come here too, before any body is read: a 405 lists in ``Allow`` every
+method the path is served for (Starlette's own lists only the first route it tried), and a
+``POST /v1/<name>`` or ``/v2/<name>`` that no route serves is a 404 naming the models there are.
+There is deliberately no ``POST /v1/{slug}`` catch-all route: it would match ``POST /v1/models``
+before Starlette's 405 (Starlette takes the first route matching path and method), answering
+"no model 'models'" for a path that is served, for GET.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +35,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from qwenserve.catalog import get_model
 from qwenserve.errors import (
     Cancelled,
     Conflict,
@@ -44,6 +54,11 @@ log = logging.getLogger("qwenserve.api")
 
 OPENAI_PREFIX = "/v1/images/"
 """Routes under this prefix speak OpenAI's dialect (``api/openai_images.py``)."""
+
+SLUG_PATH = re.compile(r"/v[12]/([^/]+)")
+"""Where Segmind's run routes live (``POST /v1/{slug}``, ``POST /v2/{slug}``)."""
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 class FieldErrorBody(BaseModel):
@@ -63,6 +78,21 @@ class ErrorBody(BaseModel):
     status: str | None = Field(None, description="409 only: the job's status")
 
 
+class OpenAIErrorDetail(BaseModel):
+    """The ``error`` object of OpenAI's error answers."""
+
+    message: str = Field(description="What went wrong, readable")
+    type: str = Field(description="`invalid_request_error`, `authentication_error`, …")
+    param: str | None = Field(description="The request field at fault, if one is")
+    code: str | None = Field(description="`invalid_value`, `model_not_found`, …, if one applies")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error answer of the OpenAI routes (``/v1/images/...``), as OpenAI's SDK reads it."""
+
+    error: OpenAIErrorDetail
+
+
 ERROR_MEANINGS: Mapping[int, str] = {
     400: "Invalid parameters: `error` names every bad field, `errors` lists them",
     401: "Missing or unknown API key (send `x-api-key`)",
@@ -80,12 +110,14 @@ ERROR_MEANINGS: Mapping[int, str] = {
 
 
 def error_responses(
-    *statuses: int, meanings: Mapping[int, str] | None = None
+    *statuses: int, meanings: Mapping[int, str] | None = None, openai: bool = False
 ) -> dict[int | str, dict[str, Any]]:
     """The ``responses`` of a route for the error statuses it really answers, each with the
-    ``{"error": ...}`` schema; ``meanings`` words a status for this route."""
+    ``{"error": ...}`` schema (with ``openai``, OpenAI's ``{"error": {"message", …}}``: the
+    routes under ``OPENAI_PREFIX``); ``meanings`` words a status for this route."""
     words = {**ERROR_MEANINGS, **(meanings or {})}
-    return {status: {"model": ErrorBody, "description": words[status]} for status in statuses}
+    model = OpenAIErrorBody if openai else ErrorBody
+    return {status: {"model": model, "description": words[status]} for status in statuses}
 
 
 _OPENAI_TYPES = {
@@ -167,6 +199,30 @@ def rate_limit_headers(error: RateLimited) -> dict[str, str]:
     }
 
 
+def served_methods(request: Request) -> list[str]:
+    """The methods some route of the app serves ``request``'s path for (each top-level route's
+    ``matches`` descends into its included routers)."""
+    served = []
+    for method in HTTP_METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            served.append(method)
+    return served
+
+
+def unknown_slug(request: Request) -> QwenServeError | None:
+    """For a ``POST /v1/<name>`` or ``/v2/<name>`` no route serves: ``UnknownModel`` naming the
+    models there are (each served slug has its own route, so ``name`` is none of them)."""
+    found = SLUG_PATH.fullmatch(request.url.path)
+    if request.method != "POST" or found is None or is_openai(request):
+        return None
+    try:
+        get_model(found.group(1))
+    except UnknownModel as error:
+        return error
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the mapping on ``app``."""
 
@@ -184,11 +240,16 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, StarletteHTTPException)
         detail: Any = error.detail
         message = detail if isinstance(detail, str) else "request failed"
+        headers = dict(error.headers or {})
         if error.status_code == 404:
             message = "not found"
+            unknown = unknown_slug(request)
+            if unknown is not None:
+                return error_response(unknown)
         elif error.status_code == 405:
             message = "method not allowed"
-        return plain(request, message, error.status_code, headers=error.headers)
+            headers["Allow"] = ", ".join(served_methods(request))
+        return plain(request, message, error.status_code, headers=headers)
 
     async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)

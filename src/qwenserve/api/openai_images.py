@@ -47,7 +47,15 @@ log = logging.getLogger("qwenserve.api")
 
 MAX_FORM_FILES = 8
 MAX_FORM_FIELDS = 64
-IMAGES_RESPONSES = error_responses(400, 401, 403, 404, 406, 409, 413, 429, 500, 502, 503, 504)
+IMAGES_RESPONSES = error_responses(
+    *(400, 401, 403, 404, 406, 409, 413, 429, 500, 502, 503, 504),
+    meanings={
+        400: "Invalid parameters: `error.message` names every bad field, `error.param` the "
+        "first one",
+        409: "An image's job was cancelled meanwhile",
+    },
+    openai=True,
+)
 
 
 @router.post(

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 
 from qwenserve.api import idempotency, jobs
 from qwenserve.api.auth import CurrentKey
-from qwenserve.api.docs import add_slug_routes, unknown_slug
+from qwenserve.api.docs import add_slug_routes
 from qwenserve.api.errors import error_response, error_responses
 from qwenserve.api.segmind import server_timing, submit_headers
 from qwenserve.api.services import Services
@@ -141,5 +141,3 @@ RUN_V1_RESPONSES: dict[int | str, dict[str, Any]] = {
 add_slug_routes(
     router, "/v1/{slug}", run_v1, summary="{title}: run and wait", responses=RUN_V1_RESPONSES
 )
-# Any other slug: the same handler answers 404 naming the models there are.
-router.add_api_route("/v1/{slug}", unknown_slug, methods=["POST"], include_in_schema=False)

@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse
 
 from qwenserve.api import idempotency, jobs, segmind, webhooks
 from qwenserve.api.auth import CurrentKey
-from qwenserve.api.docs import add_slug_routes, unknown_slug
+from qwenserve.api.docs import add_slug_routes
 from qwenserve.api.errors import error_responses
 from qwenserve.api.live import live_view, owned_live_view
 from qwenserve.api.services import Services
@@ -78,8 +78,6 @@ SUBMIT_RESPONSES = error_responses(
 add_slug_routes(
     router, "/v2/{slug}", submit_v2, summary="{title}: queue", responses=SUBMIT_RESPONSES
 )
-# Any other slug: the same handler answers 404 naming the models there are.
-router.add_api_route("/v2/{slug}", unknown_slug, methods=["POST"], include_in_schema=False)
 
 
 @router.get(

@@ -60,6 +60,20 @@ IMAGE_FORMATS_JPEG_FIRST = ("jpeg", "png", "webp")
 
 LIGHTNING_REPO = "lightx2v/Qwen-Image-Lightning"
 
+EDIT_PROMPT_TOKENS = 1024
+"""The edit slugs' prompt limit, in Qwen tokens (``Recipe.max_prompt_tokens``).
+
+Unlike the text-to-image pipelines, diffusers' edit pipelines encode the whole prompt (no
+truncation; ``max_sequence_length`` is not applied), and the text sequence also carries the input
+images' vision tokens (14 px patches merged 2x2: ~1,340 for qwen-image-edit's ~1 MP image, ~190
+for each of edit-plus's 384x384 condition images). The transformer's text RoPE table has 4,096
+positions, starting after the image's (``max(h, w) / 2`` packed latents, 64 at 2,048 px): a
+longer sequence fails in the first attention ("The size of tensor a (…) must match …"), so
+qwen-image-edit breaks past roughly 4096 - 1340 - 64 - a dozen template tokens = ~2,680 prompt
+tokens. 1,024 is what the text-to-image pipelines keep (diffusers' own ceiling on
+``max_sequence_length``), well inside that. No character bound is derived: one Qwen token can
+cover one to many characters, so no character count guarantees either side of the limit."""
+
 QWEN_IMAGE = ModelSpec(
     slug="qwen-image",
     title="Qwen Image",
@@ -310,6 +324,7 @@ QWEN_IMAGE_EDIT_FAST = ModelSpec(
             LIGHTNING_REPO, "Qwen-Image-Edit-Lightning-8steps-V1.0-bf16.safetensors"
         ),
         max_input_images=1,
+        max_prompt_tokens=EDIT_PROMPT_TOKENS,
     ),
 )
 
@@ -391,6 +406,7 @@ QWEN_IMAGE_EDIT_PLUS_PRODUCT_PHOTOGRAPHY = ModelSpec(
         preset_loras=MappingProxyType({"product_photography": PRODUCT_PHOTOGRAPHY_LORA}),
         default_steps=8,
         max_input_images=3,
+        max_prompt_tokens=EDIT_PROMPT_TOKENS,
     ),
 )
 

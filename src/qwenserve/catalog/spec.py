@@ -97,6 +97,10 @@ class Recipe:
     """Aspect ratio → (width, height) at the model's native resolution."""
     default_area: int = 1024 * 1024
     """Pixel area used for ratios without a native size and for matching an input image."""
+    max_prompt_tokens: int | None = None
+    """Prompt tokens (as the pipeline's tokenizer counts them, a preset's trigger word included)
+    the pipeline can take; a longer prompt is refused (400 naming ``prompt``) before it runs.
+    None: the pipeline truncates a longer prompt itself (the text-to-image pipelines)."""
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,28 @@ def prompt_for(request: GenerationRequest, recipe: Recipe) -> str:
     return f"{preset.trigger}{request.prompt}" if preset.trigger else request.prompt
 
 
+def check_prompt_tokens(
+    pipe: Pipeline, recipe: Recipe, texts: Sequence[str], negatives: Sequence[str]
+) -> None:
+    """Refuse a prompt (or negative prompt) longer than the pipeline takes, counted by its own
+    tokenizer (``Recipe.max_prompt_tokens``; the catalog says why the edit pipelines have one),
+    before any compute: past it they fail inside the transformer with a shape error.
+
+    Raises InvalidInput naming ``prompt`` (or ``negative_prompt``)."""
+    limit = recipe.max_prompt_tokens
+    if limit is None:
+        return
+    for field, values in (("prompt", texts), ("negative_prompt", negatives)):
+        for text in values:
+            count = len(pipe.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if count > limit:
+                raise InvalidInput(
+                    f"{field} is {count} tokens long; this model takes at most {limit} "
+                    "(roughly that many Chinese characters, or 4 times as many English ones)",
+                    field=field,
+                )
+
+
 def negative_for(request: GenerationRequest) -> str:
     """The negative prompt sent with CFG on."""
     # True CFG runs only with a negative prompt; " " is what the official examples send.
@@ -79,6 +101,7 @@ def call_kwargs(
     }
     cfg = first.guidance > 1.0
     negatives = [negative_for(r) for r in requests] if cfg else []
+    check_prompt_tokens(pipe, recipe, texts, negatives)
     if recipe.pipeline is PipelineKind.TEXT_TO_IMAGE and prompts is not None:
         embeds, mask = prompts.encode(pipe, recipe.base_weights, texts, MAX_SEQUENCE_LENGTH)
         kwargs["prompt_embeds"], kwargs["prompt_embeds_mask"] = embeds, mask
