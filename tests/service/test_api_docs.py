@@ -63,10 +63,11 @@ async def test_models_routes_leave_the_segmind_routes_alone(api: Harness) -> Non
     credits = await api.http.get("/v1/get-user-credits", headers=api.headers())
     assert credits.status_code == 200 and credits.json()["credits"] == 10.0
     # POST /v1/models is not Segmind's sync route with slug "models": the path is served, for GET.
-    for path in ("/v1/models", "/v1/get-user-credits", "/v1/server-info"):
+    # GET /v2/requests is the key's history.
+    for path in ("/v1/models", "/v1/get-user-credits", "/v1/server-info", "/v2/requests"):
         response = await api.http.post(path, headers=api.headers(), json={"prompt": "x"})
         assert response.status_code == 405 and response.headers["allow"] == "GET", path
-    for path in ("/v1/qwen-image-turbo", "/v2/requests"):
+    for path in ("/v1/qwen-image-turbo", "/v2/qwen-image-turbo"):
         response = await api.http.post(path, headers=api.headers(), json={"prompt": "x"})
         assert response.status_code == 404 and "available models" in response.json()["error"]
     # Allow lists every method the path is served for, not only the first route's.
