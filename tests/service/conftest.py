@@ -1,4 +1,5 @@
-"""Fixtures: real `qwenserve serve` processes on free ports, driven over HTTP."""
+"""Fixtures: real `qwenserve serve` processes on free ports, driven over HTTP; and the worker
+tests' clock, SQLite store, media store and funded key."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from typing import Any
 
 import pytest
 
+from qwenserve.accounts.keys import create_api_key
+from qwenserve.media.storage import LocalMediaStore
+from qwenserve.store.sqlite import SqliteStore
 from tests.processes import Server
 from tests.redis_server import RedisServer, require_redis_server
+from tests.service.test_worker import Clock
 
 
 @pytest.fixture
@@ -50,3 +55,26 @@ def redis_url() -> Iterator[str]:
     require_redis_server()
     with RedisServer() as redis_server:
         yield redis_server.url
+
+
+# The worker tests' defaults (a module that needs another store, e.g. one per backend, defines
+# its own fixture of the same name, which wins over these).
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteStore:
+    return SqliteStore(tmp_path / "jobs.db")
+
+
+@pytest.fixture
+def media(tmp_path: Path) -> LocalMediaStore:
+    return LocalMediaStore(tmp_path / "media")
+
+
+@pytest.fixture
+def key_id(store: SqliteStore, clock: Clock) -> str:
+    _, key = create_api_key(store, name="t", credits_usd=1.0, rpm=0, now=clock())
+    return key.id

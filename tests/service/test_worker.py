@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qwenserve.accounts.keys import create_api_key
 from qwenserve.catalog import GenerationRequest, validate_request
 from qwenserve.errors import InvalidInput, UpstreamError
 from qwenserve.jobs import Job, JobStatus
@@ -114,27 +113,6 @@ class NoInputs:
 class FailingInputs(NoInputs):
     def load_images(self, request: GenerationRequest) -> list[Image.Image]:
         raise UpstreamError("image: the server answered 500", field="image")
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> SqliteStore:
-    return SqliteStore(tmp_path / "jobs.db")
-
-
-@pytest.fixture
-def media(tmp_path: Path) -> LocalMediaStore:
-    return LocalMediaStore(tmp_path / "media")
-
-
-@pytest.fixture
-def key_id(store: SqliteStore, clock: Clock) -> str:
-    _, key = create_api_key(store, name="t", credits_usd=1.0, rpm=0, now=clock())
-    return key.id
 
 
 def submit(

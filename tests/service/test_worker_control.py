@@ -119,29 +119,6 @@ class CountingStore:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> SqliteStore:
-    return SqliteStore(tmp_path / "jobs.db")
-
-
-@pytest.fixture
-def media(tmp_path: Path) -> LocalMediaStore:
-    return LocalMediaStore(tmp_path / "media")
-
-
-@pytest.fixture
-def key_id(store: SqliteStore, clock: Clock) -> str:
-    from qwenserve.accounts.keys import create_api_key
-
-    _, key = create_api_key(store, name="t", credits_usd=1.0, rpm=0, now=clock())
-    return key.id
-
-
-@pytest.fixture
 def in_thread() -> Iterator[Callable[[Callable[[], object]], threading.Thread]]:
     threads: list[threading.Thread] = []
 

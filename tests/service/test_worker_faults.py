@@ -29,27 +29,6 @@ COST = 0.1
 NO_WAIT = StoreRetry(sleep=lambda _s: None)
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> SqliteStore:
-    return SqliteStore(tmp_path / "jobs.db")
-
-
-@pytest.fixture
-def media(tmp_path: Path) -> LocalMediaStore:
-    return LocalMediaStore(tmp_path / "media")
-
-
-@pytest.fixture
-def key_id(store: SqliteStore, clock: Clock) -> str:
-    _, key = create_api_key(store, name="t", credits_usd=1.0, rpm=0, now=clock())
-    return key.id
-
-
 def make_runner(
     store: Any,
     media: Any,

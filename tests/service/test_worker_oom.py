@@ -5,11 +5,7 @@ serves on."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-import pytest
-
-from qwenserve.accounts.keys import create_api_key
 from qwenserve.catalog import GenerationRequest
 from qwenserve.errors import OutOfMemory
 from qwenserve.jobs import JobStatus
@@ -39,27 +35,6 @@ class OutOfMemoryAbove(SolidEngine):
             self.attempts.append(1)
             raise OutOfMemory("out of memory generating 1328x1328 ×1 on cuda: try a smaller size")
         return super().generate(request)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> SqliteStore:
-    return SqliteStore(tmp_path / "jobs.db")
-
-
-@pytest.fixture
-def media(tmp_path: Path) -> LocalMediaStore:
-    return LocalMediaStore(tmp_path / "media")
-
-
-@pytest.fixture
-def key_id(store: SqliteStore, clock: Clock) -> str:
-    _, key = create_api_key(store, name="t", credits_usd=1.0, rpm=0, now=clock())
-    return key.id
 
 
 def test_a_batch_out_of_memory_is_split_until_it_fits(
