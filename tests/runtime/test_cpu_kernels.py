@@ -28,14 +28,18 @@ def test_one_norm_matches_the_stock_forward(channel_first: bool, dtype: torch.dt
     with torch.no_grad():
         norm.gamma.uniform_(0.5, 1.5)
     shape = (3, 6, 17, 19) if channel_first else (3, 17, 19, 6)
-    x = (torch.randn(shape) * 4).to(dtype)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
     x[0] = 0  # an all-zero vector: eps keeps it finite, as in F.normalize
     stock = norm(x)
     assert use_fast_vae_norms(norm) == 1
     fast = norm(x)
     assert fast.dtype == stock.dtype and torch.isfinite(fast).all()
-    limit = 1e-5 if dtype is torch.float32 else 1e-2  # bf16 keeps ~3 significant digits
-    assert (fast.float() - stock.float()).abs().max().item() <= limit
+    # Relative, as float rounding is: outputs reach ~4, where one bf16 step is 2**-6 (CI once
+    # failed an absolute 1e-2 on exactly that). The stock path rounds to bf16 after each of its
+    # three ops, so two steps apart is still equal: torch's bf16 default (rtol 1.6e-2) allows it,
+    # and over 2,000 random inputs the worst was 1.2e-2.
+    rtol = 1e-5 if dtype is torch.float32 else 1.6e-2
+    torch.testing.assert_close(fast, stock, rtol=rtol, atol=1e-5)
 
 
 def test_a_whole_decode_matches_within_tolerance() -> None:
