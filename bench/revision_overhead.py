@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -38,51 +35,15 @@ sys.path.insert(0, str(ROOT))
 
 from tests.processes import Server  # noqa: E402
 
+from bench import revisions  # noqa: E402
 from bench.load import hammer  # noqa: E402
 from bench.report import append_section, table  # noqa: E402
+from bench.revisions import Side  # noqa: E402
 
 SLUG = "qwen-image"
 SUBMIT = {"prompt": "a lighthouse at dusk", "steps": 2, "seed": 1, "aspect_ratio": "1:1"}
 BUSY_JOB = {"prompt": "a harbour at night", "steps": 20, "seed": 2, "aspect_ratio": "1:1"}
 """Jobs that keep the worker denoising (about 0.3 s each on the tiny preset on a CPU)."""
-
-
-@dataclass(frozen=True)
-class Side:
-    """One revision to serve: its name in the table and its source folder."""
-
-    name: str
-    src: Path
-
-    def env(self) -> dict[str, str]:
-        return {"PYTHONPATH": str(self.src), "QWENSERVE_LOG_LEVEL": "WARNING"}
-
-    def create_key(self, data_dir: Path, cache_dir: Path) -> str:
-        """A key made by this side's own code (a newer CLI would migrate an older store)."""
-        env = {
-            **os.environ,
-            **self.env(),
-            "QWENSERVE_DATA_DIR": str(data_dir),
-            "QWENSERVE_CACHE_DIR": str(cache_dir),
-        }
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qwenserve.cli.main",
-                "keys",
-                "create",
-                "--credits",
-                "1e6",
-                "--rpm",
-                "0",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return out.stdout.strip().splitlines()[-1]
 
 
 def serve(side: Side, data_dir: Path, cache_dir: Path, workers: int) -> tuple[Server, str]:
@@ -143,68 +104,27 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    def short(rev: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", rev],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-
-    revision = short(args.baseline)
-    measured = short(args.against) if args.against else None
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        checkouts = []
-        try:
-            for name, rev in (("baseline", revision), ("measured", measured)):
-                if rev is None:
-                    continue
-                checkout = tmp / name
-                subprocess.run(
-                    [
-                        "git",
-                        "-C",
-                        str(ROOT),
-                        "worktree",
-                        "add",
-                        "-q",
-                        "--detach",
-                        str(checkout),
-                        rev,
-                    ],
-                    check=True,
-                )
-                checkouts.append(checkout)
-            this_src = checkouts[1] / "src" if measured else ROOT / "src"
-            sides = [
-                Side(f"baseline {revision}", checkouts[0] / "src"),
-                Side(measured or "this", this_src),
-            ]
-            runs: dict[str, list[dict[str, float]]] = {side.name: [] for side in sides}
+        with revisions.sides(tmp, args.baseline, args.against) as pair:
+            runs: dict[str, list[dict[str, float]]] = {side.name: [] for side in pair}
             for round_index in range(args.rounds):
-                for side in sides if round_index % 2 == 0 else reversed(sides):
+                for side in pair if round_index % 2 == 0 else reversed(pair):
                     round_tmp = tmp / f"round{round_index}"
                     runs[side.name].append(measure(side, round_tmp, tmp / "cache", args.seconds))
                     print(side.name, runs[side.name][-1], flush=True)
-        finally:
-            for checkout in checkouts:
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)],
-                    check=False,
-                )
 
-    base, this = (runs[side.name] for side in sides)
+    base, this = (runs[side.name] for side in pair)
     rows = []
     for name in base[0]:
         old = statistics.median(r[name] for r in base)
         new = statistics.median(r[name] for r in this)
         rows.append([f"{name} (/s)", f"{old:.0f}", f"{new:.0f}", f"{new / old:.3f}"])
-    lines = table(["measure", f"baseline {revision}", measured or "this checkout", "ratio"], rows)
+    lines = table(["measure", *(side.name for side in pair), "ratio"], rows)
     print("\n".join(lines))
     if not args.no_write:
         append_section(
-            f"Queue endpoints: {measured or 'this checkout'} vs {revision}",
+            f"Queue endpoints: {pair[1].name} vs {pair[0].name.removeprefix('baseline ')}",
             lines,
             [
                 f"16 concurrent async clients in this process, {args.seconds:g} s each; "

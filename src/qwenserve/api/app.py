@@ -59,12 +59,13 @@ def create_app(services: Services) -> FastAPI:
     metrics.instrument(app, app.state.metrics_registry)
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    # Routes are matched in order: the queue's polls and submits, most of the traffic, first.
+    app.include_router(v2.router)
+    app.include_router(v1.router)
+    app.include_router(media.router)
     app.include_router(ops.router)
     app.include_router(models.router)
     app.include_router(openai_images.router)
     app.include_router(history.router)
-    app.include_router(v1.router)
-    app.include_router(v2.router)
-    app.include_router(media.router)
     app.include_router(playground.router)
     return app

@@ -1,8 +1,8 @@
 """The /metrics series beyond the queue gauges (``api/ops.py``): HTTP, workers, job outcomes.
 
-- **HTTP**: ``prometheus-fastapi-instrumentator``'s ASGI middleware counts requests and times
-  them by route template (``/v2/requests/{request_id}/status``, never a raw id), method and
-  status. It only touches in-memory prometheus objects: no store call per request.
+- **HTTP**: ``api/http_metrics.py``'s ASGI middleware counts requests and times them by route
+  template (``/v2/requests/{request_id}/status``, never a raw id), method and status. It only
+  touches in-memory prometheus objects: no store call per request.
 - **Workers**: each worker's own figures (queue wait, inference, seconds per step, batch sizes,
   pipeline loads and evictions, LoRA cache, memory) arrive in its registry announcement
   (``worker/metrics.py``) and are rendered here per worker at scrape time, so one API node's
@@ -28,9 +28,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_fastapi_instrumentator import Instrumentator
-from prometheus_fastapi_instrumentator import metrics as http_metrics
 
+from qwenserve.api.http_metrics import HttpMetricsMiddleware
 from qwenserve.api.services import Services
 from qwenserve.errors import InvalidRequest
 from qwenserve.jobs import JobEventType
@@ -39,25 +38,13 @@ from qwenserve.worker.metrics import SPECS, MetricSpec
 
 log = logging.getLogger("qwenserve.api")
 
-HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-"""Seconds; a POST /v1 lasts as long as its job, hence the long tail."""
 EVENT_PAGE = 500
 MAX_PAGES_PER_SCRAPE = 20
 
 
 def instrument(app: FastAPI, registry: CollectorRegistry) -> None:
     """Count and time every HTTP request into ``registry`` (see the module docstring)."""
-    instrumentator = Instrumentator(should_group_status_codes=False, registry=registry)
-    instrumentator.add(
-        http_metrics.requests(metric_namespace="qwenserve", registry=registry),
-        http_metrics.latency(
-            metric_namespace="qwenserve",
-            should_include_status=True,
-            buckets=HTTP_BUCKETS,
-            registry=registry,
-        ),
-    )
-    instrumentator.instrument(app)
+    app.add_middleware(HttpMetricsMiddleware, registry=registry)
 
 
 class WorkerFiguresCollector(Collector):

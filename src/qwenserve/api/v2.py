@@ -75,9 +75,6 @@ SUBMIT_RESPONSES = error_responses(
         409: "The Idempotency-Key was used with another body",
     },
 )
-add_slug_routes(
-    router, "/v2/{slug}", submit_v2, summary="{title}: queue", responses=SUBMIT_RESPONSES
-)
 
 
 @router.get(
@@ -150,3 +147,9 @@ async def cancel_v2(request_id: str, request: Request, key: CurrentKey) -> JSONR
     live = await live_view(services, job)
     body = segmind.status_body(services, request, live)
     return JSONResponse(body, status_code=200 if job.status.is_terminal else 202)
+
+
+# After the polls above: a router tries its routes in order, and polls outnumber submits.
+add_slug_routes(
+    router, "/v2/{slug}", submit_v2, summary="{title}: queue", responses=SUBMIT_RESPONSES
+)
