@@ -68,7 +68,7 @@ def sides(tmp: Path, baseline: str, against: str | None) -> Iterator[list[Side]]
                 check=True,
             )
             checkouts.append(checkout)
-        measured = revisions[1][1] if against is not None else "this checkout"
+        measured = revisions[1][1] if against is not None else f"this checkout ({short('HEAD')})"
         yield [
             Side(f"baseline {revisions[0][1]}", checkouts[0] / "src"),
             Side(measured, checkouts[1] / "src" if against is not None else ROOT / "src"),
