@@ -19,6 +19,7 @@ TERMS = """
 
 forbidden fruit
 Nsfw
+x.x.x
 re:\\bb[a@]d\\s*word\\b
 """
 
@@ -39,6 +40,8 @@ def policy() -> PromptPolicy:
         "for\u00adbidden fruit",  # soft hyphen
         "\ufeffnsfw",  # a byte-order mark in front
         "ＮＳＦＷ art",
+        "forbidden-fruit!",  # any punctuation between the words
+        "rated X.X.X",  # a term with non-word characters
         "a b@d word here",  # regex
         "a Ｂ＠Ｄ WORD here",  # regex, after normalization
     ],
@@ -54,6 +57,7 @@ def test_blocked_spellings(policy: PromptPolicy, text: str) -> None:
         "forbiddenfruit",  # not the term as whole words
         "unforbidden fruitcake",
         "nsfwish",
+        "x.x.xy",
         "a notbadword",  # the regex wants a word boundary before 'b'
         "",
     ],
