@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path.home() / ".qwenserve"
@@ -201,7 +201,7 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
     blocked_terms_file: Path | None = Field(
         None,
         description="Blocked terms, one a line ('#' comments, 're:' for a regular expression); "
-        "needed whenever content_policy is not off.",
+        "an API node refuses to start without one whenever content_policy is not off.",
     )
     nsfw_threshold: float = Field(
         0.5, gt=0, le=1, description="Images the classifier scores at or above this are blocked."
@@ -227,15 +227,6 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
         if value == "sqlite" or value.startswith(("sqlite:///", "redis://", "rediss://")):
             return value
         raise ValueError("store must be 'sqlite', sqlite:///PATH or redis://HOST:PORT/DB")
-
-    @model_validator(mode="after")
-    def _check_content_policy(self) -> Settings:
-        if self.content_policy != "off" and self.blocked_terms_file is None:
-            raise ValueError(
-                f"content_policy={self.content_policy} needs blocked_terms_file "
-                "(QWENSERVE_BLOCKED_TERMS_FILE; an empty file blocks no term)"
-            )
-        return self
 
     @property
     def checks_outputs(self) -> bool:

@@ -95,9 +95,15 @@ def test_a_missing_terms_file_is_a_startup_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["prompt", "prompt+output", "all"])
-def test_a_policy_without_a_terms_file_is_refused(tmp_path: Path, mode: str) -> None:
-    with pytest.raises(ValidationError, match="needs blocked_terms_file"):
-        Settings(data_dir=tmp_path, content_policy=mode)  # type: ignore[arg-type]
+def test_a_policy_without_a_terms_file_is_a_startup_error(tmp_path: Path, mode: str) -> None:
+    settings = Settings(data_dir=tmp_path, content_policy=mode)  # type: ignore[arg-type]
+    with pytest.raises(SystemExit, match="needs a blocked terms file"):
+        load_prompt_policy(settings)
+
+
+def test_an_unknown_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="content_policy"):
+        Settings(data_dir=tmp_path, content_policy="strict")  # type: ignore[arg-type]
 
 
 def test_off_by_default_and_an_empty_file_blocks_nothing(tmp_path: Path) -> None:

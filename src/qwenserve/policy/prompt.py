@@ -130,8 +130,15 @@ def prompt_policy(settings: Settings) -> PromptPolicy | None:
     """The blocked terms ``settings`` name, or None with the content policy off.
 
     Raises:
-        PolicyConfigError: the terms file cannot be read or has an invalid expression.
+        PolicyConfigError: the policy is on without a terms file (an empty file is the way to
+            block no term: an omission never switches the prompt check off silently), or the
+            file cannot be read, or it has an invalid expression.
     """
-    if settings.content_policy == "off" or settings.blocked_terms_file is None:
+    if settings.content_policy == "off":
         return None
+    if settings.blocked_terms_file is None:
+        raise PolicyConfigError(
+            f"content_policy={settings.content_policy} needs a blocked terms file "
+            "(QWENSERVE_BLOCKED_TERMS_FILE; an empty file blocks no term)"
+        )
     return PromptPolicy.load(settings.blocked_terms_file)
