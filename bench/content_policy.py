@@ -157,8 +157,12 @@ def main() -> int:
                 f"median of {args.runs} runs after a warm-up (prompt check: {args.runs * 50}), "
                 "one thread; NudeNet 3.4.2 (320n ONNX model, onnxruntime on the CPU)",
                 f"classifier load (once per worker process): {load_ms:.0f} ms",
-                "a real model's generation takes seconds to minutes per image on a GPU, so the "
+                "the classifier runs on the worker's finisher thread, so in a busy worker its "
+                "time overlaps the next job's denoising; a lone request's latency grows by it",
+                "a real model's generation takes seconds per image on a GPU, so the "
                 "classifier's share there is far smaller than against the tiny preset",
+                "the figures move with the machine's load (the 1-min load above; 2 cores "
+                "shared with other work when this ran)",
             ],
         )
     return 0

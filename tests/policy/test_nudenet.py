@@ -1,6 +1,6 @@
 """The real default classifier (NudeNet's ONNX detector, the optional ``nsfw`` extra that the
 dev extra installs) lets the tiny preset's output and a benign image through, within the cost
-per image bench/content_policy.py measures (docs/PERFORMANCE.md: ~40-80 ms on 2 CPU cores)."""
+per image bench/content_policy.py measures (docs/PERFORMANCE.md: ~40-100 ms on 2 CPU cores)."""
 
 from __future__ import annotations
 
