@@ -53,7 +53,7 @@ def test_the_tiny_presets_output_passes(check: ImageCheck, shared_cache: Path) -
         "qwen-image-fast", {"prompt": "a portrait in a garden", "steps": 2, "seed": 3}
     )
     image = engine.generate(request).image
-    assert not check.blocks(image, job_id="test", what="output")
+    assert not check.blocks(image, what="output")
     assert 0.0 <= check.classifier.score(image) < check.threshold
     assert median_s(check, image) < BUDGET_S
 
@@ -61,7 +61,7 @@ def test_the_tiny_presets_output_passes(check: ImageCheck, shared_cache: Path) -
 @pytest.mark.parametrize("size", [512, 1024])
 def test_a_benign_image_passes(check: ImageCheck, size: int) -> None:
     image = benign_scene(size)
-    assert not check.blocks(image, job_id="test", what="output")
+    assert not check.blocks(image, what="output")
     assert median_s(check, image) < BUDGET_S
 
 

@@ -100,6 +100,15 @@ async def test_negative_prompt_and_regex_terms_are_checked_too(api: Harness) -> 
         assert_blocked_body(response.json())
 
 
+async def test_a_blocked_edit_keeps_no_inline_image(api: Harness) -> None:
+    body = body_for("qwen-image-edit-fast", prompt=VARIANTS[0])
+    response = await api.http.post("/v2/qwen-image-edit-fast", json=body, headers=api.headers())
+    request_id = response.json()["request_id"]
+    stored = api.store.get_job(request_id, now=api.clock.now)
+    assert stored is not None and stored.params["images"] == []
+    assert not any(p.is_file() for p in api.media.root.rglob("*")), "nothing in the media store"
+
+
 async def test_allowed_prompts_are_queued_and_charged(api: Harness) -> None:
     before = await api.credits()
     request_id = await api.submit(prompt="fruit in a forbidden city, gorgeous light")

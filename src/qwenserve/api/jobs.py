@@ -136,6 +136,7 @@ async def submit(
     if refusal is not None:  # recorded as ended: polled like any job, never queued or charged
         job = dataclasses.replace(
             job,
+            params={**job.params, "images": []},  # never run: no inline image in the record
             status=JobStatus.FAILED,
             cost_usd=0.0,
             error=refusal.message,

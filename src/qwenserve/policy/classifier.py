@@ -62,15 +62,15 @@ class ImageCheck:
     classifier: ImageClassifier
     threshold: float
 
-    def blocks(self, image: Image.Image, *, job_id: str, what: str) -> bool:
-        """Whether ``image`` is blocked; logs the score and the time it took, by job id."""
+    def blocks(self, image: Image.Image, *, what: str) -> bool:
+        """Whether ``image`` is blocked; logs its score and the time it took, as ``what``
+        (e.g. ``job <id> output``: the request id where the caller knows it)."""
         started = time.perf_counter()
         score = float(self.classifier.score(image))
         blocked = score >= self.threshold
         log.log(
             logging.WARNING if blocked else logging.DEBUG,
-            "job %s: %s image scored %.3f (threshold %.2f) in %.1f ms%s",
-            job_id,
+            "%s image scored %.3f (threshold %.2f) in %.1f ms%s",
             what,
             score,
             self.threshold,

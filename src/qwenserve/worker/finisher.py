@@ -151,7 +151,7 @@ class Finisher:
     def _blocked(self, job: Job, generated: GeneratedImage) -> bool:
         """Whether the output screen blocked ``job``'s image (then it failed the job)."""
         screen = self.output_screen
-        if screen is None or not screen.check.blocks(generated.image, job_id=job.id, what="output"):
+        if screen is None or not screen.check.blocks(generated.image, what=f"job {job.id} output"):
             return False
         self._fail(job, ContentPolicyViolation(OUTPUT_BLOCKED), refund=not screen.charge)
         return True

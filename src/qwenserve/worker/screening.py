@@ -45,7 +45,8 @@ class ScreenedInputLoader:
         """
         images = self.inner.load_images(request)
         for spec, image in zip(request.images, images, strict=True):
-            if self.check.blocks(image, job_id="-", what=f"input {spec.field}"):
+            # The request id is logged when the finisher fails the job.
+            if self.check.blocks(image, what=f"input ({spec.field})"):
                 raise ContentPolicyViolation(INPUT_BLOCKED, field=spec.field)
         return images
 
