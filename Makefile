@@ -33,6 +33,7 @@ bench:
 	$(PY) bench/cpu_vae_norm.py
 	$(PY) bench/cfg_batch.py
 	$(PY) bench/gpu_step_time.py
+	$(PY) bench/content_policy.py
 
 # The GPU machine (python 3.12, torch, transformers, accelerate, pytest there; no internet) lacks
 # these: fetched here as cp312 manylinux wheels into .whl/ (ignored), which travels with the

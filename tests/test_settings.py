@@ -73,6 +73,20 @@ CASES: dict[str, tuple[str, Callable[[Settings], Any], Any]] = {
     "MAX_LORA_BYTES": ("5000", lambda s: s.max_lora_bytes, 5000),
     "LOCAL_LORA_DIRS": ('["/srv/loras"]', lambda s: s.local_lora_dirs, [Path("/srv/loras")]),
     "PRICES_USD": ('{"qwen-image": 0.1}', lambda s: s.price_for("qwen-image", 1.0), 0.1),
+    "CONTENT_POLICY": (
+        "prompt+output",
+        lambda s: (s.checks_outputs, s.checks_inputs),
+        (True, False),
+    ),
+    "BLOCKED_TERMS_FILE": (
+        "/srv/terms.txt",
+        lambda s: s.blocked_terms_file,
+        Path("/srv/terms.txt"),
+    ),
+    "NSFW_THRESHOLD": ("0.8", lambda s: s.nsfw_threshold, 0.8),
+    "NSFW_CLASSIFIER": ("pkg.mod:make", lambda s: s.nsfw_classifier, "pkg.mod:make"),
+    "CHARGE_BLOCKED_OUTPUTS": ("true", lambda s: s.charge_blocked_outputs, True),
+    "LOG_BLOCKED_PROMPTS": ("true", lambda s: s.log_blocked_prompts, True),
 }
 
 

@@ -192,6 +192,31 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
         default_factory=dict, description="Per-slug price overrides, e.g. {'qwen-image': 0.1}."
     )
 
+    # content policy (qwenserve.policy)
+    content_policy: Literal["off", "prompt", "prompt+output", "all"] = Field(
+        "off",
+        description="What the content policy checks: prompts (blocked terms), then also "
+        "generated images (prompt+output), then also edit inputs (all).",
+    )
+    blocked_terms_file: Path | None = Field(
+        None,
+        description="Blocked terms, one a line ('#' comments, 're:' for a regular expression); "
+        "an API node refuses to start without one whenever content_policy is not off.",
+    )
+    nsfw_threshold: float = Field(
+        0.5, gt=0, le=1, description="Images the classifier scores at or above this are blocked."
+    )
+    nsfw_classifier: str = Field(
+        "qwenserve.policy.nudenet:NudeNetClassifier",
+        description="module:callable returning the image classifier (policy/classifier.py).",
+    )
+    charge_blocked_outputs: bool = Field(
+        False, description="Charge a job whose output the policy blocked (default: refunded)."
+    )
+    log_blocked_prompts: bool = Field(
+        False, description="Log the prompt text of a blocked request (default: only its id)."
+    )
+
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: finish jobs this long.")
     purge_interval_s: float = Field(30.0, gt=0, description="How often expired results go.")
     log_level: str = "INFO"
@@ -202,6 +227,16 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
         if value == "sqlite" or value.startswith(("sqlite:///", "redis://", "rediss://")):
             return value
         raise ValueError("store must be 'sqlite', sqlite:///PATH or redis://HOST:PORT/DB")
+
+    @property
+    def checks_outputs(self) -> bool:
+        """The content policy classifies generated images."""
+        return self.content_policy in ("prompt+output", "all")
+
+    @property
+    def checks_inputs(self) -> bool:
+        """The content policy classifies the input images of edit slugs."""
+        return self.content_policy == "all"
 
     @property
     def sqlite_path(self) -> Path:

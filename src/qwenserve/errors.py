@@ -20,6 +20,8 @@ responses, and nothing else invents status codes. This module imports nothing fr
     ├── Conflict                        409  the request no longer fits the job's state
     │                                        (cancel of a finished job); carries job_status
     │   └── Cancelled                   409  the job was cancelled by its owner (v1's answer)
+    ├── ContentPolicyViolation          422  the operator's content policy blocked a prompt, an
+    │                                        input or an output image (kind ``content_policy``)
     ├── RateLimited                     429  requests-per-minute limit hit; carries retry_after_s
     ├── UpstreamError                   502  fetching an input URL failed
     ├── UpstreamTimeout                 504  fetching an input URL timed out
@@ -41,6 +43,8 @@ class QwenServeError(Exception):
     """Base of every qwenserve error: a message safe to show to a client."""
 
     http_status: ClassVar[int] = 500
+    kind: ClassVar[str | None] = None
+    """The stored failure kind (``error_kind``) when it is not the class name."""
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -156,6 +160,15 @@ class Cancelled(Conflict):
         super().__init__(message, job_status="FAILED", field=field)
 
 
+class ContentPolicyViolation(QwenServeError):
+    """The operator's content policy (``qwenserve.policy``) blocked the request: a blocked term
+    in a prompt, or an input or output image its classifier flagged. The message says which
+    stage blocked it and never echoes the matched term. Stored as kind ``content_policy``."""
+
+    http_status = 422
+    kind = "content_policy"
+
+
 class RateLimited(QwenServeError):
     """The key sent more requests this minute than it may."""
 
@@ -221,13 +234,18 @@ _BY_NAME: dict[str, type[QwenServeError]] = {
         InferenceError,
         OutOfMemory,
         ServiceUnavailable,
+        ContentPolicyViolation,
     )
+}
+_BY_KIND: dict[str, type[QwenServeError]] = {
+    error_cls.kind or name: error_cls for name, error_cls in _BY_NAME.items()
 }
 
 
 def error_kind(error: QwenServeError) -> str:
-    """The stable name a stored job failure keeps, so it can be rebuilt in another process."""
-    return type(error).__name__
+    """The stable name a stored job failure keeps, so it can be rebuilt in another process: the
+    class's ``kind`` where it has one (``content_policy``), else the class name."""
+    return type(error).kind or type(error).__name__
 
 
 def rebuild_error(kind: str | None, message: str) -> QwenServeError:
@@ -241,4 +259,4 @@ def rebuild_error(kind: str | None, message: str) -> QwenServeError:
         return Cancelled(message)
     if kind == EXPIRED:
         return UnknownRequest(message)
-    return _BY_NAME.get(kind or "", InferenceError)(message)
+    return _BY_KIND.get(kind or "", InferenceError)(message)

@@ -23,6 +23,7 @@ from tests.redis_server import RedisServer
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
 from tests.store.contract_history import HistoryContract
 from tests.store.contract_idempotency import IdempotencyContract
+from tests.store.contract_policy import PolicyContract
 
 pytestmark = pytest.mark.redis
 
@@ -44,7 +45,7 @@ def store(redis_url: str, redis_client: redis.Redis, namespace: str) -> Iterator
     opened.close()
 
 
-class TestRedisStore(StoreContract, IdempotencyContract, HistoryContract):
+class TestRedisStore(StoreContract, IdempotencyContract, HistoryContract, PolicyContract):
     """Every contract test, against an emptied redis-server."""
 
 

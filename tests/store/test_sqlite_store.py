@@ -22,6 +22,7 @@ from qwenserve.store.sqlite import SCHEMA_VERSION, SqliteStore, schema
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
 from tests.store.contract_history import HistoryContract
 from tests.store.contract_idempotency import IdempotencyContract
+from tests.store.contract_policy import PolicyContract
 from tests.store.schema_v1 import V1_RESULT, make_v1_database
 
 
@@ -42,7 +43,7 @@ def store(db_path: Path) -> Iterator[SqliteStore]:
     opened.close()
 
 
-class TestSqliteStore(StoreContract, IdempotencyContract, HistoryContract):
+class TestSqliteStore(StoreContract, IdempotencyContract, HistoryContract, PolicyContract):
     """Every contract test, against a fresh database file."""
 
 

@@ -41,6 +41,7 @@ from qwenserve.catalog import get_model
 from qwenserve.errors import (
     Cancelled,
     Conflict,
+    ContentPolicyViolation,
     FieldError,
     InvalidRequest,
     QwenServeError,
@@ -101,6 +102,7 @@ ERROR_MEANINGS: Mapping[int, str] = {
     406: "The key's credits cannot pay for this run",
     409: "The request conflicts with the job's state (`status` says it)",
     413: "The request body is larger than the server takes",
+    422: "The content policy blocked the request (`content_policy`)",
     429: "Too many requests this minute (see `Retry-After`)",
     500: "The engine failed while running the job",
     502: "Fetching an input URL failed",
@@ -128,6 +130,7 @@ _OPENAI_TYPES = {
     406: "insufficient_quota",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     429: "requests",
 }
 
@@ -149,6 +152,8 @@ def openai_body(status: int, message: str, error: QwenServeError | None = None) 
         code = "invalid_api_key"
     elif isinstance(error, Cancelled):
         code = "cancelled"
+    elif isinstance(error, ContentPolicyViolation):
+        code = "content_policy_violation"
     elif status == 406:
         code = "insufficient_quota"
     elif status == 429:

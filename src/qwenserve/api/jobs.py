@@ -22,11 +22,12 @@ from qwenserve.api import idempotency
 from qwenserve.api.body import parse_json
 from qwenserve.api.services import Services
 from qwenserve.catalog import GenerationRequest, get_model, validate_request
-from qwenserve.errors import UnknownRequest
+from qwenserve.errors import ContentPolicyViolation, UnknownRequest, error_kind
 from qwenserve.jobs import Job, JobStatus
 from qwenserve.media.fetch import refuse_literal_private_host
 from qwenserve.media.inline import forget, store_inline_images, stored_input_ids
 from qwenserve.media.previews import new_preview_prefix
+from qwenserve.policy import PROMPT_BLOCKED
 from qwenserve.store.base import ApiKey, SubmitOutcome
 from qwenserve.store.rules import IDEMPOTENCY_HEADER
 
@@ -82,6 +83,10 @@ async def submit(
     ``idempotency_key``: the client's ``Idempotency-Key``; a repeat of an earlier submit (same
     key and body, same API key, within 24 h) answers with the earlier job (``replayed``),
     nothing charged.
+    With the content policy on, a request whose text it blocks is still admitted (key, rate
+    limit and idempotency checked) but recorded FAILED (``content_policy``) at no cost and
+    never queued: the returned job is FAILED, so v1 answers its error and v2 a request id
+    whose poll says FAILED, as Segmind does for its own blocks.
 
     Raises:
         UnknownModel, Forbidden, InvalidRequest (naming the field): before anything is kept.
@@ -105,8 +110,10 @@ async def submit(
     if not settings.allow_private_urls:
         refuse_private_urls(request)
     expires_at = now + settings.result_ttl_s
+    job_id = str(uuid.uuid4())
+    refusal = refuse_by_policy(services, request, job_id)
     stored: list[str] = []
-    if request.images:  # inline images: checked now (400), kept out of the job record
+    if request.images and refusal is None:  # inline images: checked now (400), kept apart
         request, stored = await services.call(
             store_inline_images,
             request,
@@ -116,7 +123,7 @@ async def submit(
             max_pixels=settings.max_input_pixels,
         )
     job = Job(
-        id=str(uuid.uuid4()),
+        id=job_id,
         slug=slug,
         key_id=key.id,
         params=request.to_dict(),
@@ -126,6 +133,16 @@ async def submit(
         cost_usd=settings.price_for(slug, spec.price_usd),
         webhook_url=webhook_url,
     )
+    if refusal is not None:  # recorded as ended: polled like any job, never queued or charged
+        job = dataclasses.replace(
+            job,
+            params={**job.params, "images": []},  # never run: no inline image in the record
+            status=JobStatus.FAILED,
+            cost_usd=0.0,
+            error=refusal.message,
+            error_kind=error_kind(refusal),
+            finished_at=now,
+        )
     try:
         outcome = await services.call(
             services.store.submit, job, rpm=key.rpm, now=now, idempotency=idem
@@ -138,6 +155,15 @@ async def submit(
         if stored:
             await services.call(forget, services.media, stored)
         return await _replayed(services, outcome)
+    if refusal is not None:
+        log.warning(
+            "job %s blocked by the content policy (%s) slug=%s key=%s",
+            job.id,
+            refusal.field,
+            slug,
+            key.id,
+        )
+        return Submitted(job=job, request=request, outcome=outcome)
     log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
     if wake and services.on_submitted is not None:
         services.on_submitted(job.id)
@@ -159,6 +185,24 @@ async def _replayed(services: Services, outcome: SubmitOutcome) -> Submitted:
     log.info("job %s: submit replayed by its idempotency key", original.id)
     request = GenerationRequest.from_dict(original.params)
     return Submitted(job=original, request=request, outcome=outcome)
+
+
+def refuse_by_policy(
+    services: Services, request: GenerationRequest, job_id: str
+) -> ContentPolicyViolation | None:
+    """The content policy's refusal of ``request``'s text (a blocked term in ``prompt`` or
+    ``negative_prompt``), or None. The prompt itself is logged only with
+    ``log_blocked_prompts``; the refusal's message never says what matched."""
+    policy = services.prompt_policy
+    if policy is None:
+        return None
+    fields = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    field = policy.blocked_field(fields)
+    if field is None:
+        return None
+    if services.settings.log_blocked_prompts:
+        log.warning("job %s: blocked %s: %r", job_id, field, fields[field])
+    return ContentPolicyViolation(PROMPT_BLOCKED, field=field)
 
 
 def refuse_private_urls(request: GenerationRequest) -> None:

@@ -9,7 +9,9 @@
   /metrics is complete whichever process the workers run in. No torch here.
 - **Job outcomes**: completions and failures by kind, counted from the store's event log,
   which records every ending wherever it happened (a worker, a give-up inside someone's claim,
-  a cancel, an expiry). Counted from this node's start, read at scrape time.
+  a cancel, an expiry). Counted from this node's start, read at scrape time. Content policy
+  blocks are counted the same way, by what was blocked (from the block's fixed message), so
+  the blocks of workers in other processes are counted with no channel of their own.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from prometheus_client.registry import Collector
 
 from qwenserve.api.http_metrics import HttpMetricsMiddleware
 from qwenserve.api.services import Services
-from qwenserve.errors import InvalidRequest
+from qwenserve.errors import ContentPolicyViolation, InvalidRequest
 from qwenserve.jobs import JobEventType
+from qwenserve.policy import blocked_stage
 from qwenserve.store.base import Store
 from qwenserve.worker.metrics import SPECS, MetricSpec
 
@@ -106,6 +109,7 @@ class JobOutcomes(Collector):
         self._position: str | None = store.last_event_id()
         self._completed: dict[str, int] = {}
         self._failed: dict[tuple[str, str], int] = {}
+        self._blocked: dict[str, int] = dict.fromkeys(("prompt", "input", "output"), 0)
 
     def _follow(self) -> None:
         for _ in range(MAX_PAGES_PER_SCRAPE):
@@ -121,6 +125,9 @@ class JobOutcomes(Collector):
                 elif event.type is JobEventType.FAILED:
                     key = (event.slug, event.error_kind or "unknown")
                     self._failed[key] = self._failed.get(key, 0) + 1
+                    stage = blocked_stage(event.error)
+                    if event.error_kind == ContentPolicyViolation.kind and stage is not None:
+                        self._blocked[stage] = self._blocked.get(stage, 0) + 1
             if len(page) < EVENT_PAGE:
                 return
 
@@ -129,6 +136,7 @@ class JobOutcomes(Collector):
             self._follow()
             completed = dict(self._completed)
             failed = dict(self._failed)
+            blocked = dict(self._blocked)
         done = CounterMetricFamily(
             "qwenserve_jobs_completed", "Jobs completed (from the event log)", labels=["model"]
         )
@@ -144,3 +152,12 @@ class JobOutcomes(Collector):
         for (slug, kind), count in sorted(failed.items()):
             failures.add_metric([slug, kind], float(count))
         yield failures
+        blocks = CounterMetricFamily(
+            "qwenserve_content_policy_blocks",
+            "Requests the content policy blocked, by what it checked: prompt (blocked terms, at "
+            "submit), input or output (the image classifier, in a worker); from the event log",
+            labels=["kind"],
+        )
+        for stage, count in sorted(blocked.items()):
+            blocks.add_metric([stage], float(count))
+        yield blocks

@@ -48,8 +48,9 @@ log = logging.getLogger("qwenserve.api")
 MAX_FORM_FILES = 8
 MAX_FORM_FIELDS = 64
 IMAGES_RESPONSES = error_responses(
-    *(400, 401, 403, 404, 406, 409, 413, 429, 500, 502, 503, 504),
+    *(400, 401, 403, 404, 406, 409, 413, 422, 429, 500, 502, 503, 504),
     meanings={
+        422: "The content policy blocked it (`error.code`: `content_policy_violation`)",
         400: "Invalid parameters: `error.message` names every bad field, `error.param` the "
         "first one",
         409: "An image's job was cancelled meanwhile",

@@ -15,6 +15,7 @@ from qwenserve.api.eta import StepRates, Throughput
 from qwenserve.config import Settings
 from qwenserve.media.storage import MediaStore
 from qwenserve.notify import CompletionHub
+from qwenserve.policy.prompt import PromptPolicy, prompt_policy
 from qwenserve.store.base import Store
 from qwenserve.store.workers import WorkerInfo, WorkerRegistry
 
@@ -35,6 +36,13 @@ class Services:
     """Recent seconds per finished job of each model (queued jobs' ETA)."""
     step_rates: StepRates = field(default_factory=StepRates)
     """Seconds per denoising step of running jobs, as seen by this node (running jobs' ETA)."""
+    prompt_policy: PromptPolicy | None = None
+    """Blocked terms checked at submit; read from ``settings`` when not given (None: off).
+    Raises PolicyConfigError when the terms file is unusable, so a server fails at start."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_policy is None:
+            self.prompt_policy = prompt_policy(self.settings)
 
     def workers(self) -> list[WorkerInfo]:
         """Workers alive anywhere (from their announcements), for /healthz and /metrics."""

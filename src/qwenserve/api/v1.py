@@ -2,7 +2,8 @@
 
 Answers the raw image bytes with the content type of ``image_format``, or with ``base64`` (or
 ``base_64``) true, JSON with the base64 image. A job that fails answers its error with the
-status of its kind (400 for an unusable input, 502/504 for an input fetch, 500 for the engine).
+status of its kind (400 for an unusable input, 502/504 for an input fetch, 500 for the engine,
+422 for a content policy block: of the prompt at once, nothing charged).
 Past ``sync_timeout_s`` it answers 504; the job goes on and can still be read through v2 with
 the request id in ``X-Request-ID``. A job cancelled meanwhile (through v2 with that id) answers
 409 ``{"error": "cancelled ...", "status": "FAILED"}``. With ``cancel_on_disconnect`` (the
@@ -125,6 +126,7 @@ RUN_V1_RESPONSES: dict[int | str, dict[str, Any]] = {
         404,
         406,
         409,
+        422,
         429,
         500,
         502,

@@ -53,7 +53,10 @@ async def submit_v2(slug: str, request: Request, key: CurrentKey) -> JSONRespons
     return JSONResponse(
         {
             "request_id": submitted.job.id,
-            "status": JobStatus.QUEUED.value,
+            # FAILED for a request the content policy refused at submit; else QUEUED.
+            "status": (
+                JobStatus.FAILED if submitted.job.status is JobStatus.FAILED else JobStatus.QUEUED
+            ).value,
             **urls,
             "poll_url": urls["status_url"],
         },

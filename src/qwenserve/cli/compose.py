@@ -14,7 +14,11 @@ from qwenserve.backends import Backend
 from qwenserve.catalog import MODELS
 from qwenserve.config import Settings
 from qwenserve.errors import QwenServeError
+from qwenserve.policy import PolicyConfigError
+from qwenserve.policy.classifier import ImageCheck, image_check
+from qwenserve.policy.prompt import PromptPolicy, prompt_policy
 from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+from qwenserve.worker.screening import OutputScreen, ScreenedInputLoader
 
 if TYPE_CHECKING:
     from qwenserve.notify import CompletionHub, EventFollower
@@ -69,12 +73,18 @@ def build_workers(
     slugs: list[str] | None = None,
     on_job_done: Callable[[str], None] | None = None,
 ) -> list[LocalWorker]:
-    """``count`` runners, each with its own engine (an engine runs one job at a time)."""
+    """``count`` runners, each with its own engine (an engine runs one job at a time), with the
+    content policy's image checks when ``settings`` ask for them.
+
+    Raises:
+        SystemExit: the content policy's classifier cannot be loaded (saying why).
+    """
     from qwenserve.runtime import Engine
     from qwenserve.runtime.config import default_max_batch
-    from qwenserve.worker.inputs import MediaInputLoader
+    from qwenserve.worker.inputs import InputLoader, MediaInputLoader
 
     inputs = MediaInputLoader.from_settings(settings, backend.media)
+    output_screen, input_check = screens(settings)
     workers = []
     for index in range(count):
         engine = Engine(engine_config(settings))
@@ -85,17 +95,50 @@ def build_workers(
             slugs=slugs,
             host=socket.gethostname(),
         )
+        loader: InputLoader = inputs.for_worker()
+        if input_check is not None:
+            loader = ScreenedInputLoader(loader, input_check)
         runner = WorkerRunner(
             store=backend.store,
             media=backend.media,
             engine=engine,
-            inputs=inputs.for_worker(),
+            inputs=loader,
+            output_screen=output_screen,
             config=config,
             on_job_done=on_job_done,
             registry=backend.registry,
         )
         workers.append(LocalWorker(runner, engine))
     return workers
+
+
+def screens(settings: Settings) -> tuple[OutputScreen | None, ImageCheck | None]:
+    """The content policy's output screen and input check (None: not asked for).
+
+    Raises:
+        SystemExit: the classifier cannot be loaded (not installed, a bad name), saying why.
+    """
+    try:
+        output_check = image_check(settings, inputs=False)
+        input_check = image_check(settings, inputs=True)
+    except PolicyConfigError as error:
+        raise SystemExit(f"qwenserve: content policy: {error}") from error
+    output_screen = None
+    if output_check is not None:
+        output_screen = OutputScreen(output_check, charge=settings.charge_blocked_outputs)
+    return output_screen, input_check
+
+
+def load_prompt_policy(settings: Settings) -> PromptPolicy | None:
+    """The content policy's blocked terms, read at startup (None: off).
+
+    Raises:
+        SystemExit: the terms file cannot be read or has an invalid expression (naming the line).
+    """
+    try:
+        return prompt_policy(settings)
+    except PolicyConfigError as error:
+        raise SystemExit(f"qwenserve: content policy: {error}") from error
 
 
 def warm_up(settings: Settings, workers: Sequence[LocalWorker], slugs: list[str] | None) -> None:

@@ -19,6 +19,7 @@ from qwenserve.cli.common import add_settings_options, configure_logging, settin
 from qwenserve.cli.compose import (
     build_workers,
     check_weights,
+    load_prompt_policy,
     start_done_wakeup,
     start_wakeup,
     warm_up,
@@ -78,6 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     if settings.workers > 0:
         check_weights(settings)
+    blocked_terms = load_prompt_policy(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     backend = open_backend(settings)
     store = backend.store
@@ -116,6 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
         hub=hub,
         registry=backend.registry,
         on_submitted=wake_workers,
+        prompt_policy=blocked_terms,
     )
     app = create_app(services)
     # Webhooks: this node's dispatcher follows the log from the store's own cursor (so endings

@@ -142,6 +142,12 @@ class Store(Protocol):
         job the first submit created (same body hash), or Conflict is raised (another body).
         Otherwise the record is written in the same step as the job, so concurrent duplicates
         make exactly one job and one charge. A refused submit records nothing.
+
+        A job the API refused itself (its content policy: ``job.status`` FAILED, with
+        ``error_kind`` and ``error``) is recorded in the same step, FAILED from the start at no
+        cost (nothing debited, whatever ``cost_usd`` says), never queued, its ending announced
+        (a ``failed`` event) so pollers, webhooks and /metrics see it like any other. It passes
+        the same key, idempotency and rate-limit checks: a blocked request is still a request.
         """
 
     def get_job(self, job_id: str, *, now: float) -> Job | None:
@@ -184,10 +190,19 @@ class Store(Protocol):
         so a job is never completed twice."""
 
     def fail(
-        self, job_id: str, worker_id: str | None, *, kind: str, message: str, now: float
+        self,
+        job_id: str,
+        worker_id: str | None,
+        *,
+        kind: str,
+        message: str,
+        now: float,
+        refund: bool = True,
     ) -> bool:
         """→ FAILED with the error, refunding the job's cost, in one step. With a worker id,
-        only while that worker owns it; with None, any non-terminal job. False if not applied."""
+        only while that worker owns it; with None, any non-terminal job. False if not applied.
+        ``refund=False`` keeps the charge (an output the content policy blocked, when the
+        operator charges those): the key's balance and the history's cost stay as they were."""
 
     def release(self, job_id: str, worker_id: str, *, now: float) -> bool:
         """Give a claimed job back to the queue (graceful shutdown): QUEUED again, the attempt

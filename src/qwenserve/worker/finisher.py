@@ -21,11 +21,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from qwenserve.errors import InferenceError, QwenServeError, ServiceUnavailable, error_kind
+from qwenserve.errors import (
+    ContentPolicyViolation,
+    InferenceError,
+    QwenServeError,
+    ServiceUnavailable,
+    error_kind,
+)
 from qwenserve.jobs import CANCELLED, Job, JobResult, JobStatus
 from qwenserve.media.encode import encode_image
 from qwenserve.media.inline import stored_media_id
 from qwenserve.media.storage import MediaStore, new_media_id
+from qwenserve.policy import OUTPUT_BLOCKED
 from qwenserve.worker.control import Clock, JobControl, StopReason
 from qwenserve.worker.retry import StoreRetry
 
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
     from qwenserve.runtime.config import GeneratedImage
     from qwenserve.store.base import Store
     from qwenserve.worker.inputs import Prepared
+    from qwenserve.worker.screening import OutputScreen
 
 log = logging.getLogger("qwenserve.worker")
 
@@ -45,6 +53,8 @@ class Finisher:
     Args:
         on_job_done: called with the job id after each ending (any thread), for in-process
             waiters; the store's event log announces it to everyone else.
+        output_screen: the content policy's check of each image before it is encoded and
+            stored (``worker/screening.py``); a blocked image is never stored.
     """
 
     def __init__(
@@ -57,8 +67,10 @@ class Finisher:
         clock: Clock,
         on_job_done: Callable[[str], None] | None = None,
         retry: StoreRetry | None = None,
+        output_screen: OutputScreen | None = None,
     ) -> None:
         self.store = store
+        self.output_screen = output_screen
         self.retry = retry or StoreRetry()
         self.media = media
         self.control = control
@@ -85,40 +97,16 @@ class Finisher:
         self._thread.shutdown(wait=True)
 
     def _finish(self, prepared: Prepared, generated: GeneratedImage) -> None:
-        job, request = prepared.job, prepared.request
+        job = prepared.job
         if self.control.stop_reason(job.id) in (StopReason.CANCELLED, StopReason.LOST):
             self.end(job)  # its image is discarded; a drain (SHUTDOWN) still stores it
             return
         if not self.control.claim_ending(job.id):
             return  # ended already (cancelled at a step boundary)
         try:
-            encode_started = time.perf_counter()
-            data = encode_image(generated.image, request.image_format, request.quality)
-            encode_time_s = time.perf_counter() - encode_started
-            media_id = new_media_id()
-            self.retry.call(
-                f"job {job.id}: storing its image",
-                lambda: self.media.put(
-                    media_id, data, request.content_type, expires_at=job.expires_at
-                ),
-            )
-            result = JobResult(
-                media_id=media_id,
-                content_type=request.content_type,
-                width=generated.width,
-                height=generated.height,
-                seed=generated.seed,
-                inference_time_s=generated.inference_time_s,
-                size_bytes=len(data),
-                encode_time_s=encode_time_s,
-            )
-            if self._complete(job, result):
-                self._forget_inputs(job)
-                outcome = f"completed ({generated.width}x{generated.height}, seed {generated.seed})"
-            else:
-                self.media.delete(media_id)  # someone else owns the job now; keep one result
-                outcome = "discarded (job no longer ours)"
-            log.info("job %s %s", job.id, outcome)
+            # A blocked image is dropped before encoding: it never reaches the media store.
+            if not self._blocked(job, generated):
+                self._store_result(prepared, generated)
         except ServiceUnavailable:
             log.error("job %s: the store stayed unavailable; its lease decides", job.id)
         except Exception as error:
@@ -130,6 +118,43 @@ class Finisher:
         finally:
             self.control.drop(job.id)
         self._notify(job.id)
+
+    def _store_result(self, prepared: Prepared, generated: GeneratedImage) -> None:
+        """Encode, store and complete (a job that is no longer ours keeps no media of ours)."""
+        job, request = prepared.job, prepared.request
+        encode_started = time.perf_counter()
+        data = encode_image(generated.image, request.image_format, request.quality)
+        encode_time_s = time.perf_counter() - encode_started
+        media_id = new_media_id()
+        self.retry.call(
+            f"job {job.id}: storing its image",
+            lambda: self.media.put(media_id, data, request.content_type, expires_at=job.expires_at),
+        )
+        result = JobResult(
+            media_id=media_id,
+            content_type=request.content_type,
+            width=generated.width,
+            height=generated.height,
+            seed=generated.seed,
+            inference_time_s=generated.inference_time_s,
+            size_bytes=len(data),
+            encode_time_s=encode_time_s,
+        )
+        if self._complete(job, result):
+            self._forget_inputs(job)
+            outcome = f"completed ({generated.width}x{generated.height}, seed {generated.seed})"
+        else:
+            self.media.delete(media_id)  # someone else owns the job now; keep one result
+            outcome = "discarded (job no longer ours)"
+        log.info("job %s %s", job.id, outcome)
+
+    def _blocked(self, job: Job, generated: GeneratedImage) -> bool:
+        """Whether the output screen blocked ``job``'s image (then it failed the job)."""
+        screen = self.output_screen
+        if screen is None or not screen.check.blocks(generated.image, what=f"job {job.id} output"):
+            return False
+        self._fail(job, ContentPolicyViolation(OUTPUT_BLOCKED), refund=not screen.charge)
+        return True
 
     def _complete(self, job: Job, result: JobResult) -> bool:
         """Complete ``job`` with ``result``, retried through an outage. A retry refused because
@@ -186,14 +211,15 @@ class Finisher:
         finally:
             self.control.drop(job.id)
 
-    def _fail(self, job: Job, error: QwenServeError | None) -> None:
-        """FAILED (refunded) with ``error``, or as cancelled by its owner when None."""
+    def _fail(self, job: Job, error: QwenServeError | None, *, refund: bool = True) -> None:
+        """FAILED (refunded unless not ``refund``) with ``error``, or as cancelled by its owner
+        when None."""
         kind = CANCELLED if error is None else error_kind(error)
         message = CANCEL_MESSAGE if error is None else error.message
         if self.retry.call(
             f"job {job.id}: failing it",
             lambda: self.store.fail(
-                job.id, self.worker_id, kind=kind, message=message, now=self.clock()
+                job.id, self.worker_id, kind=kind, message=message, now=self.clock(), refund=refund
             ),
         ):
             self._forget_inputs(job)

@@ -44,6 +44,7 @@ from qwenserve.worker.metrics import BATCH, INFERENCE, QUEUE_WAIT, StepTimer, Wo
 from qwenserve.worker.metrics import snapshot as metrics_snapshot
 from qwenserve.worker.previews import preview_saver, wants_previews
 from qwenserve.worker.retry import StoreRetry
+from qwenserve.worker.screening import OutputScreen
 
 if TYPE_CHECKING:
     from qwenserve.jobs import Job
@@ -138,6 +139,7 @@ class WorkerRunner:
         on_job_done: Callable[[str], None] | None = None,
         registry: WorkerRegistry | None = None,
         retry: StoreRetry | None = None,
+        output_screen: OutputScreen | None = None,
     ) -> None:
         self.store = store
         self.media = media
@@ -165,6 +167,7 @@ class WorkerRunner:
             clock=clock,
             on_job_done=on_job_done,
             retry=retry,
+            output_screen=output_screen,
         )
         self.claims = Claimer(
             store=store,

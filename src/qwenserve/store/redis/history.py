@@ -9,21 +9,26 @@ script: each record and counter is only ever changed whole, by one script.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar, cast
 
 import redis
 
+from qwenserve.jobs import Job
 from qwenserve.store import rules
 from qwenserve.store.history import (
+    DAY_S,
     HistoryFilter,
     HistoryPage,
+    HistoryPolicy,
     HistoryRecord,
     UsageRow,
     day_number,
     day_text,
     decode_cursor,
     encode_cursor,
+    prompt_of,
 )
 from qwenserve.store.redis.client import float_text
 from qwenserve.store.redis_keys import RedisKeys
@@ -51,14 +56,50 @@ def _record(data: dict[str, str]) -> HistoryRecord:
     )
 
 
+def refusal_fields(job: Job, now: float) -> dict[str, str]:
+    """The job hash fields of a job the API refused at submit (``lua/submit.lua`` records it
+    FAILED, never queued)."""
+    return {
+        "error": job.error or "",
+        "error_kind": job.error_kind or "",
+        "finished_at": float_text(now),
+    }
+
+
 class RedisHistory:
-    """``Store.history`` and ``Store.usage`` over ``self._redis`` (see the module docstring)."""
+    """``Store.history`` and ``Store.usage`` over ``self._redis`` (see the module docstring),
+    and the history arguments of the submit script."""
 
     _redis: redis.Redis
     keys: RedisKeys
+    history_policy: HistoryPolicy
+    expiry_grace_s: float
 
     def _run(self, call: Callable[[], _T]) -> _T:
         raise NotImplementedError  # RedisStore's
+
+    def _history_args(self, job: Job, now: float) -> list[str | int]:
+        """The submit script's history arguments (see lua/submit.lua): the record's and the
+        day counters' expiry (and Redis TTLs past it, relative to ``now`` like the job's)."""
+        policy = self.history_policy
+        day = day_number(job.created_at)
+        record_until = job.created_at + policy.ttl_s
+        usage_until = (day + 1) * DAY_S + policy.ttl_s
+        prompt = prompt_of(job.params, policy)
+
+        def ttl_ms(until: float) -> int:
+            return max(1, math.ceil((until - now + self.expiry_grace_s) * 1000))
+
+        return [
+            job.key_id,
+            float_text(record_until),
+            ttl_ms(record_until),
+            day,
+            float_text(usage_until),
+            ttl_ms(usage_until),
+            "1" if prompt is not None else "0",
+            prompt or "",
+        ]
 
     def history(
         self,

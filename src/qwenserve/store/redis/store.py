@@ -85,10 +85,10 @@ from qwenserve.store.base import (
     Store,
     SubmitOutcome,
 )
-from qwenserve.store.history import DAY_S, HistoryPolicy, day_number, prompt_of
+from qwenserve.store.history import HistoryPolicy
 from qwenserve.store.records import event_from_record, job_from_record, key_from_record
 from qwenserve.store.redis.client import connect, float_text, pairs, unavailable_as_503
-from qwenserve.store.redis.history import RedisHistory
+from qwenserve.store.redis.history import RedisHistory, refusal_fields
 from qwenserve.store.redis.scripts import JobScripts
 from qwenserve.store.redis.webhooks import RedisWebhooks
 from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
@@ -230,7 +230,8 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
     def submit(
         self, job: Job, *, rpm: int, now: float, idempotency: Idempotency | None = None
     ) -> SubmitOutcome:
-        cost_micro = rules.to_micro(job.cost_usd)
+        refused = job.status is JobStatus.FAILED  # refused by the API (content policy)
+        cost_micro = 0 if refused else rules.to_micro(job.cost_usd)
         window = math.floor(now / rules.RATE_WINDOW_S)
         ttl_ms = max(1, math.ceil((job.expires_at - now + self.expiry_grace_s) * 1000))
         fields = {
@@ -238,12 +239,13 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
             "slug": job.slug,
             "key_id": job.key_id,
             "params": json.dumps(job.params),
-            "status": JobStatus.QUEUED.value,
+            "status": job.status.value if refused else JobStatus.QUEUED.value,
             "created_at": float_text(job.created_at),
             "expires_at": float_text(job.expires_at),
             "cost_micro": str(cost_micro),
             "attempts": "0",
             **({"webhook_url": job.webhook_url} if job.webhook_url else {}),
+            **(refusal_fields(job, now) if refused else {}),
         }
         reply = self._eval(
             self._scripts.submit,
@@ -289,29 +291,6 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
             rate_limit_remaining=remaining if remaining >= 0 else None,
             replay_of=str(reply[3]) if outcome == "replay" else None,
         )
-
-    def _history_args(self, job: Job, now: float) -> list[str | int]:
-        """The submit script's history arguments (see lua/submit.lua): the record's and the
-        day counters' expiry (and Redis TTLs past it, relative to ``now`` like the job's)."""
-        policy = self.history_policy
-        day = day_number(job.created_at)
-        record_until = job.created_at + policy.ttl_s
-        usage_until = (day + 1) * DAY_S + policy.ttl_s
-        prompt = prompt_of(job.params, policy)
-
-        def ttl_ms(until: float) -> int:
-            return max(1, math.ceil((until - now + self.expiry_grace_s) * 1000))
-
-        return [
-            job.key_id,
-            float_text(record_until),
-            ttl_ms(record_until),
-            day,
-            float_text(usage_until),
-            ttl_ms(usage_until),
-            "1" if prompt is not None else "0",
-            prompt or "",
-        ]
 
     def get_job(self, job_id: str, *, now: float) -> Job | None:
         data = self._hash(self.keys.job(job_id))
@@ -396,7 +375,14 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
         )
 
     def fail(
-        self, job_id: str, worker_id: str | None, *, kind: str, message: str, now: float
+        self,
+        job_id: str,
+        worker_id: str | None,
+        *,
+        kind: str,
+        message: str,
+        now: float,
+        refund: bool = True,
     ) -> bool:
         return bool(
             self._eval(
@@ -407,6 +393,7 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
                 kind,
                 message,
                 float_text(now),
+                "1" if refund else "0",
             )
         )
 

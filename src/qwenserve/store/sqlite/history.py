@@ -1,7 +1,7 @@
 """Request history in SQLite: written inside the transactions that change the job.
 
-``insert`` runs in submit's transaction; ``transition`` in ``_announce``, i.e. in the same
-transaction as every status change the event log records (claims, completions, failures with
+``insert`` runs in submit's transaction; ``transition`` in ``transitions.announce``, i.e. in the
+same transaction as every status change the event log records (claims, completions, failures with
 their refund, expiry). See ``store/history.py`` for what a record holds.
 """
 
@@ -58,9 +58,10 @@ def transition(
     *,
     now: float,
     message: str | None,
+    charged: bool = False,
 ) -> None:
-    """Inside the transaction of a job's transition: its record follows (a failure is always
-    refunded in the same step, so it costs 0)."""
+    """Inside the transaction of a job's transition: its record follows (a failure is refunded
+    in the same step, so it costs 0, unless ``charged``)."""
     if event is JobEventType.COMPLETED:
         row = db.execute("SELECT result FROM jobs WHERE id = ?", (job_id,)).fetchone()
         result: dict[str, Any] = json.loads(row["result"]) if row and row["result"] else {}
@@ -71,9 +72,9 @@ def transition(
         )
     elif event is JobEventType.FAILED:
         db.execute(
-            "UPDATE history SET status = 'FAILED', finished_at = ?, error = ?, cost_micro = 0 "
-            "WHERE job_id = ?",
-            (now, message, job_id),
+            "UPDATE history SET status = 'FAILED', finished_at = ?, error = ?, "
+            "cost_micro = CASE WHEN ? THEN cost_micro ELSE 0 END WHERE job_id = ?",
+            (now, message, charged, job_id),
         )
     elif event in (JobEventType.QUEUED, JobEventType.PROCESSING):
         status = JobStatus[event.name].value

@@ -55,6 +55,8 @@ from qwenserve.store.sqlite.connection import DEFAULT_BUSY_TIMEOUT_S, SqliteData
 from qwenserve.store.sqlite.history import SqliteHistory
 from qwenserve.store.sqlite.keys import SqliteKeys
 from qwenserve.store.sqlite.schema import migrate
+from qwenserve.store.sqlite.transitions import announce as _announce
+from qwenserve.store.sqlite.transitions import fail_and_refund as _fail_and_refund
 from qwenserve.store.sqlite.webhooks import SqliteWebhooks
 
 _JOB_COLUMNS = ", ".join(JOB_FIELDS)
@@ -78,48 +80,6 @@ def _seq(after: str | None) -> int:
         return int(after)
     except ValueError:
         raise rules.invalid_event_id(after) from None
-
-
-def _announce(
-    db: sqlite3.Connection,
-    job_id: str,
-    event: JobEventType,
-    *,
-    now: float,
-    kind: str | None = None,
-    message: str | None = None,
-) -> None:
-    """Inside a write transaction: append ``event`` for the job to the log, kept for the job's
-    result TTL from now."""
-    db.execute(
-        "INSERT INTO job_events (job_id, key_id, slug, type, at, attempt, error_kind, error, "
-        "expires_at) SELECT id, key_id, slug, ?, ?, attempts, ?, ?, ? + (expires_at - created_at) "
-        "FROM jobs WHERE id = ?",
-        (event.value, now, kind, message, now, job_id),
-    )
-    history.transition(db, job_id, event, now=now, message=message)
-
-
-def _fail_and_refund(
-    db: sqlite3.Connection, job_id: str, *, kind: str, message: str, now: float
-) -> bool:
-    """Inside a write transaction: a non-terminal job → FAILED, its cost back to the key, the
-    ending announced. False when the job had already ended."""
-    row = db.execute(
-        "UPDATE jobs SET status = 'FAILED', error = ?, error_kind = ?, finished_at = ?, "
-        "lease_until = NULL WHERE id = ? AND status IN ('QUEUED', 'PROCESSING') "
-        "RETURNING key_id, cost_micro",
-        (message, kind, now, job_id),
-    ).fetchone()
-    if row is None:
-        return False
-    if row["cost_micro"]:
-        db.execute(
-            "UPDATE api_keys SET balance_micro = balance_micro + ? WHERE id = ?",
-            (row["cost_micro"], row["key_id"]),
-        )
-    _announce(db, job_id, JobEventType.FAILED, now=now, kind=kind, message=message)
-    return True
 
 
 class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
@@ -159,7 +119,8 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
     def submit(
         self, job: Job, *, rpm: int, now: float, idempotency: Idempotency | None = None
     ) -> SubmitOutcome:
-        cost_micro = rules.to_micro(job.cost_usd)
+        refused = job.status is JobStatus.FAILED  # refused by the API (content policy)
+        cost_micro = 0 if refused else rules.to_micro(job.cost_usd)
         with self._db.write() as db:
             key = db.execute(
                 "SELECT balance_micro, window_start, window_count, revoked FROM api_keys "
@@ -198,21 +159,28 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
             )
             db.execute(
                 "INSERT INTO jobs (id, slug, key_id, params, status, created_at, expires_at, "
-                "cost_micro, webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "cost_micro, webhook_url, error, error_kind, finished_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.slug,
                     job.key_id,
                     json.dumps(job.params),
-                    JobStatus.QUEUED.value,
+                    JobStatus.FAILED.value if refused else JobStatus.QUEUED.value,
                     job.created_at,
                     job.expires_at,
                     cost_micro,
                     job.webhook_url,
+                    *((job.error, job.error_kind, now) if refused else (None, None, None)),
                 ),
             )
             history.insert(db, job, self.history_policy)
-            _announce(db, job.id, JobEventType.QUEUED, now=now)
+            if refused:
+                _announce(
+                    db, job.id, JobEventType.FAILED, now=now, kind=job.error_kind, message=job.error
+                )
+            else:
+                _announce(db, job.id, JobEventType.QUEUED, now=now)
         return SubmitOutcome(
             remaining_usd=rules.to_usd(balance_micro), rate_limit_remaining=remaining
         )
@@ -333,7 +301,14 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
             return True
 
     def fail(
-        self, job_id: str, worker_id: str | None, *, kind: str, message: str, now: float
+        self,
+        job_id: str,
+        worker_id: str | None,
+        *,
+        kind: str,
+        message: str,
+        now: float,
+        refund: bool = True,
     ) -> bool:
         with self._db.write() as db:
             if (
@@ -342,7 +317,7 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                 is None
             ):
                 return False
-            return _fail_and_refund(db, job_id, kind=kind, message=message, now=now)
+            return _fail_and_refund(db, job_id, kind=kind, message=message, now=now, refund=refund)
 
     def release(self, job_id: str, worker_id: str, *, now: float) -> bool:
         with self._db.write() as db:

@@ -26,9 +26,10 @@ local function last_delivered(stream)
 end
 
 -- The request's history record and its day's usage counters follow each transition, in the
--- transition's own script (store/history.py). A failure is always refunded in the same step, so
--- it costs 0. Jobs without a record (submitted before history existed) are left alone.
-local function history_follow(job_id, event_type, now_text, error_kind, message)
+-- transition's own script (store/history.py). A failure is refunded in the same step, so it
+-- costs 0, unless it keeps its charge (``charged``). Jobs without a record (submitted before
+-- history existed) are left alone.
+local function history_follow(job_id, event_type, now_text, error_kind, message, charged)
   local hist = history_key(job_id)
   if redis.call('EXISTS', hist) == 0 then return end
   if event_type == EVENT_QUEUED or event_type == EVENT_PROCESSING then
@@ -48,16 +49,18 @@ local function history_follow(job_id, event_type, now_text, error_kind, message)
       redis.call('HINCRBY', usage, slug .. ':gpu_ms', math.floor(seconds * 1000 + 0.5))
     end
   else
-    redis.call('HSET', hist, 'cost_micro', '0', 'error_kind', error_kind or '', 'error',
-      message or '')
-    local charged = tonumber(cost) or 0
-    if charged ~= 0 then redis.call('HINCRBY', usage, slug .. ':cost_micro', -charged) end
+    redis.call('HSET', hist, 'error_kind', error_kind or '', 'error', message or '')
+    if not charged then
+      redis.call('HSET', hist, 'cost_micro', '0')
+      local refunded = tonumber(cost) or 0
+      if refunded ~= 0 then redis.call('HINCRBY', usage, slug .. ':cost_micro', -refunded) end
+    end
   end
 end
 
 -- Append one event to the log (and to the job's own stream, under the same id), kept for the
 -- job's result TTL from now. Called in the same script as the transition it announces.
-local function announce(job_id, event_type, now_text, error_kind, message)
+local function announce(job_id, event_type, now_text, error_kind, message, charged)
   local job = job_key(job_id)
   local key_id, slug, attempts, created, expires = unpack(redis.call('HMGET', job, 'key_id',
     'slug', 'attempts', 'created_at', 'expires_at'))
@@ -79,7 +82,7 @@ local function announce(job_id, event_type, now_text, error_kind, message)
   -- hash goes) and each of its events' retention; purge trims it entry by entry.
   local keep_ms = math.max(math.ceil(ttl * 1000), redis.call('PTTL', job), redis.call('PTTL', own))
   redis.call('PEXPIRE', own, string.format('%.0f', math.max(keep_ms, 1)))
-  history_follow(job_id, event_type, now_text, error_kind, message)
+  history_follow(job_id, event_type, now_text, error_kind, message, charged)
   return id
 end
 
@@ -102,16 +105,17 @@ local function refund(job)
   end
 end
 
--- A job that has not ended → FAILED, refunded, announced; whoever waits for it is woken.
-local function fail_and_refund(job_id, kind, message, now)
+-- A job that has not ended → FAILED, refunded (unless ``keep_charge``), announced; whoever
+-- waits for it is woken.
+local function fail_and_refund(job_id, kind, message, now, keep_charge)
   local job = job_key(job_id)
   local slug, entry = unpack(redis.call('HMGET', job, 'slug', 'entry'))
   redis.call('HSET', job, 'status', 'FAILED', 'error', message, 'error_kind', kind,
              'finished_at', now)
   redis.call('HDEL', job, 'lease_until')
   leave_queue(slug, job_id, entry)
-  refund(job)
-  announce(job_id, EVENT_FAILED, now, kind, message)
+  if not keep_charge then refund(job) end
+  announce(job_id, EVENT_FAILED, now, kind, message, keep_charge)
   redis.call('PUBLISH', done_channel(), job_id)
 end
 

@@ -39,12 +39,17 @@ if idem_hash ~= '' then
   redis.call('HSET', KEYS[6], 'body_hash', idem_hash, 'job_id', job_id, 'expires_at', ARGV[12])
   redis.call('PEXPIRE', KEYS[6], ARGV[13])
 end
-local stream = queue_key(slug)
-if redis.call('EXISTS', stream) == 0 then
-  redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+-- A job the API refused (its content policy) comes in FAILED already, at no cost: it is kept
+-- and announced like any ending, never queued.
+local refused = redis.call('HGET', KEYS[3], 'status') == 'FAILED'
+if not refused then
+  local stream = queue_key(slug)
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+  end
+  local entry = redis.call('XADD', stream, '*', 'job', job_id, 'created_at', ARGV[9])
+  redis.call('HSET', KEYS[3], 'entry', entry)
 end
-local entry = redis.call('XADD', stream, '*', 'job', job_id, 'created_at', ARGV[9])
-redis.call('HSET', KEYS[3], 'entry', entry)
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('SADD', KEYS[4], slug)
 redis.call('ZADD', KEYS[5], ARGV[8], job_id)
@@ -62,6 +67,12 @@ redis.call('HINCRBY', usage, slug .. ':count', 1)
 redis.call('HINCRBY', usage, slug .. ':cost_micro', ARGV[4])
 redis.call('PEXPIRE', usage, ARGV[19])
 redis.call('ZADD', usage_expiry_key(), ARGV[18], key_id .. ' ' .. day)
-announce(job_id, EVENT_QUEUED, ARGV[10])
-redis.call('PUBLISH', wake_channel(), slug)
+if refused then
+  local kind, message = unpack(redis.call('HMGET', KEYS[3], 'error_kind', 'error'))
+  announce(job_id, EVENT_FAILED, ARGV[10], kind, message)
+  redis.call('PUBLISH', done_channel(), job_id)
+else
+  announce(job_id, EVENT_QUEUED, ARGV[10])
+  redis.call('PUBLISH', wake_channel(), slug)
+end
 return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and rpm - used or -1)}
