@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+import math
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -87,6 +89,8 @@ def call_kwargs(
 
     ``prompts``: the prompt cache, or None when it is off (prompts are then sent as text)."""
     first = requests[0]
+    if recipe.pipeline is PipelineKind.QWEN_IMAGE_21:
+        return qwen_image_21_kwargs(requests, recipe, images, plan, pipe)
     texts = [prompt_for(r, recipe) for r in requests]
     generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
     single = len(requests) == 1
@@ -124,6 +128,73 @@ def call_kwargs(
             )
         kwargs["image"] = list(images)
     return kwargs
+
+
+def qwen_image_21_kwargs(
+    requests: Sequence[GenerationRequest],
+    recipe: Recipe,
+    images: Sequence[Image.Image],
+    plan: SizePlan,
+    pipe: Pipeline,
+) -> dict[str, Any]:
+    """``QwenImage21Pipeline``'s arguments: prompts as text (its embeddings carry the references'
+    vision tokens, so the prompt cache does not apply), the references as its condition images
+    (one set per call: a batch is text-to-image only), the planned size, ``output_resolution``
+    from the recipe's reference area, the KV cache always on (the pipeline documents that the
+    flag changes the pixels, so fixing it keeps a seed's image), and explicit ``sigmas`` whenever
+    the checkpoint's own ``sample_sigmas`` would override the requested step count."""
+    first = requests[0]
+    single = len(requests) == 1
+    if len(images) > recipe.max_input_images:
+        raise InvalidInput(
+            f"this model takes at most {recipe.max_input_images} reference images",
+            field=f"image_{recipe.max_input_images + 1}",
+        )
+    if images and not single:
+        raise InvalidInput("reference images are one set per call: no batch", field="image_1")
+    texts = [prompt_for(r, recipe) for r in requests]
+    generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
+    cfg = first.guidance > 1.0
+    kwargs: dict[str, Any] = {
+        "prompt": texts[0] if single else texts,
+        "num_inference_steps": first.steps,
+        "width": plan.generate_width,
+        "height": plan.generate_height,
+        "generator": generators[0] if single else generators,
+        "output_type": "np",
+        "true_cfg_scale": first.guidance if cfg else 1.0,
+        "use_kv_cache": True,
+        "output_resolution": reference_side(recipe, plan),
+    }
+    if cfg:
+        negatives = [negative_for(r) for r in requests]
+        kwargs["negative_prompt"] = negatives[0] if single else negatives
+    if images:
+        kwargs["image"] = list(images)
+    sigmas = step_sigmas(pipe, first.steps)
+    if sigmas is not None:
+        kwargs["sigmas"] = sigmas
+    return kwargs
+
+
+def reference_side(recipe: Recipe, plan: SizePlan) -> int:
+    """``output_resolution``: the side of the square the references are resized to (in area),
+    the recipe's reference area or the output's, whichever is smaller, a multiple of 32."""
+    area = plan.generate_width * plan.generate_height
+    if recipe.reference_area is not None:
+        area = min(area, recipe.reference_area)
+    multiple = recipe.size_multiple
+    return max(multiple, round(math.sqrt(area) / multiple) * multiple)
+
+
+def step_sigmas(pipe: Pipeline, steps: int) -> list[float] | None:
+    """The pipeline's default schedule for ``steps`` where the checkpoint's ``sample_sigmas``
+    (whose length, not ``num_inference_steps``, would set the steps) do not have that length;
+    None (the pipeline's own choice) otherwise."""
+    configured = getattr(pipe.config, "sample_sigmas", None)
+    if not configured or len(configured) == steps:
+        return None
+    return [float(s) for s in np.linspace(1.0, 1.0 / steps, steps)]
 
 
 def use_scheduler(resident: Resident, recipe: Recipe, steps: int) -> None:

@@ -45,7 +45,7 @@ from qwenserve.runtime.memory_plan import (
     plan_trim,
     wants_vae_tiling,
 )
-from qwenserve.runtime.processor import load_processor
+from qwenserve.runtime.processor import load_processor, load_processor_21
 from qwenserve.runtime.progress import quiet_progress
 from qwenserve.runtime.weights import WeightSource
 
@@ -259,8 +259,10 @@ class ResidentPipelines:
 
                 pipe = build_random_full_pipeline(recipe.pipeline, recipe.base_weights, self.dtype)
             else:
-                if recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE:
-                    # The stock processor needs torchvision; ours loads the same files without it.
+                # The stock processors need torchvision; ours load the same files without it.
+                if recipe.pipeline is PipelineKind.QWEN_IMAGE_21:
+                    kwargs["processor"] = load_processor_21(location)
+                elif recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE:
                     kwargs["processor"] = load_processor(location)
                 with quiet_progress():
                     pipe = DiffusionPipeline.from_pretrained(location, **kwargs)

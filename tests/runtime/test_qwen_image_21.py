@@ -1,0 +1,201 @@
+"""Qwen-Image 2.1 on the tiny preset: text-to-image and edits with 1, 2 and 10 references at the
+requested size and format, seeds, the diffusers call the engine makes, batching, LoRAs, RGBA."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+from qwenserve.catalog import GenerationRequest, LoraRef, PipelineKind
+from qwenserve.catalog.models_21 import MAX_REFERENCE_IMAGES, QWEN_IMAGE_21_BASE
+from qwenserve.errors import InvalidInput
+from qwenserve.media.encode import encode_image
+from qwenserve.runtime import Engine
+from qwenserve.runtime.run import to_image
+from qwenserve.runtime.sizes import SizePlan
+from qwenserve.runtime.tiny_preset import ensure_tiny_base, tiny_lora_state_dict
+from tests.runtime.conftest import make_request, noise_image, pixels, png_base64
+
+SLUGS = ("qwen-image-2.1", "qwen-image-2.1-fast")
+WIDE = noise_image(300, 200, seed=1)
+TALL = noise_image(120, 240, seed=2)
+
+
+def _references(count: int) -> list[Image.Image]:
+    return [WIDE if i % 2 == 0 else TALL for i in range(count)]
+
+
+def _request(slug: str, count: int, **body: Any) -> GenerationRequest:
+    refs = {f"image_{i + 1}": png_base64(img) for i, img in enumerate(_references(count))}
+    steps = {"steps": 2} if "steps" not in body else {}
+    return make_request(slug, prompt="a red fox in the snow", seed=3, **refs, **steps, **body)
+
+
+def _assert_image(image: Image.Image, width: int, height: int) -> None:
+    assert image.mode in ("RGB", "RGBA")
+    assert image.size == (width, height)
+    assert pixels(image.convert("RGB")).std() > 1.0, "image is (nearly) constant"
+
+
+@pytest.mark.parametrize("slug", SLUGS)
+@pytest.mark.parametrize("count", [0, 1, 2, MAX_REFERENCE_IMAGES])
+def test_text_to_image_and_edits_give_the_requested_size(
+    engine: Engine, slug: str, count: int
+) -> None:
+    request = _request(slug, count, width=320, height=256)
+    result = engine.generate(request, images=_references(count))
+    assert (result.width, result.height) == (320, 256)
+    _assert_image(result.image, 320, 256)
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
+def test_each_format_encodes(engine: Engine, image_format: str) -> None:
+    request = _request("qwen-image-2.1-fast", 1, image_format=image_format)
+    result = engine.generate(request, images=_references(1))
+    encoded = encode_image(result.image, request.image_format, request.quality)
+    decoded = Image.open(io.BytesIO(encoded))
+    assert decoded.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[image_format]
+    assert decoded.size == (result.width, result.height)
+
+
+def test_match_input_follows_the_last_reference_and_ratios_are_native(engine: Engine) -> None:
+    tall = _request("qwen-image-2.1", 2)  # WIDE then TALL: the last one decides
+    width, height = engine.output_size(tall, [WIDE.size, TALL.size])
+    assert height > width and width % 32 == 0 and height % 32 == 0
+    text = make_request("qwen-image-2.1", prompt="x")
+    assert engine.output_size(text, []) == (256, 256)  # 1:1 (the tiny preset's area)
+    wide = make_request("qwen-image-2.1", prompt="x", aspect_ratio="16:9")
+    w, h = engine.output_size(wide, [])
+    assert w > h and w % 32 == 0 and h % 32 == 0
+
+
+def test_odd_explicit_size_is_generated_at_a_multiple_of_32_and_cropped(engine: Engine) -> None:
+    request = _request("qwen-image-2.1-fast", 0, width=300, height=270)
+    call = engine.prepare_call(request, [])
+    assert (call.kwargs["width"], call.kwargs["height"]) == (320, 288)
+    result = engine.generate(request)
+    assert result.image.size == (300, 270)
+
+
+def test_same_seed_same_pixels_different_seed_different_pixels(engine: Engine) -> None:
+    request = _request("qwen-image-2.1", 2)
+    images = _references(2)
+    first = pixels(engine.generate(request, images=images).image)
+    again = pixels(engine.generate(request, images=images).image)
+    other = pixels(engine.generate(dataclasses.replace(request, seed=4), images=images).image)
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).mean() > 1.0
+
+
+def test_the_call_maps_every_parameter(engine: Engine) -> None:
+    request = _request("qwen-image-2.1", 2, guidance=4.5, negative_prompt="blurry", steps=7)
+    call = engine.prepare_call(request, _references(2))
+    kwargs = call.kwargs
+    assert type(call.pipeline).__name__ == "QwenImage21Pipeline"
+    assert kwargs["image"] == _references(2)  # the references are the condition images
+    assert kwargs["use_kv_cache"] is True  # fixed: the flag changes the pixels
+    assert kwargs["true_cfg_scale"] == 4.5 and kwargs["negative_prompt"] == "blurry"
+    assert kwargs["num_inference_steps"] == 7
+    assert kwargs["output_resolution"] == 256  # the references at the (tiny) output area
+    assert "max_sequence_length" not in kwargs and "prompt_embeds" not in kwargs
+    plain = engine.prepare_call(_request("qwen-image-2.1", 0), []).kwargs
+    assert plain["true_cfg_scale"] == 1.0 and "negative_prompt" not in plain
+    assert "image" not in plain
+
+
+def test_more_references_than_the_model_takes_are_refused(engine: Engine) -> None:
+    request = _request("qwen-image-2.1-fast", 1)
+    with pytest.raises(InvalidInput) as caught:
+        engine.generate(request, images=_references(MAX_REFERENCE_IMAGES + 1))
+    assert caught.value.field == f"image_{MAX_REFERENCE_IMAGES + 1}"
+
+
+def test_text_to_image_batches_one_prompt_and_references_do_not(engine: Engine) -> None:
+    first = _request("qwen-image-2.1-fast", 0)
+    second = dataclasses.replace(first, seed=99)
+    assert engine.batch_key(first) is not None
+    assert engine.batch_key(first) == engine.batch_key(second)
+    # A shorter prompt would be padded, and a padded sample is not its solo image.
+    assert engine.batch_key(dataclasses.replace(first, prompt="a boat")) != engine.batch_key(first)
+    assert engine.batch_key(_request("qwen-image-2.1-fast", 1)) is None
+    batch = engine.generate_batch([first, second])
+    alone = engine.generate(second)
+    assert [r.seed for r in batch] == [3, 99]
+    difference = np.abs(pixels(batch[1].image) - pixels(alone.image))
+    assert difference.max() <= 2  # a batched sample is its solo run up to float rounding
+
+
+def test_fast_uses_lightning_on_the_shared_base(engine: Engine) -> None:
+    plain = _request("qwen-image-2.1", 0, steps=3)
+    fast = _request("qwen-image-2.1-fast", 0, steps=3)
+    before = pixels(engine.generate(plain).image)
+    fast_pixels = pixels(engine.generate(fast).image)
+    after = pixels(engine.generate(plain).image)
+    assert QWEN_IMAGE_21_BASE in engine.resident()
+    assert np.array_equal(before, after), "the Lightning adapter leaked"
+    assert np.abs(fast_pixels - before).mean() > 0.5
+
+
+@pytest.fixture(scope="module")
+def lora_21(shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = ensure_tiny_base(shared_cache, QWEN_IMAGE_21_BASE, PipelineKind.QWEN_IMAGE_21)
+    path = tmp_path_factory.mktemp("loras21") / "style21.safetensors"
+    save_file(tiny_lora_state_dict(base, "a client's 2.1 LoRA"), str(path))
+    return path
+
+
+def test_lora_applies_to_its_job_and_is_removed(engine: Engine, lora_21: Path) -> None:
+    request = _request("qwen-image-2.1", 1, steps=2)
+    images = _references(1)
+    base = pixels(engine.generate(request, images=images).image)
+    with_lora = dataclasses.replace(
+        request, extra_loras=(LoraRef(field="lora_2_url", location="file:x"),)
+    )
+    styled = pixels(engine.generate(with_lora, images=images, extra_loras=[lora_21]).image)
+    after = pixels(engine.generate(request, images=images).image)
+    assert np.abs(styled - base).mean() > 1.0, "the LoRA changed nothing"
+    assert np.array_equal(after, base), "the LoRA leaked into the next job"
+
+
+def test_a_lora_for_another_model_names_its_field(
+    engine: Engine, shared_cache: Path, tmp_path: Path
+) -> None:
+    other = ensure_tiny_base(shared_cache, "Qwen/Qwen-Image", PipelineKind.TEXT_TO_IMAGE)
+    path = tmp_path / "other.safetensors"
+    save_file(tiny_lora_state_dict(other, "a 20B LoRA"), str(path))
+    request = dataclasses.replace(
+        _request("qwen-image-2.1", 0),
+        extra_loras=(LoraRef(field="lora_3_url", location="file:y"),),
+    )
+    with pytest.raises(InvalidInput) as caught:
+        engine.generate(request, extra_loras=[path])
+    assert caught.value.field == "lora_3_url"
+
+
+def test_transparent_pixels_stay_rgba_and_opaque_ones_become_rgb() -> None:
+    plan = SizePlan(4, 4, 4, 4)
+    rgba = np.ones((4, 4, 4), dtype=np.float32)
+    assert to_image(rgba, plan).mode == "RGB"  # opaque: as every other model
+    rgba[0, 0, 3] = 0.0
+    image = to_image(rgba, plan)
+    assert image.mode == "RGBA" and image.getpixel((0, 0))[3] == 0
+    encoded = encode_image(image, "png", 90)
+    assert Image.open(io.BytesIO(encoded)).mode == "RGBA"
+
+
+def test_the_tiny_folder_is_a_real_2_1_layout(shared_cache: Path) -> None:
+    folder = ensure_tiny_base(shared_cache, QWEN_IMAGE_21_BASE, PipelineKind.QWEN_IMAGE_21)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImage21Pipeline"
+    assert index["processor"] == ["transformers", "Qwen3VLProcessor"]
+    assert index["text_encoder"] == ["transformers", "Qwen3VLForConditionalGeneration"]
+    assert index["transformer"] == ["diffusers", "QwenImage21Transformer2DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLQwenImage21"]
