@@ -38,7 +38,7 @@ from qwenserve.catalog import (
 )
 from qwenserve.errors import InferenceError
 from qwenserve.runtime.adapters import Adapters, activate
-from qwenserve.runtime.call import PreparedCall, build_call
+from qwenserve.runtime.call import PreparedCall, build_call, prompt_batch_key
 from qwenserve.runtime.cfg_batch import CfgBatcher
 from qwenserve.runtime.compile import CompileStats, run_warm_up, warm_up_requests, warming
 from qwenserve.runtime.condition_area import capped_condition_area
@@ -324,10 +324,7 @@ class Engine:
         adapters are per job). The key holds everything one pipeline call shares: the slug and
         its recipe adapters, the preset LoRA, the planned size, steps, and the CFG scale (CFG
         on means a negative prompt is always sent, so its presence is implied by the scale).
-        Qwen-Image 2.1 also keys on the prompts: its pipeline pads a shorter prompt's encoding,
-        and a padded sample is not its solo image (up to 125 of 255 levels off on the tiny
-        preset; equal token counts match to one level), so only the same prompt batches (the
-        OpenAI API's ``n`` images of one prompt).
+        Qwen-Image 2.1 also keys on its prompts (``prompt_batch_key`` says why).
         """
         recipe = get_model(request.slug).recipe
         # Qwen-Image 2.1 batches prompts, but takes one set of reference images per call.
@@ -345,7 +342,7 @@ class Engine:
             (plan.generate_width, plan.generate_height, plan.width, plan.height),
             request.steps,
             cfg_scale,
-            _prompt_key(request, recipe, cfg_scale),
+            prompt_batch_key(request, recipe, cfg_scale),
         )
 
     def generate_batch(
@@ -495,11 +492,3 @@ class Engine:
             free_memory=self._pipelines.release_memory,
             device_type=self.device.type,
         )
-
-
-def _prompt_key(request: GenerationRequest, recipe: Recipe, cfg_scale: float) -> Hashable:
-    """The prompts a batch must share (``batch_key``): Qwen-Image 2.1's exact texts, None for
-    the pipelines whose batches do not depend on them."""
-    if recipe.pipeline is not PipelineKind.QWEN_IMAGE_21:
-        return None
-    return (request.prompt, request.negative_prompt if cfg_scale > 1.0 else None)

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import Qwen2Tokenizer, Qwen2VLProcessor, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.utils import cached_file
+from transformers.utils.hub import cached_file
 
 STOCK_PROCESSOR_CLASS = "Qwen2VLProcessor"
 STOCK_PROCESSOR_CLASS_21 = "Qwen3VLProcessor"

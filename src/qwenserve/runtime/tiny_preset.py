@@ -210,9 +210,7 @@ def build_tiny_pipeline(kind: PipelineKind, name: str) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed_for(name))
         if kind is PipelineKind.QWEN_IMAGE_21:  # tiny_preset_21.py
-            models = build_models_21(
-                tokenizer, _reinitialise, TRANSFORMER_INIT_GAIN, VAE_INIT_GAIN
-            )
+            models = build_models_21(tokenizer, _reinitialise, TRANSFORMER_INIT_GAIN, VAE_INIT_GAIN)
             return assemble_pipeline_21(*models, tokenizer)
         transformer = _transformer()
         _reinitialise(transformer, TRANSFORMER_INIT_GAIN)

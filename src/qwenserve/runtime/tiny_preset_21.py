@@ -175,4 +175,3 @@ def transformer_class(class_name: str) -> Any:
     from diffusers import QwenImageTransformer2DModel
 
     return QwenImageTransformer2DModel
-
