@@ -19,6 +19,13 @@ from qwenserve.catalog.models_21 import MAX_REFERENCE_IMAGES, QWEN_IMAGE_21_BASE
 from qwenserve.errors import InvalidInput
 from qwenserve.media.encode import encode_image
 from qwenserve.runtime import Engine
+from qwenserve.runtime.call import prefix_cache_bytes, reference_size
+from qwenserve.runtime.memory_plan import (
+    GIB,
+    prefix_kv_cache_bytes,
+    reference_tokens,
+    wants_vae_tiling,
+)
 from qwenserve.runtime.run import to_image
 from qwenserve.runtime.sizes import SizePlan
 from qwenserve.runtime.tiny_preset import ensure_tiny_base, tiny_lora_state_dict
@@ -199,3 +206,34 @@ def test_the_tiny_folder_is_a_real_2_1_layout(shared_cache: Path) -> None:
     assert index["text_encoder"] == ["transformers", "Qwen3VLForConditionalGeneration"]
     assert index["transformer"] == ["diffusers", "QwenImage21Transformer2DModel"]
     assert index["vae"] == ["diffusers", "AutoencoderKLQwenImage21"]
+
+
+def test_the_memory_plan_sizes_the_reference_kv_cache() -> None:
+    one_reference = reference_tokens([(1024, 1024)])
+    assert one_reference == 4096
+    real = prefix_kv_cache_bytes(
+        layers=32, inner_dim=4096, prefix_tokens=one_reference, batch=1, dtype_bytes=2, cfg=False
+    )
+    assert real == 2 * GIB  # 512 KiB per prefix token in bf16
+    ten = prefix_kv_cache_bytes(
+        layers=32,
+        inner_dim=4096,
+        prefix_tokens=10 * one_reference,
+        batch=1,
+        dtype_bytes=2,
+        cfg=True,
+    )
+    assert ten == 40 * GIB  # ten references, a cache per CFG branch
+    decode = {"width": 1024, "height": 1024, "batch": 1, "dtype_bytes": 2}
+    assert not wants_vae_tiling(None, **decode, work_bytes=5 * GIB)  # a 4 GiB decode
+    assert wants_vae_tiling(None, **decode, work_bytes=5 * GIB, held_bytes=real)
+
+
+def test_each_reference_adds_to_the_calls_kv_cache(engine: Engine) -> None:
+    sizes = []
+    for count in (0, 1, 2):
+        request = _request("qwen-image-2.1", count)
+        call = engine.prepare_call(request, _references(count))
+        sizes.append(prefix_cache_bytes(call.pipeline, call.kwargs, _references(count), 1))
+    assert 0 < sizes[0] < sizes[1] < sizes[2]
+    assert reference_size(256, WIDE.size) == (320, 224)  # the pipeline's own resize

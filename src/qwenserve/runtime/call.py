@@ -20,6 +20,7 @@ from PIL import Image
 from qwenserve.catalog import GenerationRequest, PipelineKind, Recipe
 from qwenserve.errors import InvalidInput
 from qwenserve.runtime.fast_paths import set_vae_tiling
+from qwenserve.runtime.memory_plan import prefix_kv_cache_bytes, reference_tokens
 from qwenserve.runtime.prompt_cache import PromptCache
 from qwenserve.runtime.resident import Pipeline, Resident
 from qwenserve.runtime.schedulers import scheduler_for
@@ -228,15 +229,53 @@ def build_call(
     *,
     tiny: bool,
     prompts: PromptCache | None,
-    vae_tiling: Callable[[int, int, int], bool],
+    vae_tiling: Callable[[int, int, int, int], bool],
 ) -> tuple[dict[str, Any], SizePlan]:
     """Scheduler, VAE tiling and arguments for one call (adapters are already active).
 
-    ``tiny``: plan the tiny preset's sizes; ``vae_tiling(width, height, batch)``: whether the
-    decode should be tiled (the memory plan's answer)."""
+    ``tiny``: plan the tiny preset's sizes; ``vae_tiling(width, height, batch, held_bytes)``:
+    whether the decode should be tiled (the memory plan's answer), the call holding
+    ``held_bytes`` through it (2.1's prefix KV cache)."""
     first = requests[0]
     use_scheduler(resident, recipe, first.steps)
     plan = plan_size(first, recipe, [i.size for i in images], tiny=tiny)
-    tiled = vae_tiling(plan.generate_width, plan.generate_height, len(requests))
+    kwargs = call_kwargs(requests, recipe, images, plan, resident.pipe, prompts)
+    held = prefix_cache_bytes(resident.pipe, kwargs, images, len(requests))
+    tiled = vae_tiling(plan.generate_width, plan.generate_height, len(requests), held)
     set_vae_tiling(resident.pipe, tiled)
-    return call_kwargs(requests, recipe, images, plan, resident.pipe, prompts), plan
+    return kwargs, plan
+
+
+TEMPLATE_TOKENS = 32
+"""About the tokens 2.1's prompt template adds around a prompt (system turn, markers)."""
+
+
+def reference_size(side: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The size 2.1's pipeline resizes a reference of ``size`` to: ``side``² pixels at its
+    ratio, both sides rounded to multiples of 32 (its ``calculate_dimensions``)."""
+    ratio = size[0] / max(size[1], 1)
+    width = math.sqrt(side * side * ratio)
+    return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
+def prefix_cache_bytes(
+    pipe: Pipeline, kwargs: dict[str, Any], images: Sequence[Image.Image], batch: int
+) -> int:
+    """Bytes of the prefix KV cache a Qwen-Image 2.1 call keeps (text and references); 0 for
+    the other pipelines and without the cache."""
+    if not kwargs.get("use_kv_cache"):
+        return 0
+    prompts = kwargs["prompt"] if isinstance(kwargs["prompt"], list) else [kwargs["prompt"]]
+    tokenizer = pipe.processor.tokenizer
+    text = max(len(tokenizer(p)["input_ids"]) for p in prompts) + TEMPLATE_TOKENS
+    side = int(kwargs["output_resolution"])
+    references = reference_tokens([reference_size(side, image.size) for image in images])
+    config = pipe.transformer.config
+    return prefix_kv_cache_bytes(
+        layers=int(config.num_layers),
+        inner_dim=int(config.num_attention_heads) * int(config.attention_head_dim),
+        prefix_tokens=text + references,
+        batch=batch,
+        dtype_bytes=int(pipe.transformer.dtype.itemsize),
+        cfg=float(kwargs.get("true_cfg_scale", 1.0)) > 1.0 and "negative_prompt" in kwargs,
+    )

@@ -206,8 +206,9 @@ class ResidentPipelines:
         self._evict(trim, keep=frozenset(), why="over the memory budget once loaded")
         return resident
 
-    def wants_vae_tiling(self, width: int, height: int, batch: int) -> bool:
-        """Whether a call decoding ``batch`` images of width x height should tile its decode."""
+    def wants_vae_tiling(self, width: int, height: int, batch: int, held_bytes: int = 0) -> bool:
+        """Whether a call decoding ``batch`` images of width x height should tile its decode,
+        the call already holding ``held_bytes`` (2.1's prefix KV cache)."""
         return wants_vae_tiling(
             self.config.vae_tiling,
             width=width,
@@ -215,6 +216,7 @@ class ResidentPipelines:
             batch=batch,
             dtype_bytes=self.dtype.itemsize,
             work_bytes=self.budget.for_work(),
+            held_bytes=held_bytes,
         )
 
     def release_memory(self) -> None:
