@@ -236,7 +236,7 @@ class ResidentPipelines:
             if self.config.weights == "random-full":
                 from qwenserve.runtime.random_full import random_full_footprint
 
-                estimate = random_full_footprint(self.dtype)
+                estimate = random_full_footprint(self.dtype, recipe.pipeline)
             else:
                 folder = hub_snapshot(location) if self.config.weights == "hub" else Path(location)
                 if folder is None:

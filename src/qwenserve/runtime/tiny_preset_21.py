@@ -60,23 +60,32 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 (its ``calculate_shift`` defaults); the real checkpoint's own config is loaded from its folder."""
 
 
-def text_encoder_21(tokenizer: Qwen2Tokenizer) -> Any:
-    """A two-layer Qwen3-VL whose special-token ids are the local tokenizer's."""
+def text_encoder_21(
+    tokenizer: Qwen2Tokenizer,
+    *,
+    hidden: int = TEXT_HIDDEN,
+    heads: int = 2,
+    key_value_heads: int = 1,
+    head_dim: int = 16,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+) -> Any:
+    """A two-layer Qwen3-VL whose special-token ids are the local tokenizer's; ``hidden`` is the
+    width the transformer's text input expects (random-full widens it to the real 4096)."""
     names = (IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
     ids: dict[str, int] = {t: tokenizer.convert_tokens_to_ids(t) for t in names}  # type: ignore[misc]
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": TEXT_HIDDEN,
+            "hidden_size": hidden,
             "intermediate_size": 2 * TEXT_HIDDEN,
             "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
+            "num_attention_heads": heads,
+            "num_key_value_heads": key_value_heads,
+            "head_dim": head_dim,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1_000_000.0,
-                "mrope_section": [2, 3, 3],  # sums to head_dim / 2
+                "mrope_section": list(mrope_section),  # sums to head_dim / 2
                 "mrope_interleaved": True,
             },
             "bos_token_id": ids[IM_END],
@@ -88,7 +97,7 @@ def text_encoder_21(tokenizer: Qwen2Tokenizer) -> Any:
             "hidden_size": TEXT_HIDDEN,
             "intermediate_size": 2 * TEXT_HIDDEN,
             "num_heads": 2,
-            "out_hidden_size": TEXT_HIDDEN,
+            "out_hidden_size": hidden,
             "patch_size": VISION_PATCH,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
