@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -28,7 +30,11 @@ from qwenserve.runtime.memory_plan import (
 )
 from qwenserve.runtime.run import to_image
 from qwenserve.runtime.sizes import SizePlan
-from qwenserve.runtime.tiny_preset import ensure_tiny_base, tiny_lora_state_dict
+from qwenserve.runtime.tiny_preset import (
+    build_tiny_pipeline,
+    ensure_tiny_base,
+    tiny_lora_state_dict,
+)
 from tests.runtime.conftest import make_request, noise_image, pixels, png_base64
 
 SLUGS = ("qwen-image-2.1", "qwen-image-2.1-fast")
@@ -237,3 +243,25 @@ def test_each_reference_adds_to_the_calls_kv_cache(engine: Engine) -> None:
         sizes.append(prefix_cache_bytes(call.pipeline, call.kwargs, _references(count), 1))
     assert 0 < sizes[0] < sizes[1] < sizes[2]
     assert reference_size(256, WIDE.size) == (320, 224)  # the pipeline's own resize
+
+
+def test_the_tiny_21_build_is_deterministic_and_offline() -> None:
+    first = build_tiny_pipeline(PipelineKind.QWEN_IMAGE_21, QWEN_IMAGE_21_BASE)
+    second = build_tiny_pipeline(PipelineKind.QWEN_IMAGE_21, QWEN_IMAGE_21_BASE)
+    for name in ("transformer", "vae", "text_encoder"):
+        a, b = getattr(first, name).state_dict(), getattr(second, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+    # The pipeline derives its system-prefix drop from the chat template: it must be exact.
+    template = first.prompt_template_t2i.format("PROMPT")
+    ids = first.processor.tokenizer(template)["input_ids"]
+    kept = first.processor.tokenizer.decode(ids[first._drop_idx :])
+    assert kept.startswith("<|im_start|>user\nPROMPT")
+
+
+def test_a_tiny_21_generation_takes_seconds_on_a_cpu(engine: Engine) -> None:
+    request = _request("qwen-image-2.1-fast", 1, steps=4)
+    engine.generate(request, images=_references(1))  # loaded and warm
+    started = time.perf_counter()
+    engine.generate(request, images=_references(1))
+    assert time.perf_counter() - started < 5.0
