@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from qwenserve.catalog import GenerationRequest, LoraRef, PipelineKind
+from qwenserve.catalog import MODELS, GenerationRequest, LoraRef, PipelineKind
 from qwenserve.catalog.models_21 import MAX_REFERENCE_IMAGES, QWEN_IMAGE_21_BASE
-from qwenserve.errors import InvalidInput
+from qwenserve.errors import InferenceError, InvalidInput
 from qwenserve.media.encode import encode_image
-from qwenserve.runtime import Engine
+from qwenserve.runtime import Engine, EngineConfig
 from qwenserve.runtime.call import prefix_cache_bytes, reference_size
+from qwenserve.runtime.hub_access import HubSettings
 from qwenserve.runtime.memory_plan import (
     GIB,
     prefix_kv_cache_bytes,
@@ -33,6 +35,7 @@ from qwenserve.runtime.sizes import SizePlan
 from qwenserve.runtime.tiny_preset import (
     build_tiny_pipeline,
     ensure_tiny_base,
+    preset_root,
     tiny_lora_state_dict,
 )
 from tests.runtime.conftest import make_request, noise_image, pixels, png_base64
@@ -265,3 +268,31 @@ def test_a_tiny_21_generation_takes_seconds_on_a_cpu(engine: Engine) -> None:
     started = time.perf_counter()
     engine.generate(request, images=_references(1))
     assert time.perf_counter() - started < 5.0
+
+
+def test_a_weights_folder_resolves_2_1_and_its_lightning_file(
+    engine: Engine, shared_cache: Path, tmp_path: Path
+) -> None:
+    # An explicit size: the same on both (only the tiny preset shrinks ratio-derived sizes).
+    request = _request("qwen-image-2.1-fast", 1, steps=2, width=288, height=256)
+    from_tiny = pixels(engine.generate(request, images=_references(1)).image)
+    recipe = MODELS["qwen-image-2.1-fast"].recipe
+    assert recipe.lightning is not None
+    folder = tmp_path / "weights"
+    shutil.copytree(preset_root(shared_cache) / recipe.base_weights, folder / recipe.base_weights)
+    lora = Path(recipe.lightning.repo) / recipe.lightning.filename
+    (folder / lora).parent.mkdir(parents=True)
+    shutil.copy(preset_root(shared_cache) / lora, folder / lora)
+    from_folder = Engine(EngineConfig(weights=str(folder), cache_dir=tmp_path / "unused"))
+    result = from_folder.generate(request, images=_references(1))
+    assert np.array_equal(pixels(result.image), from_tiny)
+
+
+def test_the_hub_names_the_missing_2_1_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = HubSettings(endpoint="http://127.0.0.1:9", offline=True, cache_dir=tmp_path)
+    monkeypatch.setattr(HubSettings, "current", classmethod(lambda cls: settings))
+    hub = Engine(EngineConfig(weights="hub", cache_dir=tmp_path / "unused"))
+    with pytest.raises(InferenceError, match=r"Qwen/Qwen-Image-2\.1"):
+        hub.load("qwen-image-2.1")
