@@ -41,6 +41,7 @@ from qwenserve.runtime.tiny_preset import (
 from tests.runtime.conftest import make_request, noise_image, pixels, png_base64
 
 SLUGS = ("qwen-image-2.1", "qwen-image-2.1-fast")
+FORMATS = ("png", "jpeg", "webp")
 WIDE = noise_image(300, 200, seed=1)
 TALL = noise_image(120, 240, seed=2)
 
@@ -63,13 +64,16 @@ def _assert_image(image: Image.Image, width: int, height: int) -> None:
 
 @pytest.mark.parametrize("slug", SLUGS)
 @pytest.mark.parametrize("count", [0, 1, 2, MAX_REFERENCE_IMAGES])
-def test_text_to_image_and_edits_give_the_requested_size(
+def test_text_to_image_and_edits_give_the_requested_size_and_format(
     engine: Engine, slug: str, count: int
 ) -> None:
-    request = _request(slug, count, width=320, height=256)
+    image_format = FORMATS[count % len(FORMATS)]
+    request = _request(slug, count, width=320, height=256, image_format=image_format)
     result = engine.generate(request, images=_references(count))
     assert (result.width, result.height) == (320, 256)
     _assert_image(result.image, 320, 256)
+    encoded = Image.open(io.BytesIO(encode_image(result.image, image_format, request.quality)))
+    assert encoded.format == image_format.upper() and encoded.size == (320, 256)
 
 
 @pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
