@@ -300,3 +300,11 @@ def test_the_hub_names_the_missing_2_1_repo(
     hub = Engine(EngineConfig(weights="hub", cache_dir=tmp_path / "unused"))
     with pytest.raises(InferenceError, match=r"Qwen/Qwen-Image-2\.1"):
         hub.load("qwen-image-2.1")
+
+
+def test_the_step_cache_switch_leaves_2_1_without_one(shared_cache: Path) -> None:
+    """diffusers 0.42 has no first-block cache for 2.1's blocks (2.1 caches its prefix K/V
+    itself): the switch must not make its load fail."""
+    cached = Engine(EngineConfig(weights="tiny", cache_dir=shared_cache, step_cache=0.05))
+    result = cached.generate(_request("qwen-image-2.1-fast", 0, steps=3))
+    assert result.image.size == (256, 256)
