@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -308,3 +311,44 @@ def test_the_step_cache_switch_leaves_2_1_without_one(shared_cache: Path) -> Non
     cached = Engine(EngineConfig(weights="tiny", cache_dir=shared_cache, step_cache=0.05))
     result = cached.generate(_request("qwen-image-2.1-fast", 0, steps=3))
     assert result.image.size == (256, 256)
+
+
+def _cache_snapshot(hub_cache: Path, repo: str, source: Path) -> None:
+    """``source``'s files as the Hugging Face cache holds ``repo`` after a download."""
+    folder = hub_cache / f"models--{repo.replace('/', '--')}"
+    revision = "0" * 40
+    shutil.copytree(source, folder / "snapshots" / revision)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+
+
+def test_weights_hub_loads_2_1_and_its_lightning_file_from_the_cache(
+    engine: Engine, shared_cache: Path, tmp_path: Path
+) -> None:
+    """``--weights hub``, offline: the base by its hub id, the Lightning file by repo and name."""
+    recipe = MODELS["qwen-image-2.1-fast"].recipe
+    assert recipe.lightning is not None
+    engine.load("qwen-image-2.1-fast")  # the tiny base and Lightning file exist
+    root = preset_root(shared_cache)
+    hub_cache = tmp_path / "hf-home" / "hub"
+    _cache_snapshot(hub_cache, recipe.base_weights, root / recipe.base_weights)
+    lightning = tmp_path / "lightning"
+    lora = lightning / recipe.lightning.filename
+    lora.parent.mkdir(parents=True)
+    shutil.copy(root / recipe.lightning.repo / recipe.lightning.filename, lora)
+    _cache_snapshot(hub_cache, recipe.lightning.repo, lightning)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "QWENSERVE_"))}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1")
+    env["QWENSERVE_DATA_DIR"] = str(tmp_path / "data")
+    env["PYTHONPATH"] = os.pathsep.join(
+        str(Path(p).resolve()) for p in env.get("PYTHONPATH", "src").split(os.pathsep) if p
+    )
+    out = tmp_path / "fox.png"
+    command = [sys.executable, "-m", "qwenserve.cli.main", "run", "qwen-image-2.1-fast"]
+    command += ["--weights", "hub", "--prompt", "a fox", "--param", "width=288"]
+    command += ["--param", "height=256", "--param", "steps=2"]
+    done = subprocess.run(
+        [*command, "--out", str(out)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Image.open(out).size == (288, 256)
