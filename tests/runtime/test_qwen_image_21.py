@@ -352,3 +352,10 @@ def test_weights_hub_loads_2_1_and_its_lightning_file_from_the_cache(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert Image.open(out).size == (288, 256)
+
+
+def test_2_1_makes_no_previews_and_still_its_image(engine: Engine) -> None:
+    request = dataclasses.replace(_request("qwen-image-2.1-fast", 0, steps=3), partial_images=2)
+    seen: list[int] = []
+    result = engine.generate(request, on_preview=lambda index, k, image: seen.append(k))
+    assert seen == [] and result.image.size == (256, 256)

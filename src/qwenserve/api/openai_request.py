@@ -4,7 +4,8 @@ body each job is validated with (``api/jobs.submit``), so every slug rule stays 
 Mapping (the README's "OpenAI images API" section says the same):
 
 * ``model``: a qwenserve slug, text-to-image on generations, edit on edits (the other kind is a
-  400 naming ``model``; an unknown one a 404). Omitted: qwen-image-fast / qwen-image-edit-fast.
+  400 naming ``model``; an unknown one a 404; the Qwen-Image 2.1 slugs serve both). Omitted:
+  qwen-image-fast / qwen-image-edit-fast.
 * ``n`` (1-10): that many jobs; an explicit seed S gives them S, S+1, …
 * ``size``: ``auto`` (or none) is the slug's default; ``WxH`` is exact where the slug takes
   width/height, else its nearest aspect ratio; a slug that follows its input image's size takes
