@@ -359,3 +359,10 @@ def test_2_1_makes_no_previews_and_still_its_image(engine: Engine) -> None:
     seen: list[int] = []
     result = engine.generate(request, on_preview=lambda index, k, image: seen.append(k))
     assert seen == [] and result.image.size == (256, 256)
+
+
+@pytest.mark.parametrize("slug", SLUGS)
+def test_one_step_with_cfg_is_a_valid_image(engine: Engine, slug: str) -> None:
+    """The lowest ``steps`` bound, with CFG on (a negative pass per step): finite pixels."""
+    result = engine.generate(_request(slug, 1, steps=1, guidance=3), images=_references(1))
+    _assert_image(result.image, result.width, result.height)
