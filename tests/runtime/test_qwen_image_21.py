@@ -366,3 +366,10 @@ def test_one_step_with_cfg_is_a_valid_image(engine: Engine, slug: str) -> None:
     """The lowest ``steps`` bound, with CFG on (a negative pass per step): finite pixels."""
     result = engine.generate(_request(slug, 1, steps=1, guidance=3), images=_references(1))
     _assert_image(result.image, result.width, result.height)
+
+
+def test_jpeg_flattens_transparency_over_white() -> None:
+    image = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    decoded = Image.open(io.BytesIO(encode_image(image, "jpeg", 95)))
+    assert decoded.mode == "RGB"
+    assert min(decoded.getpixel((1, 1))) > 240  # white, not the hidden colour
