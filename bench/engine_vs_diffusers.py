@@ -32,13 +32,19 @@ from bench.report import write_section  # noqa: E402
 # Requests as a client sends them. qwen-image-2512's explicit size stays within what the tiny
 # preset generates at (TINY_MAX_EXPLICIT_AREA): above it the tiny preset generates smaller and
 # resizes, a step real weights never take, which would be timed on the server side only.
-REQUESTS: dict[str, dict[str, Any]] = {
-    "qwen-image": {"prompt": "a lighthouse at dusk", "steps": 30, "seed": 1},
-    "qwen-image-fast": {"prompt": "a lighthouse at dusk", "steps": 8, "seed": 1},
-    "qwen-image-2512": {"prompt": "a lighthouse", "steps": 6, "width": 384, "height": 384},
-    "qwen-image-edit-fast": {"prompt": "make the sky red", "steps": 8, "seed": 1},
-    "qwen-image-edit-plus-product-photography": {"prompt": "on a marble table", "seed": 1},
-}
+# Qwen-Image 2.1 runs twice per slug: text-to-image, and an edit with two references (its
+# references are optional; the other edit slugs get their one required image).
+REQUESTS: list[tuple[str, dict[str, Any], int]] = [
+    ("qwen-image", {"prompt": "a lighthouse at dusk", "steps": 30, "seed": 1}, 0),
+    ("qwen-image-fast", {"prompt": "a lighthouse at dusk", "steps": 8, "seed": 1}, 0),
+    ("qwen-image-2512", {"prompt": "a lighthouse", "steps": 6, "width": 384, "height": 384}, 0),
+    ("qwen-image-edit-fast", {"prompt": "make the sky red", "steps": 8, "seed": 1}, 1),
+    ("qwen-image-edit-plus-product-photography", {"prompt": "on a marble table", "seed": 1}, 1),
+    ("qwen-image-2.1", {"prompt": "a lighthouse at dusk", "steps": 40, "seed": 1}, 0),
+    ("qwen-image-2.1", {"prompt": "the two at dusk", "steps": 40, "seed": 1}, 2),
+    ("qwen-image-2.1-fast", {"prompt": "a lighthouse at dusk", "steps": 4, "seed": 1}, 0),
+    ("qwen-image-2.1-fast", {"prompt": "the two at dusk", "steps": 4, "seed": 1}, 2),
+]
 
 
 def _interleaved_medians_s(first: Any, second: Any, runs: int) -> tuple[float, float]:
@@ -79,13 +85,12 @@ def measure(cache_dir: Path, runs: int) -> list[tuple[str, str, float, float]]:
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
 
     rows = []
-    for slug, body in REQUESTS.items():
+    for slug, body, references in REQUESTS:
         spec = get_model(slug)
         full = dict(body)
-        images = []
-        if spec.image_fields:
-            full[spec.image_fields[0]] = encoded
-            images = [picture]
+        images = [picture] * references
+        for name in spec.image_fields[:references]:
+            full[name] = encoded
         request = validate_request(slug, full)
         prepared = engine.prepare_call(request, images)
         kwargs = dict(prepared.kwargs)
@@ -102,6 +107,8 @@ def measure(cache_dir: Path, runs: int) -> list[tuple[str, str, float, float]]:
 
         engine_s, direct_s = _interleaved_medians_s(through_engine, direct, runs)
         size = f"{prepared.size.width}x{prepared.size.height}, {request.steps} steps"
+        if spec.recipe.images_optional:
+            size += f", {references} references"
         rows.append((slug, size, engine_s, direct_s))
         print(f"{slug:42s} {size:22s} engine {engine_s:7.3f}s  diffusers {direct_s:7.3f}s")
     return rows

@@ -17,7 +17,9 @@ Stages: env (versions, device, measured bf16 matmul peak), pytest (``-m gpu``), 
 (random-full transformer), cfg (qwen-image, true CFG, 20 steps, three sizes, ``cfg_batch`` on
 and off, attention backends), fast (qwen-image-fast, 8 steps, Lightning fused and unfused,
 against 1.2 s per image), vae (decode peak memory, batch 1 and 4, tiled and untiled), batch (a
-batch of 4 vs 4 single calls), fp8 (each mode in ``QUANTIZE_MODES``), compile (cold warm-up,
+batch of 4 vs 4 single calls), fp8 (each mode in ``QUANTIZE_MODES``), qwen21 (Qwen-Image 2.1
+at 1024², 40 steps, an edit with two references, the 4-step fast slug:
+bench/gpu_verify_21.py), compile (cold warm-up,
 steady step, recompiles after a new prompt length and a new size). Every timing comes with the
 FLOP limit (``bench/step_timing.py``) at the measured matmul peak: ``share_of_peak`` = limit /
 measured (1.0 = running at the matmul peak).
@@ -56,6 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.gpu_verify_21 import stage_qwen21  # noqa: E402
 from bench.step_timing import StepClock, TransformerShape, image_tokens  # noqa: E402
 
 QUANTIZE_MODES = ("fp8-memory", "fp8-speed", "fp8")
@@ -94,6 +97,9 @@ class Plan:
     fp8_steps: int
     warm_up: bool = True
     """Run each case once at 2 steps before timing it (kernel selection, first-call costs)."""
+    q21_size: tuple[int, int] = (1024, 1024)
+    q21_steps: int = 40
+    """Qwen-Image 2.1's stage (bench/gpu_verify_21.py): its size and steps."""
 
 
 GPU_PLAN = Plan(
@@ -126,6 +132,8 @@ DRY_PLAN = Plan(
     fp8_size=(128, 128),
     fp8_steps=2,
     warm_up=False,
+    q21_size=(128, 128),  # a multiple of 32, as 2.1's pipeline needs
+    q21_steps=2,
 )
 
 
@@ -1012,6 +1020,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("vae", "VAE decode peak memory", 20, 5, stage_vae),
     StageSpec("batch", "batch of 4 vs 4 single calls", 30, 10, stage_batch),
     StageSpec("fp8", "fp8 modes", 80, 20, stage_fp8),
+    StageSpec("qwen21", "qwen-image-2.1 at 1024², 40 steps; edit; fast", 90, 30, stage_qwen21),
     StageSpec("compile", "torch.compile: warm-up, steady step, recompiles", 240, 45, stage_compile),
 )
 """In order. Budgets (s) fit the GPU plan's 8 minutes when the early stages take what they

@@ -44,6 +44,7 @@ STAGE_KEYS = {
     "vae": {"size", "memory_measured", "runs"},
     "batch": {"slug", "batch", "runs"},
     "fp8": {"modes", "bf16_s_per_step", "runs"},
+    "qwen21": {"slug", "size", "steps", "load_s", "runs"},
 }
 TIMING_KEYS = {"s_per_step", "tflop_per_step", "limit_s_per_step", "share_of_peak"}
 ROW_KEYS = {
@@ -51,6 +52,7 @@ ROW_KEYS = {
     "fast": {"fused", "s_per_image", "meets_target", *TIMING_KEYS},
     "vae": {"batch", "tiled", "decode_s", "peak_gib"},
     "batch": {"singles_s", "batch_s", "speedup", "share_of_peak"},
+    "qwen21": {"slug", "references", "s_per_step", "s_per_image", "kv_cache_estimate_gib"},
 }
 
 
@@ -103,6 +105,10 @@ def test_dry_run_writes_every_stage_with_its_measurements(
     assert set(modes) == set(QUANTIZE_MODES)
     assert all({"refused", "error", "s_per_step"} & row.keys() for row in modes.values())
     assert by_stage["env"]["peak_tflops"] > 0
+    # qwen21: text-to-image, an edit with two references (a larger KV cache), the fast slug.
+    q21 = by_stage["qwen21"]["runs"]
+    assert [row["references"] for row in q21] == [0, 2, 0]
+    assert q21[1]["kv_cache_estimate_gib"] > q21[0]["kv_cache_estimate_gib"]
 
     section = render(records, out.name)
     assert "Not run on a GPU yet" in section and "CPU dry run" in section

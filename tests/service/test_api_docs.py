@@ -39,7 +39,10 @@ async def test_models_list_in_openai_shape(api: Harness) -> None:
     for entry in body["data"]:
         assert entry["object"] == "model" and entry["owned_by"] == "qwenserve"
         assert isinstance(entry["created"], int) and entry["created"] > 0
-        assert entry["kind"] == ("edit" if "edit" in entry["id"] else "text-to-image")
+        expected = "edit" if "edit" in entry["id"] else "text-to-image"
+        if entry["id"].startswith("qwen-image-2.1"):
+            expected = "text-to-image+edit"  # references optional: both in one model
+        assert entry["kind"] == expected
         assert "input_schema" not in entry
     prices = {m["id"]: m["price_usd"] for m in body["data"]}
     assert prices["qwen-image"] == 0.5, "the price this server charges (Settings override)"

@@ -127,6 +127,22 @@ def test_edit_plus_with_two_images(client: OpenAI) -> None:
     assert image.format == "PNG" and image.width == image.height
 
 
+def test_qwen_image_21_generates_and_edits(client: OpenAI) -> None:
+    """One 2.1 slug serves both routes: no references on generations, references on edits."""
+    made = client.images.generate(
+        model="qwen-image-2.1-fast", prompt="a kite", size="288x256", extra_body={"steps": 2}
+    )
+    assert made.data is not None
+    assert decode(made.data[0].b64_json).size == (288, 256)
+    edited = client.images.edit(
+        model="qwen-image-2.1",
+        image=[("a.png", _png(1), "image/png"), ("b.png", _png(2), "image/png")],
+        prompt="the two side by side",
+        extra_body={"steps": 2},
+    )
+    assert edited.data is not None and len(edited.data) == 1
+
+
 def test_mask_is_refused_naming_it(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.edit(

@@ -137,3 +137,17 @@ def test_module_level_functions_with_env_key(
     )
     result = segmind.run("qwen-image-fast", **body_for("qwen-image-fast"))
     assert result["status"] == "COMPLETED"
+
+
+@pytest.mark.parametrize("slug", ["qwen-image-2.1", "qwen-image-2.1-fast"])
+def test_qwen_image_21_text_only_and_many_references(client: SegmindClient, slug: str) -> None:
+    """2.1's references are optional (text-to-image) and go up to ten, on v1 and v2."""
+    text_only = {k: v for k, v in body_for(slug, width=288, height=256).items() if k != "image_1"}
+    v1 = client.run_sync(slug, **text_only)
+    assert open_image(v1.content).size == (288, 256)
+    references = {f"image_{i}": png_b64((96, 64) if i % 2 == 0 else (64, 96)) for i in range(1, 11)}
+    v2 = client.run(slug, **{**body_for(slug, image_format="png"), **references})
+    assert v2["status"] == "COMPLETED"
+    media = httpx.get(v2["output"], timeout=30)
+    assert open_image(media.content).format == "PNG"
+    assert v2["width"] > v2["height"], "match_input_image follows the last (wide) reference"

@@ -4,7 +4,8 @@ body each job is validated with (``api/jobs.submit``), so every slug rule stays 
 Mapping (the README's "OpenAI images API" section says the same):
 
 * ``model``: a qwenserve slug, text-to-image on generations, edit on edits (the other kind is a
-  400 naming ``model``; an unknown one a 404). Omitted: qwen-image-fast / qwen-image-edit-fast.
+  400 naming ``model``; an unknown one a 404; the Qwen-Image 2.1 slugs serve both). Omitted:
+  qwen-image-fast / qwen-image-edit-fast.
 * ``n`` (1-10): that many jobs; an explicit seed S gives them S, S+1, …
 * ``size``: ``auto`` (or none) is the slug's default; ``WxH`` is exact where the slug takes
   width/height, else its nearest aspect ratio; a slug that follows its input image's size takes
@@ -25,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qwenserve.catalog import MODELS, ModelSpec, PipelineKind
+from qwenserve.catalog import MODELS, ModelSpec
 from qwenserve.errors import InvalidRequest, UnknownModel
 
 MAX_IMAGES = 10
@@ -112,8 +113,10 @@ def _model(body: Mapping[str, Any], *, edit: bool) -> ModelSpec:
             f"model '{name}' not found; available models: {', '.join(sorted(MODELS))}",
             field="model",
         )
-    is_edit = spec.recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE
-    if is_edit != edit:
+    # Qwen-Image 2.1 slugs do both: generations (no references) and edits.
+    serves = spec.edits_images if edit else spec.generates_from_text
+    if not serves:
+        is_edit = not edit
         kind, route = ("an edit", "/v1/images/edits") if is_edit else ("a text-to-image", "")
         where = f"; use {route}" if route else "; use /v1/images/generations"
         raise InvalidRequest(f"model '{name}' is {kind} model{where}", field="model")

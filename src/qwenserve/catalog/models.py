@@ -1,4 +1,5 @@
-"""The five model declarations, each transcribed from its seed page in shared/seeds/.
+"""The five seed model declarations, each transcribed from its seed page in shared/seeds/
+(the Qwen-Image 2.1 slugs, which have no page, are declared in models_21.py).
 
 Every parameter's name, type, default, range, allowed values and required flag is the contract
 and is written here exactly as the page states it, oddities included (qwen-image-2512 spells
@@ -16,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from qwenserve.catalog.models_21 import QWEN_IMAGE_21_MODELS
 from qwenserve.catalog.spec import (
     NO_DEFAULT,
+    SEED_CEILING,
     LoraSource,
     ModelSpec,
     Param,
@@ -25,9 +28,6 @@ from qwenserve.catalog.spec import (
     Recipe,
     SchedulerKind,
 )
-
-# A seed the page gives no range for still has to fit torch's 64-bit generator.
-SEED_CEILING = 2**63 - 1
 
 QWEN_IMAGE_SIZES: Mapping[str, tuple[int, int]] = MappingProxyType(
     {
@@ -416,6 +416,7 @@ ALL_MODELS: tuple[ModelSpec, ...] = (
     QWEN_IMAGE_2512,
     QWEN_IMAGE_EDIT_FAST,
     QWEN_IMAGE_EDIT_PLUS_PRODUCT_PHOTOGRAPHY,
+    *QWEN_IMAGE_21_MODELS,
 )
 
 MODELS: Mapping[str, ModelSpec] = MappingProxyType({m.slug: m for m in ALL_MODELS})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwenserve.catalog.spec import ModelSpec, Param, PipelineKind
+from qwenserve.catalog.spec import ModelSpec, Param
 from qwenserve.catalog.validate import MAX_PROMPT_CHARS, MAX_URL_CHARS
 
 # OpenAI's ``created`` (a Unix time): when these contracts were transcribed from the seed pages
@@ -60,7 +60,11 @@ def input_schema(spec: ModelSpec) -> dict[str, Any]:
         "additionalProperties": False,
     }
     images = spec.image_fields
-    if spec.recipe.max_input_images and not any(_required(spec, name) for name in images):
+    if (
+        spec.recipe.max_input_images
+        and not spec.recipe.images_optional
+        and not any(_required(spec, name) for name in images)
+    ):
         # At least one of the optional image fields, and not as null.
         schema["anyOf"] = [
             {"required": [name], "properties": {name: {"type": "string"}}} for name in images
@@ -116,7 +120,7 @@ def model_entry(spec: ModelSpec, price_usd: float) -> dict[str, Any]:
         "object": "model",
         "created": CATALOG_CREATED_AT,
         "owned_by": OWNED_BY,
-        "kind": "text-to-image" if spec.recipe.pipeline is PipelineKind.TEXT_TO_IMAGE else "edit",
+        "kind": spec.kind,
         "title": spec.title,
         "description": spec.summary,
         "price_usd": price_usd,

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+SEED_CEILING = 2**63 - 1
+"""A seed the page gives no range for still has to fit torch's 64-bit generator."""
+
 ParamType = Literal["string", "integer", "number", "boolean", "uri"]
 
 
@@ -52,6 +55,8 @@ class PipelineKind(enum.StrEnum):
     TEXT_TO_IMAGE = "QwenImagePipeline"
     EDIT = "QwenImageEditPipeline"
     EDIT_PLUS = "QwenImageEditPlusPipeline"
+    QWEN_IMAGE_21 = "QwenImage21Pipeline"
+    """Qwen-Image 2.1: text-to-image and editing with 0..n reference images in one pipeline."""
 
 
 class SchedulerKind(enum.StrEnum):
@@ -97,6 +102,14 @@ class Recipe:
     """Aspect ratio → (width, height) at the model's native resolution."""
     default_area: int = 1024 * 1024
     """Pixel area used for ratios without a native size and for matching an input image."""
+    images_optional: bool = False
+    """True where the model also generates from text alone (Qwen-Image 2.1): its reference
+    images are optional, not "at least one"."""
+    size_multiple: int = 16
+    """The pipeline floors sizes to this multiple (16; 32 for Qwen-Image 2.1)."""
+    reference_area: int | None = None
+    """Pixel area the pipeline resizes each reference image to (2.1's ``output_resolution``²);
+    None where the pipeline fixes it itself."""
     max_prompt_tokens: int | None = None
     """Prompt tokens (as the pipeline's tokenizer counts them, a preset's trigger word included)
     the pipeline can take; a longer prompt is refused (400 naming ``prompt``) before it runs.
@@ -128,6 +141,23 @@ class ModelSpec:
     def base64_field(self) -> str:
         """``base64`` on most pages, ``base_64`` on qwen-image-2512's."""
         return "base_64" if self.param("base_64") is not None else "base64"
+
+    @property
+    def generates_from_text(self) -> bool:
+        """Whether a body without input images is a whole request (text-to-image)."""
+        return self.recipe.pipeline is PipelineKind.TEXT_TO_IMAGE or self.recipe.images_optional
+
+    @property
+    def edits_images(self) -> bool:
+        """Whether the slug takes input images (edits)."""
+        return self.recipe.max_input_images > 0
+
+    @property
+    def kind(self) -> str:
+        """What ``GET /v1/models`` calls it: text-to-image, edit, or both."""
+        if not self.edits_images:
+            return "text-to-image"
+        return "text-to-image+edit" if self.generates_from_text else "edit"
 
     @property
     def image_fields(self) -> tuple[str, ...]:

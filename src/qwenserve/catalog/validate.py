@@ -211,7 +211,8 @@ def _cross_field_problems(
         )
     has_image = any(values.get(name) is not None for name in spec.image_fields)
     image_refused = any(name in already_bad for name in spec.image_fields)
-    if spec.recipe.max_input_images and not has_image and not image_refused:
+    images_required = spec.recipe.max_input_images and not spec.recipe.images_optional
+    if images_required and not has_image and not image_refused:
         fields = " or ".join(spec.image_fields)
         problems.append(
             FieldError(spec.image_fields[0], f"an input image is required: send {fields}")

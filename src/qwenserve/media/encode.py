@@ -76,7 +76,13 @@ def encode_image(image: Image.Image, image_format: str, quality: int) -> bytes:
         return encode_png(image)
     buffer = io.BytesIO()
     if kind in ("jpeg", "jpg"):
-        if image.mode != "RGB":
+        if image.mode == "RGBA":
+            # JPEG has no alpha: a transparent image (Qwen-Image 2.1) is flattened over white,
+            # as its pipeline shows references to its encoder, not left with hidden colours.
+            white = Image.new("RGB", image.size, (255, 255, 255))
+            white.paste(image, mask=image.getchannel("A"))
+            image = white
+        elif image.mode != "RGB":
             image = image.convert("RGB")
         image.save(buffer, format="JPEG", quality=quality)
     elif kind == "webp":

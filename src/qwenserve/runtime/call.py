@@ -8,16 +8,19 @@ scheduler, VAE tiling and the input images. Adapters are set before (``adapters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from qwenserve.catalog import GenerationRequest, PipelineKind, Recipe
 from qwenserve.errors import InvalidInput
 from qwenserve.runtime.fast_paths import set_vae_tiling
+from qwenserve.runtime.memory_plan import prefix_kv_cache_bytes, reference_tokens
 from qwenserve.runtime.prompt_cache import PromptCache
 from qwenserve.runtime.resident import Pipeline, Resident
 from qwenserve.runtime.schedulers import scheduler_for
@@ -87,6 +90,8 @@ def call_kwargs(
 
     ``prompts``: the prompt cache, or None when it is off (prompts are then sent as text)."""
     first = requests[0]
+    if recipe.pipeline is PipelineKind.QWEN_IMAGE_21:
+        return qwen_image_21_kwargs(requests, recipe, images, plan, pipe)
     texts = [prompt_for(r, recipe) for r in requests]
     generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
     single = len(requests) == 1
@@ -126,6 +131,84 @@ def call_kwargs(
     return kwargs
 
 
+def qwen_image_21_kwargs(
+    requests: Sequence[GenerationRequest],
+    recipe: Recipe,
+    images: Sequence[Image.Image],
+    plan: SizePlan,
+    pipe: Pipeline,
+) -> dict[str, Any]:
+    """``QwenImage21Pipeline``'s arguments: prompts as text (its embeddings carry the references'
+    vision tokens, so the prompt cache does not apply), the references as its condition images
+    (one set per call: a batch is text-to-image only), the planned size, ``output_resolution``
+    from the recipe's reference area, the KV cache always on (the pipeline documents that the
+    flag changes the pixels, so fixing it keeps a seed's image), and explicit ``sigmas`` whenever
+    the checkpoint's own ``sample_sigmas`` would override the requested step count."""
+    first = requests[0]
+    single = len(requests) == 1
+    if len(images) > recipe.max_input_images:
+        raise InvalidInput(
+            f"this model takes at most {recipe.max_input_images} reference images",
+            field=f"image_{recipe.max_input_images + 1}",
+        )
+    if images and not single:
+        raise InvalidInput("reference images are one set per call: no batch", field="image_1")
+    texts = [prompt_for(r, recipe) for r in requests]
+    generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
+    cfg = first.guidance > 1.0
+    kwargs: dict[str, Any] = {
+        "prompt": texts[0] if single else texts,
+        "num_inference_steps": first.steps,
+        "width": plan.generate_width,
+        "height": plan.generate_height,
+        "generator": generators[0] if single else generators,
+        "output_type": "np",
+        "true_cfg_scale": first.guidance if cfg else 1.0,
+        "use_kv_cache": True,
+        "output_resolution": reference_side(recipe, plan),
+    }
+    if cfg:
+        negatives = [negative_for(r) for r in requests]
+        kwargs["negative_prompt"] = negatives[0] if single else negatives
+    if images:
+        kwargs["image"] = list(images)
+    sigmas = step_sigmas(pipe, first.steps)
+    if sigmas is not None:
+        kwargs["sigmas"] = sigmas
+    return kwargs
+
+
+def reference_side(recipe: Recipe, plan: SizePlan) -> int:
+    """``output_resolution``: the side of the square the references are resized to (in area),
+    the recipe's reference area or the output's, whichever is smaller, a multiple of 32."""
+    area = plan.generate_width * plan.generate_height
+    if recipe.reference_area is not None:
+        area = min(area, recipe.reference_area)
+    multiple = recipe.size_multiple
+    return max(multiple, round(math.sqrt(area) / multiple) * multiple)
+
+
+def step_sigmas(pipe: Pipeline, steps: int) -> list[float] | None:
+    """The pipeline's default schedule for ``steps`` where the checkpoint's ``sample_sigmas``
+    (whose length, not ``num_inference_steps``, would set the steps) do not have that length;
+    None (the pipeline's own choice) otherwise."""
+    configured = getattr(pipe.config, "sample_sigmas", None)
+    if not configured or len(configured) == steps:
+        return None
+    return [float(s) for s in np.linspace(1.0, 1.0 / steps, steps)]
+
+
+def prompt_batch_key(request: GenerationRequest, recipe: Recipe, cfg_scale: float) -> Hashable:
+    """The prompts a batch must share (``Engine.batch_key``): Qwen-Image 2.1's exact texts, None
+    for the pipelines whose batches do not depend on them. 2.1's pipeline pads a shorter
+    prompt's encoding, and a padded sample is not its solo image (up to 125 of 255 levels off on
+    the tiny preset; equal token counts match to one level), so only the same prompt batches
+    (the OpenAI API's ``n`` images of one prompt)."""
+    if recipe.pipeline is not PipelineKind.QWEN_IMAGE_21:
+        return None
+    return (request.prompt, request.negative_prompt if cfg_scale > 1.0 else None)
+
+
 def use_scheduler(resident: Resident, recipe: Recipe, steps: int) -> None:
     """Set the recipe's scheduler on the pipeline, one kept per (kind, one step) and reused:
     building one per call would cost more than the call's own ``set_timesteps``."""
@@ -146,15 +229,53 @@ def build_call(
     *,
     tiny: bool,
     prompts: PromptCache | None,
-    vae_tiling: Callable[[int, int, int], bool],
+    vae_tiling: Callable[[int, int, int, int], bool],
 ) -> tuple[dict[str, Any], SizePlan]:
     """Scheduler, VAE tiling and arguments for one call (adapters are already active).
 
-    ``tiny``: plan the tiny preset's sizes; ``vae_tiling(width, height, batch)``: whether the
-    decode should be tiled (the memory plan's answer)."""
+    ``tiny``: plan the tiny preset's sizes; ``vae_tiling(width, height, batch, held_bytes)``:
+    whether the decode should be tiled (the memory plan's answer), the call holding
+    ``held_bytes`` through it (2.1's prefix KV cache)."""
     first = requests[0]
     use_scheduler(resident, recipe, first.steps)
     plan = plan_size(first, recipe, [i.size for i in images], tiny=tiny)
-    tiled = vae_tiling(plan.generate_width, plan.generate_height, len(requests))
+    kwargs = call_kwargs(requests, recipe, images, plan, resident.pipe, prompts)
+    held = prefix_cache_bytes(resident.pipe, kwargs, images, len(requests))
+    tiled = vae_tiling(plan.generate_width, plan.generate_height, len(requests), held)
     set_vae_tiling(resident.pipe, tiled)
-    return call_kwargs(requests, recipe, images, plan, resident.pipe, prompts), plan
+    return kwargs, plan
+
+
+TEMPLATE_TOKENS = 32
+"""About the tokens 2.1's prompt template adds around a prompt (system turn, markers)."""
+
+
+def reference_size(side: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The size 2.1's pipeline resizes a reference of ``size`` to: ``side``² pixels at its
+    ratio, both sides rounded to multiples of 32 (its ``calculate_dimensions``)."""
+    ratio = size[0] / max(size[1], 1)
+    width = math.sqrt(side * side * ratio)
+    return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
+def prefix_cache_bytes(
+    pipe: Pipeline, kwargs: dict[str, Any], images: Sequence[Image.Image], batch: int
+) -> int:
+    """Bytes of the prefix KV cache a Qwen-Image 2.1 call keeps (text and references); 0 for
+    the other pipelines and without the cache."""
+    if not kwargs.get("use_kv_cache"):
+        return 0
+    prompts = kwargs["prompt"] if isinstance(kwargs["prompt"], list) else [kwargs["prompt"]]
+    tokenizer = pipe.processor.tokenizer
+    text = max(len(tokenizer(p)["input_ids"]) for p in prompts) + TEMPLATE_TOKENS
+    side = int(kwargs["output_resolution"])
+    references = reference_tokens([reference_size(side, image.size) for image in images])
+    config = pipe.transformer.config
+    return prefix_kv_cache_bytes(
+        layers=int(config.num_layers),
+        inner_dim=int(config.num_attention_heads) * int(config.attention_head_dim),
+        prefix_tokens=text + references,
+        batch=batch,
+        dtype_bytes=int(pipe.transformer.dtype.itemsize),
+        cfg=float(kwargs.get("true_cfg_scale", 1.0)) > 1.0 and "negative_prompt" in kwargs,
+    )

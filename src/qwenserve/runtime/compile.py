@@ -231,7 +231,9 @@ def _shapes(spec: ModelSpec) -> list[tuple[dict[str, Any], list[Image.Image]]]:
         ratios = list(recipe.native_sizes) or [
             r for r in (param.allowed if param is not None and param.allowed else ()) if ":" in r
         ]
-        return [({"aspect_ratio": ratio}, images) for ratio in ratios]
+        # Qwen-Image 2.1 runs with and without references: both sequence layouts.
+        variants = [[], images] if recipe.images_optional else [images]
+        return [({"aspect_ratio": ratio}, found) for ratio in ratios for found in variants]
     return [({"width": w, "height": h}, images) for w, h in recipe.native_sizes.values()]
 
 

@@ -38,7 +38,7 @@ from qwenserve.catalog import (
 )
 from qwenserve.errors import InferenceError
 from qwenserve.runtime.adapters import Adapters, activate
-from qwenserve.runtime.call import PreparedCall, build_call
+from qwenserve.runtime.call import PreparedCall, build_call, prompt_batch_key
 from qwenserve.runtime.cfg_batch import CfgBatcher
 from qwenserve.runtime.compile import CompileStats, run_warm_up, warm_up_requests, warming
 from qwenserve.runtime.condition_area import capped_condition_area
@@ -298,7 +298,8 @@ class Engine:
         should_cancel: Callable[[], bool] | None = None,
         on_preview: PreviewCallback | None = None,
     ) -> GeneratedImage:
-        """Run ``request`` and return its image (RGB, exactly the planned width x height).
+        """Run ``request`` and return its image (RGB, or RGBA where Qwen-Image 2.1 made a
+        transparent one; exactly the planned width x height).
 
         ``images`` are the decoded inputs in ``request.images`` order; ``extra_loras`` local
         LoRA files in ``request.extra_loras`` order, active for this call only. ``on_step``
@@ -318,13 +319,19 @@ class Engine:
         """Requests with equal non-None keys can run in one ``generate_batch`` call.
 
         None (never batched) for edit slugs (edit-plus refuses batches; one-image edit gains
-        little, each prompt needing its own image) and for requests with extra LoRAs (their
+        little, each prompt needing its own image), for Qwen-Image 2.1 requests with reference
+        images (its pipeline takes one set per call) and for requests with extra LoRAs (their
         adapters are per job). The key holds everything one pipeline call shares: the slug and
         its recipe adapters, the preset LoRA, the planned size, steps, and the CFG scale (CFG
         on means a negative prompt is always sent, so its presence is implied by the scale).
+        Qwen-Image 2.1 also keys on its prompts (``prompt_batch_key`` says why).
         """
         recipe = get_model(request.slug).recipe
-        if recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE or request.extra_loras:
+        # Qwen-Image 2.1 batches prompts, but takes one set of reference images per call.
+        batchable = recipe.pipeline is PipelineKind.TEXT_TO_IMAGE or (
+            recipe.pipeline is PipelineKind.QWEN_IMAGE_21 and not request.images
+        )
+        if not batchable or request.extra_loras:
             return None
         plan = plan_size(request, recipe, [], tiny=self.is_tiny)
         cfg_scale = request.guidance if request.guidance > 1.0 else 1.0
@@ -335,6 +342,7 @@ class Engine:
             (plan.generate_width, plan.generate_height, plan.width, plan.height),
             request.steps,
             cfg_scale,
+            prompt_batch_key(request, recipe, cfg_scale),
         )
 
     def generate_batch(
@@ -465,7 +473,8 @@ class Engine:
             step_cache_reset_on_error(resident.pipe, self.config)
         ]
         # The tiny preset's edit inputs need not be VAE-encoded at ~1 MP: the images are noise.
-        if self.is_tiny and resident.kind is not PipelineKind.TEXT_TO_IMAGE:
+        # (Qwen-Image 2.1 sizes its references by ``output_resolution`` instead.)
+        if self.is_tiny and resident.kind in (PipelineKind.EDIT, PipelineKind.EDIT_PLUS):
             scopes.append(capped_condition_area(TINY_AREA))
         negative = kwargs.get("negative_prompt_embeds")
         if resident.cfg is not None and negative is not None:

@@ -9,6 +9,7 @@ Switches that cannot work where the engine runs refuse at load with an ``Inferen
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 from qwenserve.errors import InferenceError
 from qwenserve.runtime.compile import CompileStats, compile_blocks
 from qwenserve.runtime.config import EngineConfig, QuantizeMode, quantize_mode
+
+log = logging.getLogger("qwenserve.runtime")
 
 
 def check_switches(config: EngineConfig, device: torch.device) -> None:
@@ -83,11 +86,21 @@ def quantize_fp8(transformer: torch.nn.Module, mode: QuantizeMode) -> None:
     quantize_(transformer, fp8_config(mode))
 
 
-def enable_step_cache(transformer: Any, threshold: float) -> None:
-    """diffusers' first-block cache: skip the remaining blocks when block 0 barely changed."""
+def enable_step_cache(transformer: Any, threshold: float) -> bool:
+    """diffusers' first-block cache: skip the remaining blocks when block 0 barely changed.
+
+    False (and the transformer left as it is) where diffusers has no first-block cache for its
+    blocks: Qwen-Image 2.1's in diffusers 0.42 (it caches its prefix K/V itself)."""
     from diffusers import FirstBlockCacheConfig
 
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    except ValueError as error:
+        if "not registered" not in str(error):
+            raise
+        log.warning("step cache not available for %s: %s", type(transformer).__name__, error)
+        return False
+    return True
 
 
 def reset_step_cache(transformer: Any) -> None:

@@ -12,7 +12,10 @@ so it is counted once. The rules:
   plus the device's free memory, less ``memory_margin_gb`` kept for the work itself
   (activations, workspaces); elsewhere only the count cap applies.
 - **VAE tiling** follows the whole decode (batch x pixels): on CUDA when its estimated peak does
-  not fit the free memory less the margin; elsewhere above a pixel count.
+  not fit the free memory less the margin (and less what the call itself holds through the
+  decode: Qwen-Image 2.1's prefix KV cache); elsewhere above a pixel count.
+- **Qwen-Image 2.1's prefix KV cache** is per request: K and V of every block over the text and
+  reference-image tokens, kept from the first step to the last (``prefix_kv_cache_bytes``).
 """
 
 from __future__ import annotations
@@ -194,6 +197,23 @@ def decode_peak_bytes(width: int, height: int, batch: int, dtype_bytes: int) -> 
     return width * height * batch * dtype_bytes * VAE_DECODE_BYTES_PER_PIXEL_PER_DTYPE_BYTE
 
 
+def reference_tokens(reference_sizes: Sequence[tuple[int, int]], vae_factor: int = 16) -> int:
+    """Latent tokens Qwen-Image 2.1 adds to the joint sequence for references of these (resized)
+    sizes: one per ``vae_factor``² pixels (16x VAE, unpatched latents)."""
+    return sum((w // vae_factor) * (h // vae_factor) for w, h in reference_sizes)
+
+
+def prefix_kv_cache_bytes(
+    *, layers: int, inner_dim: int, prefix_tokens: int, batch: int, dtype_bytes: int, cfg: bool
+) -> int:
+    """Qwen-Image 2.1's prefix KV cache for one call: K and V (``inner_dim`` each) in every one
+    of ``layers`` blocks for ``prefix_tokens`` text and reference tokens, per sample, twice with
+    CFG (a cache per branch). The real model (32 blocks x 4096, bf16) holds 512 KiB per prefix
+    token: ~2 GiB per 1024² reference, ~20 GiB for ten."""
+    branches = 2 if cfg else 1
+    return 2 * layers * inner_dim * prefix_tokens * batch * dtype_bytes * branches
+
+
 def wants_vae_tiling(
     forced: bool | None,
     *,
@@ -202,15 +222,17 @@ def wants_vae_tiling(
     batch: int,
     dtype_bytes: int,
     work_bytes: int | None,
+    held_bytes: int = 0,
 ) -> bool:
     """Whether the decode of ``batch`` images of width x height should be tiled.
 
     ``forced`` (``EngineConfig.vae_tiling``) wins. Else, with ``work_bytes`` (what a call may use
-    now, ``MemoryBudget.for_work``): tile when the whole decode's estimated peak exceeds it;
-    without (CPU): tile above ``CPU_TILING_PIXELS`` over batch x pixels.
+    now, ``MemoryBudget.for_work``): tile when the whole decode's estimated peak exceeds it less
+    ``held_bytes`` (what the call allocates before the decode and still holds, such as 2.1's
+    prefix KV cache); without (CPU): tile above ``CPU_TILING_PIXELS`` over batch x pixels.
     """
     if forced is not None:
         return forced
     if work_bytes is None:
         return width * height * batch > CPU_TILING_PIXELS
-    return decode_peak_bytes(width, height, batch, dtype_bytes) > work_bytes
+    return decode_peak_bytes(width, height, batch, dtype_bytes) > work_bytes - held_bytes

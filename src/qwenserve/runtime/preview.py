@@ -125,7 +125,8 @@ def preview_hook(
     """The ``on_latents`` step hook that makes the previews ``requests`` ask for (each its
     ``partial_images`` at ``preview_steps``) and hands them to ``on_preview``; None when no
     request wants any. A preview that cannot be made is skipped, never the job's failure."""
-    if on_preview is None:
+    if on_preview is None or int(getattr(pipe, "vae_scale_factor", 8)) != 8:
+        # Qwen-Image 2.1 (a 16x VAE, 64 unpatched channels) has no published latent projection.
         return None
     wanted = {
         index: preview_steps(request.steps, request.partial_images)

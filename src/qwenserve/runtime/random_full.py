@@ -7,6 +7,7 @@ defaults in diffusers 0.42 are exactly that: 60 layers, 24 heads x 128, joint at
 width 96). The text encoder is the tiny preset's two-layer Qwen2.5-VL widened to 3584, so
 prompt embeddings have the real shape at a fraction of the 7B encoder's cost (its time is not
 part of a denoising step). Images are noise. CUDA only: 20B parameters in bfloat16 are 41 GB.
+Qwen-Image 2.1's real-size build (7.1B transformer, RGBA VAE) is random_full_21.py.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ INIT_STD = 0.02
 """Small random weights keep 60 residual blocks finite in bfloat16."""
 
 
-def _random_transformer(device: torch.device, dtype: torch.dtype) -> Any:
+def _random_transformer(device: torch.device, dtype: torch.dtype, cls: Any = Transformer) -> Any:
     # Parameters start on the meta device (no 80 GB float32 copy anywhere); RoPE tables, plain
     # tensors built in __init__, stay real.
     with init_empty_weights():
-        transformer: Any = Transformer()
+        transformer: Any = cls()
     transformer.to(dtype)
     transformer.to_empty(device=device)
     with torch.no_grad():
@@ -53,6 +54,15 @@ def _random_transformer(device: torch.device, dtype: torch.dtype) -> Any:
             else:
                 parameter.fill_(1.0)  # norm scales
     return transformer
+
+
+def transformer_class_for(kind: PipelineKind) -> Any:
+    """The real transformer class of ``kind`` (its class defaults are the published config)."""
+    if kind is PipelineKind.QWEN_IMAGE_21:
+        from diffusers import QwenImage21Transformer2DModel
+
+        return QwenImage21Transformer2DModel
+    return Transformer
 
 
 def _wide_text_encoder(tokenizer: Any) -> Any:
@@ -71,6 +81,10 @@ def build_random_full_pipeline(kind: PipelineKind, name: str, dtype: torch.dtype
     if not torch.cuda.is_available():
         raise InferenceError("random-full needs a CUDA GPU")
     device = torch.device("cuda")
+    if kind is PipelineKind.QWEN_IMAGE_21:
+        from qwenserve.runtime.random_full_21 import build_random_full_21
+
+        return build_random_full_21(name, dtype, device)
     tokenizer = build_tiny_tokenizer(prompt_templates())
     with torch.random.fork_rng(devices=[device]):
         torch.manual_seed(_seed_for(name))
@@ -81,16 +95,24 @@ def build_random_full_pipeline(kind: PipelineKind, name: str, dtype: torch.dtype
     return assemble_pipeline(kind, transformer, vae, text_encoder, tokenizer)
 
 
-def random_full_footprint(dtype: torch.dtype) -> Footprint:
+def random_full_footprint(
+    dtype: torch.dtype, kind: PipelineKind = PipelineKind.TEXT_TO_IMAGE
+) -> Footprint:
     """The bytes ``build_random_full_pipeline`` will take, from a meta-device build (no memory,
     no GPU): the parameters and buffers of each component at ``dtype``."""
     tokenizer = build_tiny_tokenizer(prompt_templates())
     with torch.device("meta"):
-        components: dict[str, Any] = {
-            "transformer": Transformer(),
-            "vae": AutoencoderKLQwenImage(),
-            "text_encoder": _wide_text_encoder(tokenizer),
-        }
+        components: dict[str, Any]
+        if kind is PipelineKind.QWEN_IMAGE_21:
+            from qwenserve.runtime.random_full_21 import meta_components_21
+
+            components = meta_components_21(tokenizer)
+        else:
+            components = {
+                "transformer": Transformer(),
+                "vae": AutoencoderKLQwenImage(),
+                "text_encoder": _wide_text_encoder(tokenizer),
+            }
     return Footprint(
         tuple(
             Part(name, sum(t.numel() for t in (*m.parameters(), *m.buffers())) * dtype.itemsize)
@@ -102,13 +124,16 @@ def random_full_footprint(dtype: torch.dtype) -> Footprint:
 LORA_RANK = 16
 
 
-def ensure_random_full_lora(cache_dir: Path, source: LoraSource) -> Path:
-    """A random rank-16 LoRA over every block linear of the real transformer (built once)."""
+def ensure_random_full_lora(
+    cache_dir: Path, source: LoraSource, kind: PipelineKind = PipelineKind.TEXT_TO_IMAGE
+) -> Path:
+    """A random rank-16 LoRA over every block linear of the real transformer of ``kind``
+    (built once)."""
     final = cache_dir / "random-full-v1" / source.repo / source.filename
     if final.exists():
         return final
     with torch.device("meta"):
-        transformer: Any = Transformer()
+        transformer: Any = transformer_class_for(kind)()
     generator = torch.Generator().manual_seed(_seed_for(f"{source.repo}/{source.filename}"))
     tensors: dict[str, torch.Tensor] = {}
     for module_name, module in transformer.named_modules():

@@ -45,7 +45,7 @@ from qwenserve.runtime.memory_plan import (
     plan_trim,
     wants_vae_tiling,
 )
-from qwenserve.runtime.processor import load_processor
+from qwenserve.runtime.processor import load_processor, load_processor_21
 from qwenserve.runtime.progress import quiet_progress
 from qwenserve.runtime.weights import WeightSource
 
@@ -206,8 +206,9 @@ class ResidentPipelines:
         self._evict(trim, keep=frozenset(), why="over the memory budget once loaded")
         return resident
 
-    def wants_vae_tiling(self, width: int, height: int, batch: int) -> bool:
-        """Whether a call decoding ``batch`` images of width x height should tile its decode."""
+    def wants_vae_tiling(self, width: int, height: int, batch: int, held_bytes: int = 0) -> bool:
+        """Whether a call decoding ``batch`` images of width x height should tile its decode,
+        the call already holding ``held_bytes`` (2.1's prefix KV cache)."""
         return wants_vae_tiling(
             self.config.vae_tiling,
             width=width,
@@ -215,6 +216,7 @@ class ResidentPipelines:
             batch=batch,
             dtype_bytes=self.dtype.itemsize,
             work_bytes=self.budget.for_work(),
+            held_bytes=held_bytes,
         )
 
     def release_memory(self) -> None:
@@ -234,7 +236,7 @@ class ResidentPipelines:
             if self.config.weights == "random-full":
                 from qwenserve.runtime.random_full import random_full_footprint
 
-                estimate = random_full_footprint(self.dtype)
+                estimate = random_full_footprint(self.dtype, recipe.pipeline)
             else:
                 folder = hub_snapshot(location) if self.config.weights == "hub" else Path(location)
                 if folder is None:
@@ -259,8 +261,10 @@ class ResidentPipelines:
 
                 pipe = build_random_full_pipeline(recipe.pipeline, recipe.base_weights, self.dtype)
             else:
-                if recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE:
-                    # The stock processor needs torchvision; ours loads the same files without it.
+                # The stock processors need torchvision; ours load the same files without it.
+                if recipe.pipeline is PipelineKind.QWEN_IMAGE_21:
+                    kwargs["processor"] = load_processor_21(location)
+                elif recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE:
                     kwargs["processor"] = load_processor(location)
                 with quiet_progress():
                     pipe = DiffusionPipeline.from_pretrained(location, **kwargs)

@@ -3,7 +3,8 @@
 The step callback reports progress and stops the denoising loop on cancellation; an
 out-of-memory error (CUDA's, or the CPU allocator's) becomes ``OutOfMemory`` naming the size and
 batch, raised only once the failed call's memory is freed; NaN/inf output is refused; pixels
-become an RGB image of exactly the planned size.
+become an RGB (or, for a transparent Qwen-Image 2.1 image, RGBA) image of exactly the
+planned size.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def run_pipeline(
     free_memory: Callable[[], None],
     device_type: str,
 ) -> np.ndarray[Any, Any]:
-    """Call ``pipe`` within ``scopes``; returns float pixels [B, H, W, 3] in [0, 1].
+    """Call ``pipe`` within ``scopes``; returns float pixels [B, H, W, C] in [0, 1] (C is 3, or
+    4 for Qwen-Image 2.1's RGBA VAE).
 
     ``on_step`` gets (steps done, ``total_steps``) after each step; ``should_cancel`` is
     checked there; ``on_latents`` gets (steps done, the latents) after each step (previews).
@@ -99,11 +101,16 @@ def is_out_of_memory(error: Exception) -> bool:
 
 
 def to_image(pixels: np.ndarray[Any, Any], plan: SizePlan) -> Image.Image:
-    """Float [0, 1] HxWx3 → RGB image of exactly the planned size: center-cropped from a
-    slightly larger one, or (tiny preset, large explicit sizes) resized from a smaller one."""
+    """Float [0, 1] HxWx3 (or HxWx4: Qwen-Image 2.1's RGBA VAE) → an image of exactly the
+    planned size: center-cropped from a slightly larger one, or (tiny preset, large explicit
+    sizes) resized from a smaller one. RGBA only where some pixel is not opaque (the model made
+    a transparent image); an opaque one is RGB, as every other model's."""
     array = (np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8)
-    image = Image.fromarray(array, mode="RGB") if array.ndim == 3 else Image.fromarray(array)
-    image = image.convert("RGB")
+    transparent = array.ndim == 3 and array.shape[-1] == 4 and bool((array[..., 3] < 255).any())
+    if array.ndim == 3 and array.shape[-1] == 4 and not transparent:
+        array = np.ascontiguousarray(array[..., :3])
+    image = Image.fromarray(array)
+    image = image.convert("RGBA" if transparent else "RGB")
     if plan.needs_resize:
         return image.resize((plan.width, plan.height), Image.Resampling.BICUBIC)
     if image.size != (plan.width, plan.height):

@@ -1,8 +1,9 @@
 """Output sizes: from a request's aspect ratio, explicit width/height or its input images.
 
-Pure arithmetic, no torch. The pipelines floor sizes to multiples of 16 with only a log warning,
-so every size chosen here is already a multiple of 16; an explicit width/height that is not is
-generated at the next multiple of 16 up and center-cropped to exactly what was asked.
+Pure arithmetic, no torch. The pipelines floor sizes to multiples of 16 (Qwen-Image 2.1: 32,
+``Recipe.size_multiple``) with only a log warning, so every size chosen here is already such a
+multiple; an explicit width/height that is not is generated at the next multiple up and
+center-cropped to exactly what was asked.
 """
 
 from __future__ import annotations
@@ -43,18 +44,19 @@ class SizePlan:
         return self.generate_width < self.width or self.generate_height < self.height
 
 
-def _round_to_multiple(value: float) -> int:
-    return max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+def _round_to_multiple(value: float, multiple: int = SIZE_MULTIPLE) -> int:
+    return max(multiple, round(value / multiple) * multiple)
 
 
-def _ceil_to_multiple(value: int) -> int:
-    return max(SIZE_MULTIPLE, math.ceil(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+def _ceil_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
+    return max(multiple, math.ceil(value / multiple) * multiple)
 
 
-def size_for_area(ratio: float, area: int) -> tuple[int, int]:
-    """About ``area`` pixels at ``ratio`` (width / height), both sides multiples of 16."""
+def size_for_area(ratio: float, area: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """About ``area`` pixels at ``ratio`` (width / height), both sides multiples of
+    ``multiple`` (16; 32 for Qwen-Image 2.1)."""
     width = math.sqrt(area * ratio)
-    return _round_to_multiple(width), _round_to_multiple(width / ratio)
+    return _round_to_multiple(width, multiple), _round_to_multiple(width / ratio, multiple)
 
 
 def parse_ratio(aspect_ratio: str) -> float:
@@ -73,7 +75,11 @@ def native_sizes(recipe: Recipe, *, tiny: bool) -> Mapping[str, tuple[int, int]]
     """The recipe's native sizes; the tiny preset keeps each ratio at about ``TINY_AREA``."""
     if not tiny:
         return recipe.native_sizes
-    return {ratio: size_for_area(w / h, TINY_AREA) for ratio, (w, h) in recipe.native_sizes.items()}
+    multiple = recipe.size_multiple
+    return {
+        ratio: size_for_area(w / h, TINY_AREA, multiple)
+        for ratio, (w, h) in recipe.native_sizes.items()
+    }
 
 
 def plan_size(
@@ -89,13 +95,18 @@ def plan_size(
     ratio at the default area (edit slugs, ``match_input_image`` or no ratio), the 1:1 size.
     """
     area = TINY_AREA if tiny else recipe.default_area
+    multiple = recipe.size_multiple
     if request.width is not None or request.height is not None:
         width = request.width or request.height or 0
         height = request.height or request.width or 0
         if tiny and width * height > TINY_MAX_EXPLICIT_AREA:
-            small_width, small_height = size_for_area(width / height, TINY_MAX_EXPLICIT_AREA)
+            small_width, small_height = size_for_area(
+                width / height, TINY_MAX_EXPLICIT_AREA, multiple
+            )
             return SizePlan(small_width, small_height, width, height)
-        return SizePlan(_ceil_to_multiple(width), _ceil_to_multiple(height), width, height)
+        return SizePlan(
+            _ceil_to_multiple(width, multiple), _ceil_to_multiple(height, multiple), width, height
+        )
 
     sizes = native_sizes(recipe, tiny=tiny)
     ratio_name = request.aspect_ratio
@@ -103,12 +114,12 @@ def plan_size(
         if ratio_name in sizes:
             width, height = sizes[ratio_name]
         else:
-            width, height = size_for_area(parse_ratio(ratio_name), area)
+            width, height = size_for_area(parse_ratio(ratio_name), area, multiple)
     elif input_sizes:
         last_width, last_height = input_sizes[-1]
-        width, height = size_for_area(last_width / max(last_height, 1), area)
+        width, height = size_for_area(last_width / max(last_height, 1), area, multiple)
     elif "1:1" in sizes:
         width, height = sizes["1:1"]
     else:
-        width, height = size_for_area(1.0, area)
+        width, height = size_for_area(1.0, area, multiple)
     return SizePlan(width, height, width, height)

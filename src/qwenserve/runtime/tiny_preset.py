@@ -7,6 +7,8 @@ path real weights take, so the preset exercises the real save/load code. Lightni
 LoRAs are small random safetensors files in diffusers' own key format, stored next to the bases
 at ``<cache_dir>/tiny-v1/<repo>/<filename>``, exactly where a weights folder keeps real ones.
 
+Qwen-Image 2.1 (``QwenImage21Pipeline``) is built by tiny_preset_21.py, saved the same way.
+
 The images are noise: the point is a real pipeline end to end on a laptop CPU in a second.
 Concurrent builders (threads or processes) serialise on a file lock, and every result appears by
 an atomic rename, so a half-written folder is never visible.
@@ -42,6 +44,11 @@ from qwenserve.catalog import LoraSource, PipelineKind
 from qwenserve.runtime.processor import ImageOnlyQwen2VLProcessor, restore_stock_class_names
 from qwenserve.runtime.progress import quiet_progress
 from qwenserve.runtime.schedulers import STOCK_SCHEDULER_CONFIG
+from qwenserve.runtime.tiny_preset_21 import (
+    assemble_pipeline_21,
+    build_models_21,
+    transformer_class,
+)
 from qwenserve.runtime.tiny_tokenizer import (
     IM_END,
     IMAGE_PAD,
@@ -202,6 +209,9 @@ def build_tiny_pipeline(kind: PipelineKind, name: str) -> Any:
     tokenizer = build_tiny_tokenizer(prompt_templates())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed_for(name))
+        if kind is PipelineKind.QWEN_IMAGE_21:  # tiny_preset_21.py
+            models = build_models_21(tokenizer, _reinitialise, TRANSFORMER_INIT_GAIN, VAE_INIT_GAIN)
+            return assemble_pipeline_21(*models, tokenizer)
         transformer = _transformer()
         _reinitialise(transformer, TRANSFORMER_INIT_GAIN)
         vae = _vae()
@@ -281,7 +291,7 @@ def _lora_targets(base_folder: Path) -> dict[str, tuple[int, int]]:
     config = json.loads((base_folder / "transformer" / "config.json").read_text())
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        transformer: Any = QwenImageTransformer2DModel(**kwargs)
+        transformer: Any = transformer_class(config.get("_class_name", ""))(**kwargs)
     return {
         name: (module.in_features, module.out_features)
         for name, module in transformer.named_modules()

@@ -81,7 +81,7 @@ class RandomFullWeights:
     def lora_file(self, source: LoraSource, base_weights: str, kind: PipelineKind) -> Path:
         from qwenserve.runtime.random_full import ensure_random_full_lora
 
-        return ensure_random_full_lora(self.cache_dir, source)
+        return ensure_random_full_lora(self.cache_dir, source, kind)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,213 @@
+"""The Qwen-Image 2.1 slugs: ``qwen-image-2.1`` and ``qwen-image-2.1-fast``.
+
+No Segmind page exists for them, so the contract is ours, declared in the seed pages' style and
+derived from the model itself (the Qwen-Image-2.1 README and diffusers' ``QwenImage21Pipeline``):
+
+- one pipeline does text-to-image and editing: ``image_1``..``image_10`` are optional reference
+  images, ten being the model's documented limit ("up to 10 reference images");
+- native 2K sizes: the seven recommended ratios of the model's README (2048x2048 for 1:1, up to
+  2752x1536 for 16:9, each about 2048² pixels); explicit ``width``/``height`` are capped at 2048
+  a side, so no request exceeds the 2048² area; the pipeline floors sizes to multiples of 32
+  (its 16x VAE times the 2x2 image slots), so other sizes are generated at the next multiple of 32
+  and center-cropped;
+- 40 steps and no CFG by default (``guidance`` 1; CFG runs only above 1, with the negative
+  prompt), as the pipeline's own defaults;
+- the VAE is RGBA: PNG and WEBP keep the alpha channel when the model makes a transparent image.
+
+``qwen-image-2.1-fast`` is the same base with the Lightning 4-step LoRA
+(``lightx2v/Qwen-Image-2.1-Lightning``); its file name and schedule are not published in anything
+this project could read, so both follow the other Lightning releases (``…-4steps-V1.0-bf16``, the
+fixed shift-3 schedule); a folder or hub cache holding another name is one catalog line to change.
+
+The weights are under the Qwen Research License (the README says so where it lists them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from qwenserve.catalog.spec import (
+    SEED_CEILING,
+    LoraSource,
+    ModelSpec,
+    Param,
+    PipelineKind,
+    Recipe,
+    SchedulerKind,
+)
+
+QWEN_IMAGE_21_BASE = "Qwen/Qwen-Image-2.1"
+QWEN_IMAGE_21_LIGHTNING = LoraSource(
+    "lightx2v/Qwen-Image-2.1-Lightning", "Qwen-Image-2.1-Lightning-4steps-V1.0-bf16.safetensors"
+)
+
+MAX_REFERENCE_IMAGES = 10
+"""The model's documented limit ("up to 10 reference images", Qwen-Image-2.1 README)."""
+
+MAX_SIDE = 2048
+MIN_SIDE = 256
+
+REFERENCE_AREA = 1024 * 1024
+"""Each reference image is resized to about this many pixels: the pipeline's default
+``output_resolution`` (1024). 2048² references would quadruple the reference KV cache (about
+2 GiB per 1024² reference in bf16) for no documented gain."""
+
+QWEN_IMAGE_21_SIZES: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {
+        "1:1": (2048, 2048),
+        "4:3": (2400, 1792),
+        "3:4": (1792, 2400),
+        "3:2": (2528, 1696),
+        "2:3": (1696, 2528),
+        "16:9": (2752, 1536),
+        "9:16": (1536, 2752),
+    }
+)
+"""The README's recommended sizes: every side a multiple of 32."""
+
+ASPECT_RATIOS = (*QWEN_IMAGE_21_SIZES, "match_input_image")
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+
+
+def _reference_params() -> tuple[Param, ...]:
+    return tuple(
+        Param(
+            f"image_{index}",
+            "uri",
+            f"Reference image {index} (URL or base64); optional, up to {MAX_REFERENCE_IMAGES}",
+            default=None,
+        )
+        for index in range(1, MAX_REFERENCE_IMAGES + 1)
+    )
+
+
+def _params(*, steps: int, max_steps: int, negative: bool) -> tuple[Param, ...]:
+    negative_prompt = (
+        (
+            Param(
+                "negative_prompt",
+                "string",
+                "What to avoid; used only with guidance above 1 (CFG).",
+                default=None,
+            ),
+        )
+        if negative
+        else ()
+    )
+    return (
+        Param(
+            "prompt",
+            "string",
+            "Describe the image to create, or the edit to make to the reference images.",
+            required=True,
+        ),
+        *negative_prompt,
+        Param(
+            "steps",
+            "integer",
+            "Number of denoising steps.",
+            default=steps,
+            minimum=1,
+            maximum=max_steps,
+        ),
+        Param(
+            "guidance",
+            "number",
+            "Prompt adherence (true CFG); 1 means no CFG, the model's default.",
+            default=1,
+            minimum=1,
+            maximum=20,
+        ),
+        Param(
+            "seed",
+            "integer",
+            "Determines image variation. Use -1 for unique images.",
+            default=-1,
+            minimum=-1,
+            maximum=SEED_CEILING,
+            implicit_range=True,
+        ),
+        Param(
+            "aspect_ratio",
+            "string",
+            "Image proportion at the native 2K size; match_input_image follows the last reference "
+            "(1:1 without references). Ignored when width or height is sent.",
+            default="match_input_image",
+            allowed=ASPECT_RATIOS,
+        ),
+        Param(
+            "width",
+            "integer",
+            "Output width in pixels (overrides aspect_ratio).",
+            default=None,
+            minimum=MIN_SIDE,
+            maximum=MAX_SIDE,
+        ),
+        Param(
+            "height",
+            "integer",
+            "Output height in pixels (overrides aspect_ratio).",
+            default=None,
+            minimum=MIN_SIDE,
+            maximum=MAX_SIDE,
+        ),
+        *_reference_params(),
+        Param(
+            "image_format",
+            "string",
+            "Output format; PNG and WEBP keep transparency when the model makes an RGBA image.",
+            default="png",
+            allowed=IMAGE_FORMATS,
+        ),
+        Param("quality", "integer", "Output image quality.", default=90, minimum=10, maximum=100),
+        Param("base64", "boolean", "Return the image as a base64 string.", default=False),
+        Param(
+            "lora_2_url",
+            "string",
+            "Additional LoRA model URL (public direct URL or Hugging Face URL to the file)",
+            default=None,
+        ),
+        Param(
+            "lora_3_url",
+            "string",
+            "Additional LoRA model URL (public direct URL or Hugging Face URL to the file)",
+            default=None,
+        ),
+    )
+
+
+def _recipe(*, scheduler: SchedulerKind, lightning: LoraSource | None) -> Recipe:
+    return Recipe(
+        pipeline=PipelineKind.QWEN_IMAGE_21,
+        base_weights=QWEN_IMAGE_21_BASE,
+        scheduler=scheduler,
+        lightning=lightning,
+        max_input_images=MAX_REFERENCE_IMAGES,
+        images_optional=True,
+        native_sizes=QWEN_IMAGE_21_SIZES,
+        default_area=2048 * 2048,
+        size_multiple=32,
+        reference_area=REFERENCE_AREA,
+    )
+
+
+QWEN_IMAGE_21 = ModelSpec(
+    slug="qwen-image-2.1",
+    title="Qwen Image 2.1",
+    summary="Text-to-image and editing with up to 10 reference images (Qwen-Image 2.1, 2K, RGBA).",
+    price_usd=0.04,
+    params=_params(steps=40, max_steps=60, negative=True),
+    recipe=_recipe(scheduler=SchedulerKind.STOCK, lightning=None),
+)
+
+QWEN_IMAGE_21_FAST = ModelSpec(
+    slug="qwen-image-2.1-fast",
+    title="Qwen Image 2.1 Fast",
+    summary="Qwen-Image 2.1 in 4 steps (Lightning LoRA): text-to-image and reference edits.",
+    price_usd=0.01,
+    params=_params(steps=4, max_steps=8, negative=False),
+    recipe=_recipe(scheduler=SchedulerKind.LIGHTNING, lightning=QWEN_IMAGE_21_LIGHTNING),
+)
+
+QWEN_IMAGE_21_MODELS: tuple[ModelSpec, ...] = (QWEN_IMAGE_21, QWEN_IMAGE_21_FAST)
