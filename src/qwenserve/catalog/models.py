@@ -27,6 +27,7 @@ from qwenserve.catalog.spec import (
     PipelineKind,
     Recipe,
     SchedulerKind,
+    extra_lora_params,
 )
 
 QWEN_IMAGE_SIZES: Mapping[str, tuple[int, int]] = MappingProxyType(
@@ -371,18 +372,7 @@ QWEN_IMAGE_EDIT_PLUS_PRODUCT_PHOTOGRAPHY = ModelSpec(
             default="product_photography",
             allowed=("product_photography",),
         ),
-        Param(
-            "lora_2_url",
-            "string",
-            "Additional LoRA model URL (public direct URL or Hugging Face URL to the file)",
-            default=None,
-        ),
-        Param(
-            "lora_3_url",
-            "string",
-            "Additional LoRA model URL (public direct URL or Hugging Face URL to the file)",
-            default=None,
-        ),
+        *extra_lora_params(),
         Param(
             "quality", "integer", "Output image quality (1-100)", default=95, minimum=1, maximum=100
         ),

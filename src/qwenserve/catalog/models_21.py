@@ -35,6 +35,7 @@ from qwenserve.catalog.spec import (
     PipelineKind,
     Recipe,
     SchedulerKind,
+    extra_lora_params,
 )
 
 QWEN_IMAGE_21_BASE = "Qwen/Qwen-Image-2.1"
@@ -162,18 +163,7 @@ def _params(*, steps: int, max_steps: int, negative: bool) -> tuple[Param, ...]:
         ),
         Param("quality", "integer", "Output image quality.", default=90, minimum=10, maximum=100),
         Param("base64", "boolean", "Return the image as a base64 string.", default=False),
-        Param(
-            "lora_2_url",
-            "string",
-            "Additional LoRA model URL (public direct URL or Hugging Face URL to the file)",
-            default=None,
-        ),
-        Param(
-            "lora_3_url",
-            "string",
-            "Additional LoRA model URL (public direct URL or Hugging Face URL to the file)",
-            default=None,
-        ),
+        *extra_lora_params(),
     )
 
 

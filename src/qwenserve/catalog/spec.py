@@ -49,6 +49,15 @@ class Param:
         return self.default is not NO_DEFAULT
 
 
+def extra_lora_params() -> tuple[Param, ...]:
+    """``lora_2_url`` and ``lora_3_url``: per-request LoRAs, as the product-photography seed page
+    spells them (every slug that takes them declares these two)."""
+    description = "Additional LoRA model URL (public direct URL or Hugging Face URL to the file)"
+    return tuple(
+        Param(name, "string", description, default=None) for name in ("lora_2_url", "lora_3_url")
+    )
+
+
 class PipelineKind(enum.StrEnum):
     """Which diffusers pipeline class runs a model."""
 
