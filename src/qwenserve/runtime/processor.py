@@ -22,8 +22,10 @@ STOCK_PROCESSOR_CLASS = "Qwen2VLProcessor"
 STOCK_PROCESSOR_CLASS_21 = "Qwen3VLProcessor"
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` for images and text only (no video processor, no torchvision)."""
+class _WithoutVideo:
+    """The processor's constructor with no video processor. Transformers reads a processor's
+    parts from its ``__init__`` signature, so this one names only the image processor and the
+    tokenizer."""
 
     def __init__(
         self,
@@ -32,7 +34,7 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
+        super().__init__(  # type: ignore[call-arg]
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=None,
@@ -41,25 +43,14 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         )
 
 
-class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+class ImageOnlyQwen2VLProcessor(_WithoutVideo, Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` for images and text only (no video processor, no torchvision)."""
+
+
+class ImageOnlyQwen3VLProcessor(_WithoutVideo, Qwen3VLProcessor):
     """``Qwen3VLProcessor`` for images and text only: Qwen-Image 2.1's processor without its
     video processor (no torchvision). The pipeline derives its template drop from the chat
     template, so that must come along."""
-
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-            **kwargs,
-        )
 
 
 def load_processor_21(location: str, *, subfolder: str = "processor") -> ImageOnlyQwen3VLProcessor:
