@@ -7,14 +7,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from qwenserve import __version__
 from qwenserve.api import history, media, metrics, models, openai_images, ops, playground, v1, v2
 from qwenserve.api.body import BodyLimit
 from qwenserve.api.docs import create_documented_app
 from qwenserve.api.errors import install_error_handlers
-from qwenserve.api.query import refuse_repeated_query_parameters
+from qwenserve.api.query import SingleValuedQuery
 from qwenserve.api.services import Services
 
 log = logging.getLogger("qwenserve.api")
@@ -54,13 +54,13 @@ def create_app(services: Services) -> FastAPI:
         version=__version__,
         summary="Segmind-compatible serving for the Qwen-Image models",
         lifespan=lifespan,
-        dependencies=[Depends(refuse_repeated_query_parameters)],
     )
     app.state.services = services
     app.state.metrics_registry = ops.build_registry(services)
     metrics.instrument(app, app.state.metrics_registry)
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(SingleValuedQuery)
     # Routes are matched in order: the queue's polls and submits, most of the traffic, first.
     app.include_router(v2.router)
     app.include_router(v1.router)
