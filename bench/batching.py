@@ -1,6 +1,7 @@
 """Benchmark: throughput of 8 concurrent same-shape requests, batching on versus off.
 
-    python bench/batching.py [--rounds 3] [--requests 8] [--api v1|v2] [--poll-s 0.25] [--no-write]
+    python bench/batching.py [--rounds 3] [--requests 8] [--api v1|v2] [--poll-s 0.25]
+        [--steps 8] [--cache-dir DIR] [--quick] [--doc PATH | --no-write] [--json PATH]
 
 A real `qwenserve serve` on the tiny preset, once with QWENSERVE_MAX_BATCH=REQUESTS and a short
 batch window, once with QWENSERVE_MAX_BATCH=1. Each round sends REQUESTS qwen-image-fast requests
@@ -11,6 +12,8 @@ its image in the response; with --api v2 each submits and polls its status every
 seconds, then fetches the result. Target from the issue: >= 2x on the tiny preset on a 2-core
 CPU. The clients run on the same two cores as the server: a tight poll (say every 10 ms from 8
 clients) is itself hundreds of requests a second competing with the model for the CPU.
+``--quick``: one round of 2 requests at 2 steps (bench/report.py has the options every benchmark
+shares).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.processes import Server  # noqa: E402
 
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 
 BODY = {"prompt": "a lighthouse at dusk", "steps": 8, "aspect_ratio": "1:1"}
 
@@ -63,7 +66,7 @@ def one_round(
         client.get(urls["response_url"]).raise_for_status()
 
     def one_client(index: int) -> None:
-        body = {**BODY, "seed": round_index * 1000 + index}
+        body = {**BODY, "steps": args.steps, "seed": round_index * 1000 + index}
         (sync_call if args.api == "v1" else submit_and_poll)(clients[index], body)
 
     start = time.perf_counter()
@@ -74,7 +77,7 @@ def one_round(
 def measure(tmp: Path, max_batch: int, args: argparse.Namespace) -> float:
     server = Server(
         data_dir=tmp / f"data-{max_batch}",
-        cache_dir=tmp / "cache",
+        cache_dir=args.cache_dir or tmp / "cache",
         extra_env={
             "QWENSERVE_MAX_BATCH": str(max_batch),
             "QWENSERVE_BATCH_WINDOW_S": str(args.window) if max_batch > 1 else "0",
@@ -102,8 +105,9 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=0.05, help="batch window (s)")
     parser.add_argument("--api", choices=("v1", "v2"), default="v1")
     parser.add_argument("--poll-s", type=float, default=0.25, help="v2 status poll period")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
+    args = bench_args(parser, {"rounds": 1, "requests": 2, "steps": 2})
     with tempfile.TemporaryDirectory() as tmp:
         off = measure(Path(tmp), 1, args)
         on = measure(Path(tmp), args.requests, args)
@@ -121,21 +125,22 @@ def main() -> int:
         ],
     )
     print("\n".join(lines))
-    if not args.no_write:
-        append_section(
-            f"Batching: {n} concurrent same-shape requests (tiny, qwen-image-fast, 8 steps; "
-            f"{args.api}, window {args.window * 1000:.0f} ms)",
-            lines,
-            [
-                "through a real server, "
-                + (
-                    f"{n} concurrent sync v1 calls"
-                    if args.api == "v1"
-                    else f"{n} concurrent v2 submits, status polled every {args.poll_s} s"
-                )
-                + f"; median of {args.rounds} rounds after a warm-up round"
-            ],
-        )
+    publish(
+        args,
+        f"Batching: {n} concurrent same-shape requests (tiny, qwen-image-fast, {args.steps} "
+        f"steps; {args.api}, window {args.window * 1000:.0f} ms)",
+        lines,
+        [
+            "through a real server, "
+            + (
+                f"{n} concurrent sync v1 calls"
+                if args.api == "v1"
+                else f"{n} concurrent v2 submits, status polled every {args.poll_s} s"
+            )
+            + f"; median of {args.rounds} rounds after a warm-up round"
+        ],
+        {"requests": n, "off_s": off, "on_s": on, "speedup": off / on},
+    )
     return 0
 
 

@@ -1,10 +1,12 @@
 """Benchmark: CFG's two transformer passes per step as one batch, versus two calls.
 
-    python bench/cfg_batch.py [--runs 5] [--steps 30] [--no-write]
+    python bench/cfg_batch.py [--runs 5] [--steps 30] [--cache-dir DIR] [--quick]
+        [--doc PATH | --no-write] [--json PATH]
 
 qwen-image (true CFG, guidance 3.5) through two engines on the tiny preset, ``cfg_batch`` on
 and off, runs alternating after a warm-up; median seconds per image, the transformer calls each
 makes, and the largest per-channel difference between their images (8-bit levels).
+``--quick``: one run at 2 steps (bench/report.py has the options every benchmark shares).
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
+    args = bench_args(parser, {"runs": 1, "steps": 2})
 
     import numpy as np
 
@@ -37,7 +39,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         engines = {
-            on: Engine(EngineConfig(weights="tiny", cache_dir=Path(tmp), cfg_batch=on))
+            on: Engine(
+                EngineConfig(weights="tiny", cache_dir=args.cache_dir or Path(tmp), cfg_batch=on)
+            )
             for on in (True, False)
         }
         times: dict[bool, list[float]] = {True: [], False: []}
@@ -64,15 +68,22 @@ def main() -> int:
     lines = table(["cfg_batch", "s per image", "speed-up", "max difference (levels)"], rows)
     print("\n".join(lines))
     print(f"paired transformer calls per image: {paired_per_image:.0f} (steps: {args.steps})")
-    if not args.no_write:
-        append_section(
-            f"CFG passes paired (tiny preset, qwen-image, {args.steps} steps, guidance 3.5)",
-            lines,
-            [
-                f"median of {args.runs} alternating runs after a warm-up, a new prompt each run; "
-                f"{paired_per_image:.0f} paired transformer calls per image with it on"
-            ],
-        )
+    publish(
+        args,
+        f"CFG passes paired (tiny preset, qwen-image, {args.steps} steps, guidance 3.5)",
+        lines,
+        [
+            f"median of {args.runs} alternating runs after a warm-up, a new prompt each run; "
+            f"{paired_per_image:.0f} paired transformer calls per image with it on"
+        ],
+        {
+            "on_s": on_s,
+            "off_s": off_s,
+            "speedup": off_s / on_s,
+            "max_difference_levels": int(difference),
+            "paired_calls_per_image": paired_per_image,
+        },
+    )
     return 0
 
 

@@ -1,6 +1,7 @@
 """Benchmark: what the content policy costs per request, next to the generation it guards.
 
-    python bench/content_policy.py [--runs 20] [--terms 1000] [--no-write]
+    python bench/content_policy.py [--runs 20] [--terms 1000] [--cache-dir DIR] [--quick]
+        [--doc PATH | --no-write] [--json PATH]
 
 Measures, in one run on this machine: the prompt check (``PromptPolicy.blocks`` on a 60-word
 prompt against TERMS plain terms and 20 regular expressions, after NFKC/case/zero-width
@@ -9,6 +10,7 @@ normalization) per prompt; the default image classifier (NudeNet's ONNX detector
 on the tiny preset's own output and on synthetic benign images at 1024² and 1328²; and the tiny
 preset's generation of that output (qwen-image-fast, 2 steps, CPU), for the ratio. Medians after
 a warm-up. Needs the optional extra: ``pip install 'qwenserve[nsfw]'`` (NudeNet, AGPL-3.0).
+``--quick``: one run, 50 terms (bench/report.py has the options every benchmark shares).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 
 PROMPT = (
     "A quiet harbour town at dawn, fishing boats moored along a stone quay, gulls over the "
@@ -94,8 +96,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--terms", type=int, default=1000)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
+    args = bench_args(parser, {"runs": 1, "terms": 50})
 
     from qwenserve.catalog import validate_request
     from qwenserve.policy.nudenet import NudeNetClassifier
@@ -113,10 +115,12 @@ def main() -> int:
     load_ms = (time.perf_counter() - load_started) * 1000
 
     with tempfile.TemporaryDirectory() as cache:
-        engine = Engine(EngineConfig(weights="tiny", cache_dir=Path(cache), resident_models=1))
+        engine = Engine(
+            EngineConfig(weights="tiny", cache_dir=args.cache_dir or Path(cache), resident_models=1)
+        )
         request = validate_request("qwen-image-fast", {"prompt": PROMPT, "steps": 2, "seed": 11})
         engine.generate(request)  # load and warm up
-        generation_ms = median_ms(lambda: engine.generate(request), max(3, args.runs // 5))
+        generation_ms = median_ms(lambda: engine.generate(request), max(1, args.runs // 5))
         tiny = engine.generate(request).image
 
     images = {
@@ -138,33 +142,44 @@ def main() -> int:
             "",
         ],
     ]
+    figures: dict[str, Any] = {
+        "prompt_check_ms": prompt_us / 1000,
+        "prompt_check_tricky_ms": tricky_us / 1000,
+        "classifier_load_ms": load_ms,
+        "classifier_ms": {},
+        "classifier_score": {},
+    }
     for name, image in images.items():
         score = classifier.score(image)
         assert score < 0.5, f"{name} scored {score:.3f}"
         ms = median_ms(lambda i=image: classifier.score(i), args.runs)  # type: ignore[misc]
         ratio = f"{ms / generation_ms:.1%}" if name.startswith("tiny") else ""
         rows.append([f"NudeNet score (score {score:.2f})", name, f"{ms:.1f}", ratio])
+        figures["classifier_ms"][name] = ms
+        figures["classifier_score"][name] = score
+    figures["generation_ms"] = generation_ms
     rows.append(
         ["tiny preset generation", "qwen-image-fast, 2 steps, CPU", f"{generation_ms:.0f}", ""]
     )
     lines = table(["what", "on", "median (ms)", "of the tiny generation"], rows)
     print("\n".join(lines))
-    if not args.no_write:
-        append_section(
-            "Content policy: prompt check and image classifier per request",
-            lines,
-            [
-                f"median of {args.runs} runs after a warm-up (prompt check: {args.runs * 50}), "
-                "one thread; NudeNet 3.4.2 (320n ONNX model, onnxruntime on the CPU)",
-                f"classifier load (once per worker process): {load_ms:.0f} ms",
-                "the classifier runs on the worker's finisher thread, so in a busy worker its "
-                "time overlaps the next job's denoising; a lone request's latency grows by it",
-                "a real model's generation takes seconds per image on a GPU, so the "
-                "classifier's share there is far smaller than against the tiny preset",
-                "the figures move with the machine's load (the 1-min load above; 2 cores "
-                "shared with other work when this ran)",
-            ],
-        )
+    publish(
+        args,
+        "Content policy: prompt check and image classifier per request",
+        lines,
+        [
+            f"median of {args.runs} runs after a warm-up (prompt check: {args.runs * 50}), "
+            "one thread; NudeNet 3.4.2 (320n ONNX model, onnxruntime on the CPU)",
+            f"classifier load (once per worker process): {load_ms:.0f} ms",
+            "the classifier runs on the worker's finisher thread, so in a busy worker its "
+            "time overlaps the next job's denoising; a lone request's latency grows by it",
+            "a real model's generation takes seconds per image on a GPU, so the "
+            "classifier's share there is far smaller than against the tiny preset",
+            "the figures move with the machine's load (the 1-min load above; 2 cores "
+            "shared with other work when this ran)",
+        ],
+        figures,
+    )
     return 0
 
 

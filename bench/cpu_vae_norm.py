@@ -1,11 +1,13 @@
 """Benchmark: the tiny preset's VAE decode on a CPU, diffusers' channel norm versus ours.
 
-    python bench/cpu_vae_norm.py [--runs 5] [--no-write]
+    python bench/cpu_vae_norm.py [--runs 5] [--batches 1,8] [--cache-dir DIR] [--quick]
+        [--doc PATH | --no-write] [--json PATH]
 
 Decodes 32x32 latents (a 256x256 image) at batch 1 and 8 with the tiny preset's VAE, first as
 diffusers ships it (``F.normalize`` over the channel dimension), then after
 ``qwenserve.runtime.cpu_kernels.use_fast_vae_norms``; median times and the largest difference
-between the two outputs.
+between the two outputs. ``--quick``: one decode each at batch 1 and 2 (bench/report.py has the
+options every benchmark shares).
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
+    parser.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
+    args = bench_args(parser, {"runs": 1, "batches": "1,2"})
 
     import torch
     from diffusers import AutoencoderKLQwenImage
@@ -37,7 +40,8 @@ def main() -> int:
     from qwenserve.runtime.tiny_preset import ensure_tiny_base
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = ensure_tiny_base(Path(tmp), "Qwen/Qwen-Image", PipelineKind.TEXT_TO_IMAGE)
+        cache = args.cache_dir or Path(tmp)
+        base = ensure_tiny_base(cache, "Qwen/Qwen-Image", PipelineKind.TEXT_TO_IMAGE)
         vae = AutoencoderKLQwenImage.from_pretrained(base / "vae").eval()
 
     def median_s(latents: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -50,11 +54,13 @@ def main() -> int:
                 times.append(time.perf_counter() - start)
         return statistics.median(times), out
 
-    batches = {size: torch.randn(size, 16, 1, 32, 32) for size in (1, 8)}
+    sizes = [int(b) for b in args.batches.split(",")]
+    batches = {size: torch.randn(size, 16, 1, 32, 32) for size in sizes}
     stock = {size: median_s(latents) for size, latents in batches.items()}
     use_fast_vae_norms(vae)
     fast = {size: median_s(latents) for size, latents in batches.items()}
     rows = []
+    figures = {}
     for size in batches:
         (stock_s, stock_out), (fast_s, fast_out) = stock[size], fast[size]
         difference = (stock_out - fast_out).abs().max().item()
@@ -67,20 +73,26 @@ def main() -> int:
                 f"{difference:.1e}",
             ]
         )
+        figures[f"batch {size}"] = {
+            "diffusers_s": stock_s,
+            "qwenserve_s": fast_s,
+            "max_abs_difference": difference,
+        }
     lines = table(
         ["batch", "diffusers norm (ms)", "qwenserve norm (ms)", "speed-up", "max abs difference"],
         rows,
     )
     print("\n".join(lines))
-    if not args.no_write:
-        append_section(
-            "VAE decode on a CPU: channel norm (tiny preset, 256x256)",
-            lines,
-            [
-                f"median of {args.runs} decodes after a warm-up, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads; outputs in [-1, 1]"
-            ],
-        )
+    publish(
+        args,
+        "VAE decode on a CPU: channel norm (tiny preset, 256x256)",
+        lines,
+        [
+            f"median of {args.runs} decodes after a warm-up, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; outputs in [-1, 1]"
+        ],
+        figures,
+    )
     return 0
 
 

@@ -1,12 +1,14 @@
 """Benchmark: encoding a generated image for download, ours versus Pillow's defaults.
 
-    python bench/encoding.py [--size 1024] [--runs 5] [--image PATH] [--no-write]
+    python bench/encoding.py [--size 1024] [--runs 5] [--image PATH] [--quick]
+        [--doc PATH | --no-write] [--json PATH]
 
 Encoding is on every request's critical path (a sync caller waits for it). Per format, the median
 time and size of ``qwenserve.media.encode.encode_image`` next to Pillow's default ``save`` (PNG:
 zlib level 6, adaptive filters; WEBP: method 4), on two synthetic images of SIZE x SIZE (a smooth
 photo-like one and uniform noise, what the tiny preset makes) and, with --image, a picture of
 your own resized to SIZE x SIZE. PNG output is checked to decode to the same pixels.
+``--quick``: 128 x 128, one run (bench/report.py has the options every benchmark shares).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 
 
 def photo_like(size: int, seed: int = 0) -> Image.Image:
@@ -68,8 +70,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--image", type=Path, help="also a picture of your own")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = bench_args(parser, {"size": 128, "runs": 1})
 
     from qwenserve.media.encode import WEBP_METHOD, encode_image
 
@@ -78,6 +79,7 @@ def main() -> int:
         picture = Image.open(args.image).convert("RGB").resize((args.size, args.size))
         images[args.image.name] = picture
     rows = []
+    figures = []
     for name, image in images.items():
         for kind, quality in (("png", 90), ("webp", 90), ("jpeg", 90)):
             ours_ms, ours_bytes = timed(
@@ -101,6 +103,16 @@ def main() -> int:
                 ]
             )
             print(rows[-1])
+            figures.append(
+                {
+                    "image": name,
+                    "format": kind,
+                    "pillow_ms": base_ms,
+                    "qwenserve_ms": ours_ms,
+                    "pillow_bytes": base_bytes,
+                    "qwenserve_bytes": ours_bytes,
+                }
+            )
     lines = table(
         [
             "image",
@@ -114,16 +126,17 @@ def main() -> int:
         rows,
     )
     print("\n".join(lines))
-    if not args.no_write:
-        append_section(
-            f"Encoding a {args.size}x{args.size} result (PNG / WEBP / JPEG, quality 90)",
-            lines,
-            [
-                f"median of {args.runs} runs after a warm-up, one thread",
-                "qwenserve PNG: numpy Up filter + ISA-L deflate level 1 (lossless, checked); "
-                f"WEBP: method {WEBP_METHOD}; JPEG: Pillow's defaults on both sides",
-            ],
-        )
+    publish(
+        args,
+        f"Encoding a {args.size}x{args.size} result (PNG / WEBP / JPEG, quality 90)",
+        lines,
+        [
+            f"median of {args.runs} runs after a warm-up, one thread",
+            "qwenserve PNG: numpy Up filter + ISA-L deflate level 1 (lossless, checked); "
+            f"WEBP: method {WEBP_METHOD}; JPEG: Pillow's defaults on both sides",
+        ],
+        {"encodings": figures},
+    )
     return 0
 
 

@@ -1,6 +1,7 @@
 """Benchmark: per slug, a request end to end through the server versus the bare diffusers call.
 
-    python bench/end_to_end.py [--runs 10] [--repeats 3] [--no-write]
+    python bench/end_to_end.py [--runs 10] [--repeats 3] [--max-steps N] [--cache-dir DIR]
+        [--quick] [--doc PATH | --no-write] [--json PATH]
 
 Server side: `POST /v1/{slug}` against a real `qwenserve serve` (tiny preset, batch 1): HTTP,
 auth, validation, queue, worker, engine, PNG encoding, media store, response. Direct side: the
@@ -8,8 +9,10 @@ same diffusers pipeline object called in this process with the arguments the eng
 (`Engine.prepare_call`), nothing else. Runs alternate after a warm-up on each side; medians.
 Every run sends a prompt not seen before (on both sides), so the server's prompt-embedding
 cache never hits: the ratio is the serving overhead, not a cache win. For the edit slugs both
-sides start from the same 512x384 PNG: the server gets it base64 in the JSON body, the direct
-side decodes it with Pillow (as a script reading the file would).
+sides start from the same 512x384 PNG (Qwen-Image 2.1 twice: no reference, and two): the server
+gets it base64 in the JSON body, the direct side decodes it with Pillow (as a script reading the
+file would). The requests are bench/engine_vs_diffusers.py's. ``--quick``: one round of one pair
+at 2 steps (bench/report.py has the options every benchmark shares).
 Target from the issue: server / direct <= 1.05 at batch 1.
 """
 
@@ -32,16 +35,17 @@ sys.path.insert(0, str(ROOT))
 
 from tests.processes import Server  # noqa: E402
 
-from bench.engine_vs_diffusers import REQUESTS  # noqa: E402
-from bench.report import append_section, table  # noqa: E402
+from bench.engine_vs_diffusers import label, requests  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="pairs per slug per round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the slugs")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--max-steps", type=int, help="cap every request's steps at this")
+    parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
+    args = bench_args(parser, {"runs": 1, "repeats": 1, "max_steps": 2})
 
     import numpy as np
     import torch
@@ -59,31 +63,34 @@ def main() -> int:
     picture.save(buffer, format="PNG")
     png = buffer.getvalue()
     encoded = base64.b64encode(png).decode("ascii")
+
+    def decode() -> Image.Image:
+        return Image.open(io.BytesIO(png)).convert("RGB")
+
     rows = []
+    figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        cache = args.cache_dir or tmp / "cache"
         # No prompt cache here: prepare_call then passes the prompt text, encoded on every call.
         engine = Engine(
-            EngineConfig(
-                weights="tiny", cache_dir=tmp / "cache", resident_models=4, prompt_cache_size=0
-            )
+            EngineConfig(weights="tiny", cache_dir=cache, resident_models=4, prompt_cache_size=0)
         )
         server = Server(
             tmp / "data",
-            tmp / "cache",
+            cache,
             extra_env={"QWENSERVE_LOG_LEVEL": "WARNING", "QWENSERVE_RESIDENT_MODELS": "4"},
         ).start()
         try:
             key = server.create_key(credits=1e6)
             client = httpx.Client(headers={"x-api-key": key}, timeout=300)
             calls = {}
-            for slug, body in REQUESTS.items():
+            for slug, body, references in requests(args.max_steps):
                 spec = get_model(slug)
                 full: dict[str, Any] = {**body, "image_format": "png"}
-                images = []
-                if spec.image_fields:
-                    full[spec.image_fields[0]] = encoded
-                    images = [picture]
+                images = [picture] * references
+                for field in spec.image_fields[:references]:
+                    full[field] = encoded
                 request = validate_request(slug, full)
                 prepared = engine.prepare_call(request, images)
 
@@ -95,9 +102,11 @@ def main() -> int:
                         "prompt": f"{p.kwargs['prompt']}, take {run}",
                         "generator": torch.Generator(device="cpu").manual_seed(s),
                     }
-                    if "image" in call:  # both sides start from the input's PNG bytes
-                        decoded = Image.open(io.BytesIO(png)).convert("RGB")
-                        call["image"] = [decoded] if isinstance(call["image"], list) else decoded
+                    if "image" in call:  # both sides start from the inputs' PNG bytes
+                        if isinstance(call["image"], list):
+                            call["image"] = [decode() for _ in call["image"]]
+                        else:
+                            call["image"] = decode()
                     # The tiny preset encodes edit inputs at TINY_AREA: the same on both sides.
                     with capped_condition_area(TINY_AREA):
                         p.pipeline(**call)
@@ -108,7 +117,7 @@ def main() -> int:
 
                 through_server(0)
                 direct(0)
-                calls[slug] = (through_server, direct)
+                calls[label(slug, references)] = (through_server, direct)
             # Rounds over every slug: a slow spell of the machine lands in one round, and the
             # spread of the rounds' ratios shows how much it moved.
             pairs: dict[str, list[list[tuple[float, float]]]] = {slug: [] for slug in calls}
@@ -143,6 +152,14 @@ def main() -> int:
                     ]
                 )
                 print(rows[-1])
+                figures[slug] = {
+                    "served_s": served,
+                    "direct_s": bare,
+                    "overhead_ms": overhead_ms,
+                    "ratio": ratio,
+                    "ratio_round_min": min(per_round),
+                    "ratio_round_max": max(per_round),
+                }
             client.close()
         finally:
             server.stop()
@@ -158,18 +175,20 @@ def main() -> int:
         rows,
     )
     print("\n".join(lines))
-    if not args.no_write:
-        append_section(
-            "End to end through the server vs the bare diffusers call (tiny preset, batch 1)",
-            lines,
-            [
-                f"{args.repeats} rounds over the slugs, {args.runs} alternating pairs of runs per "
-                "slug per round, after a warm-up; medians over all pairs; server answers PNG",
-                "a new prompt every run on both sides (no prompt-cache hits); edit slugs: both "
-                "sides start from the input's PNG bytes (server: base64 in the JSON body)",
-                "sizes and steps as in the engine benchmark's table",
-            ],
-        )
+    publish(
+        args,
+        "End to end through the server vs the bare diffusers call (tiny preset, batch 1)",
+        lines,
+        [
+            f"{args.repeats} rounds over the slugs, {args.runs} alternating pairs of runs per "
+            "slug per round, after a warm-up; medians over all pairs; server answers PNG",
+            "a new prompt every run on both sides (no prompt-cache hits); edit slugs: both "
+            "sides start from the input's PNG bytes (server: base64 in the JSON body)",
+            "sizes and steps as in the engine benchmark's table"
+            + (f", steps capped at {args.max_steps}" if args.max_steps else ""),
+        ],
+        {"requests": figures},
+    )
     return 0
 
 

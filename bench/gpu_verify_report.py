@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,105 @@ from bench.report import write_section
 
 TITLE = "GPU proof (bench/gpu_verify.py)"
 HOW_TO_RUN = [
-    "how to run it, one command on the GPU machine (an H100 or H200, no internet, ≤ 8 min):",
+    "how to run it: two commands on the GPU machine (an H200; no internet), each within one"
+    " device call, both within a 15-minute lease (machine start included):",
     "  1. here, once: `make gpu-wheels` (the packages that machine lacks, as cp312 wheels in"
-    " `.whl/`, 13 MB; the target fails above 60 MiB)",
-    "  2. there, from the repository root with `.whl/` carried:"
-    " `bash bench/gpu_verify_on_device.sh` (installs the wheels into /tmp/site and runs"
-    " `PYTHONPATH=src:/tmp/site python bench/gpu_verify.py --out $OUT/gpu_verify.jsonl`)",
-    "  3. here: `PYTHONPATH=src python bench/gpu_verify.py --report gpu_verify.jsonl`"
-    " (this section; a second file, e.g. of a `--stages compile` run, completes the first)",
+    ' `.whl/`, 13 MB; git-ignored, so every device call must carry it: `carry: [".whl"]`)',
+    "  2. there: `bash bench/gpu_verify_on_device.sh core` (≤ 285 s: env, build, cfg, vae,"
+    " batch, fast, pytest), then `bash bench/gpu_verify_on_device.sh extra` (≤ 255 s: env,"
+    " compile, edit, qwen21, fp8, encoders); each writes `$OUT/gpu_verify_<group>.jsonl`",
+    '  with the device tool, exactly: `run(command="bash bench/gpu_verify_on_device.sh core",'
+    ' carry=[".whl"], kind="nvidia-h200", timeout_s=330)`, then `run(command="bash'
+    ' bench/gpu_verify_on_device.sh extra", carry=[".whl"], kind="nvidia-h200",'
+    " timeout_s=300)` on the same warm machine, then `give_back` (≈ 10.5 min of device time"
+    " plus the machine's start)",
+    "  3. here: `PYTHONPATH=src python bench/gpu_verify.py --report gpu_verify_core.jsonl"
+    " gpu_verify_extra.jsonl` (this section; the second file completes the first)",
     "the CPU proof of the script itself: `make gpu-verify-dry-run` (every stage on the tiny"
     " preset; tests/bench/test_gpu_verify.py runs it in CI)",
 ]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A figure measured by others to compare a row with: seconds per image."""
+
+    stage: str
+    label_prefix: str
+    """Rows of ``stage`` whose label starts with this are compared (the dry run's never are)."""
+    what: str
+    seconds: float
+
+
+ANCHORS = (
+    Anchor("cfg", "1024x1024 50 steps", "SGLang, one H100: Qwen-Image 1024², 50 steps, CFG", 12.77),
+    Anchor("edit", "1024x1024, 2 references, 40 steps", "SGLang, one H100: 2-ref edit", 38.63),
+    Anchor("qwen21", "text-to-image 1024x1024", "SGLang, one H200: 2.1, 1024², 40 steps", 4.48),
+)
+
+
+def anchor_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The rows measured against the anchors: seconds per image, the anchor's, their ratio
+    (below 1: faster than the anchor), and the row's share of the measured matmul peak."""
+    by_stage = {record.get("stage"): record for record in records}
+    lines = [
+        "| case | measured s/image | anchor | anchor s | measured / anchor | share of peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    compared = 0
+    for anchor in ANCHORS:
+        for row in by_stage.get(anchor.stage, {}).get("runs", []):
+            seconds = row.get("s_per_image")
+            if not str(row.get("label", "")).startswith(anchor.label_prefix) or not seconds:
+                continue
+            compared += 1
+            cells = [row["label"], _cell(seconds), anchor.what, str(anchor.seconds)]
+            cells += [_cell(seconds / anchor.seconds), _cell(row.get("share_of_peak"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    if not compared:
+        known = "; ".join(f"{a.what}: {a.seconds} s" for a in ANCHORS)
+        return [f"- anchors (no GPU row to compare with yet): {known}"]
+    return lines
+
+
+def derived_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Figures read across stages (and files): the VAE's bytes per pixel against the
+    runtime's constant, fp8 against bf16 when the two ran in different commands."""
+    by_stage = {record.get("stage"): record for record in records}
+    lines: list[str] = []
+    vae = by_stage.get("vae", {})
+    if vae.get("measured_bytes_per_pixel"):
+        lines.append(
+            f"- VAE decode: {_cell(vae['measured_bytes_per_pixel'])} bytes per output pixel"
+            f" measured (untiled, {vae.get('dtype')}, the largest of its rows); the runtime"
+            f" assumes {vae.get('runtime_bytes_per_pixel')} ({vae.get('runtime_source')}):"
+            " set the per-device figure (runtime/memory_plan.py) from the measured one"
+        )
+    env = by_stage.get("env", {})
+    if env.get("peak_tflops") and env.get("spec_peak_tflops"):
+        lines.append(
+            f"- measured matmul peak {_cell(env['peak_tflops'])} TFLOP/s ="
+            f" {_cell(env['peak_tflops'] / env['spec_peak_tflops'])} of the"
+            f" {_cell(env['spec_peak_tflops'])} TFLOP/s yardstick"
+        )
+    fp8 = by_stage.get("fp8", {})
+    reference = next(
+        (
+            row.get("s_per_step")
+            for row in by_stage.get("cfg", {}).get("runs", [])
+            if row.get("cfg_batch") is False
+        ),
+        None,
+    )
+    for row in fp8.get("runs", []):
+        if reference and row.get("s_per_step") and not row.get("speedup_vs_bf16"):
+            lines.append(
+                f"- fp8 {row.get('mode')}: {_cell(reference / row['s_per_step'])}x bf16's step"
+                " (cfg stage, pairing off; both sizes' first case)"
+            )
+    return lines
+
+
 SKIP_COLUMNS = {"label", "wall_s"}
 
 
@@ -122,8 +211,9 @@ def render(records: Sequence[dict[str, Any]], source: str) -> str:
         ]
     else:
         lines += [
-            "- **Not run on a GPU yet**: no GPU device was lent to the task that wrote this"
-            " proof, so there are no GPU figures here. Everything below is a **CPU dry run**"
+            "- **Not run on a GPU yet**: no GPU device was lent to the session that wrote this"
+            " proof, so every GPU figure is still unmeasured and none is given here."
+            " Everything below is a **CPU dry run**"
             " (`--dry-run`: tiny preset, small sizes, 2 steps): it proves the script runs every"
             " stage, writes each stage's JSON line and survives refusals; its timings and"
             " shares of peak are the tiny model on this CPU and say nothing about a GPU.",
@@ -132,6 +222,9 @@ def render(records: Sequence[dict[str, Any]], source: str) -> str:
             f" {env.get('diffusers')}; results file `{source}`",
         ]
     lines += [f"- {line}" if not line.startswith("  ") else line for line in HOW_TO_RUN]
+    lines += ["", "Against the anchors:", ""]
+    lines += anchor_lines(records)
+    lines += ["", *derived_lines(records)]
     lines.append("")
     for record in records:
         lines.append(f"- {_stage_summary(record)}")

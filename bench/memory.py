@@ -1,10 +1,13 @@
 """Benchmark: peak memory of one process with all five slugs resident (tiny preset).
 
-    python bench/memory.py [--weights tiny] [--no-write]
+    python bench/memory.py [--weights tiny] [--cache-dir DIR] [--quick] [--doc PATH | --no-write]
+        [--json PATH]
 
 Loads every slug into one Engine with room for all of them (four base pipelines: qwen-image
 and qwen-image-fast share one), runs one request on each, and reports the process's peak
-resident set size (and CUDA peak allocation where a GPU is used).
+resident set size (and CUDA peak allocation where a GPU is used). Every run is already at its
+smallest (2 steps): ``--quick`` changes nothing here (bench/report.py has the options every
+benchmark shares).
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="tiny")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--cache-dir", type=Path, help="model cache (default: a temp dir)")
+    args = bench_args(parser, {})
 
     from PIL import Image
 
@@ -39,7 +42,8 @@ def main() -> int:
     picture = base64.b64encode(buffer.getvalue()).decode()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(EngineConfig(weights=args.weights, cache_dir=Path(tmp), resident_models=5))
+        cache = args.cache_dir or Path(tmp)
+        engine = Engine(EngineConfig(weights=args.weights, cache_dir=cache, resident_models=5))
         for spec in ALL_MODELS:
             body: dict[str, object] = {"prompt": "a red fox", "seed": 1}
             if spec.param("steps") is not None:
@@ -61,12 +65,16 @@ def main() -> int:
     lines = table(["after running", "resident bases", "peak RSS (MiB)"], rows)
     print("\n".join(lines))
     print("resident:", ", ".join(resident))
-    if not args.no_write:
-        append_section(
-            f"Peak memory with all five slugs resident ({args.weights} preset)",
-            lines,
-            [f"resident at the end: {', '.join(resident)}"],
-        )
+    publish(
+        args,
+        f"Peak memory with all five slugs resident ({args.weights} preset)",
+        lines,
+        [f"resident at the end: {', '.join(resident)}"],
+        {
+            "peak_rss_mib": {row[0]: float(row[2]) for row in rows},
+            "resident": list(resident),
+        },
+    )
     return 0
 
 

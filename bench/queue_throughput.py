@@ -1,6 +1,7 @@
 """Benchmark: one API node on SQLite versus on Redis; latency from submit to a worker starting.
 
-    python bench/queue_throughput.py [--seconds 5] [--jobs 10] [--v1-requests 7] [--no-write]
+    python bench/queue_throughput.py [--seconds 5] [--jobs 10] [--v1-requests 7] [--cache-dir DIR]
+        [--quick] [--doc PATH | --no-write] [--json PATH]
 
 1. Submits per second and status polls per second against one API node with no worker
    (`--workers 0`), on the embedded SQLite store and on a real redis-server, 16 concurrent async
@@ -13,6 +14,9 @@
    the median wall time, and the median time from the job's end (its ``finished_at`` in the
    store) to the client holding the response: how long the API node takes to notice the end,
    read the image and answer.
+
+Needs the ``redis-server`` binary. ``--quick``: 0.5 s of load, one job, one v1 request
+(bench/report.py has the options every benchmark shares).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from tests.processes import Server, WorkerProcess  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 from bench.load import hammer  # noqa: E402
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 from qwenserve.backends import open_backend  # noqa: E402
 from qwenserve.config import Settings  # noqa: E402
 
@@ -109,12 +113,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--v1-requests", type=int, default=7)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
+    args = bench_args(parser, {"seconds": 0.5, "jobs": 1, "v1_requests": 1})
     quiet = {"QWENSERVE_LOG_LEVEL": "WARNING"}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        cache = tmp / "cache"
+        cache = args.cache_dir or tmp / "cache"
         sqlite_api = Server(tmp / "sqlite-api", cache, extra_env=quiet, args=["--workers", "0"])
         sqlite_api.start()
         try:
@@ -181,18 +185,31 @@ def main() -> int:
         ],
     )
     print("\n".join(lines))
-    if not args.no_write:
-        append_section(
-            "Queue throughput and dispatch latency: SQLite vs Redis",
-            lines,
-            [
-                f"throughput: 16 concurrent async clients, {args.seconds:g} s, no worker",
-                f"latency: {args.jobs} sequential jobs, idle worker (embedded thread on SQLite; a "
-                "separate `qwenserve worker` process on Redis)",
-                f"v1: {args.v1_requests} sequential POST /v1 after one warm-up, same set-ups (on "
-                "Redis an API node with no worker, woken by the job's end through pub/sub)",
-            ],
-        )
+    publish(
+        args,
+        "Queue throughput and dispatch latency: SQLite vs Redis",
+        lines,
+        [
+            f"throughput: 16 concurrent async clients, {args.seconds:g} s, no worker",
+            f"latency: {args.jobs} sequential jobs, idle worker (embedded thread on SQLite; a "
+            "separate `qwenserve worker` process on Redis)",
+            f"v1: {args.v1_requests} sequential POST /v1 after one warm-up, same set-ups (on "
+            "Redis an API node with no worker, woken by the job's end through pub/sub)",
+        ],
+        {
+            store: {
+                "submits_per_s": rates[0],
+                "polls_per_s": rates[1],
+                "queue_wait_s": wait,
+                "v1_wall_s": v1[0],
+                "v1_end_to_response_s": v1[1],
+            }
+            for store, rates, wait, v1 in (
+                ("sqlite", sqlite_rates, sqlite_wait, sqlite_v1),
+                ("redis", redis_rates, redis_wait, redis_v1),
+            )
+        },
+    )
     return 0
 
 

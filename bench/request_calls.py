@@ -3,13 +3,16 @@ side. A count, not a time: it does not move with the machine's load, so it finds
 that throughput runs on a shared 2-core machine cannot tell from noise.
 
     python bench/request_calls.py --baseline REV [--against REV] [--polls 2000] [--submits 1000]
+        [--quick] [--doc PATH | --no-write] [--json PATH]
 
 Each side's ``qwenserve serve --workers 0`` runs under ``cProfile`` three times: started and
 stopped with no request, with ``--polls`` status polls of a QUEUED job, and with ``--submits``
 submits; calls per request are the differences over the request counts. cProfile sees the event
 loop's thread (routing, middleware, dependencies, handlers, rendering), not the store's calls in
 the thread pool, whose cost ``bench/revision_overhead.py`` measures in time. Results are printed
-and written to docs/PERFORMANCE.md.
+and written to docs/PERFORMANCE.md (or ``--doc``). ``--quick``: 20 polls, 10 submits
+(bench/report.py has the options every benchmark shares); ``--baseline HEAD`` compares the
+working tree with its last commit.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from tests.processes import free_port  # noqa: E402
 
 from bench import revisions  # noqa: E402
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 from bench.revision_overhead import SLUG, SUBMIT  # noqa: E402
 from bench.revisions import Side  # noqa: E402
 
@@ -101,8 +104,7 @@ def main() -> int:
     parser.add_argument("--against", help="git revision measured (default: this checkout)")
     parser.add_argument("--polls", type=int, default=2000)
     parser.add_argument("--submits", type=int, default=1000)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = bench_args(parser, {"polls": 20, "submits": 10})
 
     with (
         tempfile.TemporaryDirectory() as tmp_name,
@@ -113,16 +115,17 @@ def main() -> int:
     rows = [[n, f"{old[n]:.0f}", f"{new[n]:.0f}", f"{new[n] / old[n]:.3f}"] for n in old]
     lines = table(["measure", *(side.name for side in pair), "ratio"], rows)
     print("\n".join(lines))
-    if not args.no_write:
-        append_section(
-            f"Python calls per request: {pair[1].name} vs {pair[0].name.removeprefix('baseline ')}",
-            lines,
-            [
-                f"`--workers 0` server under cProfile; {args.polls} polls of a QUEUED job, "
-                f"{args.submits} submits, each less a run with no request; lower is better",
-                "the event loop's thread only (the store's calls run in the thread pool)",
-            ],
-        )
+    publish(
+        args,
+        f"Python calls per request: {pair[1].name} vs {pair[0].name.removeprefix('baseline ')}",
+        lines,
+        [
+            f"`--workers 0` server under cProfile; {args.polls} polls of a QUEUED job, "
+            f"{args.submits} submits, each less a run with no request; lower is better",
+            "the event loop's thread only (the store's calls run in the thread pool)",
+        ],
+        {"sides": [side.name for side in pair], "baseline": old, "measured": new},
+    )
     return 0
 
 

@@ -3,6 +3,7 @@ in one run (job control: one heartbeat per worker, the event log, live status fi
 HTTP instrumentation, workers' figures).
 
     python bench/revision_overhead.py --baseline REV [--against REV] [--seconds 4] [--rounds 2]
+        [--cache-dir DIR] [--quick] [--doc PATH | --no-write] [--json PATH]
 
 The baseline revision (and ``--against``, when given; else this checkout) is checked out into a
 temporary git worktree and served from its own ``src`` (``PYTHONPATH``). For each side, alternating
@@ -15,8 +16,9 @@ clients in this process:
    the worker's heartbeat every second, progress, an event per claim and per end).
 
 The ratio new / baseline of each figure is the cost (1.00 = none; the target is ≥ 0.95).
-Results are printed and written to docs/PERFORMANCE.md (replacing this benchmark's previous
-section) with the date, machine and command.
+Results are printed and written to docs/PERFORMANCE.md (or ``--doc``; replacing this benchmark's
+previous section) with the date, machine and command. ``--quick``: one round of 0.3 s each
+(bench/report.py has the options every benchmark shares).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from tests.processes import Server  # noqa: E402
 
 from bench import revisions  # noqa: E402
 from bench.load import hammer  # noqa: E402
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 from bench.revisions import Side  # noqa: E402
 
 SLUG = "qwen-image"
@@ -101,8 +103,8 @@ def main() -> int:
     parser.add_argument("--against", help="git revision measured (default: this checkout)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
+    args = bench_args(parser, {"seconds": 0.3, "rounds": 1})
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -111,28 +113,32 @@ def main() -> int:
             for round_index in range(args.rounds):
                 for side in pair if round_index % 2 == 0 else reversed(pair):
                     round_tmp = tmp / f"round{round_index}"
-                    runs[side.name].append(measure(side, round_tmp, tmp / "cache", args.seconds))
+                    cache = args.cache_dir or tmp / "cache"
+                    runs[side.name].append(measure(side, round_tmp, cache, args.seconds))
                     print(side.name, runs[side.name][-1], flush=True)
 
     base, this = (runs[side.name] for side in pair)
     rows = []
+    figures = {}
     for name in base[0]:
         old = statistics.median(r[name] for r in base)
         new = statistics.median(r[name] for r in this)
+        figures[name] = {"baseline": old, "measured": new, "ratio": new / old}
         rows.append([f"{name} (/s)", f"{old:.0f}", f"{new:.0f}", f"{new / old:.3f}"])
     lines = table(["measure", *(side.name for side in pair), "ratio"], rows)
     print("\n".join(lines))
-    if not args.no_write:
-        append_section(
-            f"Queue endpoints: {pair[1].name} vs {pair[0].name.removeprefix('baseline ')}",
-            lines,
-            [
-                f"16 concurrent async clients in this process, {args.seconds:g} s each; "
-                f"{args.rounds} rounds alternating the sides; medians",
-                "idle: API-only node (`--workers 0`); busy: one in-process worker denoising "
-                "tiny-preset jobs back to back; polls read a QUEUED job",
-            ],
-        )
+    publish(
+        args,
+        f"Queue endpoints: {pair[1].name} vs {pair[0].name.removeprefix('baseline ')}",
+        lines,
+        [
+            f"16 concurrent async clients in this process, {args.seconds:g} s each; "
+            f"{args.rounds} rounds alternating the sides; medians",
+            "idle: API-only node (`--workers 0`); busy: one in-process worker denoising "
+            "tiny-preset jobs back to back; polls read a QUEUED job",
+        ],
+        {"sides": [side.name for side in pair], "per_second": figures},
+    )
     return 0
 
 

@@ -1,6 +1,7 @@
 """Benchmark: what the server adds around the engine, and how fast its queue endpoints are.
 
-    python bench/server_overhead.py [--runs 10] [--seconds 5] [--no-write]
+    python bench/server_overhead.py [--runs 10] [--seconds 5] [--cache-dir DIR] [--quick]
+        [--doc PATH | --no-write] [--json PATH]
 
 1. A v1 request through a real `qwenserve serve` (tiny preset) versus the same request run by the
    engine directly in this process (median wall time; the ratio is the overhead).
@@ -8,8 +9,9 @@
    bare FastAPI endpoint on uvicorn returning the same JSON (the ceiling for this stack), each
    driven by concurrent httpx clients in this process.
 
-Results are printed and written to docs/PERFORMANCE.md (replacing this benchmark's previous
-section) with the date, machine and command.
+Results are printed and written to docs/PERFORMANCE.md (or ``--doc``; replacing this benchmark's
+previous section) with the date, machine and command. ``--quick``: one run each, 0.25 s of load
+(bench/report.py has the options every benchmark shares).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from tests.processes import Server, free_port  # noqa: E402
 
 from bench.load import hammer  # noqa: E402
-from bench.report import append_section, table  # noqa: E402
+from bench.report import bench_args, publish, table  # noqa: E402
 
 BODY = {"prompt": "a lighthouse at dusk", "steps": 8, "seed": 1234, "aspect_ratio": "1:1"}
 SLUG = "qwen-image-fast"
@@ -101,12 +103,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--cache-dir", type=Path, help="tiny preset cache (default: a temp dir)")
+    args = bench_args(parser, {"runs": 1, "seconds": 0.25})
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        cache = tmp_path / "cache"
+        cache = args.cache_dir or tmp_path / "cache"
         direct = engine_direct(cache, args.runs)
 
         server = Server(
@@ -124,6 +126,9 @@ def main() -> int:
             job = httpx.post(f"{server.url}/v2/{SLUG}", headers=headers, json=BODY).json()
             status_url = job["status_url"]
             polls = asyncio.run(hammer(status_url, "GET", args.seconds, headers, None))
+        except Exception:
+            print(server.logs()[-5000:], file=sys.stderr)  # why the server failed
+            raise
         finally:
             server.stop()
 
@@ -177,12 +182,20 @@ def main() -> int:
     ]
     lines = table(["measure", "qwenserve", "reference", "ratio"], [list(r) for r in rows])
     print("\n".join(lines))
-    if not args.no_write:
-        append_section(
-            "Server overhead and queue throughput (tiny preset)",
-            lines,
-            [f"load: 16 concurrent async clients in this process, {args.seconds:g} s each"],
-        )
+    publish(
+        args,
+        "Server overhead and queue throughput (tiny preset)",
+        lines,
+        [f"load: 16 concurrent async clients in this process, {args.seconds:g} s each"],
+        {
+            "v1_server_s": through,
+            "v1_engine_s": direct,
+            "polls_per_s": polls,
+            "bare_polls_per_s": bare_polls,
+            "submits_per_s": submits,
+            "bare_submits_per_s": bare_submits,
+        },
+    )
     return 0
 
 

@@ -14,6 +14,8 @@ from safetensors.numpy import save_file
 from qwenserve.runtime.footprint import ContentHashes, folder_footprint, hub_snapshot
 from qwenserve.runtime.memory_plan import (
     GIB,
+    VAE_DECODE_BYTES_PER_PIXEL,
+    DecodeBytesPerPixel,
     Footprint,
     MemoryBudget,
     Part,
@@ -135,6 +137,20 @@ def test_vae_tiling_follows_the_whole_decode_and_free_memory_on_cuda() -> None:
     assert not tiled(4, 40)
     assert tiled(1, 5)  # one image, little free memory (the old rule: never below 2 MP)
     assert not tiled(4, 5, forced=False) and tiled(1, 40, forced=True)
+
+
+def test_the_decode_figure_is_per_device_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the CPU float32 row is a measurement; CUDA's is labelled as scaled from it.
+    assert VAE_DECODE_BYTES_PER_PIXEL[("cpu", 4)].source.startswith("measured")
+    assert VAE_DECODE_BYTES_PER_PIXEL[("cuda", 2)].source.startswith("scaled")
+    one = {"width": 1024, "height": 1024, "batch": 1, "dtype_bytes": 2}
+    assert not wants_vae_tiling(None, **one, work_bytes=5 * GIB)  # 4 GiB at 4 KiB/px
+    # A figure measured on the GPU (the proof's vae stage) is the one the decision uses.
+    measured = DecodeBytesPerPixel(6 * 1024, "measured: an H100, bfloat16")
+    monkeypatch.setitem(VAE_DECODE_BYTES_PER_PIXEL, ("cuda", 2), measured)
+    assert wants_vae_tiling(None, **one, work_bytes=5 * GIB)  # 6 GiB
+    # ... and only for its own device: another device type keeps the scaled figure.
+    assert not wants_vae_tiling(None, **one, work_bytes=5 * GIB, device_type="mps")
 
 
 def _safetensors(path: Path, **arrays: np.ndarray) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from qwenserve.jobs import Job, JobStatus
 from qwenserve.media.storage import LocalMediaStore
 from qwenserve.runtime import Engine, EngineConfig
 from qwenserve.store.sqlite import SqliteStore
-from tests.runtime.conftest import make_request
+from tests.runtime.conftest import make_request, pixels
 from tests.service.test_worker import Clock, enqueue, runner
 
 SMALL = 256
@@ -85,3 +86,58 @@ def test_a_batch_of_three_completes_through_the_worker(
     large_status, error = status(large)
     assert large_status is JobStatus.FAILED and "384x384" in error
     assert status(after)[0] is JobStatus.COMPLETED
+
+
+TILE_LATENT = 256 // 8
+"""diffusers' default VAE tile (256 px) in latent pixels: a decoder input no larger is a tile."""
+
+
+@pytest.fixture(scope="module")
+def tight_vae_engine(shared_cache: Path) -> tuple[Engine, list[tuple[int, int]], list[int]]:
+    """Its VAE runs out of memory decoding more than one tile (and, once tiled, more than one
+    image) at once: (engine, (batch, latent side) of each decoder call that ran, transformer
+    calls)."""
+    engine = Engine(EngineConfig(cache_dir=shared_cache, resident_models=1))
+    pipe = engine.prepare_call(_request(1, LARGE)).pipeline
+    decoded: list[tuple[int, int]] = []
+    denoised: list[int] = []
+
+    def out_of_memory(_module: Any, args: tuple[Any, ...]) -> None:
+        batch, side = args[0].shape[0], max(args[0].shape[-2:])
+        if side > TILE_LATENT or (batch > 1 and pipe.vae.use_tiling):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        decoded.append((batch, side))
+
+    pipe.vae.decoder.register_forward_pre_hook(out_of_memory)
+    pipe.transformer.register_forward_hook(lambda *_: denoised.append(1))
+    return engine, decoded, denoised
+
+
+def test_a_decode_out_of_memory_is_retried_tiled_on_the_same_latents(
+    tight_vae_engine: tuple[Engine, list[tuple[int, int]], list[int]],
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tight, decoded, denoised = tight_vae_engine
+    tight.generate(_request(7, SMALL))  # one tile: its decode fits
+    calls = len(denoised)  # transformer calls of one call whose decode fits
+    decoded.clear()
+    denoised.clear()
+    result = tight.generate(_request(7, LARGE))
+    assert result.image.size == (LARGE, LARGE)
+    assert len(denoised) == calls and calls >= 2  # the denoising loop ran once
+    assert decoded and all(side <= TILE_LATENT for _batch, side in decoded)  # tiles only
+    # The image of those latents: the untiled decode's up to tile blending.
+    untiled = engine.generate(_request(7, LARGE)).image
+    assert np.abs(pixels(result.image) - pixels(untiled)).mean() <= 2.0
+    assert "retrying it tiled" in caplog.text
+    assert not tight.prepare_call(_request(1, LARGE)).pipeline.vae.use_slicing  # restored
+
+    # A batch of two: tiled still does not fit, so the decode also goes one image at a time.
+    decoded.clear()
+    denoised.clear()
+    batch = tight.generate_batch([_request(8, LARGE), _request(9, LARGE)])
+    assert [r.image.size for r in batch] == [(LARGE, LARGE)] * 2
+    assert "retrying it tiled+sliced" in caplog.text
+    assert decoded and all(b == 1 and side <= TILE_LATENT for b, side in decoded)
+    assert len(denoised) == calls  # one batched denoise, never repeated

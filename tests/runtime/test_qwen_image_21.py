@@ -1,5 +1,6 @@
 """Qwen-Image 2.1 on the tiny preset: text-to-image and edits with 1, 2 and 10 references at the
-requested size and format, seeds, the diffusers call the engine makes, batching, LoRAs, RGBA."""
+requested size and format, seeds, the diffusers call the engine makes, batching, LoRAs, RGBA.
+The fast slug's Turbo checkpoint has its own file too: test_qwen_image_21_turbo.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from qwenserve.catalog import MODELS, GenerationRequest, LoraRef, PipelineKind
-from qwenserve.catalog.models_21 import MAX_REFERENCE_IMAGES, QWEN_IMAGE_21_BASE
+from qwenserve.catalog.models_21 import (
+    MAX_REFERENCE_IMAGES,
+    QWEN_IMAGE_21_BASE,
+    QWEN_IMAGE_21_TURBO,
+)
 from qwenserve.errors import InferenceError, InvalidInput
 from qwenserve.media.encode import encode_image
 from qwenserve.runtime import Engine, EngineConfig
@@ -55,7 +60,9 @@ def _references(count: int) -> list[Image.Image]:
 
 def _request(slug: str, count: int, **body: Any) -> GenerationRequest:
     refs = {f"image_{i + 1}": png_base64(img) for i, img in enumerate(_references(count))}
-    steps = {"steps": 2} if "steps" not in body else {}
+    # Turbo (the fast slug) takes no steps: it always runs its 8.
+    takes_steps = MODELS[slug].param("steps") is not None
+    steps = {"steps": 2} if takes_steps and "steps" not in body else {}
     return make_request(slug, prompt="a red fox in the snow", seed=3, **refs, **steps, **body)
 
 
@@ -81,7 +88,7 @@ def test_text_to_image_and_edits_give_the_requested_size_and_format(
 
 @pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
 def test_each_format_encodes(engine: Engine, image_format: str) -> None:
-    request = _request("qwen-image-2.1-fast", 1, image_format=image_format)
+    request = _request("qwen-image-2.1", 1, image_format=image_format)
     result = engine.generate(request, images=_references(1))
     encoded = encode_image(result.image, request.image_format, request.quality)
     decoded = Image.open(io.BytesIO(encoded))
@@ -101,7 +108,7 @@ def test_match_input_follows_the_last_reference_and_ratios_are_native(engine: En
 
 
 def test_odd_explicit_size_is_generated_at_a_multiple_of_32_and_cropped(engine: Engine) -> None:
-    request = _request("qwen-image-2.1-fast", 0, width=300, height=270)
+    request = _request("qwen-image-2.1", 0, width=300, height=270)
     call = engine.prepare_call(request, [])
     assert (call.kwargs["width"], call.kwargs["height"]) == (320, 288)
     result = engine.generate(request)
@@ -142,13 +149,13 @@ def test_more_references_than_the_model_takes_are_refused(engine: Engine) -> Non
 
 
 def test_text_to_image_batches_one_prompt_and_references_do_not(engine: Engine) -> None:
-    first = _request("qwen-image-2.1-fast", 0)
+    first = _request("qwen-image-2.1", 0)
     second = dataclasses.replace(first, seed=99)
     assert engine.batch_key(first) is not None
     assert engine.batch_key(first) == engine.batch_key(second)
     # A shorter prompt would be padded, and a padded sample is not its solo image.
     assert engine.batch_key(dataclasses.replace(first, prompt="a boat")) != engine.batch_key(first)
-    assert engine.batch_key(_request("qwen-image-2.1-fast", 1)) is None
+    assert engine.batch_key(_request("qwen-image-2.1", 1)) is None
     batch = engine.generate_batch([first, second])
     alone = engine.generate(second)
     assert [r.seed for r in batch] == [3, 99]
@@ -156,15 +163,19 @@ def test_text_to_image_batches_one_prompt_and_references_do_not(engine: Engine) 
     assert difference.max() <= 2  # a batched sample is its solo run up to float rounding
 
 
-def test_fast_uses_lightning_on_the_shared_base(engine: Engine) -> None:
+def test_fast_runs_turbos_own_transformer_beside_2_1(engine: Engine) -> None:
     plain = _request("qwen-image-2.1", 0, steps=3)
-    fast = _request("qwen-image-2.1-fast", 0, steps=3)
+    fast = _request("qwen-image-2.1-fast", 0)
     before = pixels(engine.generate(plain).image)
     fast_pixels = pixels(engine.generate(fast).image)
     after = pixels(engine.generate(plain).image)
-    assert QWEN_IMAGE_21_BASE in engine.resident()
-    assert np.array_equal(before, after), "the Lightning adapter leaked"
+    assert {QWEN_IMAGE_21_BASE, QWEN_IMAGE_21_TURBO} <= set(engine.resident())
+    assert np.array_equal(before, after), "the Turbo call changed the base pipeline"
     assert np.abs(fast_pixels - before).mean() > 0.5
+    # Byte-identical text encoder and VAE files: one module each for both checkpoints.
+    turbo, base = engine.prepare_call(fast, []).pipeline, engine.prepare_call(plain, []).pipeline
+    assert turbo.text_encoder is base.text_encoder and turbo.vae is base.vae
+    assert turbo.transformer is not base.transformer
 
 
 @pytest.fixture(scope="module")
@@ -270,29 +281,11 @@ def test_the_tiny_21_build_is_deterministic_and_offline() -> None:
 
 
 def test_a_tiny_21_generation_takes_seconds_on_a_cpu(engine: Engine) -> None:
-    request = _request("qwen-image-2.1-fast", 1, steps=4)
+    request = _request("qwen-image-2.1", 1, steps=4)
     engine.generate(request, images=_references(1))  # loaded and warm
     started = time.perf_counter()
     engine.generate(request, images=_references(1))
     assert time.perf_counter() - started < 5.0
-
-
-def test_a_weights_folder_resolves_2_1_and_its_lightning_file(
-    engine: Engine, shared_cache: Path, tmp_path: Path
-) -> None:
-    # An explicit size: the same on both (only the tiny preset shrinks ratio-derived sizes).
-    request = _request("qwen-image-2.1-fast", 1, steps=2, width=288, height=256)
-    from_tiny = pixels(engine.generate(request, images=_references(1)).image)
-    recipe = MODELS["qwen-image-2.1-fast"].recipe
-    assert recipe.lightning is not None
-    folder = tmp_path / "weights"
-    shutil.copytree(preset_root(shared_cache) / recipe.base_weights, folder / recipe.base_weights)
-    lora = Path(recipe.lightning.repo) / recipe.lightning.filename
-    (folder / lora).parent.mkdir(parents=True)
-    shutil.copy(preset_root(shared_cache) / lora, folder / lora)
-    from_folder = Engine(EngineConfig(weights=str(folder), cache_dir=tmp_path / "unused"))
-    result = from_folder.generate(request, images=_references(1))
-    assert np.array_equal(pixels(result.image), from_tiny)
 
 
 def test_the_hub_names_the_missing_2_1_repo(
@@ -309,7 +302,7 @@ def test_the_step_cache_switch_leaves_2_1_without_one(shared_cache: Path) -> Non
     """diffusers 0.42 has no first-block cache for 2.1's blocks (2.1 caches its prefix K/V
     itself): the switch must not make its load fail."""
     cached = Engine(EngineConfig(weights="tiny", cache_dir=shared_cache, step_cache=0.05))
-    result = cached.generate(_request("qwen-image-2.1-fast", 0, steps=3))
+    result = cached.generate(_request("qwen-image-2.1-fast", 0))
     assert result.image.size == (256, 256)
 
 
@@ -322,21 +315,16 @@ def _cache_snapshot(hub_cache: Path, repo: str, source: Path) -> None:
     (folder / "refs" / "main").write_text(revision)
 
 
-def test_weights_hub_loads_2_1_and_its_lightning_file_from_the_cache(
+def test_weights_hub_runs_the_fast_slug_on_turbo_from_the_cache(
     engine: Engine, shared_cache: Path, tmp_path: Path
 ) -> None:
-    """``--weights hub``, offline: the base by its hub id, the Lightning file by repo and name."""
+    """``qwenserve run --weights hub``, offline: the fast slug's checkpoint by its hub id (no
+    LoRA file to fetch), its 8 steps without a ``steps`` parameter."""
     recipe = MODELS["qwen-image-2.1-fast"].recipe
-    assert recipe.lightning is not None
-    engine.load("qwen-image-2.1-fast")  # the tiny base and Lightning file exist
-    root = preset_root(shared_cache)
+    assert recipe.base_weights == QWEN_IMAGE_21_TURBO and recipe.lightning is None
+    engine.load("qwen-image-2.1-fast")  # the tiny Turbo exists
     hub_cache = tmp_path / "hf-home" / "hub"
-    _cache_snapshot(hub_cache, recipe.base_weights, root / recipe.base_weights)
-    lightning = tmp_path / "lightning"
-    lora = lightning / recipe.lightning.filename
-    lora.parent.mkdir(parents=True)
-    shutil.copy(root / recipe.lightning.repo / recipe.lightning.filename, lora)
-    _cache_snapshot(hub_cache, recipe.lightning.repo, lightning)
+    _cache_snapshot(hub_cache, recipe.base_weights, preset_root(shared_cache) / recipe.base_weights)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "QWENSERVE_"))}
     env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1")
     env["QWENSERVE_DATA_DIR"] = str(tmp_path / "data")
@@ -346,7 +334,7 @@ def test_weights_hub_loads_2_1_and_its_lightning_file_from_the_cache(
     out = tmp_path / "fox.png"
     command = [sys.executable, "-m", "qwenserve.cli.main", "run", "qwen-image-2.1-fast"]
     command += ["--weights", "hub", "--prompt", "a fox", "--param", "width=288"]
-    command += ["--param", "height=256", "--param", "steps=2"]
+    command += ["--param", "height=256"]
     done = subprocess.run(
         [*command, "--out", str(out)], env=env, capture_output=True, text=True, timeout=240
     )
@@ -355,16 +343,17 @@ def test_weights_hub_loads_2_1_and_its_lightning_file_from_the_cache(
 
 
 def test_2_1_makes_no_previews_and_still_its_image(engine: Engine) -> None:
-    request = dataclasses.replace(_request("qwen-image-2.1-fast", 0, steps=3), partial_images=2)
+    request = dataclasses.replace(_request("qwen-image-2.1", 0, steps=3), partial_images=2)
     seen: list[int] = []
     result = engine.generate(request, on_preview=lambda index, k, image: seen.append(k))
     assert seen == [] and result.image.size == (256, 256)
 
 
-@pytest.mark.parametrize("slug", SLUGS)
-def test_one_step_with_cfg_is_a_valid_image(engine: Engine, slug: str) -> None:
-    """The lowest ``steps`` bound, with CFG on (a negative pass per step): finite pixels."""
-    result = engine.generate(_request(slug, 1, steps=1, guidance=3), images=_references(1))
+def test_one_step_with_cfg_is_a_valid_image(engine: Engine) -> None:
+    """The lowest ``steps`` bound, with CFG on (a negative pass per step): finite pixels (the
+    fast slug takes neither: Turbo always runs its 8 steps without CFG)."""
+    request = _request("qwen-image-2.1", 1, steps=1, guidance=3)
+    result = engine.generate(request, images=_references(1))
     _assert_image(result.image, result.width, result.height)
 
 

@@ -14,10 +14,20 @@ derived from the model itself (the Qwen-Image-2.1 README and diffusers' ``QwenIm
   prompt), as the pipeline's own defaults;
 - the VAE is RGBA: PNG and WEBP keep the alpha channel when the model makes a transparent image.
 
-``qwen-image-2.1-fast`` is the same base with the Lightning 4-step LoRA
-(``lightx2v/Qwen-Image-2.1-Lightning``); its file name and schedule are not published in anything
-this project could read, so both follow the other Lightning releases (``…-4steps-V1.0-bf16``, the
-fixed shift-3 schedule); a folder or hub cache holding another name is one catalog line to change.
+``qwen-image-2.1-fast`` is the official fast release, ``Qwen/Qwen-Image-2.1-Turbo``: a full
+checkpoint of the same 7B transformer (its own weights, so its own resident pipeline), whose VAE
+and text encoder are byte-identical to 2.1's (the runtime shares them by content hash when both
+slugs are served). It samples 8 Euler steps without CFG on a fixed grid, the ``sample_sigmas``
+of its ``model_index.json``: the pipeline takes that grid over any ``num_inference_steps``, and
+no other grid is one its weights were distilled for (8 steps of the base do not make Turbo
+either). So the slug has no ``steps``, ``guidance`` or ``negative_prompt`` parameter: it always
+runs the grid's 8 steps at guidance 1 (``Recipe.default_steps``, ``fixed_sigma_grid``), and a
+body that sends ``steps`` or ``guidance`` is refused with a 400 naming the field and saying so,
+rather than accepted and silently run at 8 steps (what diffusers would do) or run on a grid the
+weights were not made for. A LoRA trained on the base is reported to want a weight of about 0.6
+on Turbo, but ``lora_2_url``/``lora_3_url`` apply at weight 1 here: a LoRA trained on Turbo
+itself wants 1, and a file does not say which checkpoint it was trained on (the README tells
+LoRA authors to scale a base LoRA down themselves).
 
 The weights are under the Qwen Research License (the README says so where it lists them).
 """
@@ -29,7 +39,6 @@ from types import MappingProxyType
 
 from qwenserve.catalog.spec import (
     SEED_CEILING,
-    LoraSource,
     ModelSpec,
     Param,
     PipelineKind,
@@ -39,9 +48,9 @@ from qwenserve.catalog.spec import (
 )
 
 QWEN_IMAGE_21_BASE = "Qwen/Qwen-Image-2.1"
-QWEN_IMAGE_21_LIGHTNING = LoraSource(
-    "lightx2v/Qwen-Image-2.1-Lightning", "Qwen-Image-2.1-Lightning-4steps-V1.0-bf16.safetensors"
-)
+QWEN_IMAGE_21_TURBO = "Qwen/Qwen-Image-2.1-Turbo"
+TURBO_STEPS = 8
+"""The length of Turbo's ``sample_sigmas`` grid: the steps every fast call runs."""
 
 MAX_REFERENCE_IMAGES = 10
 """The model's documented limit ("up to 10 reference images", Qwen-Image-2.1 README)."""
@@ -83,27 +92,15 @@ def _reference_params() -> tuple[Param, ...]:
     )
 
 
-def _params(*, steps: int, max_steps: int, negative: bool) -> tuple[Param, ...]:
-    negative_prompt = (
-        (
-            Param(
-                "negative_prompt",
-                "string",
-                "What to avoid; used only with guidance above 1 (CFG).",
-                default=None,
-            ),
-        )
-        if negative
-        else ()
-    )
+def _sampling_params(*, steps: int, max_steps: int) -> tuple[Param, ...]:
+    """``negative_prompt``, ``steps`` and ``guidance``: only where the weights take a choice."""
     return (
         Param(
-            "prompt",
+            "negative_prompt",
             "string",
-            "Describe the image to create, or the edit to make to the reference images.",
-            required=True,
+            "What to avoid; used only with guidance above 1 (CFG).",
+            default=None,
         ),
-        *negative_prompt,
         Param(
             "steps",
             "integer",
@@ -120,6 +117,18 @@ def _params(*, steps: int, max_steps: int, negative: bool) -> tuple[Param, ...]:
             minimum=1,
             maximum=20,
         ),
+    )
+
+
+def _params(sampling: tuple[Param, ...]) -> tuple[Param, ...]:
+    return (
+        Param(
+            "prompt",
+            "string",
+            "Describe the image to create, or the edit to make to the reference images.",
+            required=True,
+        ),
+        *sampling,
         Param(
             "seed",
             "integer",
@@ -167,37 +176,46 @@ def _params(*, steps: int, max_steps: int, negative: bool) -> tuple[Param, ...]:
     )
 
 
-def _recipe(*, scheduler: SchedulerKind, lightning: LoraSource | None) -> Recipe:
+def _recipe(
+    weights: str, *, default_steps: int | None = None, fixed_sigma_grid: bool = False
+) -> Recipe:
     return Recipe(
         pipeline=PipelineKind.QWEN_IMAGE_21,
-        base_weights=QWEN_IMAGE_21_BASE,
-        scheduler=scheduler,
-        lightning=lightning,
+        base_weights=weights,
+        scheduler=SchedulerKind.STOCK,  # the checkpoint's own scheduler configuration
         max_input_images=MAX_REFERENCE_IMAGES,
         images_optional=True,
         native_sizes=QWEN_IMAGE_21_SIZES,
         default_area=2048 * 2048,
         size_multiple=32,
         reference_area=REFERENCE_AREA,
+        default_steps=default_steps,
+        fixed_sigma_grid=fixed_sigma_grid,
     )
 
 
 QWEN_IMAGE_21 = ModelSpec(
     slug="qwen-image-2.1",
     title="Qwen Image 2.1",
-    summary="Text-to-image and editing with up to 10 reference images (Qwen-Image 2.1, 2K, RGBA).",
+    summary=(
+        "Text-to-image and editing with up to 10 reference images (Qwen-Image 2.1, 2K, RGBA; "
+        f"weights {QWEN_IMAGE_21_BASE})."
+    ),
     price_usd=0.04,
-    params=_params(steps=40, max_steps=60, negative=True),
-    recipe=_recipe(scheduler=SchedulerKind.STOCK, lightning=None),
+    params=_params(_sampling_params(steps=40, max_steps=60)),
+    recipe=_recipe(QWEN_IMAGE_21_BASE),
 )
 
 QWEN_IMAGE_21_FAST = ModelSpec(
     slug="qwen-image-2.1-fast",
     title="Qwen Image 2.1 Fast",
-    summary="Qwen-Image 2.1 in 4 steps (Lightning LoRA): text-to-image and reference edits.",
+    summary=(
+        f"Qwen-Image 2.1 Turbo: {TURBO_STEPS} steps without CFG on its fixed sigma grid, "
+        f"text-to-image and reference edits (weights {QWEN_IMAGE_21_TURBO})."
+    ),
     price_usd=0.01,
-    params=_params(steps=4, max_steps=8, negative=False),
-    recipe=_recipe(scheduler=SchedulerKind.LIGHTNING, lightning=QWEN_IMAGE_21_LIGHTNING),
+    params=_params(()),
+    recipe=_recipe(QWEN_IMAGE_21_TURBO, default_steps=TURBO_STEPS, fixed_sigma_grid=True),
 )
 
 QWEN_IMAGE_21_MODELS: tuple[ModelSpec, ...] = (QWEN_IMAGE_21, QWEN_IMAGE_21_FAST)

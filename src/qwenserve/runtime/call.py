@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from qwenserve.catalog import GenerationRequest, PipelineKind, Recipe
-from qwenserve.errors import InvalidInput
+from qwenserve.errors import InferenceError, InvalidInput
 from qwenserve.runtime.fast_paths import set_vae_tiling
 from qwenserve.runtime.memory_plan import prefix_kv_cache_bytes, reference_tokens
 from qwenserve.runtime.prompt_cache import PromptCache
@@ -143,7 +143,8 @@ def qwen_image_21_kwargs(
     (one set per call: a batch is text-to-image only), the planned size, ``output_resolution``
     from the recipe's reference area, the KV cache always on (the pipeline documents that the
     flag changes the pixels, so fixing it keeps a seed's image), and explicit ``sigmas`` whenever
-    the checkpoint's own ``sample_sigmas`` would override the requested step count."""
+    the checkpoint's own ``sample_sigmas`` would override the requested step count (never for a
+    fixed-grid checkpoint: ``step_sigmas``)."""
     first = requests[0]
     single = len(requests) == 1
     if len(images) > recipe.max_input_images:
@@ -172,7 +173,7 @@ def qwen_image_21_kwargs(
         kwargs["negative_prompt"] = negatives[0] if single else negatives
     if images:
         kwargs["image"] = list(images)
-    sigmas = step_sigmas(pipe, first.steps)
+    sigmas = step_sigmas(pipe, first.steps, recipe)
     if sigmas is not None:
         kwargs["sigmas"] = sigmas
     return kwargs
@@ -188,11 +189,24 @@ def reference_side(recipe: Recipe, plan: SizePlan) -> int:
     return max(multiple, round(math.sqrt(area) / multiple) * multiple)
 
 
-def step_sigmas(pipe: Pipeline, steps: int) -> list[float] | None:
+def step_sigmas(pipe: Pipeline, steps: int, recipe: Recipe) -> list[float] | None:
     """The pipeline's default schedule for ``steps`` where the checkpoint's ``sample_sigmas``
     (whose length, not ``num_inference_steps``, would set the steps) do not have that length;
-    None (the pipeline's own choice) otherwise."""
+    None (the pipeline's own choice) otherwise.
+
+    With ``recipe.fixed_sigma_grid`` (Qwen-Image-2.1-Turbo) the checkpoint's grid is the only
+    schedule its weights sample, so it is never overridden (always None); a checkpoint without
+    one, or with one of another length than the ``steps`` the catalog runs, is not the checkpoint
+    the slug describes. Raises InferenceError then, naming it."""
     configured = getattr(pipe.config, "sample_sigmas", None)
+    if recipe.fixed_sigma_grid:
+        if not configured or len(configured) != steps:
+            found = f"{len(configured)} sigmas" if configured else "none"
+            raise InferenceError(
+                f"{recipe.base_weights} must carry a {steps}-step sample_sigmas grid in its "
+                f"model_index.json (found {found}): these are not its weights"
+            )
+        return None
     if not configured or len(configured) == steps:
         return None
     return [float(s) for s in np.linspace(1.0, 1.0 / steps, steps)]

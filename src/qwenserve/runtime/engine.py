@@ -44,6 +44,7 @@ from qwenserve.runtime.compile import CompileStats, run_warm_up, warm_up_request
 from qwenserve.runtime.condition_area import capped_condition_area
 from qwenserve.runtime.config import EngineConfig, GeneratedImage, resolve_cfg_batch
 from qwenserve.runtime.fast_paths import check_switches, step_cache_reset_on_error
+from qwenserve.runtime.loading import LoadTimings
 from qwenserve.runtime.preview import PreviewCallback, preview_hook
 from qwenserve.runtime.prompt_cache import PromptCache
 from qwenserve.runtime.resident import Resident, ResidentPipelines, device_budget
@@ -171,6 +172,10 @@ class Engine:
         pipelines = self._pipelines
         return {"loads": dict(pipelines.loads), "evictions": dict(pipelines.evictions)}
 
+    def load_timings(self) -> list[LoadTimings]:
+        """Every pipeline load so far, oldest first, warm-up included (``LoadTimings``)."""
+        return list(self._pipelines.load_timings)
+
     def device_memory(self) -> dict[str, int]:
         """CUDA memory allocated and reserved by torch in bytes (metrics); empty elsewhere."""
         if self.device.type != "cuda":
@@ -212,7 +217,7 @@ class Engine:
                 call = warm_up_requests(slug)[0]
                 self.generate(call.requests[0], images=call.images)
             timings[slug] = time.perf_counter() - started
-            log.info("warmed up %s in %.2fs", slug, timings[slug])
+            self._pipelines.note_warm_up(self._residency_key(get_model(slug).recipe), timings[slug])
         return timings
 
     def _residency_key(self, recipe: Recipe) -> str:

@@ -2,7 +2,10 @@
 
 Each is a switch with a safe default. Order matters and is fixed here: weights are final (a
 fused Lightning LoRA already in them) before fp8 quantisation, the step cache hooks the blocks
-before compilation traces them, and placement (``.to(device)`` or CPU offload) comes last.
+before compilation traces them, and placement (``.to(device)`` or CPU offload) comes last. With
+fp8 the transformer arrives here on the CPU (``resident.py`` keeps it there): each linear layer
+goes to the device only as torchao quantizes it, so the device never holds the full-precision
+transformer (a 20B one: ~41 GB in bfloat16, ~20 GB once float8).
 Switches that cannot work where the engine runs refuse at load with an ``InferenceError``.
 """
 
@@ -79,11 +82,15 @@ def fp8_config(mode: QuantizeMode) -> Any:
     raise InferenceError(f"quantize mode {mode!r} has no fp8 config")
 
 
-def quantize_fp8(transformer: torch.nn.Module, mode: QuantizeMode) -> None:
-    """float8 quantisation of every linear layer of ``transformer``, in place (torchao)."""
+def quantize_fp8(
+    transformer: torch.nn.Module, mode: QuantizeMode, device: torch.device | None = None
+) -> None:
+    """float8 quantisation of every linear layer of ``transformer``, in place (torchao); with
+    ``device``, each layer is moved there just before it is quantized (one layer's full
+    precision copy on the device at a time, never the whole transformer's)."""
     from torchao.quantization import quantize_
 
-    quantize_(transformer, fp8_config(mode))
+    quantize_(transformer, fp8_config(mode), device=device)
 
 
 def enable_step_cache(transformer: Any, threshold: float) -> bool:
@@ -134,7 +141,7 @@ def apply_fast_paths(
     into ``compile_stats``)."""
     mode = quantize_mode(config.quantize)
     if mode != "none":
-        quantize_fp8(pipe.transformer, mode)
+        quantize_fp8(pipe.transformer, mode, None if config.cpu_offload else device)
     if config.step_cache is not None:
         enable_step_cache(pipe.transformer, config.step_cache)
     if config.compile:

@@ -25,11 +25,45 @@ from dataclasses import dataclass
 
 GIB = 2**30
 
-VAE_DECODE_BYTES_PER_PIXEL_PER_DTYPE_BYTE = 2048
-"""Peak decode memory per output pixel, per byte of the VAE's dtype: 8 KiB/px in float32
-(measured on a CPU: 0.76 GB at 256², 2.36 GB at 512², ~8.1 KB per added pixel), so 4 KiB/px in
-bfloat16: ~7.2 GB for one 1328² image, the top of the 6-7 GB scaled estimate (not yet measured
-on a GPU)."""
+
+@dataclass(frozen=True)
+class DecodeBytesPerPixel:
+    """Peak memory of an untiled VAE decode per output pixel, for one device type and one
+    element width, and where the figure comes from."""
+
+    bytes_per_pixel: int
+    source: str
+    """"measured: ..." (how, where) or "scaled: ..." (derived from another row, unmeasured)."""
+
+
+VAE_DECODE_BYTES_PER_PIXEL: dict[tuple[str, int], DecodeBytesPerPixel] = {
+    ("cpu", 4): DecodeBytesPerPixel(
+        8 * 1024,
+        "measured: a CPU, float32, 0.76 GB at 256², 2.36 GB at 512², ~8.1 KB per added pixel",
+    ),
+    ("cuda", 2): DecodeBytesPerPixel(
+        4 * 1024,
+        "scaled: the CPU float32 figure halved for 2-byte values (bfloat16/float16), not "
+        "measured on a GPU; bench/gpu_verify.py's vae stage measures it (~7.2 GB for 1328²)",
+    ),
+}
+"""Keyed by (device type, bytes per element of the VAE's dtype). A figure is per device and
+per dtype width: allocator, kernels and workspaces differ between a CPU and a GPU, so a CPU
+measurement is only a scaled guess for CUDA. Replace a "scaled" row by a measured one when the
+proof measures it; a key not listed is scaled from the CPU float32 row by element width."""
+
+
+def decode_bytes_per_pixel(device_type: str, dtype_bytes: int) -> DecodeBytesPerPixel:
+    """The decode peak per output pixel on ``device_type`` with ``dtype_bytes``-wide values."""
+    known = VAE_DECODE_BYTES_PER_PIXEL.get((device_type, dtype_bytes))
+    if known is not None:
+        return known
+    cpu = VAE_DECODE_BYTES_PER_PIXEL[("cpu", 4)]
+    return DecodeBytesPerPixel(
+        cpu.bytes_per_pixel * dtype_bytes // 4,
+        f"scaled: the CPU float32 figure for {dtype_bytes}-byte values on {device_type}",
+    )
+
 
 CPU_TILING_PIXELS = 2 * 1024 * 1024
 """Off CUDA (no free-memory reading that bounds the decode): tile when batch x pixels exceeds
@@ -192,9 +226,12 @@ class MemoryBudget:
         return self.free_bytes() - self.margin_bytes
 
 
-def decode_peak_bytes(width: int, height: int, batch: int, dtype_bytes: int) -> int:
+def decode_peak_bytes(
+    width: int, height: int, batch: int, dtype_bytes: int, device_type: str = "cuda"
+) -> int:
     """Estimated peak memory of an untiled VAE decode of ``batch`` images of width x height."""
-    return width * height * batch * dtype_bytes * VAE_DECODE_BYTES_PER_PIXEL_PER_DTYPE_BYTE
+    per_pixel = decode_bytes_per_pixel(device_type, dtype_bytes).bytes_per_pixel
+    return width * height * batch * per_pixel
 
 
 def reference_tokens(reference_sizes: Sequence[tuple[int, int]], vae_factor: int = 16) -> int:
@@ -223,16 +260,19 @@ def wants_vae_tiling(
     dtype_bytes: int,
     work_bytes: int | None,
     held_bytes: int = 0,
+    device_type: str = "cuda",
 ) -> bool:
     """Whether the decode of ``batch`` images of width x height should be tiled.
 
     ``forced`` (``EngineConfig.vae_tiling``) wins. Else, with ``work_bytes`` (what a call may use
     now, ``MemoryBudget.for_work``): tile when the whole decode's estimated peak exceeds it less
     ``held_bytes`` (what the call allocates before the decode and still holds, such as 2.1's
-    prefix KV cache); without (CPU): tile above ``CPU_TILING_PIXELS`` over batch x pixels.
+    prefix KV cache), the peak from ``device_type``'s figure (``VAE_DECODE_BYTES_PER_PIXEL``);
+    without (CPU): tile above ``CPU_TILING_PIXELS`` over batch x pixels.
     """
     if forced is not None:
         return forced
     if work_bytes is None:
         return width * height * batch > CPU_TILING_PIXELS
-    return decode_peak_bytes(width, height, batch, dtype_bytes) > work_bytes - held_bytes
+    peak = decode_peak_bytes(width, height, batch, dtype_bytes, device_type)
+    return peak > work_bytes - held_bytes

@@ -6,13 +6,16 @@ defaults in diffusers 0.42 are exactly that: 60 layers, 24 heads x 128, joint at
 3584, RoPE axes 16/56/56), the VAE ``AutoencoderKLQwenImage`` likewise at its defaults (base
 width 96). The text encoder is the tiny preset's two-layer Qwen2.5-VL widened to 3584, so
 prompt embeddings have the real shape at a fraction of the 7B encoder's cost (its time is not
-part of a denoising step). Images are noise. CUDA only: 20B parameters in bfloat16 are 41 GB.
+part of a denoising step; the full-size encoders are random_full_encoders.py). Images are noise.
+CUDA only: 20B parameters in bfloat16 are 41 GB. Every buffer keeps its constructor's value
+(``materialise``): ``to_empty`` would leave non-persistent ones (RoPE, timestep tables) garbage.
 Qwen-Image 2.1's real-size build (7.1B transformer, RGBA VAE) is random_full_21.py.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +41,39 @@ INIT_STD = 0.02
 """Small random weights keep 60 residual blocks finite in bfloat16."""
 
 
-def _random_transformer(device: torch.device, dtype: torch.dtype, cls: Any = Transformer) -> Any:
-    # Parameters start on the meta device (no 80 GB float32 copy anywhere); RoPE tables, plain
-    # tensors built in __init__, stay real.
-    with init_empty_weights():
-        transformer: Any = cls()
-    transformer.to(dtype)
-    transformer.to_empty(device=device)
+def materialise(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Give ``module`` (parameters on the meta device, buffers real: ``init_empty_weights``)
+    storage on ``device`` in ``dtype``, with random parameters and every buffer as its
+    constructor made it.
+
+    ``to_empty`` leaves buffers uninitialised as well as parameters: non-persistent ones
+    (RoPE ``inv_freq``, Qwen-Image 2.1's timestep ``freqs``) are in no checkpoint, so garbage
+    there (1.7e38 seen) turns into inf and NaN. They are copied back from the constructor's."""
+    module.to(dtype)  # floating buffers too, as a real load at this dtype does
+    buffers = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
+    module.to_empty(device=device)
     with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(buffers[name])
+        for name, parameter in module.named_parameters():
             if parameter.ndim >= 2:
                 parameter.normal_(0.0, INIT_STD)
             elif name.endswith("bias"):
                 parameter.zero_()
             else:
                 parameter.fill_(1.0)  # norm scales
-    return transformer
+    return module
+
+
+def _random_transformer(
+    device: torch.device, dtype: torch.dtype, cls: Any = Transformer, **config: Any
+) -> Any:
+    # Parameters start on the meta device (no 80 GB float32 copy anywhere); buffers and the
+    # RoPE tables (plain tensors built in __init__) stay real. ``config``: a smaller build
+    # (tests); the class defaults are the published configuration.
+    with init_empty_weights(include_buffers=False):
+        transformer: Any = cls(**config)
+    return materialise(transformer, device, dtype)
 
 
 def transformer_class_for(kind: PipelineKind) -> Any:
@@ -76,22 +96,48 @@ def _wide_text_encoder(tokenizer: Any) -> Any:
     )
 
 
+BUILD_SECONDS: dict[str, dict[str, float]] = {}
+"""Seconds per component of the last random-full build of each base (``name``), read by the GPU
+proof's build stage (bench/gpu_verify_core.py): the engine times only whole loads."""
+
+
+class _ComponentClock:
+    """Times each component of one build on ``device`` (synchronised: CUDA work is async)."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        self.seconds = BUILD_SECONDS.setdefault(name, {})
+        self.seconds.clear()
+        self.device = device
+        self.last = time.perf_counter()
+
+    def mark(self, component: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[component] = now - self.last
+        self.last = now
+
+
 def build_random_full_pipeline(kind: PipelineKind, name: str, dtype: torch.dtype) -> Any:
     """A real-size pipeline of ``kind`` with random weights, on CUDA (refused elsewhere)."""
     if not torch.cuda.is_available():
         raise InferenceError("random-full needs a CUDA GPU")
     device = torch.device("cuda")
+    clock = _ComponentClock(name, device)
     if kind is PipelineKind.QWEN_IMAGE_21:
         from qwenserve.runtime.random_full_21 import build_random_full_21
 
-        return build_random_full_21(name, dtype, device)
+        return build_random_full_21(name, dtype, device, clock.mark)
     tokenizer = build_tiny_tokenizer(prompt_templates())
     with torch.random.fork_rng(devices=[device]):
         torch.manual_seed(_seed_for(name))
         transformer = _random_transformer(device, dtype)
+        clock.mark("transformer")
         vae_module: Any = AutoencoderKLQwenImage()
         vae = vae_module.to(device=device, dtype=dtype)
+        clock.mark("vae")
         text_encoder = _wide_text_encoder(tokenizer).to(device=device, dtype=dtype)
+        clock.mark("text_encoder")
     return assemble_pipeline(kind, transformer, vae, text_encoder, tokenizer)
 
 

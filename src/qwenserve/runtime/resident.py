@@ -5,12 +5,16 @@ it estimates X's bytes from its files (``footprint.py``), evicts least recently 
 until X fits the count cap and the byte budget (``memory_plan.py``) *before* loading it, loads
 X with the text encoder and VAE modules a resident pipeline already holds when their files are
 identical (decided by content hash, never by name), and measures what X really holds once
-loaded. A shared module stays while any resident pipeline uses it. Not with CPU offload, whose
-hooks belong to one pipeline, nor for random-full (no files to compare).
+loaded. Components load concurrently and straight to the device (``loading.py``); where fp8
+quantisation is on, the transformer stays on the CPU until it is quantized, so the device never
+holds its full-precision copy. Each load's ``LoadTimings`` is logged once and kept. A shared
+module stays while any resident pipeline uses it. Not with CPU offload, whose hooks belong to
+one pipeline, nor for random-full (no files to compare).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -27,7 +31,7 @@ from qwenserve.catalog import LoraSource, PipelineKind, Recipe, SchedulerKind
 from qwenserve.errors import InferenceError, QwenServeError
 from qwenserve.runtime.cfg_batch import CfgBatcher
 from qwenserve.runtime.compile import CompileStats
-from qwenserve.runtime.config import EngineConfig
+from qwenserve.runtime.config import EngineConfig, quantize_mode
 from qwenserve.runtime.cpu_kernels import use_fast_vae_norms
 from qwenserve.runtime.fast_paths import apply_fast_paths
 from qwenserve.runtime.footprint import (
@@ -36,6 +40,7 @@ from qwenserve.runtime.footprint import (
     hub_snapshot,
     pipeline_footprint,
 )
+from qwenserve.runtime.loading import LoadTimings, load_components, local_folder, process_age_s
 from qwenserve.runtime.memory_plan import (
     GIB,
     Footprint,
@@ -76,6 +81,8 @@ class Resident:
     """Runs CFG's two passes as one batch (``cfg_batch``), where it applies."""
     footprint: Footprint = field(default_factory=Footprint)
     """What it holds, measured after loading (shared parts carry their content id)."""
+    timings: LoadTimings | None = None
+    """Where its load's time went (``loading.py``)."""
 
 
 @dataclass
@@ -116,8 +123,14 @@ class ResidentPipelines:
         source: Callable[[], WeightSource],
         budget: MemoryBudget,
         compile_stats: CompileStats | None = None,
+        *,
+        concurrent_load: bool = True,
     ) -> None:
         self.config = config
+        self.concurrent_load = concurrent_load
+        """False: components load one after the other (for comparison, ``bench/cold_start.py``)."""
+        self.load_timings: list[LoadTimings] = []
+        """Every load's timings, oldest first (``Engine.load_timings``)."""
         self.compile_stats = compile_stats or CompileStats()
         self.device = device
         self.dtype = dtype
@@ -180,8 +193,11 @@ class ResidentPipelines:
         }
         try:
             resident = self._build(key, recipe, location, reuse)
+            started = time.perf_counter()
             prepare(resident)
+            fused = time.perf_counter()
             self._finish(resident)
+            finished = time.perf_counter()
         except QwenServeError:
             self._drop_unused_shared()
             raise
@@ -198,6 +214,15 @@ class ResidentPipelines:
             entry.users.add(key)
         self._entries[key] = resident
         self.loads[key] += 1
+        if resident.timings is not None:
+            resident.timings = dataclasses.replace(
+                resident.timings,
+                lora_fuse_s=fused - started,
+                fast_paths_s=finished - fused,
+                ready_after_start_s=process_age_s(),
+            )
+            self.load_timings.append(resident.timings)
+            log.info("%s", resident.timings.describe())
         trim = plan_trim(
             [(k, r.footprint) for k, r in self._entries.items()],
             newest=key,
@@ -205,6 +230,20 @@ class ResidentPipelines:
         )
         self._evict(trim, keep=frozenset(), why="over the memory budget once loaded")
         return resident
+
+    def note_warm_up(self, key: str, seconds: float) -> None:
+        """Add a warm-up of ``key`` to its load's timings (logged with them once more)."""
+        resident = self._entries.get(key)
+        if resident is None or resident.timings is None:
+            return
+        timings = dataclasses.replace(
+            resident.timings,
+            warm_up_s=(resident.timings.warm_up_s or 0.0) + seconds,
+            ready_after_start_s=process_age_s(),
+        )
+        self.load_timings[self.load_timings.index(resident.timings)] = timings
+        resident.timings = timings
+        log.info("%s", timings.describe())
 
     def wants_vae_tiling(self, width: int, height: int, batch: int, held_bytes: int = 0) -> bool:
         """Whether a call decoding ``batch`` images of width x height should tile its decode,
@@ -217,6 +256,7 @@ class ResidentPipelines:
             dtype_bytes=self.dtype.itemsize,
             work_bytes=self.budget.for_work(),
             held_bytes=held_bytes,
+            device_type=self.device.type,
         )
 
     def release_memory(self) -> None:
@@ -254,38 +294,52 @@ class ResidentPipelines:
 
     def _build(self, key: str, recipe: Recipe, location: str, reuse: dict[str, Any]) -> Resident:
         started = time.perf_counter()
-        kwargs: dict[str, Any] = {"dtype": self.dtype, **reuse}
+        components_s: dict[str, float] = {}
+        quantizing = quantize_mode(self.config.quantize) != "none"
         try:
             if self.config.weights == "random-full":
                 from qwenserve.runtime.random_full import build_random_full_pipeline
 
+                # Built on the GPU already; ``apply_fast_paths`` places it as configured.
                 pipe = build_random_full_pipeline(recipe.pipeline, recipe.base_weights, self.dtype)
             else:
+                provided = dict(reuse)
                 # The stock processors need torchvision; ours load the same files without it.
                 if recipe.pipeline is PipelineKind.QWEN_IMAGE_21:
-                    kwargs["processor"] = load_processor_21(location)
+                    provided["processor"] = load_processor_21(location)
                 elif recipe.pipeline is not PipelineKind.TEXT_TO_IMAGE:
-                    kwargs["processor"] = load_processor(location)
+                    provided["processor"] = load_processor(location)
+                folder = local_folder(location)
                 with quiet_progress():
-                    pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
-            if not self.config.cpu_offload:
-                pipe.to(self.device)
+                    components, components_s = load_components(
+                        folder,
+                        dtype=self.dtype,
+                        device=None if self.config.cpu_offload else self.device,
+                        # fp8: quantized on the CPU side, moved after (``apply_fast_paths``).
+                        on_host=frozenset({"transformer"}) if quantizing else frozenset(),
+                        skip=frozenset(provided),
+                        concurrent=self.concurrent_load,
+                    )
+                    pipe = DiffusionPipeline.from_pretrained(str(folder), **components, **provided)
         except QwenServeError:
             raise
         except Exception as error:
             log.error("could not load %s from %s: %s", recipe.base_weights, location, error)
             raise InferenceError(f"could not load the model {recipe.base_weights}") from error
         pipe.set_progress_bar_config(disable=True)
-        log.info(
-            "loaded %s (%s) from %s in %.2fs%s",
-            recipe.base_weights,
-            type(pipe).__name__,
-            location,
-            time.perf_counter() - started,
-            f", sharing {', '.join(sorted(reuse))}" if reuse else "",
+        timings = LoadTimings(
+            key=key,
+            components_s=components_s,
+            load_s=time.perf_counter() - started,
+            concurrent=self.concurrent_load,
+            shared=tuple(sorted(reuse)),
         )
         return Resident(
-            key=key, kind=recipe.pipeline, pipe=pipe, stock_scheduler=dict(pipe.scheduler.config)
+            key=key,
+            kind=recipe.pipeline,
+            pipe=pipe,
+            stock_scheduler=dict(pipe.scheduler.config),
+            timings=timings,
         )
 
     def _finish(self, resident: Resident) -> None:

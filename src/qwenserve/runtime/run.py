@@ -1,8 +1,12 @@
 """Running one diffusers call and checking what it returns.
 
-The step callback reports progress and stops the denoising loop on cancellation; an
-out-of-memory error (CUDA's, or the CPU allocator's) becomes ``OutOfMemory`` naming the size and
-batch, raised only once the failed call's memory is freed; NaN/inf output is refused; pixels
+The step callback reports progress and, on cancellation, leaves the pipeline call at that
+step boundary (it raises: diffusers' ``_interrupt`` would still decode the discarded image,
+seconds on a CPU, before the call returned); a VAE decode
+that runs out of memory is retried tiled on the same latents (``decode_retry.py``: the
+transformer does not run again); any other out-of-memory error (CUDA's, or the CPU allocator's)
+becomes ``OutOfMemory`` naming the size and batch, raised only once the failed call's memory is
+freed; NaN/inf output is refused; pixels
 become an RGB (or, for a transparent Qwen-Image 2.1 image, RGBA) image of exactly the
 planned size.
 """
@@ -15,14 +19,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError
+from qwenserve.runtime.decode_retry import decode_retried_on_oom, is_out_of_memory
 from qwenserve.runtime.resident import Pipeline
 from qwenserve.runtime.sizes import SizePlan
 
 log = logging.getLogger("qwenserve.runtime")
+
+
+class _Cancelled(Exception):
+    """Raised by the step callback to leave the pipeline call; becomes InferenceError."""
 
 
 def run_pipeline(
@@ -43,29 +51,31 @@ def run_pipeline(
 
     ``on_step`` gets (steps done, ``total_steps``) after each step; ``should_cancel`` is
     checked there; ``on_latents`` gets (steps done, the latents) after each step (previews).
-    Raises InferenceError ("cancelled", NaN output, any other failure) and
-    OutOfMemory (naming size and batch) after ``free_memory`` ran."""
+    A decode out of memory is retried tiled (``free_memory`` runs first). Raises
+    InferenceError ("cancelled", NaN output, any other failure) and OutOfMemory (naming size
+    and batch) after ``free_memory`` ran."""
     cancelled = False
     out_of_memory = False
 
     def step_end(
         pipeline: Pipeline, step: int, timestep: Any, tensors: dict[str, Any]
     ) -> dict[str, Any]:
-        nonlocal cancelled
         if on_latents is not None and "latents" in tensors:
             on_latents(step + 1, tensors["latents"])
         if on_step is not None:
             on_step(step + 1, total_steps)
         if should_cancel is not None and should_cancel():
-            cancelled = True
-            pipeline._interrupt = True  # skips the remaining steps (the image is discarded)
+            raise _Cancelled  # no further step, no decode: the image would be discarded
         return {}
 
     try:
         with contextlib.ExitStack() as stack:
             for scope in scopes:
                 stack.enter_context(scope)
+            stack.enter_context(decode_retried_on_oom(pipe, free_memory))
             output = pipe(**kwargs, callback_on_step_end=step_end)
+    except _Cancelled:
+        cancelled = True  # raised below, once the call's frames are gone
     except QwenServeError:
         raise
     except Exception as error:
@@ -91,13 +101,6 @@ def run_pipeline(
     if not np.isfinite(pixels).all():
         raise InferenceError("the model produced NaN/inf values; the image was discarded")
     return pixels
-
-
-def is_out_of_memory(error: Exception) -> bool:
-    """CUDA's typed error, or the CPU allocator's plain RuntimeError."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
-    )
 
 
 def to_image(pixels: np.ndarray[Any, Any], plan: SizePlan) -> Image.Image:

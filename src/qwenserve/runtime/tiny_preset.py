@@ -44,11 +44,7 @@ from qwenserve.catalog import LoraSource, PipelineKind
 from qwenserve.runtime.processor import ImageOnlyQwen2VLProcessor, restore_stock_class_names
 from qwenserve.runtime.progress import quiet_progress
 from qwenserve.runtime.schedulers import STOCK_SCHEDULER_CONFIG
-from qwenserve.runtime.tiny_preset_21 import (
-    assemble_pipeline_21,
-    build_models_21,
-    transformer_class,
-)
+from qwenserve.runtime.tiny_preset_21 import build_pipeline_21, transformer_class
 from qwenserve.runtime.tiny_tokenizer import (
     IM_END,
     IMAGE_PAD,
@@ -210,8 +206,9 @@ def build_tiny_pipeline(kind: PipelineKind, name: str) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed_for(name))
         if kind is PipelineKind.QWEN_IMAGE_21:  # tiny_preset_21.py
-            models = build_models_21(tokenizer, _reinitialise, TRANSFORMER_INIT_GAIN, VAE_INIT_GAIN)
-            return assemble_pipeline_21(*models, tokenizer)
+            return build_pipeline_21(
+                name, tokenizer, _seed_for, _reinitialise, TRANSFORMER_INIT_GAIN, VAE_INIT_GAIN
+            )
         transformer = _transformer()
         _reinitialise(transformer, TRANSFORMER_INIT_GAIN)
         vae = _vae()

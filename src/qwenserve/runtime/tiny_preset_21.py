@@ -7,6 +7,12 @@ deterministically from fixed seeds and saved/loaded like the other tiny bases
 channels, a 16x RGBA VAE (five levels), unpatched latents, Qwen3-VL's 16-pixel vision patches merged
 2x2 (so one vision token is one 2x2 group of latent tokens, as the transformer requires).
 
+Qwen-Image-2.1-Turbo is built as the real one is published: 2.1's text encoder and VAE (drawn
+from 2.1's seed, so the saved files are byte-identical and the runtime shares them by content
+hash), its own transformer (drawn from its own seed), and a fixed 8-sigma ``sample_sigmas`` grid
+in ``model_index.json``. Its scheduler does not shift, so the sigmas it samples are the grid
+itself (a test reads them back); the real checkpoint's scheduler config is loaded from its folder.
+
 The tokenizer is the preset's locally built byte-level BPE (``tiny_tokenizer``): 2.1 derives its
 template drop from the chat template instead of hard-coding it, so any tokenizer with Qwen's special
 tokens and a chat template that renders a system turn as Qwen's does is exact.
@@ -14,8 +20,10 @@ tokens and a chat template that renders a system turn as Qwen's does is exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from diffusers import (
     AutoencoderKLQwenImage21,
     FlowMatchEulerDiscreteScheduler,
@@ -25,6 +33,7 @@ from diffusers import (
 from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from qwenserve.catalog.models_21 import QWEN_IMAGE_21_BASE, QWEN_IMAGE_21_TURBO
 from qwenserve.runtime.processor import ImageOnlyQwen3VLProcessor
 from qwenserve.runtime.tiny_tokenizer import IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
@@ -58,6 +67,16 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 """The flow-matching Euler scheduler with the dynamic shift the pipeline computes ``mu`` for
 (its ``calculate_shift`` defaults); the real checkpoint's own config is loaded from its folder."""
+
+TURBO_SAMPLE_SIGMAS: tuple[float, ...] = (1.0, 0.97, 0.92, 0.85, 0.74, 0.58, 0.38, 0.16)
+"""The tiny Turbo's fixed grid (terminal sigma excluded): 8 steps, unlike ``linspace(1, 1/8)``
+so a test can tell which one ran; its length is the catalog's ``TURBO_STEPS``."""
+
+TURBO_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "use_dynamic_shifting": False}
+"""No shift (``shift`` 1, not dynamic): the scheduler samples the grid as it is."""
+
+SHARED_PARTS_OF: dict[str, str] = {QWEN_IMAGE_21_TURBO: QWEN_IMAGE_21_BASE}
+"""Checkpoint → the one whose text encoder and VAE it ships byte for byte."""
 
 
 def text_encoder_21(
@@ -154,16 +173,43 @@ def processor_21(tokenizer: Qwen2Tokenizer) -> ImageOnlyQwen3VLProcessor:
 
 
 def assemble_pipeline_21(
-    transformer: Any, vae: Any, text_encoder: Any, tokenizer: Qwen2Tokenizer
+    transformer: Any, vae: Any, text_encoder: Any, tokenizer: Qwen2Tokenizer, *, turbo: bool = False
 ) -> Any:
-    """A ``QwenImage21Pipeline`` from its models and the tiny processor and scheduler."""
+    """A ``QwenImage21Pipeline`` from its models and the tiny processor and scheduler; with
+    ``turbo``, Turbo's fixed grid and unshifted scheduler."""
+    config = TURBO_SCHEDULER_CONFIG if turbo else SCHEDULER_CONFIG
     return QwenImage21Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(dict(SCHEDULER_CONFIG)),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(dict(config)),
         vae=vae,
         text_encoder=text_encoder,
         processor=processor_21(tokenizer),
         transformer=transformer,
+        sample_sigmas=list(TURBO_SAMPLE_SIGMAS) if turbo else None,
     )
+
+
+def build_pipeline_21(
+    name: str,
+    tokenizer: Qwen2Tokenizer,
+    seed_for: Callable[[str], int],
+    reinitialise: Any,
+    transformer_gain: float,
+    vae_gain: float,
+) -> Any:
+    """The tiny pipeline for checkpoint ``name``, its weights depending only on ``name``:
+    Turbo's text encoder and VAE are drawn exactly as 2.1's (``SHARED_PARTS_OF``), its
+    transformer from its own seed. Changes torch's RNG (the caller forks it)."""
+    parts_of = SHARED_PARTS_OF.get(name, name)
+    torch.manual_seed(seed_for(parts_of))
+    transformer, vae, text_encoder = build_models_21(
+        tokenizer, reinitialise, transformer_gain, vae_gain
+    )
+    if parts_of == name:
+        return assemble_pipeline_21(transformer, vae, text_encoder, tokenizer)
+    torch.manual_seed(seed_for(name))
+    transformer = transformer_21()
+    reinitialise(transformer, transformer_gain)
+    return assemble_pipeline_21(transformer, vae, text_encoder, tokenizer, turbo=True)
 
 
 def build_models_21(
