@@ -22,7 +22,7 @@ from qwenserve.store.history import HistoryPolicy
 from qwenserve.store.workers import WorkerRegistry
 
 if TYPE_CHECKING:
-    from qwenserve.store.redis_wakeup import RedisDoneWakeup, RedisWakeup
+    from qwenserve.store.redis_wakeup import RedisCancelWakeup, RedisDoneWakeup, RedisWakeup
 
 WakeCallback = Callable[[str | None], None]
 """Called on a subscriber thread with a slug (queued) or a job id (ended), or None: look again."""
@@ -50,6 +50,13 @@ class RedisSignals:
         from qwenserve.store.redis_wakeup import RedisDoneWakeup
 
         return RedisDoneWakeup(self.url, on_wake=on_wake).start()
+
+    def on_cancel_requested(self, on_wake: WakeCallback) -> RedisCancelWakeup:
+        """Call ``on_wake(job_id)`` whenever an owner asks to cancel a running job on any node,
+        and ``on_wake(None)`` after each (re)subscription (requests meanwhile were missed)."""
+        from qwenserve.store.redis_wakeup import RedisCancelWakeup
+
+        return RedisCancelWakeup(self.url, on_wake=on_wake).start()
 
 
 @dataclass

@@ -9,7 +9,9 @@ responses, and nothing else invents status codes. This module imports nothing fr
     QwenServeError                      500  base; never shown with a stack trace
     ├── InvalidRequest                  400  parameters missing, mistyped or out of range; carries
     │                                        every bad field (``errors``: FieldError list)
-    │   ├── InvalidInput                400  an input image or LoRA file was fetched but is unusable
+    │   ├── InvalidInput                400  an input image or LoRA file is unusable
+    │   │   └── InputUnavailable        400  an input URL the caller named could not be fetched
+    │   │                                    (HTTP error status, unknown host, no answer in time)
     │   └── BodyTooLarge                413  the request body passed the size limit (as it streamed)
     ├── Unauthenticated                 401  missing or unknown API key
     ├── Forbidden                       403  the key may not use this model
@@ -23,20 +25,31 @@ responses, and nothing else invents status codes. This module imports nothing fr
     ├── ContentPolicyViolation          422  the operator's content policy blocked a prompt, an
     │                                        input or an output image (kind ``content_policy``)
     ├── RateLimited                     429  requests-per-minute limit hit; carries retry_after_s
-    ├── UpstreamError                   502  fetching an input URL failed
-    ├── UpstreamTimeout                 504  fetching an input URL timed out
+    ├── KeyQueueFull                    429  the key has its ``max_queued`` jobs waiting already
+    ├── UpstreamError                   502  a fetch failed (the fetcher's own; a caller's input
+    │                                        URL is answered as InputUnavailable instead)
+    ├── UpstreamTimeout                 504  a fetch, or v1's wait for the result, timed out
     ├── InferenceError                  500  the engine failed while running a job
     │   └── OutOfMemory                 500  the device ran out of memory for this size x batch
     └── ServiceUnavailable              503  shutting down or no worker can take the job
+        ├── QueueFull                   503  the cluster holds QWENSERVE_MAX_QUEUED jobs already
+        └── StartTimeout                503  a job's X-Start-Timeout passed before it started
+                                             (kind ``start_timeout``; ended, refunded)
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from qwenserve.jobs import CANCELLED, EXPIRED
+
+BODY_FIELD = "body"
+"""The ``field`` of a problem with the request body as a whole (malformed JSON, not an object)."""
+# How an input error's message names its field: "image: …", or "prompt is … tokens long".
+_FIELD_PREFIX = re.compile(r"([a-z_][a-z0-9_]*)(?:: | is )")
 
 
 class QwenServeError(Exception):
@@ -69,7 +82,8 @@ class InvalidRequest(QwenServeError):
     ``errors`` lists every bad field (a client fixes them all in one round trip); ``message``
     stays one readable string naming each of them, since that is what Segmind's SDK shows.
     ``field`` is the first bad field. Raise one for many fields with ``from_errors``; a
-    single-field ``InvalidRequest(msg, field=name)`` lists itself.
+    single-field ``InvalidRequest(msg, field=name)`` lists itself. ``errors`` is never empty:
+    a problem of the body as a whole (malformed JSON, not an object) is listed under ``body``.
     """
 
     http_status = 400
@@ -80,8 +94,8 @@ class InvalidRequest(QwenServeError):
         if field is None and errors:
             field = errors[0].field
         super().__init__(message, field=field)
-        if not errors and field is not None:
-            errors = (FieldError(field, message),)
+        if not errors:
+            errors = (FieldError(BODY_FIELD if field is None else field, message),)
         self.errors: tuple[FieldError, ...] = tuple(errors)
 
     @classmethod
@@ -96,6 +110,12 @@ class InvalidRequest(QwenServeError):
 
 class InvalidInput(InvalidRequest):
     """An input (image or LoRA file) was read but cannot be used: bad format, too large, …"""
+
+
+class InputUnavailable(InvalidInput):
+    """An input URL the caller named could not be fetched: its host does not resolve or
+    refuses the connection, it answers an HTTP error status, or it does not answer in time.
+    The caller's input is at fault (a 4xx naming the field), not this server."""
 
 
 class BodyTooLarge(InvalidRequest):
@@ -181,6 +201,17 @@ class RateLimited(QwenServeError):
         self.reset_at = reset_at
 
 
+class KeyQueueFull(QwenServeError):
+    """The key already has as many jobs waiting as its ``max_queued`` allows (backpressure)."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float, limit: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+
+
 class UpstreamError(QwenServeError):
     """An input URL could not be fetched (connection refused, HTTP error status, …)."""
 
@@ -217,12 +248,25 @@ class ServiceUnavailable(QwenServeError):
         self.retry_after_s = retry_after_s
 
 
+class QueueFull(ServiceUnavailable):
+    """The cluster's queue holds ``QWENSERVE_MAX_QUEUED`` jobs: nothing more is taken for now
+    (``GET /readyz`` says 503 meanwhile)."""
+
+
+class StartTimeout(ServiceUnavailable):
+    """A job's start deadline (``X-Start-Timeout``) passed before its compute began: it ended
+    unrun, refunded."""
+
+    kind = "start_timeout"
+
+
 _BY_NAME: dict[str, type[QwenServeError]] = {
     cls.__name__: cls
     for cls in (
         QwenServeError,
         InvalidRequest,
         InvalidInput,
+        InputUnavailable,
         Unauthenticated,
         Forbidden,
         NotFound,
@@ -234,6 +278,7 @@ _BY_NAME: dict[str, type[QwenServeError]] = {
         InferenceError,
         OutOfMemory,
         ServiceUnavailable,
+        StartTimeout,
         ContentPolicyViolation,
     )
 }
@@ -253,10 +298,15 @@ def rebuild_error(kind: str | None, message: str) -> QwenServeError:
 
     The two endings that are no error of the job's own map to what a client should read: a
     ``cancelled`` job is ``Cancelled`` (409), an ``expired`` one ``UnknownRequest`` (404, as
-    every expired request reads). Unknown kinds are an ``InferenceError`` (500).
+    every expired request reads). Unknown kinds are an ``InferenceError`` (500). An input error
+    gets its field back from its message (``"<field>: …"`` or ``"<field> is …"``).
     """
     if kind == CANCELLED:
         return Cancelled(message)
     if kind == EXPIRED:
         return UnknownRequest(message)
-    return _BY_KIND.get(kind or "", InferenceError)(message)
+    error_cls = _BY_KIND.get(kind or "", InferenceError)
+    if issubclass(error_cls, InvalidRequest):
+        named = _FIELD_PREFIX.match(message)
+        return error_cls(message, field=named.group(1) if named else None)
+    return error_cls(message)

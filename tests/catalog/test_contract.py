@@ -34,12 +34,8 @@ def minimal_body(slug: str) -> dict[str, Any]:
     """The fewest fields a client must send to this slug."""
     body: dict[str, Any] = {}
     for param in MODELS[slug].params:
-        if param.required:
-            body[param.name] = (
-                IMAGE
-                if param.type == "uri"
-                else (param.default if param.has_default else "a red fox")
-            )
+        if param.must_send:
+            body[param.name] = IMAGE if param.type == "uri" else "a red fox"
     if slug == "qwen-image-edit-plus-product-photography":
         body["image_1"] = IMAGE
     return body
@@ -126,7 +122,7 @@ def test_minimal_body_is_accepted_with_page_defaults(slug: str) -> None:
 
 @pytest.mark.parametrize(
     ("slug", "param"),
-    [(s, p) for s, p in PARAMS if p.required],
+    [(s, p) for s, p in PARAMS if p.must_send],
     ids=lambda v: getattr(v, "name", v),
 )
 def test_missing_required_parameter_is_refused(slug: str, param: Param) -> None:
@@ -136,6 +132,29 @@ def test_missing_required_parameter_is_refused(slug: str, param: Param) -> None:
         validate_request(slug, body)
     assert caught.value.field == param.name
     assert "required" in caught.value.message
+
+
+FILLED = [(s, p) for s, p in PARAMS if p.required and not p.must_send]
+
+
+def test_page_required_parameters_with_a_default_are_the_three_steps() -> None:
+    assert sorted((s, p.name) for s, p in FILLED) == [
+        ("qwen-image", "steps"),
+        ("qwen-image-edit-fast", "steps"),
+        ("qwen-image-fast", "steps"),
+    ]
+    fast_prompt = MODELS["qwen-image-fast"].param("prompt")
+    assert fast_prompt is not None and fast_prompt.must_send, "a sample prompt is never filled"
+
+
+@pytest.mark.parametrize(("slug", "param"), FILLED, ids=[f"{s}.{p.name}" for s, p in FILLED])
+def test_page_required_parameter_with_a_default_fills_when_omitted_or_null(
+    slug: str, param: Param
+) -> None:
+    body = minimal_body(slug)
+    assert param.name not in body
+    assert getattr(validate_request(slug, body), param.name) == param.default
+    assert getattr(validate_request(slug, {**body, param.name: None}), param.name) == param.default
 
 
 RANGED = [(s, p) for s, p in PARAMS if p.minimum is not None]

@@ -40,7 +40,7 @@ def good_bodies(spec: ModelSpec) -> list[dict[str, Any]]:
     for param in spec.params:
         if param.has_default and param.default is not None:
             bodies.append({**base, param.name: param.default})
-        if not param.required and param.name not in base:
+        if not param.must_send and param.name not in base:
             bodies.append({**base, param.name: None})  # null: "use the default"
         if param.minimum is not None and param.maximum is not None:
             for bound in (param.minimum, param.maximum):
@@ -67,7 +67,7 @@ def bad_bodies(spec: ModelSpec) -> list[dict[str, Any]]:
         {**base, "prompt": "   "},
     ]
     for param in spec.params:
-        if param.required:
+        if param.must_send:
             bodies.append({k: v for k, v in base.items() if k != param.name})
             bodies.append({**base, param.name: None})
         if param.minimum is not None and param.maximum is not None:
@@ -95,7 +95,7 @@ def test_schema_is_valid_2020_12_and_describes_every_parameter(slug: str) -> Non
     Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
     assert list(schema["properties"]) == list(spec.param_names)
-    assert schema["required"] == [p.name for p in spec.params if p.required]
+    assert schema["required"] == [p.name for p in spec.params if p.must_send]
     for param in spec.params:
         prop = schema["properties"][param.name]
         assert prop["description"].startswith(param.description.rstrip("."))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from qwenserve.catalog import validate_request
 from qwenserve.config import Settings
-from qwenserve.errors import InvalidInput
+from qwenserve.errors import InvalidInput, InvalidRequest
 from qwenserve.media.inline import STORED_PREFIX, store_inline_images, stored_media_id
 from qwenserve.media.storage import LocalMediaStore
 from qwenserve.worker.inputs import MediaInputLoader
@@ -68,7 +68,12 @@ def test_inline_images_are_stored_and_urls_left_alone(media: LocalMediaStore) ->
     ("source", "needle"),
     [
         (base64.b64encode(b"GIF89a" + b"\0" * 40).decode(), "GIF"),
-        (base64.b64encode(b"not an image at all").decode(), "not a PNG"),
+        (base64.b64encode(b"not an image at all").decode(), "not an image (got text/plain)"),
+        (
+            "data:image/png;base64," + base64.b64encode(b"<!DOCTYPE html><html>").decode(),
+            "image_2: not an image (got text/html)",
+        ),
+        ("data:text/html,%00%01%02", "image_2: not an image (got text/html)"),
         ("QUJDR", "image_2"),  # base64 letters, but not a whole number of bytes
     ],
 )
@@ -81,6 +86,16 @@ def test_a_bad_inline_image_is_refused_naming_its_field_and_nothing_stays(
     assert getattr(caught.value, "field", None) == "image_2"
     assert needle in str(caught.value)
     assert list(media.root.rglob("*.bin")) == [], "the first image was stored, then removed"
+
+
+def test_every_bad_inline_image_is_named_at_once(media: LocalMediaStore) -> None:
+    html = base64.b64encode(b"<html><body>not found</body></html>").decode()
+    request = _edit_plus(image_1=html, image_2=base64.b64encode(_png()).decode(), image_3="QUJDR")
+    with pytest.raises(InvalidRequest) as caught:
+        _store(request, media)
+    assert [e.field for e in caught.value.errors] == ["image_1", "image_3"]
+    assert "image_1: not an image (got text/html)" in caught.value.message
+    assert list(media.root.rglob("*.bin")) == [], "the good image is not kept either"
 
 
 def test_the_pixel_limit_is_checked_at_submit(media: LocalMediaStore) -> None:

@@ -75,6 +75,30 @@ def test_url_source_respects_the_byte_limit(server: LoopbackServer) -> None:
         _load(server.url("/a.png"), max_bytes=100)
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type", "got"),
+    [
+        (
+            b"<!DOCTYPE html><html><body>Sign in</body></html>",
+            "text/html; charset=utf-8",
+            "text/html",
+        ),
+        (b"\x00\x01binary that is no image", "text/html", "text/html"),  # as served
+        (b'{"error": "no such file"}', "application/json", "application/json"),
+    ],
+)
+def test_a_url_serving_no_image_is_named_as_such(
+    server: LoopbackServer, body: bytes, content_type: str, got: str
+) -> None:
+    """A page where an image was expected (a login page, an error body) is named for what it is,
+    from its bytes or, when they say nothing, from the Content-Type it was served with."""
+    server.routes["/photo"] = body_route(body, content_type)
+    with pytest.raises(InvalidInput) as info:
+        _load(server.url("/photo"))
+    assert str(info.value).startswith(f"image_1: not an image (got {got})")
+    assert info.value.field == "image_1"
+
+
 def test_url_source_goes_through_the_ssrf_guard(server: LoopbackServer) -> None:
     server.routes["/a.png"] = body_route(make_image_bytes("PNG"))
     with pytest.raises(InvalidRequest, match="private"):

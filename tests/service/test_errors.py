@@ -9,8 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from segmind import SegmindClient, SegmindError
+from segmind import InferenceFailed, SegmindClient, SegmindError
 
+from qwenserve.errors import FieldError, InvalidInput, rebuild_error
 from tests.processes import Server
 from tests.service.helpers import body_for, file_server, png_b64
 
@@ -180,27 +181,60 @@ def test_429_rate_limit_with_headers(server: Server) -> None:
     assert 0 < reset.timestamp() - time.time() <= 61
 
 
-def test_502_and_504_upstream(server: Server, key: str) -> None:
-    png = base64.b64decode(png_b64())
+def test_an_input_url_that_fails_is_a_4xx_naming_the_field(server: Server, key: str) -> None:
+    """The caller's URL is at fault (a retry cannot help): 400 on v1 naming ``image``, FAILED
+    with the same words on v2, refunded (``metrics.cost`` 0); never a 5xx of this server."""
+    page = b"<!DOCTYPE html><html><body>Sign in</body></html>"
     routes = {
+        "/login": (200, page, "text/html; charset=utf-8", 0.0),
         "/broken.png": (500, b"boom", "text/plain", 0.0),
-        "/slow.png": (200, png, "image/png", 5.0),
+        "/slow.png": (200, base64.b64decode(png_b64()), "image/png", 5.0),
     }
     with file_server(routes) as base:
-        broken = post(
-            server,
-            "/v1/qwen-image-edit-fast",
-            key,
-            json=body_for("qwen-image-edit-fast", image=f"{base}/broken.png"),
-        )
-        assert_error(broken, 502, "image")
-        slow = post(
-            server,
-            "/v1/qwen-image-edit-fast",
-            key,
-            json=body_for("qwen-image-edit-fast", image=f"{base}/slow.png"),
-        )
-        assert_error(slow, 504, "image")
+        cases = {
+            f"{base}/missing.png": "image: could not fetch the URL (HTTP 404)",
+            f"{base}/login": "image: not an image (got text/html)",
+            f"{base}/broken.png": "image: could not fetch the URL (HTTP 500)",
+            "http://qwenserve-test.invalid/in.png": "image: could not resolve the host",
+            f"{base}/slow.png": "image: the URL did not answer in time",
+        }
+        client = SegmindClient(api_key=key, base_url=f"{server.url}/v1")
+        for url, words in cases.items():
+            body = body_for("qwen-image-edit-fast", image=url)
+            v1 = post(server, "/v1/qwen-image-edit-fast", key, json=body)
+            assert_error(v1, 400, words)
+            assert [e["field"] for e in v1.json()["errors"]] == ["image"]
+            job = client.submit_async("qwen-image-edit-fast", **body)
+            with pytest.raises(InferenceFailed):
+                job.wait(timeout=60, interval=0.1)
+            status = httpx.get(job.status_url, headers={"x-api-key": key})
+            assert status.status_code == 422 and status.json()["status"] == "FAILED"
+            assert words in status.json()["error"]
+            assert status.json()["metrics"]["cost"] == 0, "refunded: as its history says"
+
+
+def test_a_prompt_longer_than_an_edit_model_takes_is_refused_at_submit_everywhere(
+    server: Server,
+) -> None:
+    own = server.create_key(credits=5.0)
+    body = body_for("qwen-image-edit-fast", prompt="山" * 9_000)
+    for path in ("/v1/qwen-image-edit-fast", "/v2/qwen-image-edit-fast"):
+        response = post(server, path, own, json=body)
+        assert_error(response, 400, "prompt is", "tokens long; this model takes at most 1024")
+        assert [e["field"] for e in response.json()["errors"]] == ["prompt"]
+    credits = httpx.get(f"{server.url}/v1/get-user-credits", headers={"x-api-key": own}).json()
+    assert credits["credits"] == pytest.approx(5.0), "nothing charged, nothing queued"
+
+
+def test_a_stored_input_failure_keeps_its_field() -> None:
+    """v1 answers a FAILED job's stored error: its field comes back from the message."""
+    error = rebuild_error("InputUnavailable", "image_2: could not fetch the URL (HTTP 404)")
+    assert isinstance(error, InvalidInput) and error.http_status == 400
+    assert error.errors == (FieldError("image_2", error.message),)
+    tokens = rebuild_error("InvalidInput", "prompt is 2000 tokens long; this model takes 1024")
+    assert tokens.field == "prompt"
+    whole = rebuild_error("InvalidInput", "this model edits exactly one image")
+    assert whole.errors == (FieldError("body", whole.message),), "never an empty list"
 
 
 def test_ssrf_refused_by_default(make_server: object) -> None:

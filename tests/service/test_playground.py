@@ -1,13 +1,12 @@
 """The playground at ``/``: its files served by the package (in-process), and the page used as a
 person would, in a real headless Chromium (Playwright, Debian's ``chromium``) against a real
 server on the tiny preset: key, model, form, submit, live progress, the image; an edit with an
-uploaded file; a 400 shown next to its field."""
+uploaded file; a 400 shown next to its field. The money, the gallery and the code box:
+test_playground_features.py."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,8 @@ from PIL import Image
 
 from qwenserve.store.base import Store
 from tests.processes import Server
+from tests.service.browser import CHROMIUM, NEEDS_CHROMIUM, field
 from tests.service.inprocess import Harness, make_harness, open_test_store
-
-CHROMIUM = (
-    os.environ.get("QWENSERVE_CHROMIUM")
-    or shutil.which("chromium")
-    or shutil.which("chromium-browser")
-)
-NEEDS_CHROMIUM = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary (apt-get install chromium; CI installs it)"
-)
 
 
 @pytest.fixture
@@ -47,10 +38,15 @@ async def test_page_and_assets_come_from_the_package(api: Harness) -> None:
     assets = re.findall(r'(?:src|href)="(/playground/[^"]+)"', page.text)
     assert {"/playground/playground.js", "/playground/playground.css"} <= set(assets)
     assert "http" not in " ".join(re.findall(r'(?:src|href)="([^"]+)"', page.text)), "no CDN"
-    script = await api.http.get("/playground/playground.js")
-    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
-    for module in re.findall(r'from "\./([\w.]+)"', script.text):
-        assert (await api.http.get(f"/playground/{module}")).status_code == 200, module
+    # Every module the page imports, and each of theirs, is served as JavaScript.
+    pending, served = ["playground.js"], set()
+    while pending:
+        name = pending.pop()
+        script = await api.http.get(f"/playground/{name}")
+        assert script.status_code == 200 and "javascript" in script.headers["content-type"], name
+        served.add(name)
+        pending += set(re.findall(r'from "\./([\w.]+)"', script.text)) - served
+    assert {"form.js", "follow.js", "account.js", "codebox.js", "snippets.js"} <= served
     assert (await api.http.get("/playground/../playground.py")).status_code == 404
     assert (await api.http.get("/playground/index.html")).status_code == 404, "a closed list"
     assert (await api.http.get("/docs")).status_code == 200, "/docs is still there"
@@ -72,11 +68,6 @@ async def test_server_info_hides_a_weights_folder(store: Store, tmp_path: Path) 
 
 
 # --- in a browser ------------------------------------------------------------------------------
-
-
-def field(page: Any, label: str) -> Any:
-    """The control whose label is exactly ``label`` (as a person finds it)."""
-    return page.get_by_label(label, exact=True)
 
 
 def assert_not_blank(path: Path) -> None:

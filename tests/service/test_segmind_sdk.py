@@ -10,7 +10,7 @@ import pytest
 import segmind
 from segmind import InferenceFailed, SegmindClient
 
-from qwenserve.catalog import ALL_MODELS
+from qwenserve.catalog import ALL_MODELS, MODELS
 from tests.processes import Server
 from tests.service.helpers import body_for, file_server, open_image, png_b64
 
@@ -151,3 +151,19 @@ def test_qwen_image_21_text_only_and_many_references(client: SegmindClient, slug
     media = httpx.get(v2["output"], timeout=30)
     assert open_image(media.content).format == "PNG"
     assert v2["width"] > v2["height"], "match_input_image follows the last (wide) reference"
+
+
+@pytest.mark.parametrize("slug", SLUGS)
+def test_sdk_defaults_fill_every_parameter_but_the_prompt_and_images(
+    client: SegmindClient, slug: str
+) -> None:
+    """``client.run(slug, prompt=...)`` as a user first writes it: no ``steps`` (which three
+    seed pages mark "required" with a default), so the page's default is used."""
+    spec = MODELS[slug]
+    images = {name: png_b64() for name in spec.image_fields[:1] if not spec.generates_from_text}
+    result = client.run(slug, prompt="a lighthouse at dusk", **images)
+    assert result["status"] == "COMPLETED"
+    assert open_image(httpx.get(result["output"], timeout=30).content).size == (
+        result["width"],
+        result["height"],
+    )

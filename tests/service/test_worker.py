@@ -116,10 +116,16 @@ class FailingInputs(NoInputs):
 
 
 def submit(
-    store: SqliteStore, key_id: str, clock: Clock, seed: int = 7, cost: float = 0.1, steps: int = 2
+    store: SqliteStore,
+    key_id: str,
+    clock: Clock,
+    seed: int = 7,
+    cost: float = 0.1,
+    steps: int = 2,
+    start_by: float | None = None,
 ) -> Job:
     request = validate_request("qwen-image-fast", {"prompt": "x", "steps": steps, "seed": seed})
-    return enqueue(store, request, f"job-{seed}", key_id, clock, cost)
+    return enqueue(store, request, f"job-{seed}", key_id, clock, cost, start_by)
 
 
 def enqueue(
@@ -129,6 +135,7 @@ def enqueue(
     key_id: str,
     clock: Clock,
     cost: float = 0.1,
+    start_by: float | None = None,
 ) -> Job:
     job = Job(
         id=job_id,
@@ -139,6 +146,7 @@ def enqueue(
         created_at=clock(),
         expires_at=clock() + 3600,
         cost_usd=cost,
+        start_by=start_by,
     )
     store.submit(job, rpm=0, now=clock())
     return job
@@ -395,7 +403,13 @@ class LookAhead:
 
 
 def job_running_and_one_looked_ahead(
-    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str, *, forever: bool
+    store: SqliteStore,
+    media: LocalMediaStore,
+    clock: Clock,
+    key_id: str,
+    *,
+    forever: bool,
+    second_start_by: float | None = None,
 ) -> LookAhead:
     first = submit(store, key_id, clock, seed=1)
     engine, inputs = GatedEngine(), RecordingInputs()
@@ -404,7 +418,7 @@ def job_running_and_one_looked_ahead(
     thread.start()
     assert engine.running.wait(10)
     inputs.any_loaded.clear()
-    second = submit(store, key_id, clock, seed=2)
+    second = submit(store, key_id, clock, seed=2, start_by=second_start_by)
     worker.wake()
     assert inputs.any_loaded.wait(10), "the next job's inputs load during the first job"
     return LookAhead(worker, engine, inputs, thread, first, second)
@@ -586,3 +600,24 @@ def test_an_announcement_without_compile_counts_still_reads() -> None:
         ' "started_at": 1.0, "last_seen": 2.0}'
     )
     assert WorkerInfo.from_json(old).compiles == {}
+
+
+def test_a_looked_ahead_job_past_its_start_deadline_ends_refunded_unrun(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    """A job held in the look-ahead has not started: ``X-Start-Timeout`` still ends it."""
+    before = balance(store, key_id) - 0.1  # what is left once the first job is charged
+    ahead = job_running_and_one_looked_ahead(
+        store, media, clock, key_id, forever=False, second_start_by=clock() + 5
+    )
+    clock.now += 10  # its deadline passes while it waits in the look-ahead
+    ahead.engine.gate.set()
+    ahead.thread.join(10)
+    assert ahead.worker.run_once() is True
+    ahead.worker.wait_finished()
+    late = store.get_job(ahead.second.id, now=clock())
+    assert late is not None and late.status is JobStatus.FAILED
+    assert late.error_kind == "start_timeout" and ahead.engine.seeds == [1]
+    assert balance(store, key_id) == pytest.approx(before), "the late job was refunded"
+    assert status_of(store, ahead.first, clock) is JobStatus.COMPLETED
+    ahead.worker.close()

@@ -21,7 +21,7 @@ from qwenserve.config import Settings
 from qwenserve.jobs import JobStatus
 from qwenserve.notify import CompletionHub
 from qwenserve.store.redis import RedisStore
-from qwenserve.store.redis_wakeup import RedisDoneWakeup, RedisWakeup
+from qwenserve.store.redis_wakeup import RedisCancelWakeup, RedisDoneWakeup, RedisWakeup
 from tests.redis_server import RedisServer
 from tests.store.contract import Clock, balance, make_job, make_key, make_result
 
@@ -165,6 +165,30 @@ def test_the_done_channel_carries_the_id_of_every_job_that_ends(
         finally:
             other.close()
         assert heard.nothing_within(0.3)
+
+
+def test_the_cancel_channel_carries_each_running_job_its_owner_cancels_once(
+    redis_url: str, store: RedisStore, namespace: str
+) -> None:
+    """Worker processes read the event log when they hear it (the holder stops the job at its
+    next step); a queued job's cancel ends it in the script, with nothing for a worker."""
+    clock = Clock()
+    heard = Heard()
+    with RedisCancelWakeup(redis_url, heard, namespace=namespace) as cancels:
+        _subscribed(cancels, heard)
+        key = make_key(store, clock)
+        queued = make_job(key, clock)
+        store.submit(queued, rpm=0, now=clock.now)
+        assert store.cancel(queued.id, queued.key_id, now=clock.now).status is JobStatus.FAILED
+        assert heard.nothing_within(0.2)
+
+        running = make_job(key, clock)
+        store.submit(running, rpm=0, now=clock.now)
+        assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
+        assert store.cancel(running.id, running.key_id, now=clock.now).cancel_requested_at
+        assert heard.next() == running.id
+        store.cancel(running.id, running.key_id, now=clock.now)  # asked again: already known
+        assert heard.nothing_within(0.2)
 
 
 async def test_an_api_nodes_waiters_all_look_again_after_the_subscriber_reconnects() -> None:

@@ -1,7 +1,10 @@
 """What ``/openapi.json`` and ``/docs`` show: one path per slug with its body's JSON Schema
 (``catalog.input_schema``, the same one ``GET /v1/models/{slug}`` answers), the key's security
 schemes (declared in ``api/auth.py``), and Swagger UI served from local files, so the page works
-with no network (the assets come from the ``fastapi-offline`` package).
+with no network (the assets come from the ``fastapi-offline`` package; Swagger UI's online
+validator is off). ReDoc's script is served from that package too, with the one external URL it
+fetches (Redocly's logo in its menu, from a CDN) replaced by an inline image
+(``REDOC_JS_PATH``).
 
 Handlers read their bodies themselves (``api/jobs.read_json_body``, then the catalog's
 validation), so no pydantic model declares the body: each slug's operation is marked
@@ -11,10 +14,15 @@ it (FastAPI's own document model would turn an integer bound such as 2**63-1 int
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
 
 from qwenserve.api.auth import CurrentKey
@@ -22,7 +30,16 @@ from qwenserve.catalog import ALL_MODELS, ModelSpec, get_model, input_schema
 from qwenserve.store.base import ApiKey
 
 DOCS_ASSETS_URL = "/docs-assets"
-SWAGGER_UI_PARAMETERS = {"persistAuthorization": True, "tryItOutEnabled": True}
+# validatorUrl null: Swagger UI would otherwise send the document's URL to validator.swagger.io.
+SWAGGER_UI_PARAMETERS = {
+    "persistAuthorization": True,
+    "tryItOutEnabled": True,
+    "validatorUrl": None,
+}
+REDOC_JS_PATH = "/redoc-assets/redoc.standalone.js"
+REDOC_CDN_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+# A transparent 1x1 GIF: the menu's "API docs by Redocly" link keeps its text, fetches nothing.
+INLINE_LOGO = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"
 
 SLUG_MARKER = "x-qwenserve-slug"
 
@@ -32,10 +49,44 @@ SlugHandler = Callable[[str, Request, ApiKey], Awaitable[Response]]
 def create_documented_app(**kwargs: Any) -> FastAPI:
     """A FastAPI app whose ``/docs`` and ``/redoc`` load their assets from this server."""
     app = FastAPIOffline(
-        static_url=DOCS_ASSETS_URL, swagger_ui_parameters=SWAGGER_UI_PARAMETERS, **kwargs
+        static_url=DOCS_ASSETS_URL,
+        swagger_ui_parameters=SWAGGER_UI_PARAMETERS,
+        redoc_url=None,
+        **kwargs,
     )
     install_openapi(app)
+    _add_redoc(app)
     return app
+
+
+@functools.cache
+def redoc_script() -> bytes:
+    """fastapi-offline's ReDoc bundle with its CDN logo URL replaced by an inline image."""
+    bundle = Path(fastapi_offline.__file__).parent / "static" / "redoc.standalone.js"
+    return bundle.read_bytes().replace(REDOC_CDN_LOGO.encode(), INLINE_LOGO.encode())
+
+
+def _add_redoc(app: FastAPI) -> None:
+    """``/redoc`` (fastapi-offline's page, with ``redoc_script``) and its script."""
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc_page(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{REDOC_JS_PATH}",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    @app.get(REDOC_JS_PATH, include_in_schema=False)
+    async def redoc_js() -> Response:
+        return Response(
+            redoc_script(),
+            media_type="text/javascript",
+            headers={"Cache-Control": "public, max-age=86400"},
+        )
 
 
 def slug_request_body(spec: ModelSpec) -> dict[str, Any]:
@@ -55,9 +106,11 @@ def add_slug_routes(
     *,
     summary: str,
     responses: dict[int | str, dict[str, Any]],
+    response_model: Any = None,
 ) -> None:
     """``POST path`` for each slug (``path`` holds ``{slug}``), each documented with its own
-    body, so "Try it out" offers that slug's fields. ``summary`` may say ``{title}``."""
+    body, so "Try it out" offers that slug's fields. ``summary`` may say ``{title}``;
+    ``response_model`` documents the 200 body (``api/schemas.py``)."""
     for spec in ALL_MODELS:
         router.add_api_route(
             path.format(slug=spec.slug),
@@ -67,6 +120,7 @@ def add_slug_routes(
             description=spec.summary,
             operation_id=f"{handler.__name__}_{spec.slug.replace('-', '_')}",
             responses=responses,
+            response_model=response_model,
             openapi_extra={SLUG_MARKER: spec.slug},
         )
 

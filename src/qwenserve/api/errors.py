@@ -6,9 +6,10 @@ tree, chosen by the route prefix, so a handler never knows which shape it answer
 
 An ``InvalidRequest`` (400) also lists every bad field: ``{"error": "steps must be …; seed
 must be …", "errors": [{"field": "steps", "message": "steps must be …"}, …]}`` (``error`` names
-them all, as Segmind's SDK shows only that string; a body-level one, such as malformed JSON,
-has ``"errors": []``). A ``Conflict`` (409: cancelling a finished job, a v1 job that was
-cancelled) also says the job's status: ``{"error": "...", "status": "COMPLETED"}``.
+them all, as Segmind's SDK shows only that string; ``errors`` is never empty: a body-level
+problem, such as malformed JSON, is listed under ``"field": "body"``). A ``Conflict`` (409:
+cancelling a finished job, a v1 job that was cancelled) also says the job's status:
+``{"error": "...", "status": "COMPLETED"}``.
 
 Handlers raise typed errors from ``qwenserve.errors``; they never build error responses or pick
 status codes themselves. Anything unexpected becomes a 500 with no stack trace for the client.
@@ -44,6 +45,7 @@ from qwenserve.errors import (
     ContentPolicyViolation,
     FieldError,
     InvalidRequest,
+    KeyQueueFull,
     QwenServeError,
     RateLimited,
     ServiceUnavailable,
@@ -74,7 +76,8 @@ class ErrorBody(BaseModel):
 
     error: str = Field(description="What went wrong, readable; on a 400 it names every bad field")
     errors: list[FieldErrorBody] | None = Field(
-        None, description="400 only: each bad field and its problem ([] for a body-level one)"
+        None,
+        description="400 only: each bad field and its problem (`body` for the body as a whole)",
     )
     status: str | None = Field(None, description="409 only: the job's status")
 
@@ -103,10 +106,10 @@ ERROR_MEANINGS: Mapping[int, str] = {
     409: "The request conflicts with the job's state (`status` says it)",
     413: "The request body is larger than the server takes",
     422: "The content policy blocked the request (`content_policy`)",
-    429: "Too many requests this minute (see `Retry-After`)",
+    429: "Too many requests this minute, or the key's queued jobs at its limit (see `Retry-After`)",
     500: "The engine failed while running the job",
-    502: "Fetching an input URL failed",
-    503: "Shutting down, or no worker can take the job",
+    502: "A fetch failed upstream (an input URL the caller named is a 400 instead)",
+    503: "Shutting down, no worker can take the job, or the queue is full (see `Retry-After`)",
     504: "No answer in time (an input URL, or the sync wait; the job goes on)",
 }
 
@@ -172,6 +175,8 @@ def error_response(
     all_headers = dict(headers or {})
     if isinstance(error, RateLimited):
         all_headers.update(rate_limit_headers(error))
+    if isinstance(error, KeyQueueFull):
+        all_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     if isinstance(error, ServiceUnavailable) and error.retry_after_s is not None:
         all_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     body: dict[str, Any] = {"error": safe_text(error.message)}

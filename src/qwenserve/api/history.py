@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 
 from qwenserve.api.auth import CurrentKey
 from qwenserve.api.errors import error_responses
+from qwenserve.api.schemas import HistoryPage as HistoryPageBody
+from qwenserve.api.schemas import UsageBody
 from qwenserve.api.services import Services
 from qwenserve.errors import InvalidRequest
 from qwenserve.jobs import JobStatus
@@ -45,6 +47,7 @@ def record_body(record: Any) -> dict[str, Any]:
 @router.get(
     "/v2/requests",
     summary="The key's own requests, newest first (paginated with next_cursor)",
+    response_model=HistoryPageBody,
     responses=error_responses(400, 401),
 )
 async def list_requests(
@@ -99,6 +102,7 @@ def usage_body(rows: list[UsageRow]) -> dict[str, Any]:
 @router.get(
     "/v1/usage",
     summary="The key's own usage per model per UTC day (default: the last 30 days)",
+    response_model=UsageBody,
     responses=error_responses(400, 401),
 )
 async def usage(

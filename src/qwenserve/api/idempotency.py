@@ -6,7 +6,8 @@ A client that retries a submit (a lost reply, a dropped connection) sends the sa
 slug, so spelling differences that validate to the same request (a default written out, key
 order) are the same body. A seed the server drew (none or -1 sent) is left out of the hash: two
 identical bodies without a seed are the same request, and the replay answers with the first
-job's seed.
+job's seed. A request that makes several jobs (OpenAI's ``n``) is one set under one key
+(``for_set``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import Request
 
@@ -24,6 +27,8 @@ from qwenserve.store.base import Idempotency
 from qwenserve.store.rules import IDEMPOTENCY_HEADER
 
 MAX_KEY_CHARS = 255
+SET_SEPARATOR = "\x1f"
+"""Between a set's key and a job's index: no header value holds it (printable ASCII only)."""
 
 
 def header_value(request: Request) -> str | None:
@@ -59,10 +64,43 @@ def for_request(
     key: str, slug: str, request: GenerationRequest, *, seed_drawn: bool
 ) -> Idempotency:
     """The store's idempotency record of ``request`` to ``slug`` under ``key``."""
+    canonical = {"slug": slug, "request": _fields(request, seed_drawn)}
+    return Idempotency(key=key, body_hash=_hash(canonical))
+
+
+def for_set(
+    key: str,
+    slug: str,
+    requests: Sequence[tuple[GenerationRequest, bool]],
+    *,
+    answer: Mapping[str, Any],
+) -> list[Idempotency]:
+    """The records of a set of jobs one ``Idempotency-Key`` covers (OpenAI's ``n`` images):
+    each ``(request, seed_drawn)`` under its own store key, all with one hash of the whole set
+    and of ``answer`` (how the dialect answers), so any change (``n`` too) is another body.
+
+    The first job is stored under ``key`` itself, so the same key on a v1/v2 submit is a 409,
+    not a second request; the others under ``key`` and their index, apart from any header value.
+    """
+    canonical = {
+        "slug": slug,
+        "set": [_fields(request, drawn) for request, drawn in requests],
+        "answer": dict(answer),
+    }
+    body_hash = _hash(canonical)
+    return [
+        Idempotency(key=key if index == 0 else f"{key}{SET_SEPARATOR}{index}", body_hash=body_hash)
+        for index in range(len(requests))
+    ]
+
+
+def _fields(request: GenerationRequest, seed_drawn: bool) -> dict[str, Any]:
     fields = request.to_dict()
     if seed_drawn:
         fields["seed"] = None
-    canonical = json.dumps(
-        {"slug": slug, "request": fields}, sort_keys=True, separators=(",", ":"), default=str
-    )
-    return Idempotency(key=key, body_hash=hashlib.sha256(canonical.encode()).hexdigest())
+    return fields
+
+
+def _hash(canonical: Mapping[str, Any]) -> str:
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

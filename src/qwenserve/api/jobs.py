@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,19 +20,23 @@ from fastapi import Request
 
 from qwenserve.accounts.keys import authorize
 from qwenserve.api import idempotency
+from qwenserve.api.admission import admit
 from qwenserve.api.body import parse_json
 from qwenserve.api.services import Services
-from qwenserve.catalog import GenerationRequest, get_model, validate_request
-from qwenserve.errors import ContentPolicyViolation, UnknownRequest, error_kind
+from qwenserve.catalog import GenerationRequest, get_model
+from qwenserve.errors import ContentPolicyViolation, InvalidRequest, UnknownRequest, error_kind
 from qwenserve.jobs import Job, JobStatus
-from qwenserve.media.fetch import refuse_literal_private_host
 from qwenserve.media.inline import forget, store_inline_images, stored_input_ids
 from qwenserve.media.previews import new_preview_prefix
 from qwenserve.policy import PROMPT_BLOCKED
-from qwenserve.store.base import ApiKey, SubmitOutcome
+from qwenserve.store.base import ApiKey, Idempotency, SubmitOutcome
 from qwenserve.store.rules import IDEMPOTENCY_HEADER
 
 log = logging.getLogger("qwenserve.api")
+
+START_TIMEOUT_HEADER = "X-Start-Timeout"
+"""Seconds a job may wait for its compute to begin; later, it ends unrun (``start_timeout``),
+refunded (``Store.claim``)."""
 
 
 @dataclass(frozen=True)
@@ -63,42 +68,72 @@ async def read_json_body(request: Request) -> Any:
     return parse_json(await request.body())
 
 
+def start_timeout(request: Request) -> float | None:
+    """The request's ``X-Start-Timeout`` in seconds, or None when it has none.
+
+    Raises:
+        InvalidRequest: naming the header, when it is not a positive, finite number of seconds.
+    """
+    value = request.headers.get(START_TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidRequest(
+            f"{START_TIMEOUT_HEADER} must be a positive number of seconds, got {value[:40]!r}",
+            field=START_TIMEOUT_HEADER,
+        )
+    return seconds
+
+
 async def submit(
     services: Services,
     key: ApiKey,
     slug: str,
     body: Any,
     *,
+    start_timeout_s: float | None = None,
     partial_images: int = 0,
     wake: bool = True,
     webhook_url: str | None = None,
     idempotency_key: str | None = None,
+    idempotency_record: Idempotency | None = None,
 ) -> Submitted:
     """Validate, authorize, and enqueue atomically with the credit debit and rate limit.
 
+    ``start_timeout_s`` (``X-Start-Timeout``): a job not started by then ends FAILED
+    (``start_timeout``), refunded.
     ``partial_images``: previews the worker stores while it denoises (``media/previews.py``).
     ``webhook_url`` (checked by the caller) is kept with the job: its ending is POSTed there.
     ``wake=False`` leaves waking in-process workers (``Services.on_submitted``) to the caller,
     which submits several jobs that should be claimed together.
     ``idempotency_key``: the client's ``Idempotency-Key``; a repeat of an earlier submit (same
     key and body, same API key, within 24 h) answers with the earlier job (``replayed``),
-    nothing charged.
+    nothing charged. ``idempotency_record`` instead: one job of a set a key covers, its
+    record made by the caller (``idempotency.for_set``).
     With the content policy on, a request whose text it blocks is still admitted (key, rate
     limit and idempotency checked) but recorded FAILED (``content_policy``) at no cost and
     never queued: the returned job is FAILED, so v1 answers its error and v2 a request id
     whose poll says FAILED, as Segmind does for its own blocks.
 
     Raises:
-        UnknownModel, Forbidden, InvalidRequest (naming the field): before anything is kept.
+        UnknownModel, Forbidden: before anything is kept.
+        InvalidRequest: every bad field any submit-time check finds (``api/admission.py``),
+            before anything is kept.
         RateLimited, InsufficientCredits: the store refused it; nothing is kept or charged.
+        QueueFull (503), KeyQueueFull (429): the cluster's or the key's queue limit is
+            reached (``QWENSERVE_MAX_QUEUED``, the key's ``max_queued``); nothing kept or charged.
         Conflict: the idempotency key was used with another body (naming the header).
         UnknownRequest: the idempotency key's job has expired meanwhile.
     """
     spec = get_model(slug)
     authorize(key, slug)
     seeds = idempotency.SeedRecorder()
-    request = validate_request(slug, body, seed_source=seeds)
-    idem = None
+    request = await admit(services, spec, body, seed_source=seeds)
+    idem = idempotency_record
     if idempotency_key is not None:
         idem = idempotency.for_request(idempotency_key, slug, request, seed_drawn=seeds.drawn)
     if partial_images > 0:
@@ -107,8 +142,6 @@ async def submit(
         )
     now = services.clock()
     settings = services.settings
-    if not settings.allow_private_urls:
-        refuse_private_urls(request)
     expires_at = now + settings.result_ttl_s
     job_id = str(uuid.uuid4())
     refusal = refuse_by_policy(services, request, job_id)
@@ -132,6 +165,7 @@ async def submit(
         expires_at=expires_at,
         cost_usd=settings.price_for(slug, spec.price_usd),
         webhook_url=webhook_url,
+        start_by=now + start_timeout_s if start_timeout_s is not None else None,
     )
     if refusal is not None:  # recorded as ended: polled like any job, never queued or charged
         job = dataclasses.replace(
@@ -145,9 +179,14 @@ async def submit(
         )
     try:
         outcome = await services.call(
-            services.store.submit, job, rpm=key.rpm, now=now, idempotency=idem
+            services.store.submit,
+            job,
+            rpm=key.rpm,
+            now=now,
+            idempotency=idem,
+            max_queued=settings.max_queued,
         )
-    except BaseException:  # refused (429, 406) or the store is down: nothing is kept
+    except BaseException:  # refused (429, 406, 503) or the store is down: nothing is kept
         if stored:
             await services.call(forget, services.media, stored)
         raise
@@ -205,19 +244,6 @@ def refuse_by_policy(
     return ContentPolicyViolation(PROMPT_BLOCKED, field=field)
 
 
-def refuse_private_urls(request: GenerationRequest) -> None:
-    """Refuse input URLs (images, extra LoRAs) whose host is written as a private or loopback
-    address, at submit and for every dialect alike; the worker re-checks what names resolve to.
-
-    Raises InvalidRequest naming the field.
-    """
-    urls = [(image.field, image.source) for image in request.images]
-    urls += [(lora.field, lora.location) for lora in request.extra_loras]
-    for field, url in urls:
-        if url.strip().lower().startswith(("http://", "https://")):
-            refuse_literal_private_host(url.strip(), field=field)
-
-
 async def owned_job(services: Services, key: ApiKey, request_id: str) -> Job:
     """The caller's job; another key's, unknown and expired ids all read as 404 alike.
 
@@ -264,7 +290,8 @@ async def await_end(
 
 async def cancel(services: Services, key_id: str, job_id: str) -> Job:
     """Its owner stops a job (``Store.cancel``): a queued one ends at once, FAILED as
-    cancelled and refunded; a running one is asked to stop at its next denoising step.
+    cancelled and refunded; a running one is asked to stop at its next denoising step (the
+    request is in the event log; ``on_cancel_requested`` makes this process read it now).
 
     A job that ended here has its stored inline inputs deleted (no worker will) and its
     waiters woken. Returns the job as it now is.
@@ -277,7 +304,9 @@ async def cancel(services: Services, key_id: str, job_id: str) -> Job:
     if job.status.is_terminal:
         await services.call(forget, services.media, stored_input_ids(job.params))
         services.hub.notify(job.id)
-        log.info("job %s cancelled before it ran; refunded %.4f", job.id, job.cost_usd)
+        log.info("job %s cancelled before it ran; refunded", job.id)
     else:
+        if services.on_cancel_requested is not None:
+            services.on_cancel_requested(job.id)
         log.info("job %s: cancel requested while %s", job.id, job.status.value)
     return job

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from qwenserve.api.errors import error_responses
+from qwenserve.api.schemas import IMAGE_CONTENT
 from qwenserve.api.services import Services
 from qwenserve.errors import NotFound
 
@@ -14,8 +15,9 @@ router = APIRouter(tags=["media"])
 @router.get(
     "/media/{media_id}",
     summary="A generated image (URL valid until the result expires)",
+    response_class=Response,
     responses={
-        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        200: {"description": "The image", "content": IMAGE_CONTENT},
         **error_responses(404, meanings={404: "Unknown or expired media id"}),
     },
 )

@@ -12,13 +12,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from qwenserve.api.errors import error_responses
+from qwenserve.api.schemas import ModelCard, ModelList
 from qwenserve.api.services import Services
 from qwenserve.catalog import ALL_MODELS, get_model, model_card, model_entry
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models", summary="The models served here (OpenAI's list shape)")
+@router.get(
+    "/v1/models",
+    summary="The models served here (OpenAI's list shape)",
+    response_model=ModelList,
+)
 async def list_models(request: Request) -> JSONResponse:
     settings = request.app.state.services.settings
     data = [model_entry(spec, settings.price_for(spec.slug, spec.price_usd)) for spec in ALL_MODELS]
@@ -28,6 +33,7 @@ async def list_models(request: Request) -> JSONResponse:
 @router.get(
     "/v1/models/{slug}",
     summary="One model: its kind, price and request body (a JSON Schema)",
+    response_model=ModelCard,
     responses=error_responses(404, meanings={404: "No such model"}),
 )
 async def get_model_card(slug: str, request: Request) -> JSONResponse:

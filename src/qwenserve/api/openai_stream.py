@@ -8,7 +8,8 @@ denoising goes on, so once the job reads as ended every preview it made is reada
 stream polls the store for the job and the media store for the next preview, so any API node
 serves it whichever process runs the job. Partial images are PNG (whatever ``output_format``)
 and approximate; there are fewer of them when the job has fewer steps than partial images + 1.
-A caller that hangs up, or a wait past ``sync_timeout_s``, cancels the job (refunded).
+A caller that hangs up, or a wait past ``sync_timeout_s``, cancels the job (refunded), unless
+it sent an ``Idempotency-Key``: then the job is kept for its retry.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ async def image_events(
                     return
                 await services.hub.sleep_until_notified(woken, services.settings.events_poll_s)
     finally:
-        if not finished:  # the caller left or timed out: nobody takes the image
+        # The caller left or timed out: nobody takes the image, unless it will retry with its
+        # Idempotency-Key (then the job is kept for the retry).
+        if not finished and call.idempotency_key is None:
             with contextlib.suppress(Conflict, UnknownRequest):
                 await asyncio.shield(jobs.cancel(services, key.id, job_id))
 

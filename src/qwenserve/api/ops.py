@@ -1,4 +1,5 @@
-"""Operations endpoints: /healthz for load balancers, /metrics for Prometheus and autoscalers."""
+"""Operations endpoints: /healthz and /readyz for load balancers, /metrics for Prometheus and
+autoscalers."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import BaseModel
 
+from qwenserve.api.errors import error_responses
 from qwenserve.api.metrics import JobOutcomes, WorkerFiguresCollector
+from qwenserve.api.schemas import HealthBody
 from qwenserve.api.services import Services
+from qwenserve.store import rules
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="200 once the server can take work")
+@router.get("/healthz", summary="200 once the server can take work", response_model=HealthBody)
 async def healthz(request: Request) -> JSONResponse:
     services: Services = request.app.state.services
     stats = await services.call(services.store.stats, now=services.clock())
@@ -29,6 +34,32 @@ async def healthz(request: Request) -> JSONResponse:
             "workers": len(await services.call(services.workers)),
         }
     )
+
+
+class ReadyBody(BaseModel):
+    status: str
+    queued: int
+    """Jobs QUEUED across the cluster."""
+    max_queued: int
+    """``QWENSERVE_MAX_QUEUED`` (0: no limit)."""
+
+
+@router.get(
+    "/readyz",
+    summary="200 while a submit can be queued; 503 while the cluster's queue is full",
+    response_model=ReadyBody,
+    responses=error_responses(503, meanings={503: "The queue is full (QWENSERVE_MAX_QUEUED)"}),
+)
+async def readyz(request: Request) -> JSONResponse:
+    """For load balancers: a node whose submits would all be refused (503) is not ready; its
+    polls and results still work, so /healthz stays 200."""
+    services: Services = request.app.state.services
+    limit = services.settings.max_queued
+    stats = await services.call(services.store.stats, now=services.clock())
+    queued = sum(stats.queued_by_model.values())
+    if limit > 0 and queued >= limit:
+        raise rules.queue_full(limit)
+    return JSONResponse({"status": "ok", "queued": queued, "max_queued": limit})
 
 
 class QueueCollector(Collector):

@@ -2,7 +2,9 @@
 from this package (``api/static/``; no CDN, no front-end build), so it works offline and ships
 with the wheel. The page is only a client of the public API: it lists ``GET /v1/models``,
 builds a form from each slug's ``input_schema``, submits through ``POST /v2/{slug}`` with the key
-the user typed, follows the job's events and shows the result.
+the user typed, follows the job's events and shows the result with its cost, the key's balance
+(``GET /v1/get-user-credits``) and its recent requests (``GET /v2/requests``), and writes the form
+as curl / segmind SDK / openai SDK code.
 
 ``GET /v1/server-info`` tells the page what it cannot learn elsewhere: the version and the kind of
 weights (so it can say that the tiny preset's images are noise). It holds no secret: a weights
@@ -17,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from qwenserve import __version__
+from qwenserve.api.schemas import ServerInfoBody
 from qwenserve.api.services import Services
 from qwenserve.errors import NotFound
 
@@ -27,8 +30,12 @@ ASSETS_PATH = "/playground"
 # The only files served, with their types: a closed list, so no path reaches outside the folder.
 ASSETS: dict[str, str] = {
     "playground.js": "text/javascript",
+    "api.js": "text/javascript",
     "form.js": "text/javascript",
     "follow.js": "text/javascript",
+    "account.js": "text/javascript",
+    "codebox.js": "text/javascript",
+    "snippets.js": "text/javascript",
     "playground.css": "text/css",
 }
 # The page needs nothing from elsewhere: scripts, styles and API calls are same-origin; images may
@@ -64,7 +71,11 @@ def weights_kind(weights: str) -> str:
     return weights if weights in ("tiny", "hub", "random-full") else "folder"
 
 
-@router.get("/v1/server-info", summary="This server's version and kind of weights (no secrets)")
+@router.get(
+    "/v1/server-info",
+    summary="This server's version and kind of weights (no secrets)",
+    response_model=ServerInfoBody,
+)
 async def server_info(request: Request) -> JSONResponse:
     services: Services = request.app.state.services
     kind = weights_kind(services.settings.weights)

@@ -12,6 +12,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from qwenserve.api.eta import StepRates, Throughput
+from qwenserve.catalog import Recipe
 from qwenserve.config import Settings
 from qwenserve.media.storage import MediaStore
 from qwenserve.notify import CompletionHub
@@ -32,6 +33,9 @@ class Services:
     registry: WorkerRegistry | None = None
     on_submitted: Callable[[str], None] | None = None
     """Called with each accepted job's id (wakes in-process workers at once)."""
+    on_cancel_requested: Callable[[str], None] | None = None
+    """Called with the id of a running job whose owner asked to cancel it (the event log's
+    reader looks at once, so the worker holding it stops it at its next step)."""
     throughput: Throughput = field(default_factory=Throughput)
     """Recent seconds per finished job of each model (queued jobs' ETA)."""
     step_rates: StepRates = field(default_factory=StepRates)
@@ -39,6 +43,10 @@ class Services:
     prompt_policy: PromptPolicy | None = None
     """Blocked terms checked at submit; read from ``settings`` when not given (None: off).
     Raises PolicyConfigError when the terms file is unusable, so a server fails at start."""
+    prompt_tokens: Callable[[Recipe, str], int | None] | None = None
+    """Counts a prompt's tokens as a slug's pipeline will (``runtime/prompt_tokens.py``), so a
+    prompt past ``Recipe.max_prompt_tokens`` is a 400 at submit; None where this process has no
+    tokenizer (the worker's own check refuses it then)."""
 
     def __post_init__(self) -> None:
         if self.prompt_policy is None:

@@ -2,8 +2,9 @@
 
 Answers the raw image bytes with the content type of ``image_format``, or with ``base64`` (or
 ``base_64``) true, JSON with the base64 image. A job that fails answers its error with the
-status of its kind (400 for an unusable input, 502/504 for an input fetch, 500 for the engine,
-422 for a content policy block: of the prompt at once, nothing charged).
+status of its kind (400 naming the field for an unusable input, an input URL that could not be
+fetched included, 500 for the engine, 422 for a content policy block: of the prompt at once,
+nothing charged).
 Past ``sync_timeout_s`` it answers 504; the job goes on and can still be read through v2 with
 the request id in ``X-Request-ID``. A job cancelled meanwhile (through v2 with that id) answers
 409 ``{"error": "cancelled ...", "status": "FAILED"}``. With ``cancel_on_disconnect`` (the
@@ -27,6 +28,7 @@ from qwenserve.api import idempotency, jobs
 from qwenserve.api.auth import CurrentKey
 from qwenserve.api.docs import add_slug_routes
 from qwenserve.api.errors import error_response, error_responses
+from qwenserve.api.schemas import IMAGE_CONTENT, CreditsBody, SyncBase64Body
 from qwenserve.api.segmind import server_timing, submit_headers
 from qwenserve.api.services import Services
 from qwenserve.api.webhooks import refuse_on_v1
@@ -40,6 +42,7 @@ log = logging.getLogger("qwenserve.api")
 @router.get(
     "/v1/get-user-credits",
     summary="The calling key's credit balance (USD)",
+    response_model=CreditsBody,
     responses=error_responses(401),
 )
 async def user_credits(key: CurrentKey) -> JSONResponse:
@@ -51,7 +54,14 @@ async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
     refuse_on_v1(request)
     body = await jobs.read_json_body(request)
     idempotency_key = idempotency.header_value(request)
-    submitted = await jobs.submit(services, key, slug, body, idempotency_key=idempotency_key)
+    submitted = await jobs.submit(
+        services,
+        key,
+        slug,
+        body,
+        idempotency_key=idempotency_key,
+        start_timeout_s=jobs.start_timeout(request),
+    )
     headers = submit_headers(submitted)
     # With an Idempotency-Key a caller that hangs up will retry: its job is kept for the retry.
     cancel_if_gone = services.settings.cancel_on_disconnect and idempotency_key is None
@@ -112,12 +122,8 @@ async def run_v1(slug: str, request: Request, key: CurrentKey) -> Response:
 RUN_V1_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The image bytes; with `base64` (`base_64`) true, JSON with the image",
-        "content": {
-            "image/png": {},
-            "image/jpeg": {},
-            "image/webp": {},
-            "application/json": {"schema": {"type": "object"}},
-        },
+        "model": SyncBase64Body,
+        "content": IMAGE_CONTENT,
     },
     **error_responses(
         400,
@@ -129,14 +135,14 @@ RUN_V1_RESPONSES: dict[int | str, dict[str, Any]] = {
         422,
         429,
         500,
-        502,
         503,
         504,
         meanings={
+            400: "Invalid parameters or an unusable input (an input URL that could not be "
+            "fetched included): `errors` names every bad field",
             404: "The result expired before it was read",
             409: "The job was cancelled meanwhile (`status`: FAILED)",
-            504: "No result within the sync timeout (poll the X-Request-ID through v2), "
-            "or an input URL timed out",
+            504: "No result within the sync timeout (poll the X-Request-ID through v2)",
         },
     ),
 }

@@ -20,6 +20,7 @@ from qwenserve.api.auth import CurrentKey
 from qwenserve.api.docs import add_slug_routes
 from qwenserve.api.errors import error_responses
 from qwenserve.api.live import live_view, owned_live_view
+from qwenserve.api.schemas import EVENT_STREAM, ResultBody, StatusBody, SubmitBody
 from qwenserve.api.services import Services
 from qwenserve.api.stream import job_stream
 from qwenserve.jobs import JobEvent, JobStatus
@@ -47,7 +48,13 @@ async def submit_v2(slug: str, request: Request, key: CurrentKey) -> JSONRespons
     webhook = webhooks.webhook_url(request, allow_private=services.settings.allow_private_urls)
     idempotency_key = idempotency.header_value(request)
     submitted = await jobs.submit(
-        services, key, slug, body, webhook_url=webhook, idempotency_key=idempotency_key
+        services,
+        key,
+        slug,
+        body,
+        webhook_url=webhook,
+        idempotency_key=idempotency_key,
+        start_timeout_s=jobs.start_timeout(request),
     )
     urls = segmind.urls(services, request, submitted.job.id)
     return JSONResponse(
@@ -81,7 +88,10 @@ SUBMIT_RESPONSES = error_responses(
 
 
 @router.get(
-    "/v2/requests/{request_id}/status", summary="Poll a request's state", responses=READ_RESPONSES
+    "/v2/requests/{request_id}/status",
+    summary="Poll a request's state",
+    response_model=StatusBody,
+    responses=READ_RESPONSES,
 )
 async def status_v2(request_id: str, request: Request, key: CurrentKey) -> JSONResponse:
     services: Services = request.app.state.services
@@ -92,7 +102,10 @@ async def status_v2(request_id: str, request: Request, key: CurrentKey) -> JSONR
 
 
 @router.get(
-    "/v2/requests/{request_id}", summary="Fetch a request's result", responses=READ_RESPONSES
+    "/v2/requests/{request_id}",
+    summary="Fetch a request's result",
+    response_model=ResultBody,
+    responses=READ_RESPONSES,
 )
 async def result_v2(request_id: str, request: Request, key: CurrentKey) -> JSONResponse:
     services: Services = request.app.state.services
@@ -106,9 +119,12 @@ async def result_v2(request_id: str, request: Request, key: CurrentKey) -> JSONR
     "/v2/requests/{request_id}/events",
     summary="Follow a request live (Server-Sent Events; resumable with Last-Event-ID)",
     response_class=EventSourceResponse,
-    responses=error_responses(
-        400, 401, 404, meanings={400: "Last-Event-ID is none of this request's event ids"}
-    ),
+    responses={
+        200: {"description": "The job's events, until it ends", "content": EVENT_STREAM},
+        **error_responses(
+            400, 401, 404, meanings={400: "Last-Event-ID is none of this request's event ids"}
+        ),
+    },
 )
 async def events_v2(
     request_id: str,
@@ -129,19 +145,25 @@ async def events_v2(
     )
 
 
-CANCEL_RESPONSES = error_responses(
-    401, 404, 409, meanings={409: "It had already ended (`status` says how)"}
-)
+CANCEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {
+        "model": StatusBody,
+        "description": "Running: `cancel_requested` true; it stops at its next step, refunded",
+    },
+    **error_responses(401, 404, 409, meanings={409: "It had already ended (`status` says how)"}),
+}
 
 
 @router.post(
     "/v2/requests/{request_id}/cancel",
     summary="Cancel a request (200: ended, refunded; 202: running, stops at its next step)",
+    response_model=StatusBody,
     responses=CANCEL_RESPONSES,
 )
 @router.delete(
     "/v2/requests/{request_id}",
     summary="Cancel a request (alias of POST .../cancel)",
+    response_model=StatusBody,
     responses=CANCEL_RESPONSES,
 )
 async def cancel_v2(request_id: str, request: Request, key: CurrentKey) -> JSONResponse:
@@ -154,5 +176,10 @@ async def cancel_v2(request_id: str, request: Request, key: CurrentKey) -> JSONR
 
 # After the polls above: a router tries its routes in order, and polls outnumber submits.
 add_slug_routes(
-    router, "/v2/{slug}", submit_v2, summary="{title}: queue", responses=SUBMIT_RESPONSES
+    router,
+    "/v2/{slug}",
+    submit_v2,
+    summary="{title}: queue",
+    responses=SUBMIT_RESPONSES,
+    response_model=SubmitBody,
 )

@@ -156,6 +156,8 @@ QWEN_IMAGE_FAST = ModelSpec(
             "Describe imaginative scenes for image creation.",
             required=True,
             default="A serene lakeside with glowing fireflies under a moonlit sky.",
+            # The page's sample prompt: a client that sends none is told so, not charged for it.
+            default_is_sample=True,
         ),
         Param(
             "steps",

@@ -7,18 +7,20 @@ One generator for every reader: ``GET /v1/models/{slug}`` answers it, the OpenAP
 fields, non-empty prompts, the image sources accepted), so a body the schema accepts is one the
 API accepts; the API stays the judge of what no schema says (a URL's length, the image bytes).
 
-What a UI can rely on, per property: ``type`` (optional fields also admit ``null``: "use the
-default"), ``description`` (the help text of the Segmind page), ``default``, ``minimum`` /
-``maximum`` (inclusive), ``enum``, and on image fields ``"x-qwenserve-image": true`` with
-``"contentMediaType": "image/*"``: an http(s) URL, a ``data:`` URI or raw base64 image bytes,
-so a form can offer an upload and send a data URI. ``x-order`` is the page's field order.
+What a UI can rely on: ``required`` lists only what must be sent (a page's "required" parameter
+with a default is filled when omitted, so it is not listed); per property: ``type`` (fields a
+client may omit also admit ``null``: "use the default"), ``description`` (the help text of the
+Segmind page), ``default``, ``minimum`` / ``maximum`` (inclusive), ``enum``, and on image
+fields ``"x-qwenserve-image": true`` with ``"contentMediaType": "image/*"``: an http(s) URL, a
+``data:`` URI or raw base64 image bytes, so a form can offer an upload and send a data URI.
+``x-order`` is the page's field order.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from qwenserve.catalog.spec import ModelSpec, Param
+from qwenserve.catalog.spec import EXTRA_LORA_FIELDS, ModelSpec, Param
 from qwenserve.catalog.validate import MAX_PROMPT_CHARS, MAX_URL_CHARS
 
 # OpenAI's ``created`` (a Unix time): when these contracts were transcribed from the seed pages
@@ -56,7 +58,7 @@ def input_schema(spec: ModelSpec) -> dict[str, Any]:
         "description": spec.summary,
         "type": "object",
         "properties": properties,
-        "required": [p.name for p in spec.params if p.required],
+        "required": [p.name for p in spec.params if p.must_send],
         "additionalProperties": False,
     }
     images = spec.image_fields
@@ -74,14 +76,15 @@ def input_schema(spec: ModelSpec) -> dict[str, Any]:
 
 def _required(spec: ModelSpec, name: str) -> bool:
     param = spec.param(name)
-    return param is not None and param.required
+    return param is not None and param.must_send
 
 
 def _property(param: Param, *, max_text: int, max_url: int) -> dict[str, Any]:
     json_type = _JSON_TYPES[param.type]
     prop: dict[str, Any] = {
-        # Optional fields admit null: validation reads it as "not sent" (the default applies).
-        "type": json_type if param.required else [json_type, "null"],
+        # Fields a client may leave out admit null: validation reads it as "not sent" (the
+        # default applies), a page's "required" with a default included.
+        "type": json_type if param.must_send else [json_type, "null"],
         "description": param.description,
     }
     if param.has_default:
@@ -91,7 +94,7 @@ def _property(param: Param, *, max_text: int, max_url: int) -> dict[str, Any]:
     if param.maximum is not None:
         prop["maximum"] = _bound(param, param.maximum)
     if param.allowed is not None:
-        prop["enum"] = [*param.allowed] if param.required else [*param.allowed, None]
+        prop["enum"] = [*param.allowed] if param.must_send else [*param.allowed, None]
     if param.type == "uri":
         prop["description"] = f"{param.description.rstrip('.')}. {IMAGE_SOURCES}"
         prop["contentMediaType"] = "image/*"
@@ -101,7 +104,7 @@ def _property(param: Param, *, max_text: int, max_url: int) -> dict[str, Any]:
         prop.update(minLength=1, maxLength=max_text, pattern=NOT_BLANK_PATTERN)
     elif param.name == "negative_prompt":
         prop["maxLength"] = max_text
-    elif param.name in ("lora_2_url", "lora_3_url"):
+    elif param.name in EXTRA_LORA_FIELDS:
         prop.update(minLength=1, maxLength=max_url, pattern=NOT_BLANK_PATTERN)
     return prop
 
@@ -114,7 +117,10 @@ def model_entry(spec: ModelSpec, price_usd: float) -> dict[str, Any]:
     """One entry of ``GET /v1/models``: OpenAI's model object plus what a picker shows.
 
     ``price_usd`` is the price this server charges (Settings may override the catalog's).
+    ``weights`` is the Hugging Face repo id of the checkpoint it runs (a folder holds it at that
+    path); ``distillation_lora`` the ``repo/filename`` of the LoRA the slug adds, or null.
     """
+    lightning = spec.recipe.lightning
     return {
         "id": spec.slug,
         "object": "model",
@@ -125,6 +131,10 @@ def model_entry(spec: ModelSpec, price_usd: float) -> dict[str, Any]:
         "description": spec.summary,
         "price_usd": price_usd,
         "max_input_images": spec.recipe.max_input_images,
+        "weights": spec.recipe.base_weights,
+        "distillation_lora": (
+            None if lightning is None else f"{lightning.repo}/{lightning.filename}"
+        ),
     }
 
 

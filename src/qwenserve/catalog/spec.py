@@ -28,10 +28,12 @@ class Param:
     """One parameter exactly as its seed page states it.
 
     ``default`` is the page's default (``None`` where the page says null, ``NO_DEFAULT`` where it
-    says nothing). A required parameter must be sent even when the page lists a default: the
-    page's default is what its playground pre-fills, and the CLI fills it the same way.
-    ``minimum``/``maximum`` are inclusive. ``implicit_range`` marks a bound the page does not list
-    but that the service needs (a seed must fit a 64-bit generator).
+    says nothing). ``required`` is the page's own mark; what a client must actually send is
+    ``must_send``: defaults fill, never block, so a "required" parameter with a default (``steps``
+    on three pages) takes it when omitted or null. ``default_is_sample`` marks a page default
+    that is its playground's sample text (qwen-image-fast's prompt), never filled in for a
+    client. ``minimum``/``maximum`` are inclusive. ``implicit_range`` marks a bound the page
+    does not list but that the service needs (a seed must fit a 64-bit generator).
     """
 
     name: str
@@ -43,19 +45,28 @@ class Param:
     maximum: float | None = None
     allowed: tuple[str, ...] | None = None
     implicit_range: bool = False
+    default_is_sample: bool = False
 
     @property
     def has_default(self) -> bool:
         return self.default is not NO_DEFAULT
+
+    @property
+    def must_send(self) -> bool:
+        """Whether a body without it (or with null) is refused: the page requires it and there
+        is nothing to fill it with. Everything else takes its default when omitted."""
+        return self.required and (not self.has_default or self.default_is_sample)
+
+
+EXTRA_LORA_FIELDS = ("lora_2_url", "lora_3_url")
+"""The per-request LoRA URL parameters, as the product-photography seed page spells them."""
 
 
 def extra_lora_params() -> tuple[Param, ...]:
     """``lora_2_url`` and ``lora_3_url``: per-request LoRAs, as the product-photography seed page
     spells them (every slug that takes them declares these two)."""
     description = "Additional LoRA model URL (public direct URL or Hugging Face URL to the file)"
-    return tuple(
-        Param(name, "string", description, default=None) for name in ("lora_2_url", "lora_3_url")
-    )
+    return tuple(Param(name, "string", description, default=None) for name in EXTRA_LORA_FIELDS)
 
 
 class PipelineKind(enum.StrEnum):
@@ -106,6 +117,11 @@ class Recipe:
     preset_loras: Mapping[str, LoraSource] = field(default_factory=dict)
     default_steps: int | None = None
     """Steps for a slug that does not expose ``steps``."""
+    fixed_sigma_grid: bool = False
+    """The checkpoint's own ``sample_sigmas`` grid (its ``model_index.json``) is the only schedule
+    its weights were distilled for (Qwen-Image-2.1-Turbo): every call samples it as it is, and
+    the runtime refuses to run a checkpoint without one or with one of another length than
+    ``default_steps``. False: ``steps`` chooses the schedule."""
     max_input_images: int = 0
     native_sizes: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     """Aspect ratio → (width, height) at the model's native resolution."""

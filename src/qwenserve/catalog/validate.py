@@ -12,12 +12,12 @@ import difflib
 import math
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from qwenserve.catalog.models import MODELS
 from qwenserve.catalog.request import GenerationRequest, ImageFormat, InputImage, LoraRef
-from qwenserve.catalog.spec import ModelSpec, Param
+from qwenserve.catalog.spec import EXTRA_LORA_FIELDS, ModelSpec, Param
 from qwenserve.errors import FieldError, InvalidRequest, UnknownModel
 
 MAX_PROMPT_CHARS = 10_000
@@ -132,19 +132,30 @@ def _readable(name: str) -> str:
     return name if is_text(name) else name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _unknown_field_error(spec: ModelSpec, name: str) -> FieldError:
+def unknown_field_error(
+    spec: ModelSpec, name: str, *, names: Sequence[str] | None = None, accepted: str | None = None
+) -> FieldError:
+    """The refusal of ``name``, which ``spec`` does not take: why, where the catalog knows (a
+    fixed-step or CFG-free slug, ``base64`` spelled otherwise), else the closest of ``names``
+    (default: the slug's parameters); then ``accepted`` (default: the slug's parameters), so a
+    dialect with its own fields (``api/openai_request.py``) hints and lists among both."""
     name = _readable(name)
     hint = ""
     if name in ("base64", "base_64"):
         hint = f"; this model spells it '{spec.base64_field}'"
+    elif name == "steps" and spec.recipe.default_steps is not None:
+        hint = f"; this model always runs {spec.recipe.default_steps} steps"
+        if spec.recipe.fixed_sigma_grid:
+            hint += ", the fixed sigma grid its weights were distilled for"
+    elif name in ("guidance", "negative_prompt") and spec.param("guidance") is None:
+        hint = "; this model always runs without CFG (guidance 1)"
     else:
-        close = difflib.get_close_matches(name, spec.param_names, n=1)
+        close = difflib.get_close_matches(name, list(names or spec.param_names), n=1)
         if close:
             hint = f"; did you mean '{close[0]}'?"
+    listed = ", ".join(spec.param_names) if accepted is None else accepted
     return FieldError(
-        name,
-        f"unknown parameter '{name}' for {spec.slug}{hint} "
-        f"(accepted: {', '.join(spec.param_names)})",
+        name, f"unknown parameter '{name}' for {spec.slug}{hint} (accepted: {listed})"
     )
 
 
@@ -161,7 +172,7 @@ def validate_request(
     if not isinstance(body, Mapping):
         raise InvalidRequest("request body must be a JSON object")
     problems = [
-        _unknown_field_error(spec, str(name))
+        unknown_field_error(spec, str(name))
         for name in body
         if not isinstance(name, str) or spec.param(name) is None
     ]
@@ -169,9 +180,9 @@ def validate_request(
     for param in spec.params:
         raw = body.get(param.name)
         if raw is None:
-            if param.required:
-                hint = f" (suggested value: {param.default!r})" if param.has_default else ""
-                problems.append(FieldError(param.name, f"{param.name} is required{hint}"))
+            # Defaults fill, never block: only a parameter with nothing to fill is refused.
+            if param.must_send:
+                problems.append(FieldError(param.name, f"{param.name} is required"))
             else:
                 values[param.name] = param.default if param.has_default else None
             continue
@@ -217,7 +228,7 @@ def _cross_field_problems(
         problems.append(
             FieldError(spec.image_fields[0], f"an input image is required: send {fields}")
         )
-    for name in ("lora_2_url", "lora_3_url"):
+    for name in EXTRA_LORA_FIELDS:
         location = values.get(name)
         if location is None:
             continue
@@ -238,7 +249,7 @@ def _build(spec: ModelSpec, values: dict[str, Any], seed_source: SeedSource) -> 
     )
     extra_loras = tuple(
         LoraRef(field=name, location=values[name].strip())
-        for name in ("lora_2_url", "lora_3_url")
+        for name in EXTRA_LORA_FIELDS
         if values.get(name) is not None
     )
     seed = values.get("seed")

@@ -79,7 +79,6 @@ def build_workers(
     Raises:
         SystemExit: the content policy's classifier cannot be loaded (saying why).
     """
-    from qwenserve.runtime import Engine
     from qwenserve.runtime.config import default_max_batch
     from qwenserve.worker.inputs import InputLoader, MediaInputLoader
 
@@ -87,6 +86,9 @@ def build_workers(
     output_screen, input_check = screens(settings)
     workers = []
     for index in range(count):
+        # Imported here: an API-only node (count 0) never loads torch (7 s of its start).
+        from qwenserve.runtime import Engine
+
         engine = Engine(engine_config(settings))
         config = WorkerConfig.from_settings(
             settings.worker,
@@ -206,3 +208,26 @@ def start_done_wakeup(
             follower.poke()
 
     return backend.signals.on_job_end(on_job_end)
+
+
+def push_cancels(
+    backend: Backend, follower: EventFollower, runners: Sequence[WorkerRunner]
+) -> Subscriber | None:
+    """Hand every cancel request in the event log to ``runners`` (the one holding the job
+    heartbeats at once and stops it at its next denoising step, without waiting for its
+    period). ``follower`` reads the log every ``event_poll_s`` and at once when poked: by an
+    in-process cancel (``Services.on_cancel_requested``) and, where other processes share the
+    store, by the returned subscriber to Redis's cancel channel (started; ``close()`` it on
+    shutdown; None with no signals or no runners)."""
+    if not runners:
+        return None
+    from qwenserve.notify import cancel_requests
+
+    def on_cancel(job_id: str) -> None:
+        for runner in runners:
+            runner.control.cancel_requested(job_id)
+
+    follower.subscribe(cancel_requests(on_cancel))
+    if backend.signals is None:
+        return None
+    return backend.signals.on_cancel_requested(lambda _job_id: follower.poke())

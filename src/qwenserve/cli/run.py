@@ -107,8 +107,8 @@ def build_body(
     images: list[str],
     out: Path | None = None,
 ) -> dict[str, Any]:
-    """The request body a client would send, with the required parameters' documented
-    defaults filled in (as the model page's playground pre-fills them)."""
+    """The request body a client would send: what the user gave, nothing more (the server fills
+    every parameter's default, a page's "required" ``steps`` included)."""
     body: dict[str, Any] = {}
     if prompt is not None:
         body["prompt"] = prompt
@@ -123,10 +123,6 @@ def build_body(
         )
     for name, source in zip(fields, images, strict=False):
         body[name] = _image_source(source)
-    for param in spec.params:
-        missing = param.required and param.name not in body
-        if missing and param.has_default and param.default is not None:
-            body[param.name] = param.default
     fmt = spec.param("image_format")
     if out is not None and fmt is not None and "image_format" not in body:
         inferred = _SUFFIX_FORMATS.get(out.suffix.lower())

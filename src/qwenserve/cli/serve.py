@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -15,15 +15,18 @@ from qwenserve.api.app import create_app
 from qwenserve.api.services import Services
 from qwenserve.api.webhooks import body_builder
 from qwenserve.backends import open_backend
+from qwenserve.catalog import Recipe
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
 from qwenserve.cli.compose import (
     build_workers,
     check_weights,
     load_prompt_policy,
+    push_cancels,
     start_done_wakeup,
     start_wakeup,
     warm_up,
 )
+from qwenserve.config import Settings
 from qwenserve.notify import CompletionHub, follow_completions
 from qwenserve.notify.webhooks import WebhookDispatcher, WebhookPolicy
 from qwenserve.worker.host import ThreadHost
@@ -62,6 +65,14 @@ def register(subparsers: Any) -> None:
         "(env QWENSERVE_CANCEL_ON_DISCONNECT, default on)",
     )
     parser.set_defaults(handler=_serve)
+
+
+def _prompt_token_counter(settings: Settings) -> Callable[[Recipe, str], int | None]:
+    """The pipelines' tokenizers for the submit-time prompt length check (this process runs
+    the engine, so it has the weights)."""
+    from qwenserve.runtime.prompt_tokens import PromptTokenCounter
+
+    return PromptTokenCounter(settings.engine.weights, settings.model_cache_dir)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -118,7 +129,10 @@ def _serve(args: argparse.Namespace) -> int:
         hub=hub,
         registry=backend.registry,
         on_submitted=wake_workers,
+        # Its worker here learns it now; an API-only node has none to tell.
+        on_cancel_requested=(lambda _job_id: events.poke()) if runners else None,
         prompt_policy=blocked_terms,
+        prompt_tokens=_prompt_token_counter(settings) if workers else None,
     )
     app = create_app(services)
     # Webhooks: this node's dispatcher follows the log from the store's own cursor (so endings
@@ -143,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
     warm_up(settings, workers, None)
     wakeup = start_wakeup(backend, runners, None)
     done_wakeup = start_done_wakeup(backend, hub, events)
+    cancels = push_cancels(backend, events, runners)
     host.start()
     config = uvicorn.Config(
         app,
@@ -155,7 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        for subscriber in (wakeup, done_wakeup):
+        for subscriber in (wakeup, done_wakeup, cancels):
             if subscriber is not None:
                 subscriber.close()
         host.shutdown(settings.drain_timeout_s)

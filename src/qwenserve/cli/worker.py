@@ -11,7 +11,14 @@ from typing import Any
 from qwenserve.backends import open_backend
 from qwenserve.catalog import MODELS
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
-from qwenserve.cli.compose import build_workers, check_weights, start_wakeup, warm_up
+from qwenserve.cli.compose import (
+    build_workers,
+    check_weights,
+    push_cancels,
+    start_wakeup,
+    warm_up,
+)
+from qwenserve.notify import EventFollower
 from qwenserve.worker.host import ThreadHost
 
 log = logging.getLogger("qwenserve")
@@ -56,11 +63,17 @@ def _worker(args: argparse.Namespace) -> int:
     warm_up(settings, workers, slugs)
     host = ThreadHost(runners)
     wakeup = start_wakeup(backend, runners, slugs)
+    # Cancel requests from any node, read from the event log (at once on Redis's cancel
+    # channel; every event_poll_s otherwise), stop the job here at its next step.
+    events = EventFollower(backend.store, poll_s=settings.event_poll_s).start()
+    cancels = push_cancels(backend, events, runners)
     host.start()
     log.info("%d worker(s) serving %s", len(runners), ", ".join(slugs or ["all models"]))
     stop.wait()
-    if wakeup is not None:
-        wakeup.close()
+    for subscriber in (wakeup, cancels):
+        if subscriber is not None:
+            subscriber.close()
     host.shutdown(settings.drain_timeout_s)
+    events.close()
     backend.close()
     return 0

@@ -182,9 +182,17 @@ class UrlFetcher:
         ``max_bytes``, default the fetcher's), UpstreamError (connection failure or an HTTP
         error status) and UpstreamTimeout; each names ``field``.
         """
+        return self.fetch_typed(url, field=field, max_bytes=max_bytes)[0]
+
+    def fetch_typed(
+        self, url: str, *, field: str, max_bytes: int | None = None
+    ) -> tuple[bytes, str | None]:
+        """The body of ``url`` and the ``Content-Type`` it was served with (None when the
+        server sent none), so a caller can say what came instead of an image. Raises as
+        :meth:`fetch`."""
         body = bytearray()
-        self._fetch(url, field=field, max_bytes=max_bytes, sink=body.extend)
-        return bytes(body)
+        content_type = self._fetch(url, field=field, max_bytes=max_bytes, sink=body.extend)
+        return bytes(body), content_type
 
     def fetch_to_file(
         self, url: str, dest: Path, *, field: str, max_bytes: int | None = None
@@ -249,7 +257,8 @@ class UrlFetcher:
         field: str,
         max_bytes: int | None,
         sink: Callable[[bytes], None],
-    ) -> None:
+    ) -> str | None:
+        """Stream the final response's body into ``sink``; returns its Content-Type."""
         limit = self.max_bytes if max_bytes is None else max_bytes
         deadline = time.monotonic() + self.timeout_s
         current = _parse_url(url, field=field, redirected=False)
@@ -263,11 +272,11 @@ class UrlFetcher:
         ) as client:
             redirects = 0
             while True:
-                location = self._get_once(
+                location, content_type = self._get_once(
                     client, current, field, limit, deadline, sink, redirected=redirects > 0
                 )
                 if location is None:
-                    return
+                    return content_type
                 if redirects >= self.max_redirects:
                     raise InvalidRequest(
                         f"{field}: the URL redirected more than {self.max_redirects} times",
@@ -292,8 +301,9 @@ class UrlFetcher:
         sink: Callable[[bytes], None],
         *,
         redirected: bool,
-    ) -> str | None:
-        """One GET to a checked address; returns the redirect location or None when done."""
+    ) -> tuple[str | None, str | None]:
+        """One GET to a checked address; returns the redirect location (None when done) and
+        the response's Content-Type."""
         host = url.raw_host.decode("ascii")  # IDNA-encoded: what DNS and SNI expect
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses = self.resolve_allowed(host, port, field=field, redirected=redirected)
@@ -311,7 +321,8 @@ class UrlFetcher:
                     extensions={"sni_hostname": host},
                     timeout=httpx.Timeout(remaining_s),
                 ) as response:
-                    return self._read(response, field, limit, deadline, sink)
+                    location = self._read(response, field, limit, deadline, sink)
+                    return location, response.headers.get("content-type")
             except httpx.ConnectError as exc:
                 last_error = exc  # try the host's next checked address
             except httpx.TimeoutException as exc:
@@ -341,7 +352,7 @@ class UrlFetcher:
             return location
         if not 200 <= response.status_code < 300:
             raise UpstreamError(
-                f"{field}: the URL answered HTTP {response.status_code}", field=field
+                f"{field}: could not fetch the URL (HTTP {response.status_code})", field=field
             )
         declared = response.headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:

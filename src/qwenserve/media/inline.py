@@ -19,8 +19,8 @@ from typing import Any
 
 from qwenserve.catalog import GenerationRequest
 from qwenserve.catalog.request import InputImage
-from qwenserve.errors import InvalidInput
-from qwenserve.media.inputs import check_image_header, inline_image_bytes
+from qwenserve.errors import FieldError, InvalidInput, InvalidRequest
+from qwenserve.media.inputs import check_image_header, data_uri_type, inline_image_bytes
 from qwenserve.media.storage import MediaStore, new_media_id
 
 STORED_PREFIX = "stored:"
@@ -42,18 +42,21 @@ def store_inline_images(
 ) -> tuple[GenerationRequest, list[str]]:
     """``request`` with its inline images stored and referenced; also the new media ids.
 
-    Raises InvalidInput/InvalidRequest naming the field for an image that is too large, not
-    base64, not a PNG/JPEG/WEBP or over the pixel limit; nothing stays stored then.
+    Raises one InvalidRequest naming every image that is too large, not base64, not a
+    PNG/JPEG/WEBP or over the pixel limit; nothing stays stored then.
     """
+    decoded, refusals = _decoded(request.images, max_bytes=max_bytes, max_pixels=max_pixels)
+    if len(refusals) == 1:
+        raise refusals[0]
+    if refusals:
+        raise InvalidRequest.from_errors([e for refused in refusals for e in refused.errors])
     stored: list[str] = []
     images: list[InputImage] = []
     try:
-        for image in request.images:
-            data = inline_image_bytes(image.source, field=image.field, max_bytes=max_bytes)
+        for image, data in decoded:
             if data is None:  # a URL: fetched by the worker
                 images.append(image)
                 continue
-            check_image_header(data, field=image.field, max_pixels=max_pixels)
             media_id = new_media_id()
             try:
                 media.put(media_id, data, STORED_CONTENT_TYPE, expires_at=expires_at)
@@ -68,6 +71,38 @@ def store_inline_images(
         forget(media, stored)
         raise
     return dataclasses.replace(request, images=tuple(images)), stored
+
+
+def inline_image_problems(
+    images: Sequence[InputImage], *, max_bytes: int, max_pixels: int
+) -> list[FieldError]:
+    """Each inline image's problem (undecodable, too large, not a PNG/JPEG/WEBP image, over the
+    pixel limit), without keeping anything; URLs are the worker's to fetch."""
+    refusals = _decoded(images, max_bytes=max_bytes, max_pixels=max_pixels)[1]
+    return [problem for refused in refusals for problem in refused.errors]
+
+
+def _decoded(
+    images: Sequence[InputImage], *, max_bytes: int, max_pixels: int
+) -> tuple[list[tuple[InputImage, bytes | None]], list[InvalidRequest]]:
+    """Each image with its checked inline bytes (None for a URL), and each bad one's refusal."""
+    decoded: list[tuple[InputImage, bytes | None]] = []
+    refusals: list[InvalidRequest] = []
+    for image in images:
+        try:
+            data = inline_image_bytes(image.source, field=image.field, max_bytes=max_bytes)
+            if data is not None:
+                check_image_header(
+                    data,
+                    field=image.field,
+                    max_pixels=max_pixels,
+                    declared_type=data_uri_type(image.source),
+                )
+        except InvalidRequest as refused:
+            refusals.append(refused)
+            continue
+        decoded.append((image, data))
+    return decoded, refusals
 
 
 def stored_input_ids(params: Mapping[str, Any]) -> list[str]:

@@ -57,9 +57,20 @@ def load_input_image(
     ``field``, and whatever ``fetcher`` raises for a URL.
     """
     data = inline_image_bytes(source, field=field, max_bytes=max_bytes)
+    declared = data_uri_type(source)
     if data is None:
-        data = fetcher.fetch(source.strip(), field=field, max_bytes=max_bytes)
-    return decode_image(data, field=field, max_pixels=max_pixels)
+        data, declared = fetcher.fetch_typed(source.strip(), field=field, max_bytes=max_bytes)
+    return decode_image(data, field=field, max_pixels=max_pixels, declared_type=declared)
+
+
+def data_uri_type(source: str) -> str | None:
+    """The media type a ``data:`` URI claims (None for anything else): only ever used to say
+    what was sent instead of an image, never to decode."""
+    text = source.strip()
+    if text[:5].lower() != "data:":
+        return None
+    header = text[5 : text.find(",")] if "," in text else ""
+    return header.split(";", 1)[0].strip().lower() or None
 
 
 def inline_image_bytes(source: str, *, field: str, max_bytes: int) -> bytes | None:
@@ -73,14 +84,19 @@ def inline_image_bytes(source: str, *, field: str, max_bytes: int) -> bytes | No
     return _decode_base64(text, field=field, max_bytes=max_bytes)
 
 
-def _open_checked(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
-    """Open ``data`` (header only: no pixel is decoded) and check format and pixel count."""
+def _open_checked(
+    data: bytes, *, field: str, max_pixels: int, declared_type: str | None = None
+) -> Image.Image:
+    """Open ``data`` (header only: no pixel is decoded) and check format and pixel count.
+    ``declared_type``: what the bytes were served or labelled as (a URL's Content-Type, a data
+    URI's media type), named in the refusal when they are not an image."""
     if not data:
         raise InvalidInput(f"{field}: the image is empty", field=field)
     try:
         image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
     except UnidentifiedImageError as exc:
-        raise InvalidInput(f"{field}: {_unsupported_reason(data)}", field=field) from exc
+        reason = _unsupported_reason(data, declared_type)
+        raise InvalidInput(f"{field}: {reason}", field=field) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard (its warning, when warnings are errors, arrives as an exception).
         raise InvalidInput(
@@ -90,7 +106,7 @@ def _open_checked(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
         raise InvalidInput(f"{field}: the image header is corrupt", field=field) from exc
     try:
         if image.format not in _ACCEPTED_FORMATS:  # pragma: no cover - formats= restricts this
-            raise InvalidInput(f"{field}: {_unsupported_reason(data)}", field=field)
+            raise InvalidInput(f"{field}: {_unsupported_reason(data, None)}", field=field)
         width, height = image.size
         if width < 1 or height < 1:
             raise InvalidInput(f"{field}: the image has no pixels", field=field)
@@ -111,15 +127,27 @@ def _open_checked(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def check_image_header(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+def check_image_header(
+    data: bytes,
+    *,
+    field: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    declared_type: str | None = None,
+) -> None:
     """Raise InvalidInput naming ``field`` unless ``data`` opens as a PNG, JPEG or WEBP of at
     most ``max_pixels`` (cheap: reads the header; truncated pixel data is found at decode)."""
-    _open_checked(data, field=field, max_pixels=max_pixels).close()
+    _open_checked(data, field=field, max_pixels=max_pixels, declared_type=declared_type).close()
 
 
-def decode_image(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes,
+    *,
+    field: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    declared_type: str | None = None,
+) -> Image.Image:
     """Decode image bytes (PNG, JPEG or WEBP) into an upright RGB image; see load_input_image."""
-    image = _open_checked(data, field=field, max_pixels=max_pixels)
+    image = _open_checked(data, field=field, max_pixels=max_pixels, declared_type=declared_type)
     with image:
         try:
             image.seek(0)  # animated PNG/WEBP: the first frame
@@ -153,11 +181,46 @@ def _to_rgb(image: Image.Image, *, owned: bool) -> Image.Image:
     return image.convert("RGB")
 
 
-def _unsupported_reason(data: bytes) -> str:
+def _unsupported_reason(data: bytes, declared_type: str | None) -> str:
+    """Why bytes Pillow did not open are refused, naming what they are when that is known:
+    "not an image (got text/html)" for a web page, the format for a refused image type."""
     for magic, name in _KNOWN_REFUSED:
         if data.startswith(magic):
             return f"{name} images are not supported; send PNG, JPEG or WEBP"
-    return "not a PNG, JPEG or WEBP image"
+    declared = (declared_type or "").split(";", 1)[0].strip().lower() or None
+    sniffed = _sniff_type(data)
+    if sniffed is None and declared is not None and not declared.startswith("image/"):
+        sniffed = declared  # what it was served as, when the bytes say nothing clearer
+    if sniffed is not None and not sniffed.startswith("image/"):
+        return f"not an image (got {sniffed}); send PNG, JPEG or WEBP"
+    shown = sniffed or declared
+    got = f" (got {shown})" if shown else ""
+    return f"not a PNG, JPEG or WEBP image{got}"
+
+
+def _sniff_type(data: bytes) -> str | None:
+    """The media type of common non-image bytes (what a wrong URL usually serves), or None."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "text/html"
+    if head.startswith((b"<svg", b"<?xml")):
+        return "image/svg+xml" if b"<svg" in head else "application/xml"
+    if head.startswith(b"%pdf"):
+        return "application/pdf"
+    try:
+        text = data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        # A multi-byte character cut at 4096 bytes still reads as text; other bytes do not.
+        try:
+            text = data[:4093].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        return "application/json"
+    if text and all(ch.isprintable() or ch in "\t\r\n" for ch in text):
+        return "text/plain"
+    return None
 
 
 def _too_large(field: str, max_bytes: int) -> InvalidInput:

@@ -23,6 +23,10 @@ another process returns as soon as the job ends, and its ``on_wake(None)`` to
 
     done = RedisDoneWakeup(settings.store, on_wake=on_job_end).start()
 
+``RedisCancelWakeup`` follows the ``cancel`` channel (``RedisKeys.cancel``), where the cancel
+script publishes the id of a running job its owner asks to stop: every process with workers
+wires it to its event-log reader's ``poke``, so the worker holding the job learns it at once.
+
 Redis going away never ends the thread: it logs a warning, reconnects with exponential backoff
 and subscribes again. A link that dies without a reset (a partition) is noticed by a PING sent
 after ``health_check_s`` of silence that gets no answer within another ``health_check_s``.
@@ -190,7 +194,7 @@ class RedisWakeup:
             # Reconnecting is this loop's job (with its backoff, logging and catch-up call).
             retry=Retry(NoBackoff(), 0),
         )
-        pubsub: PubSub = client.pubsub()  # type: ignore[no-untyped-call]  # unannotated upstream
+        pubsub: PubSub = client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]  # unannotated before redis 7
         try:
             pubsub.subscribe(self.channel)
             heard_at = time.monotonic()
@@ -250,3 +254,19 @@ class RedisDoneWakeup(RedisWakeup):
     @staticmethod
     def _channel_of(keys: RedisKeys) -> str:
         return keys.done()
+
+
+class RedisCancelWakeup(RedisWakeup):
+    """A background subscriber to the cancel channel, calling ``on_wake(job_id)`` for every job
+    whose owner asks to cancel it while it runs, on any node, and ``on_wake(None)`` once per
+    confirmed (re)subscription (requests published meanwhile are in the event log: read it).
+
+    Same arguments, threading, reconnecting and ``close()`` as ``RedisWakeup``.
+    """
+
+    _label = "cancel subscriber"
+    _meanwhile = "workers read the event log every QWENSERVE_EVENT_POLL_S meanwhile"
+
+    @staticmethod
+    def _channel_of(keys: RedisKeys) -> str:
+        return keys.cancel()

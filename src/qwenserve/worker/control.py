@@ -4,9 +4,11 @@ stop, so a worker makes one store call per period however many jobs and steps it
 The engine reports progress through ``on_step`` into memory here (never a store call per
 denoising step); a background thread sends what changed with the next ``Store.heartbeat``
 (``period_s``, at most about a second, so a watcher's progress is never much staler) and reads
-the answer: jobs taken away are ``LOST``, jobs their owner cancelled are ``CANCELLED``. A stop
-for the whole worker (a drain that timed out) is ``SHUTDOWN``. Each held job has at most one
-stop reason, and each reason says how the job ends:
+the answer: jobs taken away are ``LOST``, jobs their owner cancelled are ``CANCELLED``. A cancel
+request does not wait for the period: the event log's reader calls ``cancel_requested`` and
+the heartbeat goes at once (``qwenserve.notify.cancel_requests``). A stop for the whole
+worker (a drain that timed out) is ``SHUTDOWN``. Each held job has at most one stop reason,
+and each reason says how the job ends:
 
 =========== ===================================================================
 SHUTDOWN    give it back to the queue (``Store.release``): it runs again
@@ -125,6 +127,17 @@ class JobControl:
     def beat_soon(self) -> None:
         """Heartbeat now rather than at the end of the period (a batch started: show it)."""
         self._wake.set()
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Its owner asked to cancel ``job_id`` (the event log said so): if this worker holds
+        it, heartbeat now, so the store's answer stops it before the engine's next step
+        rather than a period later. The store stays the judge (a job this worker lost is
+        ``LOST``, not cancelled). True when held here."""
+        with self._lock:
+            held = job_id in self._held
+        if held:
+            self.beat_soon()
+        return held
 
     def _run(self) -> None:
         while not self._closed.is_set():

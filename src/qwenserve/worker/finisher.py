@@ -26,6 +26,7 @@ from qwenserve.errors import (
     InferenceError,
     QwenServeError,
     ServiceUnavailable,
+    StartTimeout,
     error_kind,
 )
 from qwenserve.jobs import CANCELLED, Job, JobResult, JobStatus
@@ -33,6 +34,7 @@ from qwenserve.media.encode import encode_image
 from qwenserve.media.inline import stored_media_id
 from qwenserve.media.storage import MediaStore, new_media_id
 from qwenserve.policy import OUTPUT_BLOCKED
+from qwenserve.store.rules import START_TIMEOUT_MESSAGE
 from qwenserve.worker.control import Clock, JobControl, StopReason
 from qwenserve.worker.retry import StoreRetry
 
@@ -198,6 +200,25 @@ class Finisher:
         finally:
             self.control.drop(job.id)
         self._notify(job.id)
+
+    def end_stopped(self, prepared: list[Prepared], runnable: set[str]) -> list[Prepared]:
+        """Ends the jobs not in ``runnable`` (stopped before they ran); returns the others."""
+        for p in prepared:
+            if p.job.id not in runnable:
+                self.end(p.job)
+        return [p for p in prepared if p.job.id in runnable]
+
+    def end_late(self, prepared: list[Prepared]) -> list[Prepared]:
+        """Ends (refunded) the jobs whose start deadline (``X-Start-Timeout``) passed while they
+        waited in this worker, e.g. in its look-ahead: their compute has not begun. Returns the
+        others, in order."""
+        now, kept = self.clock(), []
+        for p in prepared:
+            if p.job.start_by is not None and p.job.start_by <= now:
+                self.end(p.job, StartTimeout(START_TIMEOUT_MESSAGE))
+            else:
+                kept.append(p)
+        return kept
 
     def give_back(self, job: Job, why: str) -> None:
         """Return a claimed job to the queue, its attempt given back (never started here)."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from qwenserve.catalog import GenerationRequest
 from qwenserve.catalog.request import InputImage
-from qwenserve.errors import InvalidInput
+from qwenserve.errors import InputUnavailable, InvalidInput, UpstreamError, UpstreamTimeout
 from qwenserve.jobs import Job
 from qwenserve.media.fetch import UrlFetcher
 from qwenserve.media.inline import stored_media_id
@@ -111,13 +113,14 @@ class MediaInputLoader:
     def _load(self, image: InputImage) -> Image.Image:
         media_id = stored_media_id(image.source)
         if media_id is None:
-            return load_input_image(
-                image.source,
-                field=image.field,
-                fetcher=self.fetcher,
-                max_bytes=self.max_bytes,
-                max_pixels=self.max_pixels,
-            )
+            with caller_url(image.field):
+                return load_input_image(
+                    image.source,
+                    field=image.field,
+                    fetcher=self.fetcher,
+                    max_bytes=self.max_bytes,
+                    max_pixels=self.max_pixels,
+                )
         stored = self.media.get(media_id, now=time.time()) if self.media is not None else None
         if stored is None:
             raise InvalidInput(
@@ -127,7 +130,21 @@ class MediaInputLoader:
         return decode_image(stored[0], field=image.field, max_pixels=self.max_pixels)
 
     def load_loras(self, request: GenerationRequest) -> list[Path]:
-        return [
-            self.loras.resolve(ref.location, field=ref.field, counts=self.lora_counts)
-            for ref in request.extra_loras
-        ]
+        paths = []
+        for ref in request.extra_loras:
+            with caller_url(ref.field):
+                paths.append(
+                    self.loras.resolve(ref.location, field=ref.field, counts=self.lora_counts)
+                )
+        return paths
+
+
+@contextmanager
+def caller_url(field: str) -> Iterator[None]:
+    """A fetch of a URL the caller named that fails (HTTP error status, unknown host, refused
+    connection, no answer in time) is the caller's input at fault: ``InputUnavailable`` (a 4xx
+    naming ``field``, the job FAILED and refunded), never a 5xx of this server."""
+    try:
+        yield
+    except (UpstreamError, UpstreamTimeout) as failed:
+        raise InputUnavailable(failed.message, field=failed.field or field) from failed

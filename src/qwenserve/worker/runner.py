@@ -16,8 +16,8 @@ injected clock), ``control`` (one heartbeat per worker: leases, progress, stop r
   job; with ``prefetch`` on, the next job is claimed and its inputs loaded on a look-ahead
   thread while the current batch denoises (only for slugs no idle peer serves). A looked-ahead
   job waits with no progress: a watcher sees it as waiting, not denoising.
-- **Stops.** A job stopped while it waits ends at once; a running one at the engine's next
-  step: alone, the pipeline call stops; in a batch, only that job ends and the batch goes on.
+- **Stops.** A job stopped (or past its start deadline) while it waits ends at once; a running
+  one at its next step: alone, the call stops; in a batch, only that job ends, the rest go on.
 """
 
 from __future__ import annotations
@@ -311,11 +311,12 @@ class WorkerRunner:
 
     def process_prepared(self, prepared: list[Prepared]) -> None:
         """Run prepared jobs; meanwhile the look-ahead thread (if on) gets the next ones."""
+        prepared = self.finisher.end_late(prepared)
         if not prepared:
             return
         steps = prepared[0].request.steps
         runnable = set(j.id for j in self.control.begin([p.job for p in prepared], steps))
-        prepared = self._without_stopped(prepared, runnable)
+        prepared = self.finisher.end_stopped(prepared, runnable)
         if not prepared:
             return
         jobs = [p.job for p in prepared]
@@ -340,13 +341,6 @@ class WorkerRunner:
             self._work_arrived.set()  # the look-ahead stops waiting for work now
             self.state.current_job = None
             self._announce_soon()
-
-    def _without_stopped(self, prepared: list[Prepared], runnable: set[str]) -> list[Prepared]:
-        """Ends the jobs not in ``runnable`` (stopped before they ran); returns the others."""
-        for p in prepared:
-            if p.job.id not in runnable:
-                self.finisher.end(p.job)
-        return [p for p in prepared if p.job.id in runnable]
 
     def _prepare_all(self, jobs: Sequence[Job]) -> list[Prepared]:
         """Decode each job and load its inputs; a job whose inputs fail ends here."""
@@ -443,7 +437,7 @@ class WorkerRunner:
         )
         for part in (prepared[:half], prepared[half:]):
             going_on = self.control.going_on([p.job.id for p in part])
-            part = self._without_stopped(part, going_on)
+            part = self.finisher.end_stopped(part, going_on)
             if part:
                 self._generate(part)
         return True
@@ -456,7 +450,7 @@ class WorkerRunner:
             return False
         log.warning("a batch of %d failed (%s); retrying one at a time", len(prepared), error)
         for p in prepared:
-            alone = self._without_stopped([p], self.control.going_on([p.job.id]))
+            alone = self.finisher.end_stopped([p], self.control.going_on([p.job.id]))
             if alone:
                 self._generate(alone)
         return True

@@ -1,8 +1,9 @@
 // A form built from a slug's input_schema (GET /v1/models/{slug}), and the JSON body read back.
 // The server is the one judge of a body: the inputs carry min/max for the spinners and screen
 // readers, but the form is `novalidate` and a 400's messages are shown next to their fields.
+// Values travel as JSON text (name → text), so a typed 64-bit seed keeps every digit.
 
-const INTEGER = /^-?\d+$/;
+const INTEGER = /^-?(?:0|[1-9]\d*)$/;
 const NUMBER = /^-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?$/;
 
 /** The property's JSON type, without the "null" that optional fields admit. */
@@ -50,7 +51,21 @@ function hintText(prop, required) {
   return parts.join(" · ");
 }
 
-/** One control for a property; returns {row, read} where read() gives [name, jsonText] or null. */
+/** The JSON text `text` as a string value ("" when it is no JSON string). */
+function textOf(text) {
+  try {
+    const value = JSON.parse(text);
+    return typeof value === "string" ? value : value === null ? "" : String(value);
+  } catch {
+    return "";
+  }
+}
+
+/**
+ * One control for a property: {row, control, read, write}. read() gives [name, jsonText] or
+ * null (not sent); write(jsonText) sets the control from such a text, write(undefined) resets it
+ * to its default.
+ */
 function buildField(name, prop, required) {
   const id = `f-${name}`;
   const type = baseType(prop);
@@ -65,8 +80,10 @@ function buildField(name, prop, required) {
   const help = el("p", { id: helpId, class: "help", text: prop.description ?? "" });
   const error = el("p", { id: errorId, class: "field-error", "aria-live": "polite", hidden: true });
   const dflt = prop.default ?? undefined;
+  const initial = dflt === undefined ? "" : String(dflt);
   let control;
   let read;
+  let write;
 
   if (prop["x-qwenserve-image"]) {
     return buildImageField({ name, prop, required, id, row, label, hint, help, error, described });
@@ -77,12 +94,16 @@ function buildField(name, prop, required) {
     for (const option of prop.enum.filter((v) => v !== null)) {
       control.append(el("option", { value: String(option), text: String(option) }));
     }
-    if (dflt !== undefined) control.value = String(dflt);
     read = () => (control.value === "" ? null : [name, JSON.stringify(control.value)]);
+    write = (text) => {
+      control.value = text === undefined ? initial : textOf(text);
+    };
   } else if (type === "boolean") {
     control = el("input", { id, name, type: "checkbox", "aria-describedby": described });
-    control.checked = dflt === true;
     read = () => [name, control.checked ? "true" : "false"];
+    write = (text) => {
+      control.checked = text === undefined ? dflt === true : text === "true";
+    };
     row.classList.add("checkbox");
   } else if (type === "integer" || type === "number") {
     control = el("input", {
@@ -96,7 +117,6 @@ function buildField(name, prop, required) {
       "aria-describedby": described,
       "aria-required": required ? "true" : undefined,
     });
-    if (dflt !== undefined) control.value = String(dflt);
     read = () => {
       const text = control.value.trim();
       if (text === "") return null;
@@ -104,6 +124,10 @@ function buildField(name, prop, required) {
       // Digits go into the JSON as typed (a seed may exceed JS's safe integers); anything else
       // is sent as a string, so the server's message names the field.
       return [name, pattern.test(text) ? text : JSON.stringify(text)];
+    };
+    write = (text) => {
+      if (text === undefined) control.value = initial;
+      else control.value = text.startsWith('"') ? textOf(text) : text;
     };
   } else {
     const long = name.includes("prompt");
@@ -116,12 +140,15 @@ function buildField(name, prop, required) {
       "aria-describedby": described,
       "aria-required": required ? "true" : undefined,
     });
-    if (dflt !== undefined) control.value = String(dflt);
     read = () => (control.value === "" ? null : [name, JSON.stringify(control.value)]);
+    write = (text) => {
+      control.value = text === undefined ? initial : textOf(text);
+    };
   }
+  write(undefined);
   if (type === "boolean") row.append(control, label, hint, help, error);
   else row.append(label, control, hint, help, error);
-  return { row, read, control };
+  return { row, read, write, control };
 }
 
 function buildImageField({ name, prop, required, id, row, label, hint, help, error, described }) {
@@ -139,6 +166,11 @@ function buildImageField({ name, prop, required, id, row, label, hint, help, err
   });
   const preview = el("img", { class: "thumb", alt: `Selected ${humanize(name)}`, hidden: true });
   let dataUri = null;
+  const clearFile = () => {
+    file.value = "";
+    dataUri = null;
+    preview.hidden = true;
+  };
   file.addEventListener("change", () => {
     const chosen = file.files && file.files[0];
     dataUri = null;
@@ -154,11 +186,7 @@ function buildImageField({ name, prop, required, id, row, label, hint, help, err
     reader.readAsDataURL(chosen);
   });
   url.addEventListener("input", () => {
-    if (url.value.trim()) {
-      file.value = "";
-      dataUri = null;
-      preview.hidden = true;
-    }
+    if (url.value.trim()) clearFile();
   });
   const read = () => {
     const typed = url.value.trim();
@@ -166,8 +194,16 @@ function buildImageField({ name, prop, required, id, row, label, hint, help, err
     return dataUri ? [name, JSON.stringify(dataUri)] : null;
   };
   const pending = () => file.files && file.files.length > 0 && dataUri === null;
+  // The file's name, for code that reads the same file from the user's disk.
+  const fileName = () => (!url.value.trim() && file.files && file.files[0] ? file.files[0].name : null);
+  const write = (text) => {
+    // A file cannot be set from a script: a URL (or base64) is restored, an upload is not.
+    clearFile();
+    const value = text === undefined ? "" : textOf(text);
+    url.value = value.startsWith("data:") ? "" : value;
+  };
   row.append(label, file, urlLabel, url, preview, hint, help, error);
-  return { row, read, control: file, pending };
+  return { row, read, write, control: file, pending, fileName, image: true };
 }
 
 /** Render `schema` into `container`; returns a form handle. */
@@ -197,6 +233,21 @@ export function buildForm(container, schema) {
   return {
     /** True while an uploaded file is still being read. */
     pending: () => [...fields.values()].some((f) => f.pending && f.pending()),
+    /**
+     * What would be sent, in order: [{name, json, image, file}] (json the value's JSON text;
+     * file the uploaded file's name for an image given as a file, else null).
+     */
+    entries() {
+      const out = [];
+      for (const field of fields.values()) {
+        const pair = field.read();
+        if (pair || (field.fileName && field.fileName())) {
+          const file = field.fileName ? field.fileName() : null;
+          out.push({ name: field.row.dataset.field, json: pair ? pair[1] : '""', image: !!field.image, file });
+        }
+      }
+      return out;
+    },
     /** The JSON body text: fields left empty are not sent (the server's default applies). */
     body() {
       const pairs = [];
@@ -205,6 +256,10 @@ export function buildForm(container, schema) {
         if (pair) pairs.push(`${JSON.stringify(pair[0])}:${pair[1]}`);
       }
       return `{${pairs.join(",")}}`;
+    },
+    /** Set every field from {name: jsonText}; a field not named goes back to its default. */
+    fill(values) {
+      for (const [name, field] of fields) field.write(values[name]);
     },
     clearErrors() {
       for (const [name, field] of fields) {

@@ -14,6 +14,8 @@ else
   if not cancel then
     redis.call('HSET', KEYS[1], 'cancel_requested_at', now)
     announce(job_id, EVENT_CANCEL_REQUESTED, now)
+    -- Worker processes read the log now: the holder stops the job at its next step.
+    redis.call('PUBLISH', cancel_channel(), job_id)
   end
   if lease and tonumber(lease) <= tonumber(now) then
     -- Its worker stopped renewing: nobody would act on the request.
