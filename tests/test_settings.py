@@ -39,6 +39,7 @@ CASES: dict[str, tuple[str, Callable[[Settings], Any], Any]] = {
     "RESULT_TTL_S": ("60", lambda s: s.result_ttl_s, 60.0),
     "HISTORY_TTL_S": ("86400", lambda s: history_policy(s).ttl_s, 86400.0),
     "HISTORY_KEEP_PROMPTS": ("true", lambda s: history_policy(s).keep_prompts, True),
+    "MAX_QUEUED": ("50", lambda s: s.max_queued, 50),
     "SYNC_TIMEOUT_S": ("5", lambda s: s.sync_timeout_s, 5.0),
     "CANCEL_ON_DISCONNECT": ("false", lambda s: s.cancel_on_disconnect, False),
     "EVENTS_POLL_S": ("1.5", lambda s: s.events_poll_s, 1.5),

@@ -160,8 +160,9 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
     event_poll_s: float = Field(
         0.2,
         gt=0,
-        description="How often an API node reads the job event log (every ending, on any node, "
-        "wakes its POST /v1 waiter); on Redis the done channel also wakes it at once.",
+        description="How often an API node or worker process reads the job event log (every "
+        "ending, on any node, wakes its POST /v1 waiter; a cancel request stops the job's worker "
+        "at its next step); on Redis the done and cancel channels also wake it at once.",
     )
 
     # inputs
@@ -186,6 +187,14 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
         86400.0, gt=0, description="Webhook retries stop this long after the job ended."
     )
     webhook_poll_s: float = Field(0.5, gt=0, description="How often due deliveries are sent.")
+
+    # backpressure
+    max_queued: int = Field(
+        0,
+        ge=0,
+        description="The most jobs queued across the cluster (0: no limit); a submit past it is "
+        "a 503 with Retry-After, and GET /readyz answers 503 while the queue is full.",
+    )
 
     # accounts
     prices_usd: dict[str, float] = Field(

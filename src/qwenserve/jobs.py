@@ -164,6 +164,9 @@ class Job:
     """When its owner asked to cancel it while it was running (the worker then stops it)."""
     webhook_url: str | None = None
     """Where its ending is POSTed (``POST /v2/{slug}?webhook=URL``; notify/webhooks.py)."""
+    start_by: float | None = None
+    """Its start deadline (``X-Start-Timeout``): not started by then, it ends FAILED
+    (``start_timeout``), refunded; None: it waits as long as it must."""
 
     @property
     def queue_time_s(self) -> float | None:

@@ -578,6 +578,7 @@ class StoreContract:
         assert got.status is JobStatus.FAILED
         assert got.error_kind == "UpstreamError"
         assert got.error == "image: answered 404"
+        assert got.cost_usd == 0, "refunded: the job's cost is what it is charged now"
         assert claim_one(store, clock, "w1") is None
 
     def test_fail_after_complete_is_refused(self, store: Store, clock: Clock) -> None:

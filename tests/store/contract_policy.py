@@ -111,3 +111,6 @@ class PolicyContract:
         assert (row.count, row.cost_usd) == (2, pytest.approx(0.25))
         ended = store.get_job(kept.id, now=clock.now)
         assert ended is not None and ended.status is JobStatus.FAILED and ended.error_kind == KIND
+        assert ended.cost_usd == pytest.approx(0.25), "a kept charge is the job's cost"
+        gone = store.get_job(refunded.id, now=clock.now)
+        assert gone is not None and gone.cost_usd == 0, "a refunded job reads as costing 0"

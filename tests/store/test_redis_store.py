@@ -21,6 +21,8 @@ from qwenserve.store.redis_keys import CONSUMER_GROUP, RedisKeys
 from qwenserve.store.workers import WorkerInfo
 from tests.redis_server import RedisServer
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
+from tests.store.contract_backpressure import BackpressureContract
+from tests.store.contract_fairness import FairnessContract
 from tests.store.contract_history import HistoryContract
 from tests.store.contract_idempotency import IdempotencyContract
 from tests.store.contract_policy import PolicyContract
@@ -45,7 +47,14 @@ def store(redis_url: str, redis_client: redis.Redis, namespace: str) -> Iterator
     opened.close()
 
 
-class TestRedisStore(StoreContract, IdempotencyContract, HistoryContract, PolicyContract):
+class TestRedisStore(
+    StoreContract,
+    IdempotencyContract,
+    HistoryContract,
+    PolicyContract,
+    BackpressureContract,
+    FairnessContract,
+):
     """Every contract test, against an emptied redis-server."""
 
 
@@ -365,3 +374,31 @@ def test_history_keeps_prompts_when_asked(redis_url: str, namespace: str, clock:
         assert record.prompt == job.params["prompt"]
     finally:
         kept.close()
+
+
+def test_jobs_queued_before_fair_queuing_are_still_claimed_in_order(
+    store: RedisStore, redis_client: redis.Redis, clock: Clock
+) -> None:
+    """An upgrade: jobs a qwenserve from before weighted fair queuing left QUEUED (in the stream
+    only, entries not handed out) join the fair sets before the first claim, in stream order."""
+    key = make_key(store, clock)
+    jobs = [make_job(key, clock) for _ in range(3)]
+    for job in jobs:
+        store.submit(job, rpm=0, now=clock.now)
+    keys, slug = store.keys, jobs[0].slug
+    # What an older qwenserve left: no fair sets, no fifo, entries not handed out.
+    redis_client.delete(
+        keys.waiting(slug),
+        f"{keys.prefix}fairq:{slug}:{key.id}",
+        f"{keys.prefix}fairkeys:{slug}",
+        f"{keys.prefix}entries:{slug}",
+        keys.fair_ready(),
+    )
+    for job in jobs:
+        redis_client.hdel(keys.job(job.id), "fifo")
+    redis_client.xgroup_setid(keys.queue(slug), CONSUMER_GROUP, "0")
+    claimed = store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=5)
+    assert [j.id for j in claimed] == [j.id for j in jobs]
+    assert redis_client.xpending(keys.queue(slug), CONSUMER_GROUP)["consumers"] == [
+        {"name": "w1", "pending": 3}
+    ]

@@ -16,10 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from qwenserve.errors import QwenServeError, ServiceUnavailable, Unauthenticated
+from qwenserve.errors import (
+    KeyQueueFull,
+    QueueFull,
+    QwenServeError,
+    ServiceUnavailable,
+    Unauthenticated,
+)
 from qwenserve.jobs import CANCELLED, JobEventType, JobResult, JobStatus, Progress
 from qwenserve.store.sqlite import SCHEMA_VERSION, SqliteStore, schema
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
+from tests.store.contract_backpressure import BackpressureContract
+from tests.store.contract_fairness import FairnessContract
 from tests.store.contract_history import HistoryContract
 from tests.store.contract_idempotency import IdempotencyContract
 from tests.store.contract_policy import PolicyContract
@@ -43,7 +51,14 @@ def store(db_path: Path) -> Iterator[SqliteStore]:
     opened.close()
 
 
-class TestSqliteStore(StoreContract, IdempotencyContract, HistoryContract, PolicyContract):
+class TestSqliteStore(
+    StoreContract,
+    IdempotencyContract,
+    HistoryContract,
+    PolicyContract,
+    BackpressureContract,
+    FairnessContract,
+):
     """Every contract test, against a fresh database file."""
 
 
@@ -162,6 +177,28 @@ def test_a_v1_data_dir_is_upgraded_and_loses_nothing(db_path: Path, clock: Clock
         store.close()
     SqliteStore(db_path).close()  # opening an upgraded file again changes nothing
     assert _version(db_path) == [(SCHEMA_VERSION,)]
+
+
+def test_an_upgraded_files_queued_jobs_count_against_the_queue_limits(
+    db_path: Path, clock: Clock
+) -> None:
+    """The queue counts start from the jobs an older file already holds (2 QUEUED of one key)."""
+    v1 = make_v1_database(db_path, now=clock.now)
+    store = SqliteStore(db_path)
+    try:
+        other = make_key(store, clock)
+        with pytest.raises(QueueFull):
+            store.submit(make_job(other, clock), rpm=0, now=clock.now, max_queued=2)
+        store.submit(make_job(other, clock), rpm=0, now=clock.now, max_queued=3)
+        assert store.update_key(v1.key_id, max_queued=2) is not None
+        key = store.get_key(v1.key_id)
+        assert key is not None
+        with pytest.raises(KeyQueueFull):
+            store.submit(make_job(key, clock, cost_usd=0.0), rpm=0, now=clock.now)
+        store.cancel(v1.queued, key.id, now=clock.now)
+        store.submit(make_job(key, clock, cost_usd=0.0), rpm=0, now=clock.now)
+    finally:
+        store.close()
 
 
 def test_a_failed_upgrade_leaves_the_file_as_it_was(

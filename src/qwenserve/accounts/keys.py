@@ -50,6 +50,9 @@ def create_api_key(
     rpm: int,
     models: Sequence[str] = (),
     now: float,
+    max_queued: int = 0,
+    weight: float = 1.0,
+    max_running: int = 0,
 ) -> tuple[str, ApiKey]:
     """Make and store a new key.
 
@@ -59,6 +62,9 @@ def create_api_key(
         rpm: requests per minute allowed (0: unlimited).
         models: slugs the key may use (empty: every model).
         now: creation time, Unix seconds.
+        max_queued: the most jobs the key may have queued at once (0: no limit).
+        weight: its share of the GPUs against other waiting keys (> 0; fair queuing).
+        max_running: the most jobs the key may have running at once (0: no limit).
 
     Returns:
         The plaintext key (show it once; it is not stored) and the stored record.
@@ -78,6 +84,16 @@ def create_api_key(
         )
     if rpm < 0:
         raise InvalidRequest(f"rpm must be 0 (unlimited) or more, got {rpm}", field="rpm")
+    if max_queued < 0:
+        raise InvalidRequest(
+            f"max_queued must be 0 (unlimited) or more, got {max_queued}", field="max_queued"
+        )
+    if not math.isfinite(weight) or weight <= 0:
+        raise InvalidRequest(f"weight must be more than 0, got {weight}", field="weight")
+    if max_running < 0:
+        raise InvalidRequest(
+            f"max_running must be 0 (unlimited) or more, got {max_running}", field="max_running"
+        )
     plaintext = generate_key()
     key = ApiKey(
         id="key_" + secrets.token_hex(6),
@@ -87,6 +103,9 @@ def create_api_key(
         rpm=rpm,
         models=tuple(dict.fromkeys(models)),
         created_at=now,
+        max_queued=max_queued,
+        weight=weight,
+        max_running=max_running,
     )
     store.create_key(key)
     webhook_secret(store, key.id)  # made with the key, so `keys create` can show it

@@ -1,9 +1,10 @@
-"""`qwenserve keys ...`: create, list, revoke and top up API keys, and report their usage (safe
-while the server runs)."""
+"""`qwenserve keys ...`: create, list, update, revoke and top up API keys, and report their usage
+(safe while the server runs)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
@@ -28,7 +29,26 @@ def register(subparsers: Any) -> None:
     create.add_argument("--credits", type=float, default=10.0, help="starting balance in USD")
     create.add_argument("--rpm", type=int, default=60, help="requests per minute (0: no limit)")
     create.add_argument("--models", default="", help="comma-separated slugs (default: all)")
+    create.add_argument(
+        "--max-queued", type=int, default=0, help="most jobs queued at once (0: no limit)"
+    )
+    create.add_argument(
+        "--weight", type=float, default=1.0, help="share of the GPUs against other keys (> 0)"
+    )
+    create.add_argument(
+        "--max-running", type=int, default=0, help="most jobs running at once (0: no limit)"
+    )
     create.set_defaults(handler=_create)
+
+    update = actions.add_parser("update", help="change a key's credits or limits")
+    add_settings_options(update)
+    update.add_argument("key_id")
+    update.add_argument("--credits", type=float, help="set the balance to this many USD")
+    update.add_argument("--rpm", type=int, help="requests per minute (0: no limit)")
+    update.add_argument("--max-queued", type=int, help="most jobs queued at once (0: no limit)")
+    update.add_argument("--weight", type=float, help="share of the GPUs against other keys (> 0)")
+    update.add_argument("--max-running", type=int, help="most jobs running at once (0: no limit)")
+    update.set_defaults(handler=_update)
 
     listing = actions.add_parser("list", help="list keys (never the secrets)")
     add_settings_options(listing)
@@ -75,6 +95,9 @@ def _create(args: argparse.Namespace) -> int:
             rpm=args.rpm,
             models=models,
             now=time.time(),
+            max_queued=args.max_queued,
+            weight=args.weight,
+            max_running=args.max_running,
         )
         secret = webhook_secret(store, key.id)
     except QwenServeError as error:
@@ -85,7 +108,9 @@ def _create(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     console.print(
         f"created key [bold]{key.id}[/bold] ({key.name}): ${key.balance_usd:.4f}, "
-        f"rpm {key.rpm or 'unlimited'}, models {', '.join(key.models) or 'all'}"
+        f"rpm {key.rpm or 'unlimited'}, max queued {key.max_queued or 'unlimited'}, "
+        f"weight {key.weight:g}, max running {key.max_running or 'unlimited'}, "
+        f"models {', '.join(key.models) or 'all'}"
     )
     console.print("store it now: it is shown only once")
     console.print(f"webhook signing secret: {secret} (again: qwenserve keys webhook-secret)")
@@ -100,17 +125,79 @@ def _list(args: argparse.Namespace) -> int:
         keys = store.list_keys()
     finally:
         backend.close()
-    table = Table("id", "name", "balance (USD)", "rpm", "models", "revoked")
+    table = Table(
+        "id",
+        "name",
+        "balance (USD)",
+        "rpm",
+        "max queued",
+        "weight",
+        "max running",
+        "models",
+        "revoked",
+    )
     for key in keys:
         table.add_row(
             key.id,
             key.name,
             f"{key.balance_usd:.6f}",
             str(key.rpm or "unlimited"),
+            str(key.max_queued or "unlimited"),
+            f"{key.weight:g}",
+            str(key.max_running or "unlimited"),
             ", ".join(key.models) or "all",
             "yes" if key.revoked else "",
         )
     Console().print(table)
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    """Each limit given is set; ``--credits`` sets the balance (a top-up by the difference, so
+    charges made meanwhile are kept)."""
+    given = (
+        ("--credits", args.credits),
+        ("--rpm", args.rpm),
+        ("--max-queued", args.max_queued),
+        ("--max-running", args.max_running),
+    )
+    errors = [
+        f"{flag} must be 0 or more"
+        for flag, value in given
+        if value is not None and not (math.isfinite(value) and value >= 0)
+    ]
+    if args.weight is not None and not (math.isfinite(args.weight) and args.weight > 0):
+        errors.append("--weight must be more than 0")
+    if all(value is None for _, value in given) and args.weight is None:
+        errors.append(
+            "nothing to change: give --credits, --rpm, --max-queued, --weight or --max-running"
+        )
+    if errors:
+        Console(stderr=True).print(f"[red]error:[/red] {'; '.join(errors)}")
+        return 2
+    backend = open_backend(settings_from(args))
+    store = backend.store
+    try:
+        key = store.update_key(
+            args.key_id,
+            rpm=args.rpm,
+            max_queued=args.max_queued,
+            weight=args.weight,
+            max_running=args.max_running,
+        )
+        if key is not None and args.credits is not None:
+            store.topup(key.id, args.credits - key.balance_usd)
+            key = store.get_key(key.id)
+    finally:
+        backend.close()
+    if key is None:
+        Console(stderr=True).print(f"[red]error:[/red] no key {args.key_id}")
+        return 1
+    print(
+        f"{key.id}: balance ${key.balance_usd:.6f}, rpm {key.rpm or 'unlimited'}, "
+        f"max queued {key.max_queued or 'unlimited'}, weight {key.weight:g}, "
+        f"max running {key.max_running or 'unlimited'}"
+    )
     return 0
 
 

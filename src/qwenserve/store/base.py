@@ -40,6 +40,12 @@ class ApiKey:
     """Slugs this key may use; empty means every model."""
     created_at: float = 0.0
     revoked: bool = False
+    max_queued: int = 0
+    """The most jobs this key may have QUEUED at once (a submit past it is a 429); 0: no limit."""
+    weight: float = 1.0
+    """Its share of the GPUs against other waiting keys (weighted fair queuing, ``store.fair``)."""
+    max_running: int = 0
+    """The most jobs this key may have PROCESSING at once, cluster-wide; 0: no limit."""
 
 
 @dataclass(frozen=True)
@@ -126,16 +132,37 @@ class Store(Protocol):
     def topup(self, key_id: str, amount_usd: float) -> float:
         """Add credit; returns the new balance. Raises UnknownRequest-free KeyError if missing."""
 
+    def update_key(
+        self,
+        key_id: str,
+        *,
+        rpm: int | None = None,
+        max_queued: int | None = None,
+        weight: float | None = None,
+        max_running: int | None = None,
+    ) -> ApiKey | None:
+        """Change a key's limits (None: keep); returns the key as it now is, None if missing.
+        Credits change through ``topup``."""
+
     # --- jobs -------------------------------------------------------------------------------
     def submit(
-        self, job: Job, *, rpm: int, now: float, idempotency: Idempotency | None = None
+        self,
+        job: Job,
+        *,
+        rpm: int,
+        now: float,
+        idempotency: Idempotency | None = None,
+        max_queued: int = 0,
     ) -> SubmitOutcome:
         """Accept ``job`` (status QUEUED) in one atomic step with its admission checks.
 
-        In one transaction: count the key's submits in the current minute (raise RateLimited
-        when ``rpm`` > 0 and the count has reached it), debit ``job.cost_usd`` from the key's
-        balance (raise InsufficientCredits when the balance is lower) and insert the job.
-        Either all of it happens or none of it does.
+        In one transaction: refuse it while the store holds ``max_queued`` QUEUED jobs (> 0;
+        QueueFull) or the key its own ``ApiKey.max_queued`` (KeyQueueFull), count the key's
+        submits in the current minute (raise RateLimited when ``rpm`` > 0 and the count has
+        reached it), debit ``job.cost_usd`` from the key's balance (raise InsufficientCredits
+        when the balance is lower) and insert the job. Either all of it happens or none of it
+        does. A job with ``start_by`` keeps it: ``claim`` and ``purge_expired`` end it
+        (``start_timeout``, refunded) if it has not started by then.
 
         With ``idempotency``: when ``job.key_id`` already used that idempotency key within
         ``rules.IDEMPOTENCY_TTL_S``, nothing is admitted: the outcome's ``replay_of`` names the
@@ -164,6 +191,10 @@ class Store(Protocol):
         limit: int = 1,
     ) -> list[Job]:
         """Take up to ``limit`` runnable jobs for this worker, oldest first.
+
+        First, QUEUED jobs (of any model) whose ``start_by`` has passed and which never started
+        end FAILED (kind ``start_timeout``), refunded and announced (``rules.START_TIMEOUT_BATCH``
+        at most per call; ``purge_expired`` ends them too, so an idle cluster does).
 
         Runnable: QUEUED, or PROCESSING with an expired lease (its worker died). Each claimed
         job becomes PROCESSING, owned by ``worker_id`` until ``now + lease_s``, with
@@ -230,7 +261,8 @@ class Store(Protocol):
 
     def purge_expired(self, *, now: float) -> list[Job]:
         """Delete jobs past ``expires_at``, refunding those that never finished (announced as
-        ``failed``, kind ``EXPIRED``, or ``CANCELLED`` when a cancel was pending), and trim the
+        ``failed``, kind ``EXPIRED``, or ``CANCELLED`` when a cancel was pending), end the
+        QUEUED jobs whose start deadline passed (as ``claim`` does), and trim the
         event log of events past their retention; returns the jobs so their media can go too."""
 
     def stats(self, *, now: float) -> QueueStats: ...

@@ -37,10 +37,23 @@ JOB_FIELDS = (
     "progress_at",
     "cancel_requested_at",
     "webhook_url",
+    "start_by",
 )
 """Every stored field of a job (SQLite columns, Redis hash fields)."""
 
-KEY_FIELDS = ("id", "key_hash", "name", "balance_micro", "rpm", "models", "created_at", "revoked")
+KEY_FIELDS = (
+    "id",
+    "key_hash",
+    "name",
+    "balance_micro",
+    "rpm",
+    "models",
+    "created_at",
+    "revoked",
+    "max_queued",
+    "weight",
+    "max_running",
+)
 EVENT_FIELDS = ("job_id", "key_id", "slug", "type", "at", "attempt", "error_kind", "error")
 
 
@@ -85,6 +98,7 @@ def job_from_record(record: Mapping[str, Any]) -> Job:
         progress=progress,
         cancel_requested_at=_float(record.get("cancel_requested_at")),
         webhook_url=_text(record.get("webhook_url")) or None,
+        start_by=_float(record.get("start_by")),
     )
 
 
@@ -98,6 +112,9 @@ def key_from_record(record: Mapping[str, Any]) -> ApiKey:
         models=tuple(json.loads(record["models"])),
         created_at=float(record["created_at"]),
         revoked=str(record.get("revoked")) == "1",
+        max_queued=_int(record.get("max_queued")) or 0,
+        weight=_float(record.get("weight")) or 1.0,
+        max_running=_int(record.get("max_running")) or 0,
     )
 
 

@@ -4,7 +4,7 @@ All keys live under one namespace prefix (``<namespace>:``, ``qs:`` by default),
 deployments, or tests, can share one Redis server without seeing each other. The layout::
 
     key:<key_id>            hash    an API key: key_hash, name, balance_micro, rpm,
-                                    models (JSON), created_at, revoked (0/1)
+                                    models (JSON), created_at, revoked (0/1), max_queued
     keyhash:<sha256>        string  the id of the key with that hash
     keys                    set     every key id (for listing)
     rate:<key_id>:<minute>  string  submits admitted in that minute window (INCR + EXPIRE)
@@ -12,11 +12,27 @@ deployments, or tests, can share one Redis server without seeing each other. The
                                     progress_step/_total/_at, cancel_requested_at) plus
                                     ``entry``, the id of its stream entry
     queue:<slug>            stream  one entry (job, created_at) per job not yet finished;
-                                    one consumer group, ``workers``
+                                    one consumer group, ``workers``; every entry is handed
+                                    out at submit to ``waiting``, then XCLAIMed by its worker
     leases:<slug>           zset    PROCESSING jobs scored by lease_until
-    requeued:<slug>         zset    released jobs (QUEUED again while their entry is still
-                                    pending) scored by created_at
+    waiting:<slug>          zset    every QUEUED job of the model scored by its ``fifo``
+                                    (a submit counter kept in the job hash): submit order
+    fairq:<slug>:<key_id>   zset    the key's QUEUED jobs of the model, scored the same (its
+                                    FIFO under weighted fair queuing, store/fair.py)
+    fairkeys:<slug>         zset    key ids with QUEUED jobs of the model scored by the key's
+                                    tag (raised lazily: a score below ``fairtags`` is stale)
+    fairtags                hash    key id -> its tag (virtual finish time); '' -> the
+                                    cluster's virtual time
+    fifo                    string  the submit counter
+    entries:<slug>          hash    job id -> its stream entry, for the jobs in waiting:<slug>
+                                    (so a job whose hash Redis expired leaves no entry behind)
+    running:<key_id>        set     the ids of the key's PROCESSING jobs (its max_running)
+    fair:ready              string  set once the jobs queued before fair queuing have joined
+                                    the fair sets (``migrate_fair.lua``, before the first claim)
     slugs                   set     every slug that has a queue
+    queued                  set     the ids of every QUEUED job (SCARD: QWENSERVE_MAX_QUEUED)
+    keyqueued:<key_id>      set     the ids of the key's QUEUED jobs (its max_queued)
+    startby                 zset    QUEUED jobs with a start deadline, scored by it
     expiry                  zset    every job scored by expires_at (for purge_expired)
     events                  stream  the event log: one entry per job transition (job_id,
                                     key_id, slug, type, at, attempt, error_kind, error)
@@ -50,6 +66,9 @@ deployments, or tests, can share one Redis server without seeing each other. The
     done                    channel pub/sub: a job id is published when the job ends
                                     (completed, failed, or refunded at expiry), so API nodes
                                     answer the POST /v1 waiting for it at once
+    cancel                  channel pub/sub: a job id is published when its owner asks to
+                                    cancel it while it runs, so every worker process reads
+                                    the event log at once (the holder stops it next step)
 
 The Lua scripts receive the prefix as their first argument and build per-slug and per-job names
 (and the channels') with ``LUA_KEY_FUNCTIONS``, generated here from the same constants.
@@ -63,6 +82,9 @@ from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "qs"
 CONSUMER_GROUP = "workers"
+WAITING_CONSUMER = "waiting"
+"""The group's placeholder consumer holding the entries of jobs that wait (a claim picks by
+fair order, not stream order, and XCLAIMs the picked entry to its worker)."""
 
 _API_KEY = "key:"
 _KEY_BY_HASH = "keyhash:"
@@ -71,8 +93,18 @@ _RATE = "rate:"
 _JOB = "job:"
 _QUEUE = "queue:"
 _LEASES = "leases:"
-_REQUEUED = "requeued:"
+_WAITING = "waiting:"
+_FAIR_QUEUE = "fairq:"
+_FAIR_KEYS = "fairkeys:"
+_FAIR_TAGS = "fairtags"
+_FIFO = "fifo"
+_ENTRIES = "entries:"
+_RUNNING = "running:"
+_FAIR_READY = "fair:ready"
 _SLUGS = "slugs"
+_QUEUED = "queued"
+_KEY_QUEUED = "keyqueued:"
+_START_BY = "startby"
 _EXPIRY = "expiry"
 _EVENTS = "events"
 _EVENTS_TRIM = "events:trim"
@@ -92,17 +124,30 @@ _MEDIA = "media:"
 _MEDIA_EXPIRY = "media:expiry"
 _WAKE = "wake"
 _DONE = "done"
+_CANCEL = "cancel"
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 LUA_KEY_FUNCTIONS = f"""
 local PREFIX = ARGV[1]
 local GROUP = '{CONSUMER_GROUP}'
+local WAITING_CONSUMER = '{WAITING_CONSUMER}'
 local function api_key_key(key_id) return PREFIX .. '{_API_KEY}' .. key_id end
 local function job_key(job_id) return PREFIX .. '{_JOB}' .. job_id end
 local function queue_key(slug) return PREFIX .. '{_QUEUE}' .. slug end
 local function leases_key(slug) return PREFIX .. '{_LEASES}' .. slug end
-local function requeued_key(slug) return PREFIX .. '{_REQUEUED}' .. slug end
+local function waiting_key(slug) return PREFIX .. '{_WAITING}' .. slug end
+local function fair_queue_key(slug, key_id)
+  return PREFIX .. '{_FAIR_QUEUE}' .. slug .. ':' .. key_id
+end
+local function fair_keys_key(slug) return PREFIX .. '{_FAIR_KEYS}' .. slug end
+local function fair_tags_key() return PREFIX .. '{_FAIR_TAGS}' end
+local function fifo_key() return PREFIX .. '{_FIFO}' end
+local function entries_key(slug) return PREFIX .. '{_ENTRIES}' .. slug end
+local function running_key(key_id) return PREFIX .. '{_RUNNING}' .. key_id end
+local function queued_key() return PREFIX .. '{_QUEUED}' end
+local function key_queued_key(key_id) return PREFIX .. '{_KEY_QUEUED}' .. key_id end
+local function start_by_key() return PREFIX .. '{_START_BY}' end
 local function events_key() return PREFIX .. '{_EVENTS}' end
 local function events_trim_key() return PREFIX .. '{_EVENTS_TRIM}' end
 local function job_events_key(job_id) return PREFIX .. '{_JOB_EVENTS}' .. job_id end
@@ -114,6 +159,7 @@ local function usage_expiry_key() return PREFIX .. '{_USAGE_EXPIRY}' end
 local function usage_key(key_id, day) return PREFIX .. '{_USAGE}' .. key_id .. ':' .. day end
 local function wake_channel() return PREFIX .. '{_WAKE}' end
 local function done_channel() return PREFIX .. '{_DONE}' end
+local function cancel_channel() return PREFIX .. '{_CANCEL}' end
 """
 """Lua prelude for every script: key builders reading the prefix from ``ARGV[1]``."""
 
@@ -159,11 +205,26 @@ class RedisKeys:
     def leases(self, slug: str) -> str:
         return f"{self.prefix}{_LEASES}{slug}"
 
-    def requeued(self, slug: str) -> str:
-        return f"{self.prefix}{_REQUEUED}{slug}"
+    def fair_ready(self) -> str:
+        return f"{self.prefix}{_FAIR_READY}"
+
+    def waiting(self, slug: str) -> str:
+        return f"{self.prefix}{_WAITING}{slug}"
 
     def slugs(self) -> str:
         return f"{self.prefix}{_SLUGS}"
+
+    def queued(self) -> str:
+        """Every QUEUED job's id (the cluster's queue limit counts it)."""
+        return f"{self.prefix}{_QUEUED}"
+
+    def key_queued(self, key_id: str) -> str:
+        """The ids of ``key_id``'s QUEUED jobs (its ``max_queued`` counts it)."""
+        return f"{self.prefix}{_KEY_QUEUED}{key_id}"
+
+    def start_by(self) -> str:
+        """QUEUED jobs with a start deadline, scored by it."""
+        return f"{self.prefix}{_START_BY}"
 
     def expiry(self) -> str:
         return f"{self.prefix}{_EXPIRY}"
@@ -233,3 +294,8 @@ class RedisKeys:
     def done(self) -> str:
         """The pub/sub channel a job id is published on when the job ends (any terminal state)."""
         return f"{self.prefix}{_DONE}"
+
+    def cancel(self) -> str:
+        """The pub/sub channel a job id is published on when its owner asks to cancel it while
+        a worker runs it."""
+        return f"{self.prefix}{_CANCEL}"

@@ -11,7 +11,10 @@ from qwenserve.errors import (
     Conflict,
     InsufficientCredits,
     InvalidRequest,
+    KeyQueueFull,
+    QueueFull,
     RateLimited,
+    StartTimeout,
     Unauthenticated,
     UnknownRequest,
 )
@@ -44,6 +47,36 @@ def rate_limited(rpm: int, *, reset_at: float, now: float) -> RateLimited:
         retry_after_s=retry_after_s,
         limit=rpm,
         reset_at=reset_at,
+    )
+
+
+QUEUE_RETRY_AFTER_S = 10.0
+"""``Retry-After`` of a submit refused because a queue is full: no window resets then, but a
+queue drains (a client retrying sooner only adds load)."""
+
+START_TIMEOUT_KIND = StartTimeout.kind or "start_timeout"
+"""``error_kind`` of a job whose start deadline (``X-Start-Timeout``) passed before it started."""
+START_TIMEOUT_MESSAGE = "not started before its start deadline (X-Start-Timeout); refunded"
+START_TIMEOUT_BATCH = 100
+"""The most jobs one claim or sweep ends for a missed start deadline (bounds the claim's cost;
+the rest go in the next one)."""
+
+
+def queue_full(limit: int) -> QueueFull:
+    """The 503 of a submit while the cluster holds ``limit`` queued jobs (QWENSERVE_MAX_QUEUED)."""
+    return QueueFull(
+        f"the server's queue is full ({limit} jobs waiting): retry in {QUEUE_RETRY_AFTER_S:.0f} s",
+        retry_after_s=QUEUE_RETRY_AFTER_S,
+    )
+
+
+def key_queue_full(limit: int) -> KeyQueueFull:
+    """The 429 of a submit while the key has ``limit`` jobs queued (its ``max_queued``)."""
+    return KeyQueueFull(
+        f"this API key already has {limit} queued jobs, its limit (max_queued): retry once "
+        "some have started",
+        retry_after_s=QUEUE_RETRY_AFTER_S,
+        limit=limit,
     )
 
 

@@ -35,6 +35,9 @@ _CONSTANTS: dict[str, str] = {
     "CANCELLED_AT_EXPIRY": rules.CANCELLED_AT_EXPIRY,
     "EXPIRED_QUEUED": rules.EXPIRED_QUEUED,
     "EXPIRED_RUNNING": rules.EXPIRED_RUNNING,
+    "START_TIMEOUT_KIND": rules.START_TIMEOUT_KIND,
+    "START_TIMEOUT_MESSAGE": rules.START_TIMEOUT_MESSAGE,
+    "START_TIMEOUT_BATCH": str(rules.START_TIMEOUT_BATCH),
     **{f"EVENT_{event.name}": event.value for event in JobEventType},
 }
 
@@ -71,3 +74,6 @@ class JobScripts:
         self.trim_events = script("trim_events")
         self.stats = script("stats")
         self.queue_position = script("queue_position")
+        self.start_deadlines = script("start_deadlines")
+        self.update_key = script("update_key")
+        self.migrate_fair = script("migrate_fair")

@@ -8,7 +8,9 @@ Queue. Each slug has a stream (``queue:<slug>``) with one consumer group, ``work
 XADDs the job id. A job's hash (``job:<id>``) is the source of truth for its state and the stream
 is the queue order and ownership index:
 
-* New jobs are delivered with XREADGROUP, so each stream entry goes to exactly one worker.
+* Submit hands each new entry at once to the group's placeholder consumer ``waiting``, and lists
+  the job in ``waiting:<slug>`` (submit order) and its key's FIFO ``fairq:<slug>:<key>``; the
+  claim picks by weighted fair queuing (below) and XCLAIMs the picked entry to its worker.
 * The lease is ``lease_until`` in the job hash, set from the caller's ``now``, and mirrored in a
   per-slug sorted set (``leases:<slug>``, scored by lease_until). An expired lease is found with
   ZRANGEBYSCORE up to ``now`` and checked against the hash inside the claim script. Redis's own
@@ -16,8 +18,8 @@ is the queue order and ownership index:
   and the Store protocol lets callers inject theirs. The pending entry is moved to the new worker
   with XCLAIM (and a heartbeat XCLAIMs it to itself, resetting its idle time), so XPENDING still
   shows who holds what.
-* release() keeps the entry pending, marks the job QUEUED and lists it in ``requeued:<slug>``;
-  the next claim takes it back with XCLAIM, in its original queue position.
+* release() keeps the entry pending, marks the job QUEUED and lists it again in the waiting
+  and fair sets at its submit's ``fifo`` score: its original queue position.
 * complete/fail/cancel/purge XACK + XDEL the entry, so a stream only holds unfinished jobs: its
   length minus the leases is the queued count.
 
@@ -39,17 +41,26 @@ Likewise every script that ends a job PUBLISHes the job id on the ``done`` chann
 subscribed to it wake the POST /v1 handler waiting for that job (``notify.CompletionHub``),
 which otherwise only re-reads the store now and then.
 
-A claim looks at up to ``limit`` new entries (XRANGE after the group's last-delivered id), expired
-leases and released jobs of every slug asked for, sorts them by stream entry id (the submit order)
-and takes the oldest; a lease that ran out after ``max_attempts``, or on a job whose owner asked
-to cancel it, ends the job with a refund on the way. Entries whose job hash is gone (expired by
-Redis) are acknowledged and deleted.
+A claim first takes jobs whose lease ran out (oldest first; after ``max_attempts``, or on a job
+whose owner asked to cancel it, the job ends with a refund instead), then by weighted fair
+queuing (``store.fair``): ``fairkeys:<slug>`` holds the keys waiting for a model scored by
+their tag, so the next key is a sorted-set head per model asked for (O(log K), lazily raised
+when stale), and its job the head of its FIFO. Keys at their ``max_running`` (``running:<key>``
+set) are passed over. Entries whose job hash is gone (expired by Redis) are acknowledged and
+deleted.
 
 Money is integer micro-USD (HINCRBY). Rate limits are a fixed window per key and wall-clock
 minute: ``rate:<key_id>:<floor(now / 60)>`` counts admitted submits (INCR, EXPIRE 120 s), read,
 checked and raised in the submit script together with the debit, the job insert and the XADD, so
 a refused submit changes nothing. A burst straddling a minute boundary can admit up to 2 x rpm
 within 60 s; the next window starts at the following minute.
+
+Backpressure. Every QUEUED job's id is in the ``queued`` set and its key's ``keyqueued:<key>``
+set (added by submit and release, removed by whatever takes it out of the queue), so the submit
+script checks the cluster's and the key's queue limits with two SCARDs before it charges. A job
+with a start deadline is in the ``startby`` zset while it waits; the claim script (and
+purge_expired's sweep) first ends those past it, refunded. Jobs queued before this existed are
+not counted until they leave the queue.
 
 Expiry. A job hash gets a Redis TTL of ``expires_at - now + expiry_grace_s``. Reads hide a job
 from ``expires_at`` on; the grace keeps it long enough for purge_expired (run by every API node)
@@ -76,9 +87,8 @@ from redis.commands.core import Script
 
 from qwenserve.errors import QwenServeError
 from qwenserve.jobs import Job, JobEvent, JobResult, JobStatus, Progress
-from qwenserve.store import rules
+from qwenserve.store import fair, rules
 from qwenserve.store.base import (
-    ApiKey,
     Heartbeat,
     Idempotency,
     QueueStats,
@@ -86,9 +96,10 @@ from qwenserve.store.base import (
     SubmitOutcome,
 )
 from qwenserve.store.history import HistoryPolicy
-from qwenserve.store.records import event_from_record, job_from_record, key_from_record
+from qwenserve.store.records import event_from_record, job_from_record
 from qwenserve.store.redis.client import connect, float_text, pairs, unavailable_as_503
 from qwenserve.store.redis.history import RedisHistory, refusal_fields
+from qwenserve.store.redis.keys import RedisApiKeys
 from qwenserve.store.redis.scripts import JobScripts
 from qwenserve.store.redis.webhooks import RedisWebhooks
 from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
@@ -114,7 +125,7 @@ def _events(entries: Sequence[tuple[str, Mapping[str, str]]]) -> list[JobEvent]:
     return [event_from_record(entry_id, fields) for entry_id, fields in entries]
 
 
-class RedisStore(RedisHistory, RedisWebhooks, Store):
+class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
     """A Store in Redis, shared by every API node and worker (see the module docstring).
 
     Args:
@@ -138,6 +149,7 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
         self.keys = RedisKeys(namespace)
         self.expiry_grace_s = expiry_grace_s
         self._scripts = JobScripts(client)
+        self._fair_ready = False
         self._webhook_scripts = self.webhook_scripts(client)
 
     @classmethod
@@ -175,60 +187,15 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
         with unavailable_as_503("the job store"):
             return script(keys=list(keys), args=[self.keys.prefix, *args])
 
-    # --- keys and credits -------------------------------------------------------------------
-    def create_key(self, key: ApiKey) -> None:
-        fields = {
-            "id": key.id,
-            "key_hash": key.key_hash,
-            "name": key.name,
-            "balance_micro": str(rules.to_micro(key.balance_usd)),
-            "rpm": str(key.rpm),
-            "models": json.dumps(list(key.models)),
-            "created_at": float_text(key.created_at),
-            "revoked": "1" if key.revoked else "0",
-        }
-        flat = [part for pair in fields.items() for part in pair]
-        created = self._eval(
-            self._scripts.create_key,
-            [self.keys.api_key(key.id), self.keys.key_by_hash(key.key_hash), self.keys.all_keys()],
-            key.id,
-            *flat,
-        )
-        if not created:
-            raise rules.duplicate_key(key.id)
-
-    def key_by_hash(self, key_hash: str) -> ApiKey | None:
-        key_id = self._run(lambda: self._redis.get(self.keys.key_by_hash(key_hash)))
-        return self.get_key(cast(str, key_id)) if key_id is not None else None
-
-    def get_key(self, key_id: str) -> ApiKey | None:
-        data = self._hash(self.keys.api_key(key_id))
-        return key_from_record(data) if data else None
-
-    def list_keys(self) -> list[ApiKey]:
-        def read() -> list[dict[str, str]]:
-            pipe = self._redis.pipeline(transaction=False)
-            for key_id in self._members(self.keys.all_keys()):
-                pipe.hgetall(self.keys.api_key(key_id))
-            return [data for data in pipe.execute() if data]
-
-        keys = [key_from_record(data) for data in self._run(read)]
-        return sorted(keys, key=lambda k: (k.created_at, k.id))
-
-    def revoke_key(self, key_id: str) -> bool:
-        return bool(self._eval(self._scripts.revoke_key, [self.keys.api_key(key_id)]))
-
-    def topup(self, key_id: str, amount_usd: float) -> float:
-        balance = self._eval(
-            self._scripts.topup, [self.keys.api_key(key_id)], rules.to_micro(amount_usd)
-        )
-        if balance is None:
-            raise KeyError(key_id)
-        return rules.to_usd(int(balance))
-
     # --- jobs -------------------------------------------------------------------------------
     def submit(
-        self, job: Job, *, rpm: int, now: float, idempotency: Idempotency | None = None
+        self,
+        job: Job,
+        *,
+        rpm: int,
+        now: float,
+        idempotency: Idempotency | None = None,
+        max_queued: int = 0,
     ) -> SubmitOutcome:
         refused = job.status is JobStatus.FAILED  # refused by the API (content policy)
         cost_micro = 0 if refused else rules.to_micro(job.cost_usd)
@@ -244,7 +211,9 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
             "expires_at": float_text(job.expires_at),
             "cost_micro": str(cost_micro),
             "attempts": "0",
+            "service": float_text(fair.service_units(job.params)),
             **({"webhook_url": job.webhook_url} if job.webhook_url else {}),
+            **({"start_by": float_text(job.start_by)} if job.start_by is not None else {}),
             **(refusal_fields(job, now) if refused else {}),
         }
         reply = self._eval(
@@ -256,6 +225,8 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
                 self.keys.slugs(),
                 self.keys.expiry(),
                 self.keys.idempotency(job.key_id, idempotency.key if idempotency else ""),
+                self.keys.queued(),
+                self.keys.key_queued(job.key_id),
             ],
             job.id,
             job.slug,
@@ -270,6 +241,8 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
             float_text(now + rules.IDEMPOTENCY_TTL_S),
             math.ceil((rules.IDEMPOTENCY_TTL_S + self.expiry_grace_s) * 1000),
             *self._history_args(job, now),
+            max_queued,
+            "0" if refused else "1",
             *[part for pair in fields.items() for part in pair],
         )
         outcome = str(reply[0])
@@ -277,6 +250,10 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
             raise rules.idempotency_mismatch(str(reply[1]), str(reply[2]))
         if outcome == "unauthenticated":
             raise rules.invalid_key()
+        if outcome == "queue_full":
+            raise rules.queue_full(max_queued)
+        if outcome == "key_queue_full":
+            raise rules.key_queue_full(int(reply[1]))
         if outcome == "rate_limited":
             raise rules.rate_limited(
                 rpm, reset_at=float((window + 1) * rules.RATE_WINDOW_S), now=now
@@ -315,14 +292,13 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
     ) -> list[Job]:
         if limit <= 0:
             return []
+        if not self._fair_ready:  # once per process: a queue from an older qwenserve joins
+            self._eval(self._scripts.migrate_fair, [self.keys.slugs(), self.keys.fair_ready()])
+            self._fair_ready = True
         chosen = self._slugs(slugs)
         if not chosen:
             return []
-        keys = [
-            key
-            for slug in chosen
-            for key in (self.keys.queue(slug), self.keys.leases(slug), self.keys.requeued(slug))
-        ]
+        keys = [key for slug in chosen for key in (self.keys.queue(slug), self.keys.leases(slug))]
         reply = self._eval(
             self._scripts.claim,
             keys,
@@ -332,6 +308,7 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
             max_attempts,
             limit,
             rules.gave_up_template(max_attempts),
+            *chosen,
         )
         return [job_from_record(pairs(flat)) for flat in reply]
 
@@ -422,6 +399,9 @@ class RedisStore(RedisHistory, RedisWebhooks, Store):
         return int(self._eval(self._scripts.expire_leases, leases, float_text(now)))
 
     def purge_expired(self, *, now: float) -> list[Job]:
+        batch = rules.START_TIMEOUT_BATCH
+        while self._eval(self._scripts.start_deadlines, [], float_text(now), batch) == batch:
+            pass
         trimmed = PURGE_BATCH
         while trimmed == PURGE_BATCH:
             trimmed = self._eval(self._scripts.trim_events, [], float_text(now), PURGE_BATCH)

@@ -12,6 +12,7 @@ from qwenserve.store.records import KEY_FIELDS, key_from_record
 from qwenserve.store.sqlite.connection import SqliteDatabase
 
 _KEY_COLUMNS = ", ".join(KEY_FIELDS)
+_KEY_MARKS = ", ".join("?" * len(KEY_FIELDS))
 
 
 class SqliteKeys:
@@ -23,7 +24,7 @@ class SqliteKeys:
         try:
             with self._db.write() as db:
                 db.execute(
-                    f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({_KEY_MARKS})",
                     (
                         key.id,
                         key.key_hash,
@@ -33,6 +34,9 @@ class SqliteKeys:
                         json.dumps(list(key.models)),
                         key.created_at,
                         int(key.revoked),
+                        key.max_queued,
+                        key.weight,
+                        key.max_running,
                     ),
                 )
         except sqlite3.IntegrityError:
@@ -77,3 +81,21 @@ class SqliteKeys:
             if row is None:
                 raise KeyError(key_id)
             return rules.to_usd(row["balance_micro"])
+
+    def update_key(
+        self,
+        key_id: str,
+        *,
+        rpm: int | None = None,
+        max_queued: int | None = None,
+        weight: float | None = None,
+        max_running: int | None = None,
+    ) -> ApiKey | None:
+        with self._db.write() as db:
+            row = db.execute(
+                "UPDATE api_keys SET rpm = COALESCE(?, rpm), max_queued = COALESCE(?, max_queued), "
+                "weight = COALESCE(?, weight), max_running = COALESCE(?, max_running) "
+                f"WHERE id = ? RETURNING {_KEY_COLUMNS}",
+                (rpm, max_queued, weight, max_running, key_id),
+            ).fetchone()
+        return key_from_record(dict(row)) if row is not None else None

@@ -163,12 +163,148 @@ FROM jobs
 )
 """Request history (GET /v2/requests, GET /v1/usage), with records for the jobs already there."""
 
+
+def _count_queued(trigger: str, event: str, when: str, row: str, step: str) -> str:
+    return f"""
+CREATE TRIGGER {trigger} AFTER {event} ON jobs WHEN {when} BEGIN
+    INSERT OR IGNORE INTO queued_counts (key_id, queued) VALUES ({row}.key_id, 0);
+    UPDATE queued_counts SET queued = queued {step} 1 WHERE key_id IN ({row}.key_id, '');
+END
+    """
+
+
+_V6: tuple[str, ...] = (
+    # Backpressure: a key's limit on its queued jobs (0: none). QUEUED jobs are counted per key
+    # (and in all, under key_id '') by triggers, in the transaction of every change of a job's
+    # status whichever step makes it, so a submit's check reads two rows, whatever the depth.
+    "ALTER TABLE api_keys ADD COLUMN max_queued INTEGER NOT NULL DEFAULT 0",
+    "CREATE TABLE queued_counts (key_id TEXT PRIMARY KEY, queued INTEGER NOT NULL)",
+    "INSERT INTO queued_counts (key_id, queued) VALUES ('', 0)",
+    _count_queued("jobs_queued_insert", "INSERT", "NEW.status = 'QUEUED'", "NEW", "+"),
+    _count_queued(
+        "jobs_queued_join",
+        "UPDATE OF status",
+        "OLD.status <> 'QUEUED' AND NEW.status = 'QUEUED'",
+        "NEW",
+        "+",
+    ),
+    _count_queued(
+        "jobs_queued_leave",
+        "UPDATE OF status",
+        "OLD.status = 'QUEUED' AND NEW.status <> 'QUEUED'",
+        "OLD",
+        "-",
+    ),
+    _count_queued("jobs_queued_delete", "DELETE", "OLD.status = 'QUEUED'", "OLD", "-"),
+    # The jobs an upgraded file already holds.
+    "INSERT INTO queued_counts (key_id, queued) "
+    "SELECT key_id, COUNT(*) FROM jobs WHERE status = 'QUEUED' GROUP BY key_id",
+    "UPDATE queued_counts SET queued = (SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED') "
+    "WHERE key_id = ''",
+    # Start deadlines (X-Start-Timeout): only the queued jobs that have one are indexed.
+    "ALTER TABLE jobs ADD COLUMN start_by REAL",
+    "CREATE INDEX jobs_start_by ON jobs (start_by) "
+    "WHERE start_by IS NOT NULL AND status = 'QUEUED'",
+)
+"""A key's ``max_queued`` and a job's ``start_by``."""
+
+
+def _count_fair(trigger: str, event: str, when: str, row: str, step: str) -> str:
+    # A (key, model) pair that starts waiting joins at max(its key's tag, the virtual time).
+    return f"""
+CREATE TRIGGER {trigger} AFTER {event} ON jobs WHEN {when} BEGIN
+    INSERT OR IGNORE INTO fair_active (key_id, slug, queued, tag)
+        VALUES ({row}.key_id, {row}.slug, 0, 0);
+    UPDATE fair_active SET
+        tag = CASE WHEN queued = 0 AND {step} 1 > 0 THEN MAX(tag,
+            COALESCE((SELECT MAX(tag) FROM fair_tags WHERE key_id IN ({row}.key_id, '')), 0))
+            ELSE tag END,
+        queued = queued {step} 1
+    WHERE key_id = {row}.key_id AND slug = {row}.slug;
+END
+    """
+
+
+def _count_running(trigger: str, event: str, when: str, row: str, step: str) -> str:
+    return f"""
+CREATE TRIGGER {trigger} AFTER {event} ON jobs WHEN {when} BEGIN
+    INSERT OR IGNORE INTO running_counts (key_id, running) VALUES ({row}.key_id, 0);
+    UPDATE running_counts SET running = running {step} 1 WHERE key_id = {row}.key_id;
+END
+    """
+
+
+_V7: tuple[str, ...] = (
+    # Fair queuing (store/fair.py): a key's weight and cap on running jobs, a job's estimated
+    # service, each key's tag ('' holds the virtual time), and per (key, model) the QUEUED
+    # count with the key's tag, kept by triggers like queued_counts so a claim reads index
+    # heads only: the least-tag waiting key of a model, then that key's oldest job.
+    "ALTER TABLE api_keys ADD COLUMN weight REAL NOT NULL DEFAULT 1",
+    "ALTER TABLE api_keys ADD COLUMN max_running INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE jobs ADD COLUMN service REAL NOT NULL DEFAULT 1",
+    "CREATE TABLE fair_tags (key_id TEXT PRIMARY KEY, tag REAL NOT NULL)",
+    """
+CREATE TABLE fair_active (
+    key_id          TEXT NOT NULL,
+    slug            TEXT NOT NULL,
+    queued          INTEGER NOT NULL,
+    tag             REAL NOT NULL,          -- the key's tag when it was last served or joined
+    PRIMARY KEY (key_id, slug)
+)
+    """,
+    "CREATE INDEX fair_active_pick ON fair_active (slug, tag, key_id) WHERE queued > 0",
+    "CREATE INDEX fair_active_any ON fair_active (tag, key_id) WHERE queued > 0",
+    "CREATE TABLE running_counts (key_id TEXT PRIMARY KEY, running INTEGER NOT NULL)",
+    "CREATE INDEX jobs_key_head ON jobs (key_id, slug, created_at, seq) WHERE status = 'QUEUED'",
+    "CREATE INDEX jobs_leased ON jobs (lease_until) WHERE status = 'PROCESSING'",
+    _count_fair("jobs_fair_insert", "INSERT", "NEW.status = 'QUEUED'", "NEW", "+"),
+    _count_fair(
+        "jobs_fair_join",
+        "UPDATE OF status",
+        "OLD.status <> 'QUEUED' AND NEW.status = 'QUEUED'",
+        "NEW",
+        "+",
+    ),
+    _count_fair(
+        "jobs_fair_leave",
+        "UPDATE OF status",
+        "OLD.status = 'QUEUED' AND NEW.status <> 'QUEUED'",
+        "OLD",
+        "-",
+    ),
+    _count_fair("jobs_fair_delete", "DELETE", "OLD.status = 'QUEUED'", "OLD", "-"),
+    _count_running("jobs_running_insert", "INSERT", "NEW.status = 'PROCESSING'", "NEW", "+"),
+    _count_running(
+        "jobs_running_join",
+        "UPDATE OF status",
+        "OLD.status <> 'PROCESSING' AND NEW.status = 'PROCESSING'",
+        "NEW",
+        "+",
+    ),
+    _count_running(
+        "jobs_running_leave",
+        "UPDATE OF status",
+        "OLD.status = 'PROCESSING' AND NEW.status <> 'PROCESSING'",
+        "OLD",
+        "-",
+    ),
+    _count_running("jobs_running_delete", "DELETE", "OLD.status = 'PROCESSING'", "OLD", "-"),
+    # The jobs an upgraded file already holds.
+    "INSERT INTO fair_active (key_id, slug, queued, tag) "
+    "SELECT key_id, slug, COUNT(*), 0 FROM jobs WHERE status = 'QUEUED' GROUP BY key_id, slug",
+    "INSERT INTO running_counts (key_id, running) "
+    "SELECT key_id, COUNT(*) FROM jobs WHERE status = 'PROCESSING' GROUP BY key_id",
+)
+"""Weighted fair queuing between keys and per-key concurrency."""
+
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (1, _V1),
     (2, _V2),
     (3, _V3),
     (4, _V4),
     (5, _V5),
+    (6, _V6),
+    (7, _V7),
 )
 """(version reached, its statements), in order."""
 

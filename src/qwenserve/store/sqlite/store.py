@@ -35,7 +35,7 @@ from qwenserve.jobs import (
     JobStatus,
     Progress,
 )
-from qwenserve.store import rules
+from qwenserve.store import fair, rules
 from qwenserve.store.base import (
     Heartbeat,
     Idempotency,
@@ -51,17 +51,19 @@ from qwenserve.store.records import (
     job_from_record,
 )
 from qwenserve.store.sqlite import history, idempotent
+from qwenserve.store.sqlite.claims import claim_jobs
 from qwenserve.store.sqlite.connection import DEFAULT_BUSY_TIMEOUT_S, SqliteDatabase
 from qwenserve.store.sqlite.history import SqliteHistory
 from qwenserve.store.sqlite.keys import SqliteKeys
 from qwenserve.store.sqlite.schema import migrate
 from qwenserve.store.sqlite.transitions import announce as _announce
+from qwenserve.store.sqlite.transitions import check_queue_limits as _check_queue_limits
+from qwenserve.store.sqlite.transitions import end_missed_starts as _end_missed_starts
 from qwenserve.store.sqlite.transitions import fail_and_refund as _fail_and_refund
 from qwenserve.store.sqlite.webhooks import SqliteWebhooks
 
 _JOB_COLUMNS = ", ".join(JOB_FIELDS)
 _EVENT_COLUMNS = "seq, " + ", ".join(EVENT_FIELDS)
-_RUNNABLE = "(status = 'QUEUED' OR (status = 'PROCESSING' AND lease_until <= ?))"
 _OWNED = "id = ? AND status = 'PROCESSING' AND worker_id = ?"
 
 
@@ -117,14 +119,20 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
 
     # --- jobs -------------------------------------------------------------------------------
     def submit(
-        self, job: Job, *, rpm: int, now: float, idempotency: Idempotency | None = None
+        self,
+        job: Job,
+        *,
+        rpm: int,
+        now: float,
+        idempotency: Idempotency | None = None,
+        max_queued: int = 0,
     ) -> SubmitOutcome:
         refused = job.status is JobStatus.FAILED  # refused by the API (content policy)
         cost_micro = 0 if refused else rules.to_micro(job.cost_usd)
         with self._db.write() as db:
             key = db.execute(
-                "SELECT balance_micro, window_start, window_count, revoked FROM api_keys "
-                "WHERE id = ?",
+                "SELECT balance_micro, window_start, window_count, revoked, max_queued "
+                "FROM api_keys WHERE id = ?",
                 (job.key_id,),
             ).fetchone()
             # Checked again here: a key revoked (by the CLI) after the request was authenticated
@@ -136,6 +144,8 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                 if original is not None:
                     return idempotent.replayed(key, original, rpm=rpm, now=now)
                 idempotent.record(db, job.key_id, idempotency, job.id, now=now)
+            if not refused:  # a refused job is never queued: no queue limit applies
+                _check_queue_limits(db, job.key_id, max_queued, key["max_queued"])
             window_start: float | None = key["window_start"]
             window_count: int = key["window_count"]
             remaining: int | None = None
@@ -159,8 +169,8 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
             )
             db.execute(
                 "INSERT INTO jobs (id, slug, key_id, params, status, created_at, expires_at, "
-                "cost_micro, webhook_url, error, error_kind, finished_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "cost_micro, webhook_url, start_by, error, error_kind, finished_at, service) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.slug,
@@ -171,7 +181,9 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                     job.expires_at,
                     cost_micro,
                     job.webhook_url,
+                    job.start_by,
                     *((job.error, job.error_kind, now) if refused else (None, None, None)),
+                    fair.service_units(job.params),
                 ),
             )
             history.insert(db, job, self.history_policy)
@@ -203,60 +215,27 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
     ) -> list[Job]:
         if limit <= 0 or (slugs is not None and not slugs):
             return []
-        slug_filter = ""
-        slug_args: list[str] = []
-        if slugs is not None:
-            slug_args = sorted(set(slugs))
-            slug_filter = f" AND slug IN ({', '.join('?' * len(slug_args))})"
-        claimed: list[str] = []
+        chosen = sorted(set(slugs)) if slugs is not None else None
         with self._db.write() as db:
-            # Jobs ended on the way drop out of the runnable set, so the loop ends: each pass
-            # either claims or ends every row it read.
-            while len(claimed) < limit:
-                rows = db.execute(
-                    f"SELECT id, status, attempts, cancel_requested_at FROM jobs "
-                    f"WHERE {_RUNNABLE}{slug_filter} ORDER BY created_at, seq LIMIT ?",
-                    (now, *slug_args, limit - len(claimed)),
-                ).fetchall()
-                if not rows:
-                    break
-                for row in rows:
-                    if row["status"] == JobStatus.PROCESSING:
-                        if row["cancel_requested_at"] is not None:
-                            _fail_and_refund(
-                                db,
-                                row["id"],
-                                kind=CANCELLED,
-                                message=rules.CANCELLED_WORKER_LOST,
-                                now=now,
-                            )
-                            continue
-                        if row["attempts"] >= max_attempts:
-                            _fail_and_refund(
-                                db,
-                                row["id"],
-                                kind=rules.GIVE_UP_KIND,
-                                message=rules.gave_up_message(row["attempts"], max_attempts),
-                                now=now,
-                            )
-                            continue
-                    db.execute(
-                        "UPDATE jobs SET status = 'PROCESSING', worker_id = ?, lease_until = ?, "
-                        "attempts = attempts + 1, started_at = COALESCE(started_at, ?), "
-                        "progress_step = NULL, progress_total = NULL, progress_at = NULL "
-                        "WHERE id = ?",
-                        (worker_id, now + lease_s, now, row["id"]),
-                    )
-                    _announce(db, row["id"], JobEventType.PROCESSING, now=now)
-                    claimed.append(row["id"])
+            claimed = claim_jobs(
+                db,
+                worker_id,
+                slugs=chosen,
+                lease_s=lease_s,
+                max_attempts=max_attempts,
+                now=now,
+                limit=limit,
+            )
             if not claimed:
                 return []
             marks = ", ".join("?" * len(claimed))
-            rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks}) ORDER BY created_at, seq",
-                claimed,
-            ).fetchall()
-        return [_job(row) for row in rows]
+            found = {
+                row["id"]: _job(row)
+                for row in db.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks})", claimed
+                ).fetchall()
+            }
+        return [found[job_id] for job_id in claimed if job_id in found]
 
     def heartbeat(
         self, worker_id: str, progress: Mapping[str, Progress | None], *, lease_s: float, now: float
@@ -382,6 +361,8 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
             db.execute("DELETE FROM job_events WHERE expires_at <= ?", (now,))
             idempotent.purge(db, now=now)
             history.purge(db, now=now)
+            while _end_missed_starts(db, now=now) == rules.START_TIMEOUT_BATCH:
+                pass
             unfinished = db.execute(
                 "SELECT id, status, key_id, cost_micro, cancel_requested_at FROM jobs "
                 "WHERE expires_at <= ? AND status IN ('QUEUED', 'PROCESSING')",

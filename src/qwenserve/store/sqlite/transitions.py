@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 from qwenserve.jobs import JobEventType
+from qwenserve.store import rules
 from qwenserve.store.sqlite import history
 
 
@@ -55,7 +56,51 @@ def fail_and_refund(
             "UPDATE api_keys SET balance_micro = balance_micro + ? WHERE id = ?",
             (row["cost_micro"], row["key_id"]),
         )
+        # The job's cost is what its key is charged now (a refunded failure: 0, as its history).
+        db.execute("UPDATE jobs SET cost_micro = 0 WHERE id = ?", (job_id,))
     announce(
         db, job_id, JobEventType.FAILED, now=now, kind=kind, message=message, charged=not refund
     )
     return True
+
+
+def check_queue_limits(
+    db: sqlite3.Connection, key_id: str, max_queued: int, key_max_queued: int
+) -> None:
+    """Inside the submit's transaction: refuse a job past the cluster's or the key's limit on
+    QUEUED jobs (0: none), so the count cannot change between the check and the insert. The
+    counts are the ``queued_counts`` rows the schema's triggers keep (``''``: all keys)."""
+    for limit, counted, refusal in (
+        (max_queued, "", rules.queue_full),
+        (key_max_queued, key_id, rules.key_queue_full),
+    ):
+        if limit > 0:
+            row = db.execute(
+                "SELECT queued FROM queued_counts WHERE key_id = ?", (counted,)
+            ).fetchone()
+            if row is not None and row["queued"] >= limit:
+                raise refusal(limit)
+
+
+def end_missed_starts(db: sqlite3.Connection, *, now: float) -> int:
+    """Inside a write transaction: QUEUED jobs that never started and whose start deadline has
+    passed end FAILED (``start_timeout``), refunded, announced; returns how many (at most
+    ``rules.START_TIMEOUT_BATCH``). A job released back to the queue after its first attempt
+    (``started_at`` cleared) is waiting again, so its deadline holds again."""
+    rows = db.execute(
+        # INDEXED BY: the planner would otherwise walk every QUEUED job (jobs_claim) on each
+        # claim, making the claim linear in queue depth.
+        "SELECT id FROM jobs INDEXED BY jobs_start_by "
+        "WHERE start_by IS NOT NULL AND status = 'QUEUED' AND start_by <= ? "
+        "AND started_at IS NULL ORDER BY start_by LIMIT ?",
+        (now, rules.START_TIMEOUT_BATCH),
+    ).fetchall()
+    for row in rows:
+        fail_and_refund(
+            db,
+            row["id"],
+            kind=rules.START_TIMEOUT_KIND,
+            message=rules.START_TIMEOUT_MESSAGE,
+            now=now,
+        )
+    return len(rows)

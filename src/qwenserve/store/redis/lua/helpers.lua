@@ -2,29 +2,6 @@
 -- Numbers that are stored (times, leases) are passed in as text from Python and stored as is:
 -- Lua would print a double with 14 digits only.
 
-local function entry_before(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  ams, aseq = tonumber(ams) or 0, tonumber(aseq) or 0
-  bms, bseq = tonumber(bms) or 0, tonumber(bseq) or 0
-  if ams ~= bms then return ams < bms end
-  return aseq < bseq
-end
-
--- The id of the last entry the group handed out, or nil when the stream or group is missing.
-local function last_delivered(stream)
-  if redis.call('EXISTS', stream) == 0 then return nil end
-  for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local name, last
-    for i = 1, #group, 2 do
-      if group[i] == 'name' then name = group[i + 1] end
-      if group[i] == 'last-delivered-id' then last = group[i + 1] end
-    end
-    if name == GROUP then return last end
-  end
-  return nil
-end
-
 -- The request's history record and its day's usage counters follow each transition, in the
 -- transition's own script (store/history.py). A failure is refunded in the same step, so it
 -- costs 0, unless it keeps its charge (``charged``). Jobs without a record (submitted before
@@ -86,6 +63,38 @@ local function announce(job_id, event_type, now_text, error_kind, message, charg
   return id
 end
 
+local function fair_tag(key_id)
+  return tonumber(redis.call('HGET', fair_tags_key(), key_id)) or 0
+end
+
+local function number_text(x) return string.format('%.17g', x) end
+
+-- A job waits (submitted, released): into its model's waiting set and its key's FIFO there;
+-- a key not yet waiting for the model joins at max(its tag, the virtual time) (store/fair.py).
+local function fair_join(job_id)
+  local slug, key_id, fifo, entry = unpack(redis.call('HMGET', job_key(job_id), 'slug',
+    'key_id', 'fifo', 'entry'))
+  fifo = tonumber(fifo) or 0
+  redis.call('ZADD', waiting_key(slug), fifo, job_id)
+  if entry then redis.call('HSET', entries_key(slug), job_id, entry) end
+  redis.call('ZADD', fair_queue_key(slug, key_id), fifo, job_id)
+  if not redis.call('ZSCORE', fair_keys_key(slug), key_id) then
+    redis.call('ZADD', fair_keys_key(slug), number_text(math.max(fair_tag(key_id),
+      fair_tag(''))), key_id)
+  end
+end
+
+-- A job stops waiting: its model's waiting set and its key's FIFO forget it; a key with no
+-- job left there leaves the model's fair set.
+local function fair_leave(slug, key_id, job_id)
+  redis.call('ZREM', waiting_key(slug), job_id)
+  redis.call('HDEL', entries_key(slug), job_id)
+  if not key_id then return end
+  local fq = fair_queue_key(slug, key_id)
+  redis.call('ZREM', fq, job_id)
+  if redis.call('ZCARD', fq) == 0 then redis.call('ZREM', fair_keys_key(slug), key_id) end
+end
+
 -- A job leaves the queue: its entry is acknowledged and deleted, its indexes forget it.
 local function leave_queue(slug, job_id, entry)
   if not slug then return end
@@ -94,7 +103,9 @@ local function leave_queue(slug, job_id, entry)
     redis.call('XDEL', queue_key(slug), entry)
   end
   redis.call('ZREM', leases_key(slug), job_id)
-  redis.call('ZREM', requeued_key(slug), job_id)
+  local key_id = redis.call('HGET', job_key(job_id), 'key_id')
+  if key_id then redis.call('SREM', running_key(key_id), job_id) end
+  fair_leave(slug, key_id, job_id)
 end
 
 local function refund(job)
@@ -105,20 +116,61 @@ local function refund(job)
   end
 end
 
+-- A job stops waiting (claimed, ended, purged): the queue-limit sets and the start deadlines
+-- forget it (no-ops for a job that was not in them).
+local function left_queued(job_id, key_id)
+  redis.call('SREM', queued_key(), job_id)
+  if key_id then redis.call('SREM', key_queued_key(key_id), job_id) end
+  redis.call('ZREM', start_by_key(), job_id)
+end
+
+-- A job waits (submitted, released): it counts against the queue limits, and its start
+-- deadline holds while it never started.
+local function joined_queued(job_id)
+  local key_id, start_by, started = unpack(redis.call('HMGET', job_key(job_id), 'key_id',
+    'start_by', 'started_at'))
+  redis.call('SADD', queued_key(), job_id)
+  redis.call('SADD', key_queued_key(key_id), job_id)
+  if start_by and start_by ~= '' and not started then
+    redis.call('ZADD', start_by_key(), start_by, job_id)
+  end
+end
+
 -- A job that has not ended → FAILED, refunded (unless ``keep_charge``), announced; whoever
 -- waits for it is woken.
 local function fail_and_refund(job_id, kind, message, now, keep_charge)
   local job = job_key(job_id)
-  local slug, entry = unpack(redis.call('HMGET', job, 'slug', 'entry'))
+  local slug, entry, key_id = unpack(redis.call('HMGET', job, 'slug', 'entry', 'key_id'))
   redis.call('HSET', job, 'status', 'FAILED', 'error', message, 'error_kind', kind,
              'finished_at', now)
   redis.call('HDEL', job, 'lease_until')
   leave_queue(slug, job_id, entry)
-  if not keep_charge then refund(job) end
+  left_queued(job_id, key_id)
+  if not keep_charge then
+    refund(job)
+    -- The job's cost is what its key is charged now (a refunded failure: 0, as its history).
+    redis.call('HSET', job, 'cost_micro', '0')
+  end
   announce(job_id, EVENT_FAILED, now, kind, message, keep_charge)
   redis.call('PUBLISH', done_channel(), job_id)
 end
 
 local function clear_progress(job)
   redis.call('HDEL', job, 'progress_step', 'progress_total', 'progress_at')
+end
+
+-- QUEUED jobs that never started and whose start deadline has passed end FAILED
+-- (start_timeout), refunded and announced: the first `batch` by deadline. Returns how many
+-- deadlines it handled (ended, or dropped for a job that had moved on).
+local function end_missed_starts(now_text, batch)
+  local due = redis.call('ZRANGEBYSCORE', start_by_key(), '-inf', now_text, 'LIMIT', 0, batch)
+  for _, job_id in ipairs(due) do
+    local status, started = unpack(redis.call('HMGET', job_key(job_id), 'status', 'started_at'))
+    if status == 'QUEUED' and not started then
+      fail_and_refund(job_id, START_TIMEOUT_KIND, START_TIMEOUT_MESSAGE, now_text)
+    else
+      redis.call('ZREM', start_by_key(), job_id)
+    end
+  end
+  return #due
 end

@@ -5,8 +5,8 @@ for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'L
   local job = job_key(job_id)
   local data = redis.call('HGETALL', job)
   if #data > 0 then
-    local status, slug, entry, cancel = unpack(redis.call('HMGET', job, 'status', 'slug', 'entry',
-      'cancel_requested_at'))
+    local status, slug, entry, cancel, key_id = unpack(redis.call('HMGET', job, 'status', 'slug',
+      'entry', 'cancel_requested_at', 'key_id'))
     if status == 'QUEUED' or status == 'PROCESSING' then
       refund(job)
       -- It never finished and now never will: the log says so, and whoever waits for it stops
@@ -18,8 +18,11 @@ for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'L
       redis.call('PUBLISH', done_channel(), job_id)
     end
     leave_queue(slug, job_id, entry)
+    left_queued(job_id, key_id)
     redis.call('DEL', job)
     purged[#purged + 1] = data
+  else
+    left_queued(job_id, nil)  -- gone under Redis's feet: its key's set keeps a stale id
   end
   redis.call('ZREM', KEYS[1], job_id)
 end

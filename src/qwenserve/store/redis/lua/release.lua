@@ -12,8 +12,10 @@ redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'attempts', math.max(attempts - 
 redis.call('HDEL', KEYS[1], 'worker_id', 'lease_until')
 if attempts <= 1 then redis.call('HDEL', KEYS[1], 'started_at') end
 clear_progress(KEYS[1])
+joined_queued(ARGV[2])
 announce(ARGV[2], EVENT_QUEUED, ARGV[4])
 redis.call('ZREM', leases_key(slug), ARGV[2])
-redis.call('ZADD', requeued_key(slug), created_at, ARGV[2])
+redis.call('SREM', running_key(redis.call('HGET', KEYS[1], 'key_id') or ''), ARGV[2])
+fair_join(ARGV[2])  -- back in its old place: its FIFO score is its submit's
 redis.call('PUBLISH', wake_channel(), slug)
 return 1

@@ -1,11 +1,13 @@
--- KEYS: key hash, rate counter, job hash, slug set, expiry zset, idempotency record
+-- KEYS: key hash, rate counter, job hash, slug set, expiry zset, idempotency record, queued
+--       set, the key's queued set
 -- ARGV: prefix, job id, slug, cost, rpm, rate ttl s, job ttl ms, expires_at, created_at, now,
 --       idempotency body hash ('' for none), its expires_at, its ttl ms, key id, history
 --       record's expires_at, its ttl ms, usage day, the day counters' expires_at, their ttl ms,
---       prompt kept ('1'/'0'), the prompt, job field/value pairs
+--       prompt kept ('1'/'0'), the prompt, the cluster's max queued (0: none), queue limits
+--       apply ('1'/'0': a refused job is never queued), job field/value pairs
 local job_id, slug = ARGV[2], ARGV[3]
 local cost, rpm = tonumber(ARGV[4]), tonumber(ARGV[5])
-local key = redis.call('HMGET', KEYS[1], 'balance_micro', 'revoked')
+local key = redis.call('HMGET', KEYS[1], 'balance_micro', 'revoked', 'max_queued')
 if not key[1] or key[2] == '1' then return {'unauthenticated'} end
 local balance = tonumber(key[1])
 local used = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -26,6 +28,13 @@ if idem_hash ~= '' then
     return {'replay', string.format('%.0f', balance), tostring(left), original}
   end
 end
+if ARGV[23] == '1' then
+  local max_queued, key_max = tonumber(ARGV[22]), tonumber(key[3]) or 0
+  if max_queued > 0 and redis.call('SCARD', KEYS[7]) >= max_queued then return {'queue_full'} end
+  if key_max > 0 and redis.call('SCARD', KEYS[8]) >= key_max then
+    return {'key_queue_full', tostring(key_max)}
+  end
+end
 if rpm > 0 and used >= rpm then return {'rate_limited'} end
 if cost > balance then return {'insufficient', string.format('%.0f', balance)} end
 if cost > 0 then balance = redis.call('HINCRBY', KEYS[1], 'balance_micro', -cost) end
@@ -33,7 +42,7 @@ if rpm > 0 then
   used = redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 22))
+redis.call('HSET', KEYS[3], unpack(ARGV, 24))
 if idem_hash ~= '' then
   redis.call('DEL', KEYS[6])
   redis.call('HSET', KEYS[6], 'body_hash', idem_hash, 'job_id', job_id, 'expires_at', ARGV[12])
@@ -48,7 +57,16 @@ if not refused then
     redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
   end
   local entry = redis.call('XADD', stream, '*', 'job', job_id, 'created_at', ARGV[9])
-  redis.call('HSET', KEYS[3], 'entry', entry)
+  redis.call('HSET', KEYS[3], 'entry', entry, 'fifo', redis.call('INCR', fifo_key()))
+  -- Handed out at once to the placeholder consumer: claims pick jobs by fair order, not stream
+  -- order, and XCLAIM the picked entry to the worker, so XPENDING shows who holds what.
+  for _ = 1, 1000 do
+    local got = redis.call('XREADGROUP', 'GROUP', GROUP, WAITING_CONSUMER, 'COUNT', 1,
+      'STREAMS', stream, '>')
+    if not got or not got[1] or not got[1][2][1] or got[1][2][1][1] == entry then break end
+  end
+  joined_queued(job_id)
+  fair_join(job_id)
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('SADD', KEYS[4], slug)
