@@ -1,9 +1,10 @@
-"""Fixtures: real `qwenserve serve` processes on free ports, driven over HTTP; and the worker
-tests' clock, SQLite store, media store and funded key."""
+"""Fixtures: real `qwenserve serve` processes on free ports, driven over HTTP; the API in-process
+over a real SQLite store (``api``); and the worker tests' clock, SQLite store, media store and
+funded key."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,11 @@ import pytest
 
 from qwenserve.accounts.keys import create_api_key
 from qwenserve.media.storage import LocalMediaStore
+from qwenserve.store.base import Store
 from qwenserve.store.sqlite import SqliteStore
 from tests.processes import Server
 from tests.redis_server import RedisServer, require_redis_server
+from tests.service.inprocess import Harness, make_harness, open_test_store
 from tests.service.test_worker import Clock
 
 
@@ -78,3 +81,17 @@ def media(tmp_path: Path) -> LocalMediaStore:
 def key_id(store: SqliteStore, clock: Clock) -> str:
     _, key = create_api_key(store, name="t", credits_usd=1.0, rpm=0, now=clock())
     return key.id
+
+
+@pytest.fixture
+def api_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The SQLite store behind ``api``."""
+    yield from open_test_store("sqlite", tmp_path, request)
+
+
+@pytest.fixture
+async def api(api_store: Store, tmp_path: Path) -> AsyncIterator[Harness]:
+    """The API in-process (ASGI) over ``api_store`` with default settings; a module that needs
+    other settings or stores defines its own ``api``, which wins over this one."""
+    async for harness in make_harness(api_store, tmp_path):
+        yield harness

@@ -6,28 +6,15 @@ a real SQLite store; the test plays the worker through the store."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
 
-from qwenserve.store.base import Store
-from tests.service.inprocess import Harness, make_harness, open_test_store
+from tests.service.inprocess import Harness
 
 EXTERNAL = re.compile(r"""(?:https?:)?//(?!127\.0\.0\.1|localhost)[a-z0-9.-]+\.[a-z]{2,}""", re.I)
-
-
-@pytest.fixture
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    yield from open_test_store("sqlite", tmp_path, request)
-
-
-@pytest.fixture
-async def api(store: Store, tmp_path: Path) -> AsyncIterator[Harness]:
-    async for harness in make_harness(store, tmp_path):
-        yield harness
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])

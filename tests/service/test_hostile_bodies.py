@@ -5,29 +5,16 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from PIL import Image
 
 from qwenserve.api.body import MAX_BODY_BYTES
-from qwenserve.store.base import Store
 from tests.service.helpers import body_for
-from tests.service.inprocess import Harness, make_harness, open_test_store
+from tests.service.inprocess import Harness
 
 JSON_ROUTES = ["/v1/qwen-image-fast", "/v2/qwen-image-edit-fast", "/v1/images/generations"]
-
-
-@pytest.fixture
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    yield from open_test_store("sqlite", tmp_path, request)
-
-
-@pytest.fixture
-async def api(store: Store, tmp_path: Path) -> AsyncIterator[Harness]:
-    async for harness in make_harness(store, tmp_path):
-        yield harness
 
 
 def message(body: dict[str, object]) -> str:

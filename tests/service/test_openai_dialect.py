@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,14 +17,11 @@ from openai.types.image_edit_completed_event import ImageEditCompletedEvent
 from openai.types.image_gen_completed_event import ImageGenCompletedEvent
 
 from qwenserve.catalog import MODELS
-from qwenserve.store.base import Store
 from tests.service.helpers import png_b64
 from tests.service.inprocess import (
     LEASE_S,
     WORKER,
     Harness,
-    make_harness,
-    open_test_store,
     parse_sse,
 )
 from tests.service.openai_types import assert_conforms
@@ -34,17 +29,6 @@ from tests.service.openai_types import assert_conforms
 SLUG = "qwen-image-fast"
 PRICE = MODELS[SLUG].price_usd
 FAKE_PNG = b"\x89PNG fake"  # what Harness.complete stores as each image
-
-
-@pytest.fixture
-def store(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
-    yield from open_test_store("sqlite", tmp_path, request)
-
-
-@pytest.fixture
-async def api(store: Store, tmp_path: Path) -> AsyncIterator[Harness]:
-    async for harness in make_harness(store, tmp_path):
-        yield harness
 
 
 async def answered(api: Harness, call: Any) -> httpx.Response:
