@@ -37,11 +37,13 @@ bench:
 	$(PY) bench/memory.py $(BENCH_ARGS)
 	$(PY) bench/queue_throughput.py $(BENCH_ARGS)
 	$(PY) bench/claim_cost.py $(BENCH_ARGS)
+	$(PY) bench/submit_wait.py $(BENCH_ARGS)
 	$(PY) bench/encoding.py $(BENCH_ARGS)
 	$(PY) bench/cpu_vae_norm.py $(BENCH_ARGS)
 	$(PY) bench/cfg_batch.py $(BENCH_ARGS)
 	$(PY) bench/content_policy.py $(BENCH_ARGS)
 	$(PY) bench/cold_start.py $(BENCH_ARGS)
+	$(PY) bench/engine_boundary.py $(BENCH_ARGS)
 	$(PY) bench/revision_overhead.py --baseline $(BENCH_BASELINE) $(BENCH_ARGS)
 	$(PY) bench/request_calls.py --baseline $(BENCH_BASELINE) $(BENCH_ARGS)
 	$(PY) bench/gpu_step_time.py $(BENCH_ARGS) || [ $$? -eq 3 ]

@@ -8,7 +8,9 @@ number of keys: fill the queue with that many QUEUED jobs spread round-robin ove
 (never more keys than jobs), then time ``--claims`` claims of one job each, one at a time, as a
 worker makes them (weighted fair queuing picks the key, ``store/fair.py``). Reports the median
 and the 95th percentile in milliseconds. A flat row across depths and keys is the point: the
-claim reads index heads, never the queue.
+claim reads index heads, never the queue. Then times a status poll's queue position of the job
+at the back of the queue (its place in the fair order, ``store/sqlite/fair_order.py``): one
+ZRANK on Redis; on SQLite an index range count over the jobs ahead of it, so it grows with them.
 
 Needs the ``redis-server`` binary. ``--quick``: depths 200 and 1000, keys 1 and 100, 50 claims
 (bench/report.py has the options every benchmark shares).
@@ -30,21 +32,22 @@ sys.path.insert(0, str(ROOT))
 from tests.redis_server import RedisServer  # noqa: E402
 
 from bench.report import bench_args, publish, table  # noqa: E402
+from qwenserve.catalog import validate_request  # noqa: E402
 from qwenserve.jobs import Job, JobStatus  # noqa: E402
 from qwenserve.store.base import ApiKey, Store  # noqa: E402
 from qwenserve.store.redis import RedisStore  # noqa: E402
 from qwenserve.store.sqlite import SqliteStore  # noqa: E402
 
 SLUG = "qwen-image-fast"
-PARAMS = {"prompt": "a lighthouse", "steps": 8, "width": 1024, "height": 1024}
+REQUEST = validate_request(SLUG, {"prompt": "a lighthouse", "seed": 1})
 
 
 def _numbers(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
-def fill(store: Store, depth: int, keys: int, now: float) -> None:
-    """``depth`` QUEUED jobs, round-robin over ``keys`` new keys."""
+def fill(store: Store, depth: int, keys: int, now: float) -> str:
+    """``depth`` QUEUED jobs, round-robin over ``keys`` new keys; the last one's id."""
     made = []
     for index in range(min(keys, depth)):
         key = ApiKey(
@@ -61,15 +64,15 @@ def fill(store: Store, depth: int, keys: int, now: float) -> None:
         key = made[index % len(made)]
         job = Job(
             id=f"job-{uuid.uuid4().hex}",
-            slug=SLUG,
             key_id=key.id,
-            params=dict(PARAMS),
+            request=REQUEST,
             status=JobStatus.QUEUED,
             created_at=now,
             expires_at=now + 86400,
             cost_usd=0.0,
         )
         store.submit(job, rpm=0, now=now)
+    return job.id
 
 
 def claim_times_ms(store: Store, claims: int, now: float) -> list[float]:
@@ -79,6 +82,18 @@ def claim_times_ms(store: Store, claims: int, now: float) -> list[float]:
         jobs = store.claim("bench-worker", slugs=[SLUG], lease_s=600, max_attempts=3, now=now)
         times.append((time.perf_counter() - start) * 1000)
         assert len(jobs) == 1, "the queue ran dry: raise the depth or lower --claims"
+    return times
+
+
+def position_times_ms(store: Store, job_id: str, polls: int, now: float) -> list[float]:
+    """A status poll's queue-position read of ``job_id`` (the back of the queue: the most
+    jobs before it in the fair order)."""
+    times = []
+    for _ in range(polls):
+        start = time.perf_counter()
+        position = store.queue_position(job_id, now=now)
+        times.append((time.perf_counter() - start) * 1000)
+        assert position is not None, "the job at the back was claimed: lower --claims"
     return times
 
 
@@ -111,12 +126,19 @@ def main() -> int:
                                 server.url, namespace=f"bench{depth}x{keys}"
                             )
                         try:
-                            fill(store, depth, keys, now)
-                            times = claim_times_ms(store, min(args.claims, depth), now)
+                            last = fill(store, depth, keys, now)
+                            times = claim_times_ms(store, min(args.claims, depth // 2), now)
+                            polls = position_times_ms(store, last, args.claims, now)
                         finally:
                             store.close()
                         median, tail = statistics.median(times), p95(times)
-                        figures[name][label] = {"median_ms": median, "p95_ms": tail}
+                        position = statistics.median(polls)
+                        figures[name][label] = {
+                            "median_ms": median,
+                            "p95_ms": tail,
+                            "position_median_ms": position,
+                            "position_p95_ms": p95(polls),
+                        }
                         rows.append(
                             [
                                 name,
@@ -124,16 +146,35 @@ def main() -> int:
                                 str(min(keys, depth)),
                                 f"{median:.3f}",
                                 f"{tail:.3f}",
+                                f"{position:.3f}",
+                                f"{p95(polls):.3f}",
                             ]
                         )
-                        print(f"{name} {label}: median {median:.3f} ms, p95 {tail:.3f} ms")
+                        print(
+                            f"{name} {label}: median {median:.3f} ms, p95 {tail:.3f} ms; "
+                            f"position of the last job {position:.3f} ms"
+                        )
     publish(
         args,
         "Claim cost against queue depth and keys (weighted fair queuing)",
-        table(["store", "queued jobs", "keys", "claim median (ms)", "claim p95 (ms)"], rows),
+        table(
+            [
+                "store",
+                "queued jobs",
+                "keys",
+                "claim median (ms)",
+                "claim p95 (ms)",
+                "position median (ms)",
+                "position p95 (ms)",
+            ],
+            rows,
+        ),
         notes=[
             "one claim of one job, one at a time, on a queue filled round-robin over the keys "
             "(never more keys than jobs: 10,000 keys at 1,000 jobs is 1,000)",
+            "position: `Store.queue_position` of the last job submitted (the back of the queue, "
+            "the most jobs ahead of it in the fair order), read as often as claims were timed, "
+            "after the claims (at most half the queue)",
         ],
         figures=figures,
     )

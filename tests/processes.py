@@ -137,7 +137,8 @@ class Server(_Child):
             "--rpm",
             str(rpm),
             *extra,
-            env={k: v for k, v in self.env.items() if k.startswith("QWENSERVE_")},
+            # AWS_*: a server with S3 media opens (and checks) its bucket in `keys` too.
+            env={k: v for k, v in self.env.items() if k.startswith(("QWENSERVE_", "AWS_"))},
         )
         return out.strip().splitlines()[-1]
 

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -90,6 +91,7 @@ class RedisServer:
             survives a kill -9).
         dir: the data folder; a temp folder (removed by ``stop()``) when None.
         binary: the redis-server executable (default: ``redis_server_binary()``).
+        extra_args: more command-line options (``["--replicaof", "127.0.0.1", "6379"]``).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class RedisServer:
         dir: Path | None = None,
         binary: str | None = None,
         appendfsync: str = "everysec",
+        extra_args: Sequence[str] = (),
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
@@ -107,6 +110,7 @@ class RedisServer:
         self.appendfsync = appendfsync
         self.dir = Path(dir) if dir is not None else None
         self.binary = binary
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
         self._own_dir = False
 
@@ -160,6 +164,7 @@ class RedisServer:
             "no",
             "--logfile",
             str(self.dir / "redis.log"),
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

@@ -15,7 +15,7 @@ from qwenserve.backends import history_policy
 from qwenserve.cli.compose import engine_config
 from qwenserve.config import EngineSettings, Settings, WorkerSettings
 from qwenserve.runtime import EngineConfig
-from qwenserve.worker.runner import WorkerConfig
+from qwenserve.worker.config import WorkerConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -63,6 +63,10 @@ CASES: dict[str, tuple[str, Callable[[Settings], Any], Any]] = {
     "MAX_BATCH": ("2", lambda s: s.worker.max_batch, 2),
     "BATCH_WINDOW_S": ("0.3", lambda s: _worker(s).batch_window_s, 0.3),
     "PREFETCH": ("false", lambda s: _worker(s).prefetch, False),
+    "MEDIA_RETRY_S": ("5", lambda s: _worker(s).media_retry_s, 5.0),
+    "ENGINE_PROCESS": ("false", lambda s: s.worker.engine_process, False),
+    "MEDIA": ("s3://media/outputs", lambda s: s.media, "s3://media/outputs"),
+    "MEDIA_URLS": ("presigned", lambda s: s.media_urls, "presigned"),
     "POLL_INTERVAL_S": ("2", lambda s: _worker(s).poll_interval_s, 2.0),
     "LEASE_S": ("7", lambda s: _worker(s).lease_s, 7.0),
     "MAX_ATTEMPTS": ("5", lambda s: _worker(s).max_attempts, 5),
@@ -88,6 +92,8 @@ CASES: dict[str, tuple[str, Callable[[Settings], Any], Any]] = {
     "NSFW_CLASSIFIER": ("pkg.mod:make", lambda s: s.nsfw_classifier, "pkg.mod:make"),
     "CHARGE_BLOCKED_OUTPUTS": ("true", lambda s: s.charge_blocked_outputs, True),
     "LOG_BLOCKED_PROMPTS": ("true", lambda s: s.log_blocked_prompts, True),
+    "REDIS_MIN_REPLICAS": ("1", lambda s: s.redis_min_replicas, 1),
+    "REDIS_REPLICA_WAIT_S": ("0.5", lambda s: s.redis_replica_wait_s, 0.5),
 }
 
 
@@ -122,7 +128,14 @@ def test_the_groups_hold_the_defaults_engine_and_worker_configs_use() -> None:
         "cache_dir",
     }
     worker = WorkerConfig(worker_id="w", max_batch=1)
-    for name in ("lease_s", "max_attempts", "poll_interval_s", "batch_window_s", "prefetch"):
+    for name in (
+        "lease_s",
+        "max_attempts",
+        "poll_interval_s",
+        "batch_window_s",
+        "prefetch",
+        "media_retry_s",
+    ):
         assert getattr(worker, name) == WorkerSettings.model_fields[name].default, name
 
 

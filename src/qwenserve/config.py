@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path.home() / ".qwenserve"
@@ -70,8 +70,8 @@ class EngineSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    """How a served worker claims, batches and holds jobs; ``worker.WorkerConfig`` takes its
-    defaults from here."""
+    """How a served worker claims, batches and holds jobs; ``worker.config.WorkerConfig`` takes
+    its defaults from here."""
 
     lease_s: float = Field(default=60.0, gt=0, description="A claimed job is retaken after this.")
     max_attempts: int = Field(default=3, ge=1, description="Worker deaths before a job fails.")
@@ -95,9 +95,21 @@ class WorkerSettings(BaseModel):
         description="While a batch runs, claim the next job and fetch/decode its inputs "
         "(never a job an idle peer serves).",
     )
+    media_retry_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a worker keeps retrying to store a finished image while the "
+        "media store (an S3 bucket) is unreachable, the image kept; then the job fails, refunded.",
+    )
     preload: list[str] = Field(
         default_factory=list,
         description="Slugs loaded and warmed up before the worker takes jobs.",
+    )
+    engine_process: bool = Field(
+        default=True,
+        description="Run each worker's engine (torch, the pipelines) in a child process, so a "
+        "crash of model code (a segfault, the OOM killer) ends that process only: its jobs run "
+        "again in a new one (False: a thread of this process, as tests and debuggers want).",
     )
 
 
@@ -109,7 +121,11 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
     through ``settings.engine`` and ``settings.worker``, which is what their consumers take.
     """
 
-    model_config = SettingsConfigDict(env_prefix="QWENSERVE_", extra="ignore")
+    # populate_by_name: fields read from a standard variable (AWS_REGION) keep their own name
+    # in Settings(...) too.
+    model_config = SettingsConfigDict(
+        env_prefix="QWENSERVE_", extra="ignore", populate_by_name=True
+    )
 
     # where things live
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Job store, media and caches.")
@@ -119,7 +135,18 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
     )
     store: str = Field(
         "sqlite",
-        description="'sqlite' (a file in the data dir) or redis://HOST:PORT/DB for scale-out.",
+        description="'sqlite' (a file in the data dir), redis://HOST:PORT/DB for scale-out, or "
+        "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB for a Sentinel-"
+        "watched primary that fails over (parsed by qwenserve.backends.parse_store_url).",
+    )
+    redis_min_replicas: int = Field(
+        0,
+        ge=0,
+        description="Redis replicas that must confirm a submit (WAIT) before it is answered 200, "
+        "so an accepted job survives the primary's death; unconfirmed: 503, nothing charged.",
+    )
+    redis_replica_wait_s: float = Field(
+        1.0, gt=0, description="How long a submit waits for those replicas (then 503)."
     )
 
     # serving
@@ -163,6 +190,34 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
         description="How often an API node or worker process reads the job event log (every "
         "ending, on any node, wakes its POST /v1 waiter; a cancel request stops the job's worker "
         "at its next step); on Redis the done and cancel channels also wake it at once.",
+    )
+
+    # media (where images live; media/s3.py, backends.py)
+    media: str | None = Field(
+        None,
+        description="s3://BUCKET/PREFIX: images (outputs, inline inputs, previews) in an "
+        "S3-compatible bucket, credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or any "
+        "botocore source); unset: beside the store (the data dir's media folder on SQLite, "
+        "Redis on redis://).",
+    )
+    media_urls: Literal["proxy", "presigned"] = Field(
+        "proxy",
+        description="How GET /media/{id} answers with S3 media: 'proxy' serves the bytes "
+        "through the API; 'presigned' redirects (307) to a presigned bucket URL that expires "
+        "with the result (the bucket's endpoint must be reachable by clients; needs media "
+        "in S3, else the server refuses to start).",
+    )
+    media_endpoint_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "QWENSERVE_MEDIA_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
+        ),
+        description="The S3-compatible server's URL (AWS_ENDPOINT_URL); unset: AWS itself.",
+    )
+    media_region: str | None = Field(
+        None,
+        validation_alias=AliasChoices("QWENSERVE_MEDIA_REGION", "AWS_REGION"),
+        description="The bucket's region (AWS_REGION; unset: botocore's, else us-east-1).",
     )
 
     # inputs
@@ -233,9 +288,22 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
     @field_validator("store")
     @classmethod
     def _check_store(cls, value: str) -> str:
-        if value == "sqlite" or value.startswith(("sqlite:///", "redis://", "rediss://")):
-            return value
-        raise ValueError("store must be 'sqlite', sqlite:///PATH or redis://HOST:PORT/DB")
+        # Parsed by the one parser (imported here: backends sits above config), so a bad URL
+        # fails at startup with the forms it accepts.
+        from qwenserve.backends import parse_store_url
+
+        parse_store_url(value)
+        return value
+
+    @field_validator("media")
+    @classmethod
+    def _check_media(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        bucket = value.removeprefix("s3://").partition("/")[0]
+        if not value.startswith("s3://") or not bucket:
+            raise ValueError("media must be s3://BUCKET/PREFIX (or unset: beside the store)")
+        return value
 
     @property
     def checks_outputs(self) -> bool:
@@ -249,9 +317,10 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
 
     @property
     def sqlite_path(self) -> Path:
-        if self.store.startswith("sqlite:///"):
-            return Path(self.store.removeprefix("sqlite:///"))
-        return self.data_dir / "qwenserve.db"
+        """The SQLite file of the embedded store (``backends.sqlite_file``)."""
+        from qwenserve.backends import sqlite_file
+
+        return sqlite_file(self)
 
     @property
     def engine(self) -> EngineSettings:
@@ -260,7 +329,7 @@ class Settings(EngineSettings, WorkerSettings, BaseSettings):
 
     @property
     def worker(self) -> WorkerSettings:
-        """The worker group, what ``worker.WorkerConfig.from_settings`` takes."""
+        """The worker group, what ``worker.config.WorkerConfig.from_settings`` takes."""
         return WorkerSettings.model_construct(**_values(self, WorkerSettings))
 
     @property

@@ -30,8 +30,18 @@ responses, and nothing else invents status codes. This module imports nothing fr
     │                                        URL is answered as InputUnavailable instead)
     ├── UpstreamTimeout                 504  a fetch, or v1's wait for the result, timed out
     ├── InferenceError                  500  the engine failed while running a job
-    │   └── OutOfMemory                 500  the device ran out of memory for this size x batch
+    │   ├── OutOfMemory                 500  the device ran out of memory for this size x batch
+    │   └── EngineCrashed               500  the engine's process died mid-job (killed, a
+    │                                        segfault, the OOM killer); its jobs run again
     └── ServiceUnavailable              503  shutting down or no worker can take the job
+        ├── StoreUnavailable            503  the store is unreachable or failing over (Redis
+        │                                    restarting, Sentinel promoting a replica)
+        │   └── NotReplicated           503  a submit Redis did not confirm on
+        │                                    QWENSERVE_REDIS_MIN_REPLICAS replicas in time
+        │                                    (the job was withdrawn, refunded)
+        ├── MediaUnavailable            503  the media store (S3 bucket) is unreachable or
+        │                                    refuses us; at a job's finish, retried, then the
+        │                                    job fails refunded (kind ``media_unavailable``)
         ├── QueueFull                   503  the cluster holds QWENSERVE_MAX_QUEUED jobs already
         └── StartTimeout                503  a job's X-Start-Timeout passed before it started
                                              (kind ``start_timeout``; ended, refunded)
@@ -235,6 +245,13 @@ class OutOfMemory(InferenceError):
     call held. The worker retries a batch in halves; a single request fails with this error."""
 
 
+class EngineCrashed(InferenceError):
+    """The engine's child process died while it held this job (SIGKILL, a segfault in a kernel,
+    an abort in a native library, the OOM killer). The worker's parent process lives on: the job
+    goes back to the queue with the attempt counted, and after ``max_attempts`` fails with this
+    error, refunded (``worker/engine_process.py``)."""
+
+
 class ServiceUnavailable(QwenServeError):
     """The server cannot take work right now (shutting down, no worker for the model, the
     store unreachable). ``retry_after_s``, when known, is said in ``Retry-After``."""
@@ -246,6 +263,26 @@ class ServiceUnavailable(QwenServeError):
     ) -> None:
         super().__init__(message, field=field)
         self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The job store cannot be reached for now: Redis restarting, or Sentinel promoting a
+    replica after the primary died. Said with ``Retry-After``; nothing was half-done (each store
+    call is one atomic step), so the same request can simply be sent again."""
+
+
+class NotReplicated(StoreUnavailable):
+    """Redis did not confirm a submit on ``QWENSERVE_REDIS_MIN_REPLICAS`` replicas within the
+    wait: a primary dying now could lose it, so the job was withdrawn (refunded, its
+    idempotency record dropped) rather than accepted. Sending it again is safe."""
+
+
+class MediaUnavailable(ServiceUnavailable):
+    """The media store (an S3 bucket: ``media/s3.py``) cannot be reached or refuses the call.
+    A read answers 503; a worker's finish retries the write (the image kept) and then fails
+    the job refunded with this kind. The cause goes to the log, never to a client."""
+
+    kind = "media_unavailable"
 
 
 class QueueFull(ServiceUnavailable):
@@ -277,7 +314,9 @@ _BY_NAME: dict[str, type[QwenServeError]] = {
         UpstreamTimeout,
         InferenceError,
         OutOfMemory,
+        EngineCrashed,
         ServiceUnavailable,
+        MediaUnavailable,
         StartTimeout,
         ContentPolicyViolation,
     )

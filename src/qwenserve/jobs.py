@@ -1,11 +1,15 @@
 """Jobs, their progress, results and events: plain data shared by the store, the worker and the
-API. No I/O."""
+API. No I/O; turned into stored records and back only inside the stores (``store/records.py``)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # typing only: the catalog imports errors, which import this module
+    from qwenserve.catalog.request import GenerationRequest
+    from qwenserve.catalog.sizes import OutputSize
 
 CANCELLED = "cancelled"
 """``Job.error_kind`` of a job its owner cancelled (refunded)."""
@@ -137,14 +141,15 @@ class JobResult:
 class Job:
     """One accepted request, as the store keeps it.
 
-    ``params`` is the validated request (``GenerationRequest.to_dict()``), with the seed already
-    resolved, so a retried job reproduces the same image. Times are Unix seconds.
+    ``request`` is the validated, typed request from admission to the end: its slug, its seed
+    (already drawn, so a retried job reproduces the same image) and its output size
+    (``request.size``, fixed at admission: ``catalog/sizes.py``) are decided once there and
+    never derived again. Times are Unix seconds.
     """
 
     id: str
-    slug: str
     key_id: str
-    params: dict[str, Any]
+    request: GenerationRequest
     status: JobStatus
     created_at: float
     expires_at: float
@@ -167,6 +172,16 @@ class Job:
     start_by: float | None = None
     """Its start deadline (``X-Start-Timeout``): not started by then, it ends FAILED
     (``start_timeout``), refunded; None: it waits as long as it must."""
+
+    @property
+    def slug(self) -> str:
+        """The model it runs (its request's, resolved at admission)."""
+        return self.request.slug
+
+    @property
+    def size(self) -> OutputSize:
+        """Its output size, fixed at admission."""
+        return self.request.size
 
     @property
     def queue_time_s(self) -> float | None:

@@ -76,6 +76,12 @@ BENCHES = {
         cache=False,
         cost_s=3,
     ),
+    "test_submit_wait": Bench(
+        "submit_wait.py",
+        "Submit cost of accepted-means-replicated (QWENSERVE_REDIS_MIN_REPLICAS)",
+        cache=False,
+        cost_s=3,
+    ),
     "test_request_calls_against_head": Bench(
         "request_calls.py",
         "Python calls per request: this checkout",
@@ -95,6 +101,11 @@ BENCHES = {
         "cold_start.py",
         "Cold start: concurrent vs one-after-the-other loading (tiny models, CPU)",
         cost_s=7,
+    ),
+    "test_engine_boundary": Bench(
+        "engine_boundary.py",
+        "The engine's process boundary (tiny preset, qwen-image-fast 256x256, 2 steps)",
+        cost_s=20,
     ),
     "test_gpu_step_time_says_it_needs_cuda": Bench(
         "gpu_step_time.py", "", cache=False, cost_s=2, env={"CUDA_VISIBLE_DEVICES": ""}
@@ -132,7 +143,7 @@ def smoke(
     ]
     skipped = {name for name, bench in BENCHES.items() if bench.git and not HAS_GIT}
     if not HAS_REDIS:
-        skipped.update({"test_queue_throughput", "test_claim_cost"})
+        skipped.update({"test_queue_throughput", "test_claim_cost", "test_submit_wait"})
     selected = [name for name in selected if name not in skipped]
     runner = SmokeRunner(
         {name: BENCHES[name] for name in selected}, tmp_path_factory.mktemp("bench"), shared_cache
@@ -233,7 +244,10 @@ def test_server_overhead(smoke: SmokeRunner, request: pytest.FixtureRequest) -> 
     figures = _figures(smoke, request)
     for value in figures.values():
         _positive(value)
-    assert figures["v1_server_s"] > figures["v1_engine_s"] * 0.5
+    # A v1 answer includes a real generation. Loosely: the server's engine runs in its own
+    # process (its own torch threads), the direct one in the bench's, and on a loaded 2-core
+    # machine either can be twice as slow as the other.
+    assert figures["v1_server_s"] > figures["v1_engine_s"] * 0.25
 
 
 def test_batching(smoke: SmokeRunner, request: pytest.FixtureRequest) -> None:
@@ -274,6 +288,25 @@ def test_claim_cost(smoke: SmokeRunner, request: pytest.FixtureRequest) -> None:
         for row in rows.values():
             assert _positive(row["median_ms"]) <= _positive(row["p95_ms"])
             assert row["median_ms"] < 50  # one claim: well under a frame, whatever the depth
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not HAS_REDIS, reason="needs the redis-server binary")
+def test_submit_wait(smoke: SmokeRunner, request: pytest.FixtureRequest) -> None:
+    figures = _figures(smoke, request)
+    assert set(figures) == {
+        "none_median_ms",
+        "none_p95_ms",
+        "wait1_median_ms",
+        "wait1_p95_ms",
+        "median_ratio",
+        "p95_ratio",
+    }
+    for name in ("none", "wait1"):
+        assert _positive(figures[f"{name}_median_ms"]) <= _positive(figures[f"{name}_p95_ms"])
+    ratio = figures["wait1_median_ms"] / figures["none_median_ms"]
+    assert _positive(figures["median_ratio"]) == pytest.approx(ratio)
+    assert figures["wait1_median_ms"] < 1000  # a WAIT answered by a live replica, not timed out
 
 
 @needs_git
@@ -318,6 +351,22 @@ def test_cold_start(smoke: SmokeRunner, request: pytest.FixtureRequest) -> None:
     assert figures["tiny/ratio"] == pytest.approx(
         figures["tiny/concurrent"]["load_s"] / figures["tiny/serial"]["load_s"]
     )
+
+
+def test_engine_boundary(smoke: SmokeRunner, request: pytest.FixtureRequest) -> None:
+    figures = _figures(smoke, request)
+    local_s, child_s = _positive(figures["inprocess_s"]), _positive(figures["child_s"])
+    assert figures["ratio"] == pytest.approx(child_s / local_s)
+    boundary_ms = _positive(figures["boundary_ms"])
+    fastest_s = _positive(figures["inprocess_min_s"])
+    assert fastest_s <= local_s and _positive(figures["child_min_s"]) <= child_s
+    assert figures["min_ratio"] == pytest.approx(figures["child_min_s"] / fastest_s)
+    assert figures["boundary_pct"] == pytest.approx(boundary_ms / 10 / fastest_s)
+    assert boundary_ms < 1000 * fastest_s  # the boundary alone is cheaper than an image
+    assert figures["inprocess_outside_ms"] >= 0 and _positive(figures["child_outside_ms"])
+    added = figures["child_outside_ms"] - figures["inprocess_outside_ms"]
+    assert figures["added_ms"] == pytest.approx(added)
+    assert (figures["width"], figures["height"]) == (256, 256)
 
 
 def test_gpu_step_time_says_it_needs_cuda(

@@ -67,7 +67,7 @@ def test_batch_key_equal_and_unequal(engine: Engine) -> None:
         assert engine.batch_key(request) == engine.batch_key(base)
     different = [
         dataclasses.replace(base, steps=4),
-        dataclasses.replace(base, aspect_ratio="16:9"),
+        make_request("qwen-image", prompt="a", steps=3, seed=1, aspect_ratio="16:9"),
         dataclasses.replace(base, guidance=1.0),
         dataclasses.replace(base, guidance=5.0),
         dataclasses.replace(base, slug="qwen-image-fast"),
@@ -75,7 +75,8 @@ def test_batch_key_equal_and_unequal(engine: Engine) -> None:
     for request in different:
         assert engine.batch_key(request) != engine.batch_key(base)
     sized = make_request("qwen-image-2512", prompt="a", width=512, height=512)
-    assert engine.batch_key(sized) != engine.batch_key(dataclasses.replace(sized, width=576))
+    wider = make_request("qwen-image-2512", prompt="a", width=576, height=512)
+    assert engine.batch_key(sized) != engine.batch_key(wider)
 
 
 def test_never_batched(engine: Engine) -> None:

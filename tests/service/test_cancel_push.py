@@ -28,13 +28,14 @@ import pytest
 from qwenserve.accounts.keys import create_api_key
 from qwenserve.api.app import create_app
 from qwenserve.api.services import Services
-from qwenserve.backends import Backend, RedisSignals
+from qwenserve.backends import Backend, LocalSignals, RedisSignals
 from qwenserve.cli.compose import push_cancels
 from qwenserve.config import Settings
 from qwenserve.jobs import CANCELLED, JobStatus
 from qwenserve.media.storage import LocalMediaStore
 from qwenserve.notify import EventFollower
 from qwenserve.store.base import Store
+from qwenserve.store.redis import RedisConnector
 from qwenserve.store.workers import SqliteWorkerRegistry, WorkerRegistry
 from qwenserve.worker.engine import ImageEngine
 from qwenserve.worker.runner import WorkerRunner
@@ -119,8 +120,7 @@ async def open_node(
         store=worker_store,
         registry=registry,
         media=media,
-        signals=RedisSignals(url) if url else None,
-        shared=bool(url),
+        signals=RedisSignals(RedisConnector.from_url(url)) if url else LocalSignals(),
     )
     worker = runner(worker_store, media, engine, clock, control_period_s=NEVER_S, lease_s=600.0)  # type: ignore[arg-type]
     # A separate SQLite worker has only its reader's poll (no channel): a quarter step here, so
@@ -128,7 +128,7 @@ async def open_node(
     poll_s = STEP_S / 4 if setup == "worker" and not url else NEVER_S
     events = EventFollower(worker_store, poll_s=poll_s).start()
     subscriber = push_cancels(backend, events, [worker])
-    if subscriber is not None:  # wait until Redis confirms it: a cancel before would be missed
+    if url:  # wait until Redis confirms it: a cancel before would be missed
         from qwenserve.store.redis_wakeup import RedisCancelWakeup
 
         assert isinstance(subscriber, RedisCancelWakeup) and subscriber.wait_subscribed(10)

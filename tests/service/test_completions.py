@@ -141,6 +141,29 @@ def test_a_follower_resumes_where_it_stopped_after_a_restart(tmp_path: Path, clo
     again.close()
 
 
+def test_a_subscriber_with_history_gets_the_retained_log_once_and_bounded(
+    store: SqliteStore, clock: Clock
+) -> None:
+    _, key = create_api_key(store, name="t", credits_usd=5.0, rpm=0, now=clock())
+    jobs = [submit(store, key.id, clock, seed=seed) for seed in range(3)]  # 3 QUEUED events
+    reader = EventFollower(store)  # placed at the newest: "from now on"
+    past: list[JobEvent] = []
+    bounded: list[JobEvent] = []
+    live: list[JobEvent] = []
+    reader.subscribe(past.append, history=100)
+    reader.subscribe(bounded.append, history=2)
+    reader.subscribe(live.append)
+    assert [e.job_id for e in past] == [j.id for j in jobs], "the log before it, in order"
+    assert [e.job_id for e in bounded] == [j.id for j in jobs[:2]], "at most `history`"
+    assert live == []
+    store.cancel(jobs[0].id, key.id, now=clock())
+    assert reader.read() == 1
+    # After the history, each subscriber gets the new event once (nothing handed twice).
+    assert [e.type for e in past[3:]] == [e.type for e in live] == [JobEventType.FAILED]
+    assert len(bounded) == 3
+    reader.close()
+
+
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     from tests.redis_server import RedisServer, require_redis_server

@@ -105,7 +105,7 @@ async def test_a_blocked_edit_keeps_no_inline_image(api: Harness) -> None:
     response = await api.http.post("/v2/qwen-image-edit-fast", json=body, headers=api.headers())
     request_id = response.json()["request_id"]
     stored = api.store.get_job(request_id, now=api.clock.now)
-    assert stored is not None and stored.params["images"] == []
+    assert stored is not None and stored.request.images == ()
     assert not any(p.is_file() for p in api.media.root.rglob("*")), "nothing in the media store"
 
 

@@ -17,8 +17,9 @@ from qwenserve.jobs import JobStatus
 from qwenserve.media.storage import LocalMediaStore
 from qwenserve.policy import INPUT_BLOCKED, OUTPUT_BLOCKED
 from qwenserve.store.sqlite import SqliteStore
+from qwenserve.worker.config import WorkerConfig
 from qwenserve.worker.inputs import InputLoader
-from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+from qwenserve.worker.runner import WorkerRunner
 from qwenserve.worker.screening import ScreenedInputLoader
 from tests.service.helpers import png_b64
 from tests.service.test_worker import Clock, NoInputs, SolidEngine, balance, enqueue, submit

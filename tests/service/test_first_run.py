@@ -41,3 +41,6 @@ def test_the_startup_says_the_engine_once(make_server: Callable[..., Server]) ->
     assert engine_lines[0].count("engine") == 1
     assert engine_lines[0].endswith("2 worker(s)")  # one line (> 80 columns), not wrapped
     assert "images are noise" in engine_lines[0]
+    # Each worker's engine child says it is ready, by its pid, without repeating the engine.
+    ready = [line for line in lines if "qwenserve.engine.child: engine process" in line]
+    assert len(ready) == 2 and all(line.endswith(" ready") for line in ready), ready

@@ -86,7 +86,7 @@ async def test_cancel_queued_ends_refunds_and_deletes_inputs(api: Harness) -> No
     request_id = await api.submit(slug, image=png_b64())
     job = api.store.get_job(request_id, now=api.clock.now)
     assert job is not None
-    inputs = stored_input_ids(job.params)
+    inputs = stored_input_ids(job.request)
     assert inputs and api.media.get(inputs[0], now=api.clock.now) is not None
     assert await api.credits() < before
 
@@ -198,3 +198,27 @@ async def test_healthz_and_metrics_count_a_waiting_job_as_queued(api: Harness) -
     assert await figures() == (1, 0, 1.0, 0.0)
     api.beat(request_id, 1)  # denoising now
     assert await figures() == (0, 1, 0.0, 1.0)
+
+
+async def test_a_restarted_api_node_shows_etas_learnt_from_the_retained_log(
+    api: Harness, store: Store, tmp_path: Path
+) -> None:
+    first = await api.submit()
+    second = await api.submit(seed=2)
+    api.claim()
+    api.clock.advance(10)
+    api.complete(first)  # ran 10 s
+    api.claim()
+    api.clock.advance(6)
+    api.complete(second)  # ran 6 s, 6 s after the previous completion
+    api.services.close()
+    # A new node over the same store: no job finishes after it starts, yet it knows the pace.
+    async for restarted in make_harness(store, tmp_path / "restarted"):
+        try:
+            restarted.clock.advance(api.clock.now - restarted.clock.now + 5)
+            queued = await restarted.submit(seed=3)
+            body = (await restarted.status(queued)).json()
+            assert body["queue_position"] == 0
+            assert body["eta_s"] == pytest.approx(8.0), body  # (10 + 6) / 2 s a job, one job
+        finally:
+            restarted.services.close()

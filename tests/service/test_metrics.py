@@ -24,8 +24,9 @@ from qwenserve.media.storage import LocalMediaStore
 from qwenserve.notify import CompletionHub
 from qwenserve.store.sqlite import SqliteStore
 from qwenserve.store.workers import SqliteWorkerRegistry
+from qwenserve.worker.config import WorkerConfig
 from qwenserve.worker.inputs import MediaInputLoader
-from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+from qwenserve.worker.runner import WorkerRunner
 from tests.service.helpers import body_for
 
 SLUG = "qwen-image-fast"

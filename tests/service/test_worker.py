@@ -17,7 +17,8 @@ from qwenserve.jobs import Job, JobStatus
 from qwenserve.media.storage import LocalMediaStore
 from qwenserve.store.sqlite import SqliteStore
 from qwenserve.store.workers import SqliteWorkerRegistry, WorkerInfo
-from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+from qwenserve.worker.config import WorkerConfig
+from qwenserve.worker.runner import WorkerRunner
 
 
 class Clock:
@@ -139,9 +140,8 @@ def enqueue(
 ) -> Job:
     job = Job(
         id=job_id,
-        slug=request.slug,
         key_id=key_id,
-        params=request.to_dict(),
+        request=request,
         status=JobStatus.QUEUED,
         created_at=clock(),
         expires_at=clock() + 3600,
@@ -332,7 +332,7 @@ def test_batches_same_shape_jobs_and_returns_the_rest(
     # Each job got its own seed's pixels.
     for job in jobs[:3]:
         result = states[job.id].result  # type: ignore[union-attr]
-        assert result is not None and result.seed == job.params["seed"]
+        assert result is not None and result.seed == job.request.seed
     assert worker.run_once()
     worker.wait_finished()
     assert engine.batch_sizes == [3], "job 3 ran alone"

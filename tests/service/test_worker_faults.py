@@ -20,8 +20,9 @@ from qwenserve.catalog import GenerationRequest
 from qwenserve.jobs import Job, JobStatus
 from qwenserve.media.storage import LocalMediaStore
 from qwenserve.store.sqlite import SqliteStore
+from qwenserve.worker.config import WorkerConfig
 from qwenserve.worker.retry import StoreRetry
-from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+from qwenserve.worker.runner import WorkerRunner
 from tests.service.faults import DOWN, LOST, OK, Flaky
 from tests.service.test_worker import Clock, Generated, NoInputs, SolidEngine, balance, submit
 

@@ -48,7 +48,7 @@ def test_a_batch_out_of_memory_is_split_until_it_fits(
     for job in jobs:
         stored = store.get_job(job.id, now=clock())
         assert stored is not None and stored.status is JobStatus.COMPLETED, stored
-        assert stored.result is not None and stored.result.seed == job.params["seed"]
+        assert stored.result is not None and stored.result.seed == job.request.seed
     assert engine.attempts == [5, 2, 3, 2]  # 5 → 2 + 3 → (1 + 1) + (1 + 2 → 1 + 1)
 
 

@@ -7,6 +7,7 @@ fresh, empty Store, closed afterwards) and ``clock`` (a ``Clock``). Every store 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import uuid
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from qwenserve.catalog import MODELS, GenerationRequest, SizeKind, validate_request
+from qwenserve.catalog.sizes import fix_size
 from qwenserve.errors import (
     Conflict,
     InsufficientCredits,
@@ -89,6 +92,40 @@ def make_key(
     return key
 
 
+def make_request(
+    slug: str = "qwen-image",
+    *,
+    prompt: str = "a cat",
+    seed: int = 7,
+    steps: int = 30,
+    width: int | None = None,
+    height: int | None = None,
+) -> GenerationRequest:
+    """A typed request for any slug (the store takes a slug the catalog does not know), its
+    size fixed as admission fixes it: ``width``/``height`` exact, else the slug's default."""
+    spec = MODELS.get(slug)
+    size = fix_size(
+        spec.recipe if spec is not None else None,
+        width=width,
+        height=height,
+        aspect_ratio=None,
+        has_images=False,
+    )
+    return GenerationRequest(
+        slug=slug,
+        prompt=prompt,
+        steps=steps,
+        guidance=1.0,
+        seed=seed,
+        image_format="png",
+        quality=90,
+        base64=False,
+        size=size,
+        width=width,
+        height=height,
+    )
+
+
 def make_job(
     key: ApiKey,
     clock: Clock,
@@ -97,13 +134,14 @@ def make_job(
     cost_usd: float = 0.1,
     ttl_s: float = TTL_S,
     params: dict[str, Any] | None = None,
+    request: GenerationRequest | None = None,
 ) -> Job:
-    """A QUEUED job as the API builds it, created now."""
+    """A QUEUED job as the API builds it, created now: ``request``, or one made of ``params``
+    (``make_request``'s arguments)."""
     return Job(
         id=f"job-{next(_ids)}-{uuid.uuid4().hex[:8]}",
-        slug=slug,
         key_id=key.id,
-        params=params if params is not None else {"prompt": "a cat", "seed": 7},
+        request=request if request is not None else make_request(slug, **(params or {})),
         status=JobStatus.QUEUED,
         created_at=clock.now,
         expires_at=clock.now + ttl_s,
@@ -286,23 +324,30 @@ class StoreContract:
     # --- get_job -----------------------------------------------------------------------------
     def test_get_job_round_trips_every_field(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock)
-        params: dict[str, Any] = {
-            "prompt": "un chat sur un toit, 夜",
-            "steps": 8,
-            "guidance": 2.5,
-            "seed": 123456789012,
-            "negative_prompt": None,
-            "loras": [{"url": "https://example.com/a.safetensors", "scale": 0.75}],
-            "flags": {"base64": False},
-        }
-        job = make_job(key, clock, slug="qwen-image-fast", cost_usd=0.037, params=params)
+        request = validate_request(
+            "qwen-image-edit-plus-product-photography",
+            {
+                "prompt": "un chat sur un toit, 夜",
+                "seed": 2147483647,
+                "image_1": "https://example.com/a.png",
+                "image_2": "https://example.com/b.png",
+                "aspect_ratio": "4:5",
+                "lora_2_url": "https://example.com/a.safetensors",
+                "base64": True,
+            },
+        )
+        request = dataclasses.replace(
+            request, negative_prompt="flou", partial_images=2, preview_id="p-1"
+        )
+        job = make_job(key, clock, cost_usd=0.037, request=request)
         store.submit(job, rpm=0, now=clock.now)
         got = store.get_job(job.id, now=clock.now)
         assert got is not None
         assert got.id == job.id
-        assert got.slug == "qwen-image-fast"
+        assert got.slug == "qwen-image-edit-plus-product-photography"
         assert got.key_id == key.id
-        assert got.params == params
+        assert got.request == request  # typed through: images, LoRAs, size and all
+        assert got.size == request.size and got.size.kind is SizeKind.RATIO
         assert got.status is JobStatus.QUEUED
         assert got.created_at == job.created_at
         assert got.expires_at == job.expires_at
@@ -363,7 +408,7 @@ class StoreContract:
             assert seen.attempts == 1
             assert seen.started_at == pytest.approx(clock.now)
             assert seen.queue_time_s == pytest.approx(2.0)
-            assert seen.params == job.params
+            assert seen.request == job.request
 
     def test_claim_only_given_slugs(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock)
@@ -434,7 +479,7 @@ class StoreContract:
         assert failed.finished_at == pytest.approx(clock.now)
         assert balance(store, key) == pytest.approx(1.0)
         # the owner of the last attempt can no longer finish it
-        assert store.complete(job.id, "w2", make_result(), now=clock.now) is False
+        assert store.complete(job.id, "w2", make_result(), now=clock.now) is None
 
     def test_exhausted_job_does_not_hide_runnable_ones(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock)
@@ -488,32 +533,32 @@ class StoreContract:
         assert claim_one(store, clock, "w1") is not None
         clock.advance(5)
         result = make_result(seed=42)
-        assert store.complete(job.id, "w1", result, now=clock.now) is True
+        assert store.complete(job.id, "w1", result, now=clock.now) is not None
         got = store.get_job(job.id, now=clock.now)
         assert got is not None
         assert got.status is JobStatus.COMPLETED
         assert got.result == result
         assert got.finished_at == pytest.approx(clock.now)
         assert got.error is None
-        assert got.params == job.params
+        assert got.request == job.request
 
     def test_complete_only_once_and_only_by_owner(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock)
         job = make_job(key, clock)
         store.submit(job, rpm=0, now=clock.now)
         assert claim_one(store, clock, "w1") is not None
-        assert store.complete(job.id, "w2", make_result(), now=clock.now) is False
-        assert store.complete(job.id, "w1", make_result(1), now=clock.now) is True
-        assert store.complete(job.id, "w1", make_result(2), now=clock.now) is False
+        assert store.complete(job.id, "w2", make_result(), now=clock.now) is None
+        assert store.complete(job.id, "w1", make_result(1), now=clock.now) is not None
+        assert store.complete(job.id, "w1", make_result(2), now=clock.now) is None
         got = store.get_job(job.id, now=clock.now)
         assert got is not None and got.result == make_result(1)
-        assert store.complete("no-such-job", "w1", make_result(), now=clock.now) is False
+        assert store.complete("no-such-job", "w1", make_result(), now=clock.now) is None
 
     def test_complete_of_queued_job_is_refused(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock)
         job = make_job(key, clock)
         store.submit(job, rpm=0, now=clock.now)
-        assert store.complete(job.id, "w1", make_result(), now=clock.now) is False
+        assert store.complete(job.id, "w1", make_result(), now=clock.now) is None
         got = store.get_job(job.id, now=clock.now)
         assert got is not None and got.status is JobStatus.QUEUED
 
@@ -524,8 +569,8 @@ class StoreContract:
         assert claim_one(store, clock, "w1", lease_s=10) is not None
         clock.advance(11)
         assert claim_one(store, clock, "w2", lease_s=10) is not None
-        assert store.complete(job.id, "w1", make_result(1), now=clock.now) is False
-        assert store.complete(job.id, "w2", make_result(2), now=clock.now) is True
+        assert store.complete(job.id, "w1", make_result(1), now=clock.now) is None
+        assert store.complete(job.id, "w2", make_result(2), now=clock.now) is not None
         got = store.get_job(job.id, now=clock.now)
         assert got is not None and got.result == make_result(2)
 
@@ -540,11 +585,11 @@ class StoreContract:
         applied = store.fail(
             job.id, "w1", kind="InferenceError", message="CUDA out of memory", now=clock.now
         )
-        assert applied is True
+        assert applied is not None
         assert balance(store, key) == pytest.approx(1.0)
         again = store.fail(job.id, "w1", kind="InferenceError", message="again", now=clock.now)
-        assert again is False
-        assert store.fail(job.id, None, kind="InferenceError", message="x", now=clock.now) is False
+        assert again is None
+        assert store.fail(job.id, None, kind="InferenceError", message="x", now=clock.now) is None
         assert balance(store, key) == pytest.approx(1.0)
         got = store.get_job(job.id, now=clock.now)
         assert got is not None
@@ -559,7 +604,7 @@ class StoreContract:
         job = make_job(key, clock, cost_usd=0.5)
         store.submit(job, rpm=0, now=clock.now)
         assert claim_one(store, clock, "w1") is not None
-        assert store.fail(job.id, "w2", kind="InferenceError", message="x", now=clock.now) is False
+        assert store.fail(job.id, "w2", kind="InferenceError", message="x", now=clock.now) is None
         got = store.get_job(job.id, now=clock.now)
         assert got is not None and got.status is JobStatus.PROCESSING
         assert balance(store, key) == pytest.approx(0.5)
@@ -571,7 +616,7 @@ class StoreContract:
         applied = store.fail(
             job.id, None, kind="UpstreamError", message="image: answered 404", now=clock.now
         )
-        assert applied is True
+        assert applied is not None
         assert balance(store, key) == pytest.approx(1.0)
         got = store.get_job(job.id, now=clock.now)
         assert got is not None
@@ -587,7 +632,7 @@ class StoreContract:
         store.submit(job, rpm=0, now=clock.now)
         assert claim_one(store, clock, "w1") is not None
         assert store.complete(job.id, "w1", make_result(), now=clock.now)
-        assert store.fail(job.id, None, kind="InferenceError", message="x", now=clock.now) is False
+        assert store.fail(job.id, None, kind="InferenceError", message="x", now=clock.now) is None
         assert balance(store, key) == pytest.approx(0.5)
         got = store.get_job(job.id, now=clock.now)
         assert got is not None and got.status is JobStatus.COMPLETED
@@ -598,8 +643,8 @@ class StoreContract:
         job = make_job(key, clock, cost_usd=0.5)
         store.submit(job, rpm=0, now=clock.now)
         assert claim_one(store, clock, "w1", lease_s=30) is not None
-        assert store.release(job.id, "w2", now=clock.now) is False
-        assert store.release(job.id, "w1", now=clock.now) is True
+        assert store.release(job.id, "w2", now=clock.now) is None
+        assert store.release(job.id, "w1", now=clock.now) is not None
         got = store.get_job(job.id, now=clock.now)
         assert got is not None
         assert got.status is JobStatus.QUEUED
@@ -609,7 +654,7 @@ class StoreContract:
         assert balance(store, key) == pytest.approx(0.5)  # still paid for: it will run
         again = claim_one(store, clock, "w2")
         assert again is not None and again.id == job.id and again.attempts == 1
-        assert store.release(job.id, "w1", now=clock.now) is False
+        assert store.release(job.id, "w1", now=clock.now) is None
 
     def test_release_keeps_earlier_attempts(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock)
@@ -618,7 +663,7 @@ class StoreContract:
         assert claim_one(store, clock, "w1", lease_s=10) is not None
         clock.advance(11)
         assert claim_one(store, clock, "w2", lease_s=10) is not None
-        assert store.release(job.id, "w2", now=clock.now) is True
+        assert store.release(job.id, "w2", now=clock.now) is not None
         got = store.get_job(job.id, now=clock.now)
         assert got is not None and got.attempts == 1
 
@@ -634,7 +679,7 @@ class StoreContract:
         assert [j.id for j in retaken] == [j.id for j in jobs]
         assert [j.attempts for j in retaken] == [2, 2, 1]
         assert store.expire_leases(now=clock.now) == 3
-        assert store.complete(jobs[0].id, "w1", make_result(), now=clock.now) is False
+        assert store.complete(jobs[0].id, "w1", make_result(), now=clock.now) is None
 
     # --- purge and stats ---------------------------------------------------------------------
     def test_purge_expired(self, store: Store, clock: Clock) -> None:
@@ -870,7 +915,7 @@ class StoreContract:
         store.submit(job, rpm=0, now=clock.now)
         assert balance(store, key) == pytest.approx(0.75)
         clock.advance(2)
-        cancelled = store.cancel(job.id, key.id, now=clock.now)
+        cancelled = store.cancel(job.id, key.id, now=clock.now).job
         assert cancelled.status is JobStatus.FAILED
         assert cancelled.error_kind == CANCELLED
         assert cancelled.error is not None and "cancelled" in cancelled.error
@@ -896,12 +941,12 @@ class StoreContract:
         store.submit(job, rpm=0, now=clock.now)
         assert claim_one(store, clock, "w1", lease_s=30) is not None
         clock.advance(1)
-        requested = store.cancel(job.id, key.id, now=clock.now)
+        requested = store.cancel(job.id, key.id, now=clock.now).job
         assert requested.status is JobStatus.PROCESSING
         assert requested.cancel_requested_at == pytest.approx(clock.now)
         assert balance(store, key) == pytest.approx(0.75)  # not refunded until it stops
         clock.advance(1)
-        again = store.cancel(job.id, key.id, now=clock.now)  # idempotent while pending
+        again = store.cancel(job.id, key.id, now=clock.now).job  # idempotent while pending
         assert again.cancel_requested_at == requested.cancel_requested_at
         beat = store.heartbeat("w1", {job.id: Progress(2, 8)}, lease_s=30, now=clock.now)
         assert beat.cancelled == {job.id}
@@ -979,7 +1024,7 @@ class StoreContract:
         store.submit(job, rpm=0, now=clock.now)
         assert claim_one(store, clock, "w1", lease_s=10) is not None
         clock.advance(11)
-        ended = store.cancel(job.id, key.id, now=clock.now)
+        ended = store.cancel(job.id, key.id, now=clock.now).job
         assert ended.status is JobStatus.FAILED and ended.error_kind == CANCELLED
         assert balance(store, key) == pytest.approx(1.0)
         terminal = [e for e in store.job_events(job.id) if e.type.is_terminal]
@@ -999,7 +1044,7 @@ class StoreContract:
         assert ended is not None and ended.status is JobStatus.FAILED
         assert ended.error_kind == CANCELLED
         assert store.release(waiting.id, "w1", now=clock.now)
-        assert store.cancel(waiting.id, key.id, now=clock.now).status is JobStatus.FAILED
+        assert store.cancel(waiting.id, key.id, now=clock.now).job.status is JobStatus.FAILED
         assert balance(store, key) == pytest.approx(1.0)
         assert claim_one(store, clock, "w2") is None
         assert store.stats(now=clock.now).queued_by_model.get(waiting.slug, 0) == 0

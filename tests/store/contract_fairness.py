@@ -162,6 +162,36 @@ class FairnessContract:
         back = store.claim("w3", slugs=None, lease_s=30, max_attempts=3, now=clock.now, limit=5)
         assert [j.id for j in back] == [capped_jobs[1].id]
 
+    def test_a_released_job_is_charged_once(self, store: Store, clock: Clock) -> None:
+        a, b = fair_key(store, clock), fair_key(store, clock)
+        submit_many(store, clock, a, 3)
+        submit_many(store, clock, b, 3)
+        taken = claim_one(store, clock, "w1")
+        assert taken is not None
+        assert store.release(taken.id, "w1", now=clock.now)  # e.g. its worker shut down
+        # The claim it gave back is undone: its key is no further ahead than before it.
+        again = claim_one(store, clock, "w2")
+        assert again is not None and again.id == taken.id
+        ran = [again, *serve(store, clock, 5)]
+        keys = [j.key_id for j in ran]
+        assert keys[0::2] == [taken.key_id] * 3 and taken.key_id not in keys[1::2]
+
+    def test_update_sets_the_balance_with_the_limits(self, store: Store, clock: Clock) -> None:
+        key = make_key(store, clock, balance_usd=3.0)
+        job = make_job(key, clock, cost_usd=0.5)
+        store.submit(job, rpm=0, now=clock.now)  # charged: 2.5 left
+        changed = store.update_key(key.id, balance_usd=7.25, rpm=11, max_queued=2)
+        assert changed is not None
+        assert (changed.balance_usd, changed.rpm, changed.max_queued) == (7.25, 11, 2)
+        assert store.get_key(key.id) == changed
+        store.cancel(job.id, key.id, now=clock.now)  # a refund after the set adds to it
+        again = store.get_key(key.id)
+        assert again is not None and again.balance_usd == 7.75
+        assert store.update_key(key.id, balance_usd=0) is not None
+        assert store.topup(key.id, 1.5) == 1.5  # topup adds; update sets
+        assert store.update_key("key-missing", balance_usd=5.0) is None
+        assert store.get_key("key-missing") is None
+
     def test_weight_and_max_running_are_kept_and_changed(self, store: Store, clock: Clock) -> None:
         key = make_key(store, clock)
         assert (key.weight, key.max_running) == (1.0, 0)
@@ -180,3 +210,78 @@ class FairnessContract:
         store.create_key(fresh)
         got = store.get_key(fresh.id)
         assert got is not None and (got.weight, got.max_running) == (0.5, 2)
+
+
+def positions(store: Store, clock: Clock, jobs: list[Job]) -> dict[str, int | None]:
+    return {j.id: store.queue_position(j.id, now=clock.now) for j in jobs}
+
+
+def assert_positions_are_the_claim_order(store: Store, clock: Clock, jobs: list[Job]) -> None:
+    """Every QUEUED job's position is its index in the order one worker then claims them."""
+    shown = {job_id: p for job_id, p in positions(store, clock, jobs).items() if p is not None}
+    assert sorted(shown.values()) == list(range(len(shown))), "one place each, from 0"
+    ran = serve(store, clock, len(shown))
+    assert [j.id for j in ran] == sorted(shown, key=lambda job_id: shown[job_id])
+
+
+class FairPositionContract:
+    """Queue positions (and so ETAs) are a job's place in the fair claim order, not its
+    place in submit order."""
+
+    def test_a_late_key_is_shown_near_the_front(self, store: Store, clock: Clock) -> None:
+        flood, late = fair_key(store, clock), fair_key(store, clock)
+        flooded = submit_many(store, clock, flood, 40)
+        mine = submit_many(store, clock, late, 4)
+        tie = 1 if flood.id < late.id else 0  # equal starts: the claim takes the lower key id
+        assert [store.queue_position(j.id, now=clock.now) for j in mine] == [
+            2 * i + tie for i in range(4)
+        ]
+        assert store.queue_position(flooded[0].id, now=clock.now) == 1 - tie
+        assert store.queue_position(flooded[39].id, now=clock.now) == 43
+        assert_positions_are_the_claim_order(store, clock, flooded + mine)
+
+    def test_positions_follow_the_claims_as_they_happen(self, store: Store, clock: Clock) -> None:
+        flood, late = fair_key(store, clock), fair_key(store, clock)
+        flooded = submit_many(store, clock, flood, 20)
+        serve(store, clock, 6)  # the flood's key is ahead in service: a newcomer starts at V
+        mine = submit_many(store, clock, late, 3)
+        assert store.queue_position(mine[0].id, now=clock.now) == 0
+        everyone = flooded + mine
+        for _ in range(5):
+            shown = {k: v for k, v in positions(store, clock, everyone).items() if v is not None}
+            nxt = claim_one(store, clock, "w1")
+            assert nxt is not None and shown[nxt.id] == 0, "position 0 is the next claimed"
+            assert store.complete(nxt.id, "w1", make_result(), now=clock.now)
+        assert_positions_are_the_claim_order(store, clock, everyone)
+
+    def test_positions_weigh_weights_and_gpu_work(self, store: Store, clock: Clock) -> None:
+        heavy_weight, light = fair_key(store, clock, weight=3), fair_key(store, clock)
+        big = submit_many(store, clock, heavy_weight, 12, HEAVY)
+        small = submit_many(store, clock, light, 30, LIGHT)
+        # A big job is ~88 units (29.4 at weight 3), a small one ~8.4: the sixth small job
+        # starts at ~41.9, after two big ones, not behind all twelve.
+        assert store.queue_position(small[5].id, now=clock.now) == 5 + 2
+        assert_positions_are_the_claim_order(store, clock, big + small)
+
+    def test_a_released_job_keeps_its_place(self, store: Store, clock: Clock) -> None:
+        a, b = fair_key(store, clock), fair_key(store, clock)
+        jobs_a, jobs_b = submit_many(store, clock, a, 3), submit_many(store, clock, b, 3)
+        taken = claim_one(store, clock, "w1")
+        assert taken is not None and positions(store, clock, [taken]) == {taken.id: None}
+        assert store.release(taken.id, "w1", now=clock.now)
+        assert store.queue_position(taken.id, now=clock.now) == 0
+        assert_positions_are_the_claim_order(store, clock, jobs_a + jobs_b)
+
+    def test_a_cancelled_job_leaves_the_order(self, store: Store, clock: Clock) -> None:
+        a, b = fair_key(store, clock), fair_key(store, clock)
+        jobs_a, jobs_b = submit_many(store, clock, a, 4), submit_many(store, clock, b, 4)
+        before = store.queue_position(jobs_b[3].id, now=clock.now)
+        store.cancel(jobs_a[0].id, a.id, now=clock.now)
+        assert store.queue_position(jobs_a[0].id, now=clock.now) is None
+        assert store.queue_position(jobs_b[3].id, now=clock.now) == (before or 0) - 1
+        # The key's later stamps stay where they were (store/sqlite/fair_order.py): an estimate
+        # off by at most the one job cancelled ahead of them.
+        shown = positions(store, clock, jobs_a[1:] + jobs_b)
+        assert sorted(p for p in shown.values() if p is not None) == list(range(7))
+        ran = serve(store, clock, 7)
+        assert all(abs(shown[j.id] - i) <= 1 for i, j in enumerate(ran)), (shown, ran)  # type: ignore[operator]

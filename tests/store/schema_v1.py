@@ -83,6 +83,28 @@ class V1Data:
     failed: str
 
 
+def v1_params(slug: str, prompt: str, seed: int) -> dict[str, object]:
+    """A job's ``params`` as the v1 release wrote them: ``GenerationRequest.to_dict()`` of its
+    day, with no ``size`` (sizes were planned by the worker then) and no preview fields."""
+    return {
+        "slug": slug,
+        "prompt": prompt,
+        "steps": 30,
+        "guidance": 4.0,
+        "seed": seed,
+        "image_format": "png",
+        "quality": 90,
+        "base64": False,
+        "negative_prompt": None,
+        "aspect_ratio": "3:4",
+        "width": None,
+        "height": None,
+        "images": [],
+        "lora": None,
+        "extra_loras": [],
+    }
+
+
 def make_v1_database(path: Path, *, now: float) -> V1Data:
     """A v1 database at ``path`` with one key (balance $9.00 after four paid jobs) and jobs
     QUEUED (two models), PROCESSING (lease until now + 30), COMPLETED and FAILED."""
@@ -143,7 +165,7 @@ def make_v1_database(path: Path, *, now: float) -> V1Data:
                     job_id,
                     slug,
                     data.key_id,
-                    json.dumps({"prompt": f"job {offset}", "seed": offset}),
+                    json.dumps(v1_params(str(slug), f"job {offset}", offset)),
                     status,
                     now - 10 + offset,
                     now + 3600,

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from qwenserve.backends import open_backend
 from qwenserve.cli.main import main
+from qwenserve.config import Settings
 from qwenserve.store.sqlite import SqliteStore
 
 
@@ -83,3 +85,36 @@ def test_create_and_update_weight_and_max_running(
     finally:
         store.close()
     assert key is not None and (key.weight, key.max_running) == (0.5, 0)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def test_update_credits_sets_the_balance_in_one_step(
+    kind: str,
+    data_dir: Path,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--credits`` is the balance afterwards, whatever was charged before, set together with
+    the other values (one ``Store.update_key``, no read-then-top-up window), on both stores."""
+    if kind == "redis":
+        request.getfixturevalue("redis_client")  # an emptied server
+        args = ["--data-dir", str(data_dir), "--store", request.getfixturevalue("redis_url")]
+    else:
+        args = ["--data-dir", str(data_dir)]
+    assert main(["keys", "create", "--credits", "2", *args]) == 0
+    settings = Settings.model_validate(
+        {"data_dir": data_dir, "store": args[-1] if kind == "redis" else "sqlite"}
+    )
+    backend = open_backend(settings)
+    try:
+        [key] = backend.store.list_keys()
+        assert backend.store.topup(key.id, -0.75) == 1.25  # as a charge would
+        assert main(["keys", "update", key.id, "--credits", "7.5", "--rpm", "9", *args]) == 0
+        assert "balance $7.500000, rpm 9" in capsys.readouterr().out
+        after = backend.store.get_key(key.id)
+        assert after is not None and (after.balance_usd, after.rpm) == (7.5, 9)
+        assert main(["keys", "update", key.id, "--credits", "0", *args]) == 0
+        zero = backend.store.get_key(key.id)
+        assert zero is not None and zero.balance_usd == 0.0
+    finally:
+        backend.close()

@@ -4,6 +4,8 @@ and the Redis media store."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from qwenserve.catalog import OutputSize, SizeKind
 from qwenserve.errors import ServiceUnavailable, Unauthenticated
 from qwenserve.jobs import JobEventType, JobStatus
 from qwenserve.media.redis_storage import RedisMediaStore
@@ -22,10 +25,12 @@ from qwenserve.store.workers import WorkerInfo
 from tests.redis_server import RedisServer
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
 from tests.store.contract_backpressure import BackpressureContract
-from tests.store.contract_fairness import FairnessContract
+from tests.store.contract_events import EventsContract
+from tests.store.contract_fairness import FairnessContract, FairPositionContract
 from tests.store.contract_history import HistoryContract
 from tests.store.contract_idempotency import IdempotencyContract
 from tests.store.contract_policy import PolicyContract
+from tests.store.schema_v1 import v1_params
 
 pytestmark = pytest.mark.redis
 
@@ -54,6 +59,8 @@ class TestRedisStore(
     PolicyContract,
     BackpressureContract,
     FairnessContract,
+    FairPositionContract,
+    EventsContract,
 ):
     """Every contract test, against an emptied redis-server."""
 
@@ -176,7 +183,7 @@ def test_repeated_submit_of_one_job_is_charged_once(store: RedisStore, clock: Cl
     job = make_job(key, clock, cost_usd=0.25)
     first = store.submit(job, rpm=5, now=clock.now)
     again = store.submit(job, rpm=5, now=clock.now)
-    assert again == first
+    assert again == dataclasses.replace(first, event=None), "nothing appended again"
     assert store.topup(key.id, 0.0) == pytest.approx(0.75)
     assert store.stats(now=clock.now).queued_by_model == {"qwen-image": 1}
 
@@ -371,7 +378,7 @@ def test_history_keeps_prompts_when_asked(redis_url: str, namespace: str, clock:
         job = make_job(key, clock)
         kept.submit(job, rpm=0, now=clock.now)
         [record] = kept.history(key.id, limit=5).records
-        assert record.prompt == job.params["prompt"]
+        assert record.prompt == job.request.prompt
     finally:
         kept.close()
 
@@ -402,3 +409,22 @@ def test_jobs_queued_before_fair_queuing_are_still_claimed_in_order(
     assert redis_client.xpending(keys.queue(slug), CONSUMER_GROUP)["consumers"] == [
         {"name": "w1", "pending": 3}
     ]
+
+
+def test_a_job_stored_before_sizes_were_fixed_still_loads_and_runs(
+    store: RedisStore, redis_client: redis.Redis, clock: Clock
+) -> None:
+    """A job hash written by an older release (``params`` without ``size``) loads typed, its
+    size fixed from its fields as the runtime planned it then; new ones keep theirs."""
+    key = make_key(store, clock)
+    job = make_job(key, clock)
+    store.submit(job, rpm=0, now=clock.now)
+    assert '"size":' in str(redis_client.hget(store.keys.job(job.id), "params"))
+    redis_client.hset(
+        store.keys.job(job.id), "params", json.dumps(v1_params("qwen-image", "old", 3))
+    )
+    old = store.get_job(job.id, now=clock.now)
+    assert old is not None and (old.request.prompt, old.request.seed) == ("old", 3)
+    assert old.size == OutputSize(SizeKind.RATIO, 1104 * 1472, 1104, 1472)
+    [claimed] = store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
+    assert claimed.id == job.id and claimed.size == old.size

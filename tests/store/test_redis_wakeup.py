@@ -179,13 +179,13 @@ def test_the_cancel_channel_carries_each_running_job_its_owner_cancels_once(
         key = make_key(store, clock)
         queued = make_job(key, clock)
         store.submit(queued, rpm=0, now=clock.now)
-        assert store.cancel(queued.id, queued.key_id, now=clock.now).status is JobStatus.FAILED
+        assert store.cancel(queued.id, queued.key_id, now=clock.now).job.status is JobStatus.FAILED
         assert heard.nothing_within(0.2)
 
         running = make_job(key, clock)
         store.submit(running, rpm=0, now=clock.now)
         assert store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=clock.now)
-        assert store.cancel(running.id, running.key_id, now=clock.now).cancel_requested_at
+        assert store.cancel(running.id, running.key_id, now=clock.now).job.cancel_requested_at
         assert heard.next() == running.id
         store.cancel(running.id, running.key_id, now=clock.now)  # asked again: already known
         assert heard.nothing_within(0.2)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from qwenserve.catalog import OutputSize, SizeKind
 from qwenserve.errors import (
     KeyQueueFull,
     QueueFull,
@@ -27,7 +28,8 @@ from qwenserve.jobs import CANCELLED, JobEventType, JobResult, JobStatus, Progre
 from qwenserve.store.sqlite import SCHEMA_VERSION, SqliteStore, schema
 from tests.store.contract import Clock, StoreContract, make_job, make_key, make_result
 from tests.store.contract_backpressure import BackpressureContract
-from tests.store.contract_fairness import FairnessContract
+from tests.store.contract_events import EventsContract
+from tests.store.contract_fairness import FairnessContract, FairPositionContract
 from tests.store.contract_history import HistoryContract
 from tests.store.contract_idempotency import IdempotencyContract
 from tests.store.contract_policy import PolicyContract
@@ -58,6 +60,8 @@ class TestSqliteStore(
     PolicyContract,
     BackpressureContract,
     FairnessContract,
+    FairPositionContract,
+    EventsContract,
 ):
     """Every contract test, against a fresh database file."""
 
@@ -154,7 +158,9 @@ def test_a_v1_data_dir_is_upgraded_and_loses_nothing(db_path: Path, clock: Clock
         assert {i: r.status for i, r in history.items()} == {i: s.value for i, s in got.items()}
         assert history[v1.failed].cost_usd == 0 and history[v1.failed].error == "boom"
         assert history[v1.completed].inference_time_s == V1_RESULT["inference_time_s"]
-        assert running.params == {"prompt": "job 2", "seed": 2}
+        # a v1 record's request loads typed, its size fixed now from its fields (no size then)
+        assert (running.request.prompt, running.request.seed) == ("job 2", 2)
+        assert running.size == OutputSize(SizeKind.RATIO, 1104 * 1472, 1104, 1472)
         # the rate window the old release opened carries on: 4 of 10 used
         outcome = store.submit(make_job(key, clock, cost_usd=0.0), rpm=10, now=clock.now)
         assert outcome.rate_limit_remaining == 5
@@ -304,15 +310,17 @@ _KILLED_MID_WORK = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
+    from qwenserve.catalog import validate_request
     from qwenserve.jobs import Job, JobStatus
     from qwenserve.store.base import ApiKey
     from qwenserve.store.sqlite import SqliteStore
 
+    REQUEST = validate_request("qwen-image", {"prompt": "a cat"})
     now = float(sys.argv[2])
     store = SqliteStore(Path(sys.argv[1]))
     store.create_key(ApiKey(id="k", key_hash="h" * 64, name="k", balance_usd=1.0, rpm=0))
     for n in range(3):
-        store.submit(Job(id=f"j{n}", slug="qwen-image", key_id="k", params={},
+        store.submit(Job(id=f"j{n}", key_id="k", request=REQUEST,
                          status=JobStatus.QUEUED, created_at=now, expires_at=now + 3600,
                          cost_usd=0.25), rpm=0, now=now)
     store.claim("w1", slugs=None, lease_s=30, max_attempts=3, now=now, limit=2)
@@ -361,9 +369,11 @@ _SUBMITTER = textwrap.dedent(
     import json, sys, time, uuid
     from pathlib import Path
     from qwenserve.errors import InsufficientCredits
+    from qwenserve.catalog import validate_request
     from qwenserve.jobs import Job, JobStatus
     from qwenserve.store.sqlite import SqliteStore
 
+    REQUEST = validate_request("qwen-image", {"prompt": "a cat"})
     path, key_id, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
     now = float(sys.argv[5])
     store = SqliteStore(Path(path))
@@ -371,7 +381,7 @@ _SUBMITTER = textwrap.dedent(
         time.sleep(0.005)
     accepted = []
     for _ in range(count):
-        job = Job(id=str(uuid.uuid4()), slug="qwen-image", key_id=key_id, params={},
+        job = Job(id=str(uuid.uuid4()), key_id=key_id, request=REQUEST,
                   status=JobStatus.QUEUED, created_at=now, expires_at=now + 3600, cost_usd=0.01)
         try:
             store.submit(job, rpm=0, now=now)

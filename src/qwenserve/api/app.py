@@ -16,21 +16,28 @@ from qwenserve.api.docs import create_documented_app
 from qwenserve.api.errors import install_error_handlers
 from qwenserve.api.query import SingleValuedQuery
 from qwenserve.api.services import Services
+from qwenserve.errors import ServiceUnavailable
 
 log = logging.getLogger("qwenserve.api")
 
 
 async def _purge_loop(services: Services) -> None:
-    """Delete expired results and their media (reads already treat them as gone)."""
+    """Delete expired results and their media (reads already treat them as gone). The jobs it
+    ended on the way (expired unfinished, missed start deadlines) get what every ending gets
+    (``Services.endings``, handed the jobs as they were)."""
     while True:
         try:
             expired = await services.call(services.store.purge_expired, now=services.clock())
+            if expired.events:
+                await services.call(services.endings.handle, expired.events, *expired)
             for job in expired:
-                if job.result is not None:
+                if job.result is not None:  # the removal of a result, not an ending
                     await services.call(services.media.delete, job.result.media_id)
             await services.call(services.media.purge_expired, now=services.clock())
             if expired:
                 log.info("purged %d expired results", len(expired))
+        except ServiceUnavailable as error:  # an outage (store, bucket): one line, next round
+            log.warning("purging expired results failed: %s", error.message)
         except Exception:
             log.exception("purging expired results failed")
         await asyncio.sleep(services.settings.purge_interval_s)
@@ -41,6 +48,9 @@ def create_app(services: Services) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The event-log reader runs on its own thread while the app serves, unless the
+        # composition root started (and will close) it.
+        reader = None if services.events.running else services.events.start()
         purge = asyncio.create_task(_purge_loop(services))
         try:
             yield
@@ -48,6 +58,8 @@ def create_app(services: Services) -> FastAPI:
             purge.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purge
+            if reader is not None:
+                await asyncio.to_thread(reader.close)
 
     app = create_documented_app(
         title="qwenserve",

@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
 
 from qwenserve.api.auth import CurrentKey
+from qwenserve.api.jobs import START_TIMEOUT_HEADER
 from qwenserve.catalog import ALL_MODELS, ModelSpec, get_model, input_schema
 from qwenserve.store.base import ApiKey
 
@@ -42,6 +43,20 @@ REDOC_CDN_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 INLINE_LOGO = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"
 
 SLUG_MARKER = "x-qwenserve-slug"
+
+START_TIMEOUT_PARAMETER: dict[str, Any] = {
+    "name": START_TIMEOUT_HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+    "description": "Seconds the job may wait for its compute to begin. Not started by then "
+    "(a worker's look-ahead does not count), it ends FAILED with reason `start_timeout`, "
+    "refunded (v1 and the OpenAI routes answer 503); a started job is never cut by it. Not "
+    "a positive number: 400 naming the header.",
+}
+"""The ``X-Start-Timeout`` request header, declared on every submit route (v1, v2, OpenAI):
+pass ``START_TIMEOUT_OPENAPI`` as a route's ``openapi_extra``."""
+START_TIMEOUT_OPENAPI: dict[str, Any] = {"parameters": [START_TIMEOUT_PARAMETER]}
 
 SlugHandler = Callable[[str, Request, ApiKey], Awaitable[Response]]
 
@@ -121,7 +136,7 @@ def add_slug_routes(
             operation_id=f"{handler.__name__}_{spec.slug.replace('-', '_')}",
             responses=responses,
             response_model=response_model,
-            openapi_extra={SLUG_MARKER: spec.slug},
+            openapi_extra={SLUG_MARKER: spec.slug, **START_TIMEOUT_OPENAPI},
         )
 
 

@@ -109,7 +109,8 @@ ERROR_MEANINGS: Mapping[int, str] = {
     429: "Too many requests this minute, or the key's queued jobs at its limit (see `Retry-After`)",
     500: "The engine failed while running the job",
     502: "A fetch failed upstream (an input URL the caller named is a 400 instead)",
-    503: "Shutting down, no worker can take the job, or the queue is full (see `Retry-After`)",
+    503: "Shutting down, no worker can take the job, the queue is full, or the store is "
+    "failing over or could not replicate the submit (see `Retry-After`)",
     504: "No answer in time (an input URL, or the sync wait; the job goes on)",
 }
 

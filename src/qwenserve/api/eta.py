@@ -2,9 +2,10 @@
 
 Two measures, both in memory on each API node:
 
-* ``Throughput`` follows the store's durable event log (every node sees every job's
-  transitions, whichever node or worker made them) and keeps, per model, the recent seconds
-  per finished job: ``min(run time, gap since that model's previous completion)``. The gap
+* ``Throughput`` is a subscriber of the process's one event-log reader (every node sees every
+  job's transitions, whichever node or worker made them) and keeps, per model, the recent seconds
+  per finished job: ``min(run time, gap since that model's previous completion)``, learnt first
+  from what the log retained when the node started (a bounded read through that reader). The gap
   captures parallel workers and batches (four jobs of one batch ending together count about a
   quarter of a run each); the run time caps the long gaps of an idle server.
 * ``StepRates`` measures a running job's seconds per denoising step from two progress reports
@@ -21,16 +22,18 @@ import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from qwenserve.errors import InvalidRequest
-from qwenserve.jobs import JobEventType, JobProgress
+from qwenserve.jobs import JobEvent, JobEventType, JobProgress
+from qwenserve.notify.follower import EventFollower
 from qwenserve.store.base import Store
 
 log = logging.getLogger("qwenserve.api")
 
 SAMPLES_PER_MODEL = 20
-PAGE_SIZE = 500
-MAX_PAGES_PER_REFRESH = 20
 MAX_TRACKED_JOBS = 10_000
+HISTORY_EVENTS = 5_000
+"""The most events of the retained log the pace learns from at start (one bounded read: 25
+store reads of 200; the store reads the log oldest first, so a longer log seeds from its oldest
+part, replaced by the newest as jobs finish: ``SAMPLES_PER_MODEL`` per model are kept)."""
 
 
 @dataclass(frozen=True)
@@ -42,58 +45,60 @@ class QueueFigures:
 
 
 class Throughput:
-    """Recent seconds per finished job of each model, followed from the store's event log.
+    """Recent seconds per finished job of each model, from the events its reader hands it.
 
     Args:
-        refresh_s: the least time between two reads of the log (reads happen only when a
-            queued job's ETA is asked for).
+        refresh_s: the oldest the figures may be when a queued job's ETA is asked for: the
+            running counts are re-read as often, and the reader asked to catch up as often
+            where its own thread does not keep reading.
     """
 
     def __init__(self, refresh_s: float = 1.0) -> None:
         self.refresh_s = refresh_s
         self._lock = threading.Lock()
-        self._cursor: str | None = None
+        self._reader: EventFollower | None = None
         self._refreshed_at: float | None = None
         self._running_since: OrderedDict[str, float] = OrderedDict()
         self._last_completion: dict[str, float] = {}
         self._samples: dict[str, deque[float]] = {}
         self._processing: dict[str, int] = {}
 
+    def follow(self, reader: EventFollower, *, history: int = HISTORY_EVENTS) -> None:
+        """Take every event from ``reader`` (the process's one reader of the log), after
+        learning from up to ``history`` events the log retained from before (a restarted node
+        shows ETAs at once, not only after its next jobs finish)."""
+        self._reader = reader
+        reader.subscribe(self.on_event, history=history)
+
     def figures(self, store: Store, slug: str, *, now: float) -> QueueFigures:
         """The model's seconds per job (None: nothing finished lately) and jobs running now.
 
-        Blocking (reads the store at most every ``refresh_s``): call it off the event loop.
+        Blocking (may make the reader read, and reads the running counts, at most every
+        ``refresh_s``): call it off the event loop.
         """
+        stale = self._refreshed_at is None or now - self._refreshed_at >= self.refresh_s
+        if stale and self._reader is not None and not self._reader.running:
+            self._reader.catch_up()  # no thread reads for it (an app without its lifespan)
         with self._lock:
-            if self._refreshed_at is None or now - self._refreshed_at >= self.refresh_s:
+            if stale:
                 self._refreshed_at = now
-                self._follow(store)
                 self._processing = dict(store.stats(now=now).processing_by_model)
             samples = self._samples.get(slug)
             per_job = sum(samples) / len(samples) if samples else None
             return QueueFigures(seconds_per_job=per_job, processing=self._processing.get(slug, 0))
 
-    def _follow(self, store: Store) -> None:
-        for _ in range(MAX_PAGES_PER_REFRESH):
-            try:
-                page = store.events(after=self._cursor, limit=PAGE_SIZE)
-            except InvalidRequest:  # a cursor the store no longer knows: start over
-                log.warning("event log cursor %r unknown; reading from the start", self._cursor)
-                self._cursor = None
-                page = store.events(after=None, limit=PAGE_SIZE)
-            for event in page:
-                self._cursor = event.id
-                if event.type is JobEventType.PROCESSING:
-                    self._running_since[event.job_id] = event.at
-                    self._running_since.move_to_end(event.job_id)
-                    while len(self._running_since) > MAX_TRACKED_JOBS:
-                        self._running_since.popitem(last=False)
-                elif event.type is JobEventType.COMPLETED:
-                    self._completed(event.slug, event.job_id, event.at)
-                elif event.type is not JobEventType.CANCEL_REQUESTED:
-                    self._running_since.pop(event.job_id, None)
-            if len(page) < PAGE_SIZE:
-                return
+    def on_event(self, event: JobEvent) -> None:
+        """The reader's subscriber: a claim starts a run, a completion ends one (a sample)."""
+        with self._lock:
+            if event.type is JobEventType.PROCESSING:
+                self._running_since[event.job_id] = event.at
+                self._running_since.move_to_end(event.job_id)
+                while len(self._running_since) > MAX_TRACKED_JOBS:
+                    self._running_since.popitem(last=False)
+            elif event.type is JobEventType.COMPLETED:
+                self._completed(event.slug, event.job_id, event.at)
+            elif event.type is not JobEventType.CANCEL_REQUESTED:
+                self._running_since.pop(event.job_id, None)
 
     def _completed(self, slug: str, job_id: str, at: float) -> None:
         started = self._running_since.pop(job_id, None)

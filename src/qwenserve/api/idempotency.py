@@ -12,6 +12,7 @@ job's seed. A request that makes several jobs (OpenAI's ``n``) is one set under 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -95,7 +96,10 @@ def for_set(
 
 
 def _fields(request: GenerationRequest, seed_drawn: bool) -> dict[str, Any]:
-    fields = request.to_dict()
+    """What a repeat must match: the request's fields, hashed here and never stored as a job
+    (``size`` is left out: validation derives it from the others)."""
+    fields = dataclasses.asdict(request)
+    del fields["size"]
     if seed_drawn:
         fields["seed"] = None
     return fields

@@ -26,10 +26,10 @@ from qwenserve.api.services import Services
 from qwenserve.catalog import GenerationRequest, get_model
 from qwenserve.errors import ContentPolicyViolation, InvalidRequest, UnknownRequest, error_kind
 from qwenserve.jobs import Job, JobStatus
-from qwenserve.media.inline import forget, store_inline_images, stored_input_ids
+from qwenserve.media.inline import forget, store_inline_images
 from qwenserve.media.previews import new_preview_prefix
 from qwenserve.policy import PROMPT_BLOCKED
-from qwenserve.store.base import ApiKey, Idempotency, SubmitOutcome
+from qwenserve.store.base import ApiKey, Cancelled, Idempotency, SubmitOutcome
 from qwenserve.store.rules import IDEMPOTENCY_HEADER
 
 log = logging.getLogger("qwenserve.api")
@@ -41,11 +41,15 @@ refunded (``Store.claim``)."""
 
 @dataclass(frozen=True)
 class Submitted:
-    """An accepted job (durable: the store committed it), its request and admission figures."""
+    """An accepted job (durable: the store committed it) and its admission figures."""
 
     job: Job
-    request: GenerationRequest
     outcome: SubmitOutcome
+
+    @property
+    def request(self) -> GenerationRequest:
+        """The job's typed request, as admission fixed it."""
+        return self.job.request
 
     @property
     def replayed(self) -> bool:
@@ -157,9 +161,8 @@ async def submit(
         )
     job = Job(
         id=job_id,
-        slug=slug,
         key_id=key.id,
-        params=request.to_dict(),
+        request=request,
         status=JobStatus.QUEUED,
         created_at=now,
         expires_at=expires_at,
@@ -170,7 +173,7 @@ async def submit(
     if refusal is not None:  # recorded as ended: polled like any job, never queued or charged
         job = dataclasses.replace(
             job,
-            params={**job.params, "images": []},  # never run: no inline image in the record
+            request=dataclasses.replace(request, images=()),  # never run: no inline image kept
             status=JobStatus.FAILED,
             cost_usd=0.0,
             error=refusal.message,
@@ -202,11 +205,11 @@ async def submit(
             slug,
             key.id,
         )
-        return Submitted(job=job, request=request, outcome=outcome)
+        return Submitted(job=job, outcome=outcome)
     log.info("job %s accepted slug=%s key=%s cost=%.4f", job.id, slug, key.id, job.cost_usd)
     if wake and services.on_submitted is not None:
         services.on_submitted(job.id)
-    return Submitted(job=job, request=request, outcome=outcome)
+    return Submitted(job=job, outcome=outcome)
 
 
 async def _replayed(services: Services, outcome: SubmitOutcome) -> Submitted:
@@ -222,8 +225,7 @@ async def _replayed(services: Services, outcome: SubmitOutcome) -> Submitted:
             field=IDEMPOTENCY_HEADER,
         )
     log.info("job %s: submit replayed by its idempotency key", original.id)
-    request = GenerationRequest.from_dict(original.params)
-    return Submitted(job=original, request=request, outcome=outcome)
+    return Submitted(job=original, outcome=outcome)
 
 
 def refuse_by_policy(
@@ -293,17 +295,22 @@ async def cancel(services: Services, key_id: str, job_id: str) -> Job:
     cancelled and refunded; a running one is asked to stop at its next denoising step (the
     request is in the event log; ``on_cancel_requested`` makes this process read it now).
 
-    A job that ended here has its stored inline inputs deleted (no worker will) and its
-    waiters woken. Returns the job as it now is.
+    A job that ended here gets what every ending gets (``Services.endings``: its stored inline
+    inputs deleted, ...) before this returns, and the event-log reader reads at once (its
+    waiters, streams and webhook). Returns the job as it now is.
 
     Raises:
         UnknownRequest: unknown, expired, or another key's.
         Conflict: it had already ended (``job_status`` says how).
     """
-    job: Job = await services.call(services.store.cancel, job_id, key_id, now=services.clock())
+    cancelled: Cancelled = await services.call(
+        services.store.cancel, job_id, key_id, now=services.clock()
+    )
+    job = cancelled.job
+    if cancelled.events:
+        await services.call(services.endings.handle, cancelled.events, job)
+        services.events.poke()
     if job.status.is_terminal:
-        await services.call(forget, services.media, stored_input_ids(job.params))
-        services.hub.notify(job.id)
         log.info("job %s cancelled before it ran; refunded", job.id)
     else:
         if services.on_cancel_requested is not None:

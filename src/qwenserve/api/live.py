@@ -3,7 +3,9 @@ and about how long it will take. Dialect-free: each API shapes ``LiveView.fields
 
 The fields, all additive to the four statuses (clients that only read ``status`` never notice):
 
-* QUEUED: ``queue_position`` (jobs of its model ahead of it; 0: next) and ``eta_s``.
+* QUEUED: ``queue_position`` (jobs of its model the fair claim takes before it, 0: next:
+  weighted fair queuing between keys, FIFO within a key; ``Store.queue_position``) and
+  ``eta_s`` (that many jobs, and those running, at the model's recent pace).
 * PROCESSING with progress: ``progress: {step, total_steps, fraction}`` and ``eta_s``.
 * PROCESSING without progress: ``waiting: true``: a worker holds it but has not started
   denoising (it waits behind the batch that worker runs, or loads its model or inputs);

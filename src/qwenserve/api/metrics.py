@@ -9,7 +9,8 @@
   /metrics is complete whichever process the workers run in. No torch here.
 - **Job outcomes**: completions and failures by kind, counted from the store's event log,
   which records every ending wherever it happened (a worker, a give-up inside someone's claim,
-  a cancel, an expiry). Counted from this node's start, read at scrape time. Content policy
+  a cancel, an expiry): a subscriber of the process's one reader (``notify/follower.py``),
+  counted from this node's start; a scrape asks the reader to catch up first. Content policy
   blocks are counted the same way, by what was blocked (from the block's fixed message), so
   the blocks of workers in other processes are counted with no channel of their own.
 """
@@ -33,16 +34,13 @@ from prometheus_client.registry import Collector
 
 from qwenserve.api.http_metrics import HttpMetricsMiddleware
 from qwenserve.api.services import Services
-from qwenserve.errors import ContentPolicyViolation, InvalidRequest
-from qwenserve.jobs import JobEventType
+from qwenserve.errors import ContentPolicyViolation
+from qwenserve.jobs import JobEvent, JobEventType
+from qwenserve.notify.follower import EventFollower
 from qwenserve.policy import blocked_stage
-from qwenserve.store.base import Store
 from qwenserve.worker.metrics import SPECS, MetricSpec
 
 log = logging.getLogger("qwenserve.api")
-
-EVENT_PAGE = 500
-MAX_PAGES_PER_SCRAPE = 20
 
 
 def instrument(app: FastAPI, registry: CollectorRegistry) -> None:
@@ -100,40 +98,33 @@ def _le(bound: float) -> str:
 
 
 class JobOutcomes(Collector):
-    """Jobs completed, and failed by kind, per model: counted from the event log since this
-    node started (every ending is logged, whoever made it)."""
+    """Jobs completed, and failed by kind, per model: counted from the events ``reader`` (the
+    process's one reader of the log) hands out since this node started (every ending is
+    logged, whoever made it)."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, reader: EventFollower) -> None:
+        self.reader = reader
         self._lock = threading.Lock()
-        self._position: str | None = store.last_event_id()
         self._completed: dict[str, int] = {}
         self._failed: dict[tuple[str, str], int] = {}
         self._blocked: dict[str, int] = dict.fromkeys(("prompt", "input", "output"), 0)
+        reader.subscribe(self.on_event)
 
-    def _follow(self) -> None:
-        for _ in range(MAX_PAGES_PER_SCRAPE):
-            try:
-                page = self.store.events(after=self._position, limit=EVENT_PAGE)
-            except InvalidRequest:  # a position the store no longer knows: from now on
-                self._position = self.store.last_event_id()
-                return
-            for event in page:
-                self._position = event.id
-                if event.type is JobEventType.COMPLETED:
-                    self._completed[event.slug] = self._completed.get(event.slug, 0) + 1
-                elif event.type is JobEventType.FAILED:
-                    key = (event.slug, event.error_kind or "unknown")
-                    self._failed[key] = self._failed.get(key, 0) + 1
-                    stage = blocked_stage(event.error)
-                    if event.error_kind == ContentPolicyViolation.kind and stage is not None:
-                        self._blocked[stage] = self._blocked.get(stage, 0) + 1
-            if len(page) < EVENT_PAGE:
-                return
+    def on_event(self, event: JobEvent) -> None:
+        """The reader's subscriber: count each ending."""
+        with self._lock:
+            if event.type is JobEventType.COMPLETED:
+                self._completed[event.slug] = self._completed.get(event.slug, 0) + 1
+            elif event.type is JobEventType.FAILED:
+                key = (event.slug, event.error_kind or "unknown")
+                self._failed[key] = self._failed.get(key, 0) + 1
+                stage = blocked_stage(event.error)
+                if event.error_kind == ContentPolicyViolation.kind and stage is not None:
+                    self._blocked[stage] = self._blocked.get(stage, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
+        self.reader.catch_up()  # counted up to the scrape
         with self._lock:
-            self._follow()
             completed = dict(self._completed)
             failed = dict(self._failed)
             blocked = dict(self._blocked)

@@ -31,6 +31,7 @@ from starlette.formparsers import MultiPartException
 
 from qwenserve.api import idempotency, jobs
 from qwenserve.api.auth import CurrentKey
+from qwenserve.api.docs import START_TIMEOUT_OPENAPI
 from qwenserve.api.errors import error_responses
 from qwenserve.api.jobs import Submitted
 from qwenserve.api.openai_request import ImagesCall, parse_edit, parse_generation
@@ -76,6 +77,7 @@ IMAGES_RESPONSES: dict[int | str, dict[str, Any]] = {
     "/v1/images/generations",
     summary="Generate images (OpenAI's images API)",
     responses=IMAGES_RESPONSES,
+    openapi_extra=START_TIMEOUT_OPENAPI,
 )
 async def generations(request: Request, key: CurrentKey) -> Response:
     call = parse_generation(await jobs.read_json_body(request))
@@ -86,6 +88,7 @@ async def generations(request: Request, key: CurrentKey) -> Response:
     "/v1/images/edits",
     summary="Edit images (OpenAI's images API, multipart)",
     responses=IMAGES_RESPONSES,
+    openapi_extra=START_TIMEOUT_OPENAPI,
 )
 async def edits(request: Request, key: CurrentKey) -> Response:
     fields, images = await _read_form(request)

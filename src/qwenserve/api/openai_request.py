@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar
 
 from qwenserve.api import idempotency
 from qwenserve.catalog import MODELS, ModelSpec, validate_request
+from qwenserve.catalog.sizes import parse_ratio
 from qwenserve.catalog.validate import unknown_field_error
 from qwenserve.errors import FieldError, InvalidRequest, UnknownModel
 from qwenserve.store.base import Idempotency
@@ -373,17 +374,12 @@ def _size(spec: ModelSpec, size: Any) -> dict[str, Any]:
     if ratio_param is not None and ratio_param.allowed:
         wanted = math.log(width / height)
         ratios = [r for r in ratio_param.allowed if ":" in r]
-        best = min(ratios, key=lambda r: abs(math.log(_ratio(r)) - wanted))
+        best = min(ratios, key=lambda r: abs(math.log(parse_ratio(r)) - wanted))
         return {"aspect_ratio": best}
     raise InvalidRequest(
         f"size {size!r}: {spec.slug} makes its image the size of the input image; send size='auto'",
         field="size",
     )
-
-
-def _ratio(name: str) -> float:
-    left, _, right = name.partition(":")
-    return float(left) / float(right)
 
 
 def _quality(spec: ModelSpec, compression: int) -> int:

@@ -4,8 +4,10 @@
 
 The previews are made by the worker from the latents (``runtime/preview.py``) and stored in the
 media store under ids chosen at submit (``media/previews.py``); the worker stores each before
-denoising goes on, so once the job reads as ended every preview it made is readable. This
-stream polls the store for the job and the media store for the next preview, so any API node
+denoising goes on, so once the job reads as ended every preview it made is readable. The job's
+ending comes from the process's one reader of the event log (``Services.feeds``: no store
+poll per connection; the job is read when it starts and when it ends, and every
+``FALLBACK_READ_S`` as a safety net), the next preview from the media store, so any API node
 serves it whichever process runs the job. Partial images are PNG (whatever ``output_format``)
 and approximate; there are fewer of them when the job has fewer steps than partial images + 1.
 A caller that hangs up, or a wait past ``sync_timeout_s``, cancels the job (refunded), unless
@@ -30,12 +32,15 @@ from qwenserve.api.errors import openai_body
 from qwenserve.api.jobs import Submitted
 from qwenserve.api.openai_request import ImagesCall
 from qwenserve.api.services import Services
+from qwenserve.api.stream import next_events
 from qwenserve.errors import Conflict, UnknownRequest, UpstreamTimeout, rebuild_error
 from qwenserve.jobs import Job, JobStatus
 from qwenserve.media.previews import preview_media_id
 from qwenserve.store.base import ApiKey
 
 SSE_PING_S = 15.0
+FALLBACK_READ_S = 2.0
+"""The longest a stream goes without reading its job itself (should an ending not reach it)."""
 USAGE = {
     "input_tokens": 0,
     "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
@@ -62,11 +67,12 @@ async def image_events(
     deadline = loop.time() + services.settings.sync_timeout_s
     finished = False
     try:
-        with services.hub.watch(job_id) as woken:
+        with services.feeds.watch(job_id) as feed:
+            job: Job | None = await services.call(
+                services.store.get_job, job_id, now=services.clock()
+            )
+            read_at = loop.time()
             while True:
-                job: Job | None = await services.call(
-                    services.store.get_job, job_id, now=services.clock()
-                )
                 while sent < wanted and preview_id is not None:
                     stored = await services.call(
                         services.media.get,
@@ -88,7 +94,12 @@ async def image_events(
                     )
                     yield _event("error", openai_body(504, timeout.message, timeout))
                     return
-                await services.hub.sleep_until_notified(woken, services.settings.events_poll_s)
+                logged = await next_events(services, feed, services.settings.events_poll_s)
+                if any(e.type.is_terminal for e in logged) or (
+                    loop.time() - read_at >= FALLBACK_READ_S
+                ):
+                    job = await services.call(services.store.get_job, job_id, now=services.clock())
+                    read_at = loop.time()
     finally:
         # The caller left or timed out: nobody takes the image, unless it will retry with its
         # Idempotency-Key (then the job is kept for the retry).

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel
 
 from qwenserve.api.errors import error_responses
+from qwenserve.api.key_metrics import KeyGpuSeconds, KeyLoads
 from qwenserve.api.metrics import JobOutcomes, WorkerFiguresCollector
 from qwenserve.api.schemas import HealthBody
 from qwenserve.api.services import Services
@@ -124,7 +125,9 @@ def build_registry(services: Services) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(QueueCollector(services))
     registry.register(WorkerFiguresCollector(services))
-    registry.register(JobOutcomes(services.store))
+    registry.register(JobOutcomes(services.events))
+    registry.register(KeyLoads(services))
+    registry.register(KeyGpuSeconds(services.events, services.store))
     ProcessCollector(registry=registry)
     return registry
 

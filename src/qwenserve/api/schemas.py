@@ -69,7 +69,9 @@ class WebhookState(_Body):
 
 class _LiveFields(_Body):
     error: str | None = Field(None, description="FAILED only: why")
-    queue_position: int | None = Field(None, description="QUEUED only: jobs of its model ahead")
+    queue_position: int | None = Field(
+        None, description="QUEUED only: jobs of its model taken before it (fair order; 0: next)"
+    )
     eta_s: float | None = Field(None, description="Unfinished only: estimated seconds left")
     progress: ProgressBody | None = Field(None, description="PROCESSING, denoising only")
     waiting: bool | None = Field(None, description="PROCESSING, not yet denoising only")

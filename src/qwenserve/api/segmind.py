@@ -3,7 +3,6 @@ once so the poll, the cancel answer and the event stream say the same thing."""
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from fastapi import Request
@@ -13,6 +12,7 @@ from qwenserve.api.live import LiveView
 from qwenserve.api.services import Services
 from qwenserve.errors import UnknownRequest
 from qwenserve.jobs import Job, JobStatus
+from qwenserve.notify import bodies
 
 
 def submit_headers(submitted: Submitted) -> dict[str, str]:
@@ -29,20 +29,7 @@ def submit_headers(submitted: Submitted) -> dict[str, str]:
 
 
 def urls(services: Services, request: Request, job_id: str) -> dict[str, str]:
-    base = services.base_url(request)
-    return {
-        "status_url": f"{base}/v2/requests/{job_id}/status",
-        "response_url": f"{base}/v2/requests/{job_id}",
-    }
-
-
-def metrics(job: Job) -> dict[str, Any]:
-    out: dict[str, Any] = {"cost": job.cost_usd}
-    if job.queue_time_s is not None:
-        out["queue_time"] = round(job.queue_time_s, 4)
-    if job.result is not None:
-        out["inference_time"] = round(job.result.inference_time_s, 4)
-    return out
+    return bodies.urls(services.base_url(request), job_id)
 
 
 def server_timing(job: Job) -> str:
@@ -63,47 +50,21 @@ def status_code(job: Job) -> int:
 
 
 def status_body(services: Services, request: Request, live: LiveView) -> dict[str, Any]:
-    """``GET /v2/requests/{id}/status``: Segmind's fields, then the live ones (api/live.py)."""
-    job = live.job
-    body: dict[str, Any] = {
-        "status": job.status.value,
-        "request_id": job.id,
-        **urls(services, request, job.id),
-        "metrics": metrics(job),
-    }
-    if job.status is JobStatus.FAILED:
-        body["error"] = job.error
-    body.update(live.fields())
-    return body
+    """``GET /v2/requests/{id}/status``: Segmind's fields, then the live ones (api/live.py);
+    built by ``notify/bodies.py``, as webhook deliveries are."""
+    return bodies.status_body(live.job, base_url=services.base_url(request), live=live.fields())
 
 
 async def result_body(services: Services, request: Request, live: LiveView) -> dict[str, Any]:
     """``GET /v2/requests/{id}``: the output (URL, or base64 when asked) once COMPLETED; the
-    live fields while unfinished."""
+    live fields while unfinished (``notify/bodies.py`` builds it)."""
     job = live.job
-    body: dict[str, Any] = {
-        "status": job.status.value,
-        "request_id": job.id,
-        "model": job.slug,
-        "output": None,
-        "metrics": metrics(job),
-    }
-    if job.status is JobStatus.FAILED:
-        body["error"] = job.error
-    if job.result is not None:
-        result = job.result
-        body.update(
-            seed=result.seed,
-            width=result.width,
-            height=result.height,
-            content_type=result.content_type,
-        )
-        if job.params.get("base64"):
-            stored = await services.call(services.media.get, result.media_id, now=services.clock())
-            if stored is None:
-                raise UnknownRequest(f"request '{job.id}' not found (unknown or expired)")
-            body["output"] = base64.b64encode(stored[0]).decode("ascii")
-        else:
-            body["output"] = f"{services.base_url(request)}/media/{result.media_id}"
-    body.update(live.fields())
-    return body
+    image: bytes | None = None
+    if job.result is not None and bodies.wants_base64(job):
+        stored = await services.call(services.media.get, job.result.media_id, now=services.clock())
+        if stored is None:
+            raise UnknownRequest(f"request '{job.id}' not found (unknown or expired)")
+        image = stored[0]
+    return bodies.result_body(
+        job, base_url=services.base_url(request), image=image, live=live.fields()
+    )

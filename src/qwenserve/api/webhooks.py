@@ -1,24 +1,21 @@
 """Webhooks at the API: ``?webhook=URL`` on a v2 submit (checked, kept with the job), the
-``webhook`` field of a request's status and result bodies, and the body each delivery POSTs (the
-request's ``GET /v2/requests/{id}`` body). Sending is ``notify/webhooks.py``'s."""
+``webhook`` field of a request's status and result bodies. Sending is ``notify/webhooks.py``'s,
+and so is the body each delivery POSTs (the request's ``GET /v2/requests/{id}`` body, from the
+same builder as the API's: ``notify/bodies.py``)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 from fastapi import Request
 
-from qwenserve.api import segmind
-from qwenserve.api.live import LiveView
 from qwenserve.api.services import Services
 from qwenserve.errors import InvalidRequest
 from qwenserve.jobs import Job
 from qwenserve.media.fetch import refuse_literal_private_host
-from qwenserve.notify.webhooks import MAX_URL_CHARS
+from qwenserve.notify.webhooks import MAX_URL_CHARS, delivery_body
 from qwenserve.store.webhooks import DeliveryStatus
 
 FIELD = "webhook"
@@ -78,32 +75,11 @@ async def webhook_fields(services: Services, job: Job) -> dict[str, Any]:
     return {FIELD: delivery.to_dict()}
 
 
-def render(body: dict[str, Any]) -> str:
-    """JSON as the API's responses write it."""
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
 def body_builder(services: Services) -> Callable[[str], str | None]:
     """What a delivery POSTs for a job: its ``GET /v2/requests/{id}`` body, less the
-    ``webhook`` field (None once the job is gone). Absolute URLs use ``public_url``, else the
-    server's own address. Called on the dispatcher's threads."""
-    settings = services.settings
-    scope = {
-        "type": "http",
-        "scheme": "http",
-        "server": (settings.host, settings.port),
-        "path": "/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-    }
-
-    def build(job_id: str) -> str | None:
-        job = services.store.get_job(job_id, now=services.clock())
-        if job is None:
-            return None
-        request = Request(scope)
-        body = asyncio.run(segmind.result_body(services, request, LiveView(job)))
-        return render(body)
-
-    return build
+    ``webhook`` field (None once the job is gone), rendered from the job alone
+    (``notify.webhooks.delivery_body``). Absolute URLs use ``public_url``, else the server's
+    own address. Called on the dispatcher's threads."""
+    return delivery_body(
+        services.store, services.media, base_url=services.own_base_url(), clock=services.clock
+    )

@@ -4,6 +4,7 @@ the JSON Schema of each slug's body."""
 from qwenserve.catalog.models import ALL_MODELS, MODELS
 from qwenserve.catalog.request import CONTENT_TYPES, GenerationRequest, InputImage, LoraRef
 from qwenserve.catalog.schema import input_schema, model_card, model_entry
+from qwenserve.catalog.sizes import OutputSize, SizeKind, SizePlan
 from qwenserve.catalog.spec import (
     NO_DEFAULT,
     LoraSource,
@@ -25,10 +26,13 @@ __all__ = [
     "LoraRef",
     "LoraSource",
     "ModelSpec",
+    "OutputSize",
     "Param",
     "PipelineKind",
     "Recipe",
     "SchedulerKind",
+    "SizeKind",
+    "SizePlan",
     "get_model",
     "input_schema",
     "model_card",

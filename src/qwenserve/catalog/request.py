@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
+
+from qwenserve.catalog.sizes import OutputSize
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -33,8 +35,11 @@ class GenerationRequest:
     ``seed`` is always concrete (a requested -1 or null was replaced by a random seed at
     validation), so a job that is retried after a crash reproduces the same image.
     ``guidance`` 1.0 means no classifier-free-guidance pass. ``width``/``height`` are set only
-    for slugs that take them (qwen-image-2512); otherwise the runtime derives the size from
-    ``aspect_ratio`` (``match_input_image`` or None → from the input image / model default).
+    for slugs that take them (qwen-image-2512); ``size`` is the output size validation fixed
+    from them or from ``aspect_ratio`` (``catalog/sizes.py``): the runtime generates at it and
+    never plans from the fields again. Build requests with ``validate_request``; a copy made
+    with ``dataclasses.replace`` keeps its ``size``. Turned into stored text and back only by
+    the stores (``store/records.py``).
     """
 
     slug: str
@@ -45,6 +50,7 @@ class GenerationRequest:
     image_format: ImageFormat
     quality: int
     base64: bool
+    size: OutputSize
     negative_prompt: str | None = None
     aspect_ratio: str | None = None
     width: int | None = None
@@ -60,14 +66,3 @@ class GenerationRequest:
     @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.image_format]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form, as the job store keeps it."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
-        fields = dict(data)
-        fields["images"] = tuple(InputImage(**i) for i in fields.get("images", ()))
-        fields["extra_loras"] = tuple(LoraRef(**r) for r in fields.get("extra_loras", ()))
-        return cls(**fields)

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from qwenserve.catalog.models import MODELS
 from qwenserve.catalog.request import GenerationRequest, ImageFormat, InputImage, LoraRef
+from qwenserve.catalog.sizes import fix_size
 from qwenserve.catalog.spec import EXTRA_LORA_FIELDS, ModelSpec, Param
 from qwenserve.errors import FieldError, InvalidRequest, UnknownModel
 
@@ -272,6 +273,13 @@ def _build(spec: ModelSpec, values: dict[str, Any], seed_source: SeedSource) -> 
         image_format=cast(ImageFormat, values["image_format"]),
         quality=int(values["quality"]),
         base64=bool(values[spec.base64_field]),
+        size=fix_size(
+            recipe,
+            width=values.get("width"),
+            height=values.get("height"),
+            aspect_ratio=values.get("aspect_ratio"),
+            has_images=bool(images),
+        ),
         negative_prompt=values.get("negative_prompt"),
         aspect_ratio=values.get("aspect_ratio"),
         width=values.get("width"),

@@ -13,11 +13,17 @@ from qwenserve.config import Settings
 
 
 def add_settings_options(parser: argparse.ArgumentParser, *, store: bool = True) -> None:
-    """--data-dir (and --store): every other option also comes from QWENSERVE_* variables."""
+    """--data-dir (and --store, --media): every other option also comes from QWENSERVE_*
+    variables."""
     parser.add_argument("--data-dir", help="data folder (env QWENSERVE_DATA_DIR)")
     if store:
         parser.add_argument(
             "--store", help="'sqlite' (default) or redis://HOST:PORT/DB (env QWENSERVE_STORE)"
+        )
+        parser.add_argument(
+            "--media",
+            help="s3://BUCKET/PREFIX: images in an S3-compatible bucket, credentials and endpoint "
+            "from AWS_* variables (env QWENSERVE_MEDIA; default: beside the store)",
         )
 
 
@@ -27,7 +33,12 @@ def settings_from(args: argparse.Namespace, **mapping: str) -> Settings:
     ``mapping`` maps Settings fields to argparse destinations beyond data_dir and store.
     """
     overrides: dict[str, Any] = {}
-    for field, dest in {"data_dir": "data_dir", "store": "store", **mapping}.items():
+    for field, dest in {
+        "data_dir": "data_dir",
+        "store": "store",
+        "media": "media",
+        **mapping,
+    }.items():
         value = getattr(args, dest, None)
         if value is not None:
             overrides[field] = value

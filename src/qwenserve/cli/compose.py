@@ -6,23 +6,30 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from qwenserve.backends import Backend
-from qwenserve.catalog import MODELS
+from qwenserve.catalog import MODELS, Recipe
 from qwenserve.config import Settings
-from qwenserve.errors import QwenServeError
+from qwenserve.errors import EngineCrashed, QwenServeError
+from qwenserve.notify.endings import Endings
 from qwenserve.policy import PolicyConfigError
 from qwenserve.policy.classifier import ImageCheck, image_check
 from qwenserve.policy.prompt import PromptPolicy, prompt_policy
-from qwenserve.worker.runner import WorkerConfig, WorkerRunner
+from qwenserve.worker.config import WorkerConfig
+from qwenserve.worker.engine import HostedEngine
+from qwenserve.worker.engine_child import EngineSpec
+from qwenserve.worker.engine_process import ChildTokenCounter, EngineProcess
+from qwenserve.worker.runner import WorkerRunner
 from qwenserve.worker.screening import OutputScreen, ScreenedInputLoader
 
 if TYPE_CHECKING:
     from qwenserve.notify import CompletionHub, EventFollower
-    from qwenserve.runtime import Engine, EngineConfig
+    from qwenserve.runtime import EngineConfig
 
 log = logging.getLogger("qwenserve")
 
@@ -36,10 +43,11 @@ class Subscriber(Protocol):
 @dataclass(frozen=True)
 class LocalWorker:
     """A runner and its engine, typed: the runner knows the engine only as an ``ImageEngine``;
-    the composition root keeps the ``Engine`` to warm it up and describe it."""
+    the composition root keeps it as a ``HostedEngine`` to warm it up, describe it and, when it
+    runs in a child process (``EngineProcess``), stop it."""
 
     runner: WorkerRunner
-    engine: Engine
+    engine: HostedEngine
 
 
 def engine_config(settings: Settings, *, resident_models: int | None = None) -> EngineConfig:
@@ -72,9 +80,12 @@ def build_workers(
     count: int,
     slugs: list[str] | None = None,
     on_job_done: Callable[[str], None] | None = None,
+    endings: Endings | None = None,
 ) -> list[LocalWorker]:
     """``count`` runners, each with its own engine (an engine runs one job at a time), with the
-    content policy's image checks when ``settings`` ask for them.
+    content policy's image checks when ``settings`` ask for them. They share one endings
+    handler (``endings``, else a new one): every ending they make, a claim's give-ups included,
+    goes to it at once.
 
     Raises:
         SystemExit: the content policy's classifier cannot be loaded (saying why).
@@ -83,17 +94,16 @@ def build_workers(
     from qwenserve.worker.inputs import InputLoader, MediaInputLoader
 
     inputs = MediaInputLoader.from_settings(settings, backend.media)
+    if endings is None:
+        endings = Endings(backend.store, backend.media, clock=time.time)
     output_screen, input_check = screens(settings)
     workers = []
     for index in range(count):
-        # Imported here: an API-only node (count 0) never loads torch (7 s of its start).
-        from qwenserve.runtime import Engine
-
-        engine = Engine(engine_config(settings))
+        engine, device_type = make_engine(settings)
         config = WorkerConfig.from_settings(
             settings.worker,
             worker_id=f"{socket.gethostname()}-{os.getpid()}-{index}",
-            max_batch=settings.worker.max_batch or default_max_batch(engine.device.type),
+            max_batch=settings.worker.max_batch or default_max_batch(device_type),
             slugs=slugs,
             host=socket.gethostname(),
         )
@@ -109,9 +119,58 @@ def build_workers(
             config=config,
             on_job_done=on_job_done,
             registry=backend.registry,
+            endings=endings,
         )
         workers.append(LocalWorker(runner, engine))
     return workers
+
+
+def make_engine(settings: Settings) -> tuple[HostedEngine, str]:
+    """One worker's engine and its device type ("cpu", "cuda"): by default in a child process
+    (``EngineProcess``: torch is imported there, never here), else (``engine_process`` off) a
+    ``runtime.Engine`` in this process.
+
+    Raises:
+        SystemExit: the child process could not build its engine (saying why).
+    """
+    config = engine_config(settings)
+    if settings.worker.engine_process:
+        from qwenserve.runtime.batch_keys import batch_key
+
+        spec = EngineSpec("qwenserve.runtime:Engine", config, log_level=settings.log_level)
+        try:
+            child = EngineProcess(spec, batch_key=partial(batch_key, config=config)).start()
+        except EngineCrashed as error:
+            raise SystemExit(f"qwenserve: {error.message}") from error
+        return child, child.device_type
+    # Imported here: an API-only node (no workers) never loads torch (7 s of its start).
+    from qwenserve.runtime import Engine
+
+    engine = Engine(config)
+    return engine, engine.device.type
+
+
+def stop_engines(workers: Sequence[LocalWorker]) -> None:
+    """End the engines' child processes (after the runners drained: a call in flight fails)."""
+    for worker in workers:
+        if isinstance(worker.engine, EngineProcess):
+            worker.engine.close()
+
+
+def prompt_token_counter(
+    settings: Settings, workers: Sequence[LocalWorker]
+) -> Callable[[Recipe, str], int | None] | None:
+    """Admission's prompt-token counter (``Services.prompt_tokens``), where this process runs
+    workers (so it has the weights): asked of an engine's child process, or with the
+    pipelines' tokenizers here when the engines run in this process. None with no workers."""
+    if not workers:
+        return None
+    children = [w.engine for w in workers if isinstance(w.engine, EngineProcess)]
+    if children:
+        return ChildTokenCounter(children)
+    from qwenserve.runtime.prompt_tokens import PromptTokenCounter
+
+    return PromptTokenCounter(settings.engine.weights, settings.model_cache_dir)
 
 
 def screens(settings: Settings) -> tuple[OutputScreen | None, ImageCheck | None]:
@@ -178,26 +237,22 @@ def wake_callback(
 def start_wakeup(
     backend: Backend, runners: Sequence[WorkerRunner], slugs: Collection[str] | None
 ) -> Subscriber | None:
-    """Where workers in other processes share the store, a subscriber that wakes ``runners``
-    when a job they serve is queued by any node (started; ``close()`` it on shutdown). None with
-    no signals (submits wake in-process) or no runners. Polling (``poll_interval_s``) stays
-    the fallback either way."""
-    if not runners or backend.signals is None:
+    """A subscriber that wakes ``runners`` when a job they serve is queued (started; ``close()``
+    it on shutdown): by this process (``publish_queued``) and, on Redis, by any node. None with
+    no runners. Polling (``poll_interval_s``) stays the fallback either way."""
+    if not runners:
         return None
     return backend.signals.on_queued(wake_callback(runners, slugs))
 
 
 def start_done_wakeup(
     backend: Backend, hub: CompletionHub, follower: EventFollower | None = None
-) -> Subscriber | None:
-    """Where other processes end jobs, a subscriber to job ends (started; ``close()`` it on
-    shutdown): each end published by any node wakes ``hub``'s waiters of that job at once and
-    makes ``follower`` read the event log now. After each (re)subscription every waiter
-    re-reads the store, since ends may have been missed meanwhile (the follower's read finds
-    them too). None with no signals (SQLite), where the follower's polling and in-process
-    ``notify`` calls suffice."""
-    if backend.signals is None:
-        return None
+) -> Subscriber:
+    """A subscriber to job ends (started; ``close()`` it on shutdown): each end published by
+    this process's workers or, on Redis, by any node wakes ``hub``'s waiters of that job at once
+    and makes ``follower`` read the event log now. After each Redis (re)subscription every
+    waiter re-reads the store, since ends may have been missed meanwhile (the follower's read
+    finds them too). The follower's polling stays the safety net."""
 
     def on_job_end(job_id: str | None) -> None:
         if job_id is None:
@@ -215,10 +270,10 @@ def push_cancels(
 ) -> Subscriber | None:
     """Hand every cancel request in the event log to ``runners`` (the one holding the job
     heartbeats at once and stops it at its next denoising step, without waiting for its
-    period). ``follower`` reads the log every ``event_poll_s`` and at once when poked: by an
-    in-process cancel (``Services.on_cancel_requested``) and, where other processes share the
-    store, by the returned subscriber to Redis's cancel channel (started; ``close()`` it on
-    shutdown; None with no signals or no runners)."""
+    period). ``follower`` reads the log every ``event_poll_s`` and at once when poked by the
+    returned subscriber to the backend's cancel signal: an in-process cancel
+    (``publish_cancel_requested``) or, on Redis, one on any node (started; ``close()`` it on
+    shutdown; None with no runners)."""
     if not runners:
         return None
     from qwenserve.notify import cancel_requests
@@ -228,6 +283,4 @@ def push_cancels(
             runner.control.cancel_requested(job_id)
 
     follower.subscribe(cancel_requests(on_cancel))
-    if backend.signals is None:
-        return None
     return backend.signals.on_cancel_requested(lambda _job_id: follower.poke())

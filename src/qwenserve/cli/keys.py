@@ -14,7 +14,7 @@ from rich.table import Table
 from qwenserve.accounts.keys import create_api_key, webhook_secret
 from qwenserve.backends import open_backend
 from qwenserve.cli.common import add_settings_options, settings_from
-from qwenserve.errors import QwenServeError
+from qwenserve.errors import QwenServeError, StoreUnavailable
 from qwenserve.store import rules
 from qwenserve.store.history import DAY_S, DEFAULT_USAGE_DAYS, parse_instant
 
@@ -43,7 +43,9 @@ def register(subparsers: Any) -> None:
     update = actions.add_parser("update", help="change a key's credits or limits")
     add_settings_options(update)
     update.add_argument("key_id")
-    update.add_argument("--credits", type=float, help="set the balance to this many USD")
+    update.add_argument(
+        "--credits", type=float, help="set the balance to this many USD (topup adds instead)"
+    )
     update.add_argument("--rpm", type=int, help="requests per minute (0: no limit)")
     update.add_argument("--max-queued", type=int, help="most jobs queued at once (0: no limit)")
     update.add_argument("--weight", type=float, help="share of the GPUs against other keys (> 0)")
@@ -100,6 +102,8 @@ def _create(args: argparse.Namespace) -> int:
             max_running=args.max_running,
         )
         secret = webhook_secret(store, key.id)
+    except StoreUnavailable:
+        raise  # not the key's fault: ``main`` says where the store is, as for every command
     except QwenServeError as error:
         Console(stderr=True).print(f"[red]error:[/red] {error.message}")
         return 2
@@ -153,8 +157,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _update(args: argparse.Namespace) -> int:
-    """Each limit given is set; ``--credits`` sets the balance (a top-up by the difference, so
-    charges made meanwhile are kept)."""
+    """Each value given is set, all in one atomic store step (``Store.update_key``):
+    ``--credits`` sets the balance to that amount (``topup`` adds instead)."""
     given = (
         ("--credits", args.credits),
         ("--rpm", args.rpm),
@@ -184,10 +188,8 @@ def _update(args: argparse.Namespace) -> int:
             max_queued=args.max_queued,
             weight=args.weight,
             max_running=args.max_running,
+            balance_usd=args.credits,
         )
-        if key is not None and args.credits is not None:
-            store.topup(key.id, args.credits - key.balance_usd)
-            key = store.get_key(key.id)
     finally:
         backend.close()
     if key is None:

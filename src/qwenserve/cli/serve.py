@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -15,19 +15,19 @@ from qwenserve.api.app import create_app
 from qwenserve.api.services import Services
 from qwenserve.api.webhooks import body_builder
 from qwenserve.backends import open_backend
-from qwenserve.catalog import Recipe
 from qwenserve.cli.common import add_settings_options, configure_logging, settings_from
 from qwenserve.cli.compose import (
     build_workers,
     check_weights,
     load_prompt_policy,
+    prompt_token_counter,
     push_cancels,
     start_done_wakeup,
     start_wakeup,
+    stop_engines,
     warm_up,
 )
-from qwenserve.config import Settings
-from qwenserve.notify import CompletionHub, follow_completions
+from qwenserve.notify import CompletionHub, EventFollower
 from qwenserve.notify.webhooks import WebhookDispatcher, WebhookPolicy
 from qwenserve.worker.host import ThreadHost
 
@@ -67,14 +67,6 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=_serve)
 
 
-def _prompt_token_counter(settings: Settings) -> Callable[[Recipe, str], int | None]:
-    """The pipelines' tokenizers for the submit-time prompt length check (this process runs
-    the engine, so it has the weights)."""
-    from qwenserve.runtime.prompt_tokens import PromptTokenCounter
-
-    return PromptTokenCounter(settings.engine.weights, settings.model_cache_dir)
-
-
 def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(
         args,
@@ -94,33 +86,27 @@ def _serve(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     backend = open_backend(settings)
     store = backend.store
-    # Jobs ending wake their waiters: every ending is in the store's event log, which `events`
-    # follows (on Redis, `done_wakeup` makes it read at once); in-process workers also call
-    # hub.notify directly (no wait for the next read). Re-reading is the safety net.
+    # The process's one reader of the event log (`events`; on Redis, `done_wakeup` makes it
+    # read at once): its subscribers (Services wires the hub, the endings, the SSE fan-out, ETA
+    # and /metrics; the webhook dispatcher and the workers' cancel push below) all take their
+    # events from its one read. Re-reading is the waiters' safety net.
     hub = CompletionHub(fallback_poll_s=settings.wait_poll_s)
-    events = follow_completions(store, hub, poll_s=settings.event_poll_s)
-    workers = build_workers(settings, backend, count=settings.workers, on_job_done=hub.notify)
+    events = EventFollower(store, poll_s=settings.event_poll_s)
+    # In-process ends, submits and cancels go out on the backend's signals (to this process's
+    # subscribers at once; on Redis other processes hear the scripts' PUBLISH).
+    signals = backend.signals
+    workers = build_workers(
+        settings, backend, count=settings.workers, on_job_done=signals.publish_job_end
+    )
     runners = [worker.runner for worker in workers]
-    if runners and not backend.shared:
-        # The embedded store has one node: whatever was PROCESSING belonged to a server that
-        # died (kill -9). Make it claimable now instead of waiting out its lease.
-        orphans = store.expire_leases(now=time.time())
-        for dead in backend.registry.alive(now=time.time()):
-            backend.registry.remove(dead.worker_id)
-        if orphans:
-            log.info("requeued %d job(s) left running by a previous server", orphans)
-    if not backend.shared:
-        # Likewise a webhook delivery a dead server was sending: send it again now rather than
-        # after its lease (a kill -9 mid-send would otherwise hold it back for lease_s).
-        held = store.release_webhook_leases(now=time.time())
-        if held:
-            log.info("retrying %d webhook delivery(ies) left mid-send by a previous server", held)
+    # A restarted embedded store's only node: what a dead predecessor (kill -9) left running is
+    # claimable now, its webhook deliveries left mid-send go again now (a shared store: leases).
+    orphans, held = backend.recover_orphans(now=time.time(), with_workers=bool(runners))
+    if orphans:
+        log.info("requeued %d job(s) left running by a previous server", orphans)
+    if held:
+        log.info("retrying %d webhook delivery(ies) left mid-send by a previous server", held)
     host = ThreadHost(runners)
-
-    def wake_workers(_job_id: str) -> None:
-        # A submit on this node; on Redis, submits on other nodes wake them through `wakeup`.
-        for runner in runners:
-            runner.wake()
 
     services = Services(
         settings=settings,
@@ -128,15 +114,18 @@ def _serve(args: argparse.Namespace) -> int:
         media=backend.media,
         hub=hub,
         registry=backend.registry,
-        on_submitted=wake_workers,
+        on_submitted=lambda _job_id: signals.publish_queued(None),
         # Its worker here learns it now; an API-only node has none to tell.
-        on_cancel_requested=(lambda _job_id: events.poke()) if runners else None,
+        on_cancel_requested=signals.publish_cancel_requested if runners else None,
         prompt_policy=blocked_terms,
-        prompt_tokens=_prompt_token_counter(settings) if workers else None,
+        prompt_tokens=prompt_token_counter(settings, workers),
+        event_reader=events,
     )
+    for worker in workers:  # their endings go to this process's one endings handler
+        worker.runner.finisher.endings = services.endings
     app = create_app(services)
-    # Webhooks: this node's dispatcher follows the log from the store's own cursor (so endings
-    # during a restart are delivered too); the follower only makes it look at once.
+    # Webhooks: this node's dispatcher takes the endings from the one reader, and reads the log
+    # from the store's own cursor only at start (so endings during a restart are delivered too).
     dispatcher = WebhookDispatcher(
         store,
         body_for=body_builder(services),
@@ -148,8 +137,9 @@ def _serve(args: argparse.Namespace) -> int:
             allow_private=settings.allow_private_urls,
         ),
         poll_s=settings.webhook_poll_s,
-    ).start()
-    events.subscribe(lambda event: dispatcher.poke() if event.type.is_terminal else None)
+    )
+    dispatcher.follow_from(events)
+    dispatcher.start()
     if workers:
         log.info(  # one line for all workers: they share one configuration
             "engine: %s; %d worker(s)", workers[0].engine.describe(), len(workers)
@@ -158,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
     wakeup = start_wakeup(backend, runners, None)
     done_wakeup = start_done_wakeup(backend, hub, events)
     cancels = push_cancels(backend, events, runners)
+    events.start()
     host.start()
     config = uvicorn.Config(
         app,
@@ -174,7 +165,8 @@ def _serve(args: argparse.Namespace) -> int:
             if subscriber is not None:
                 subscriber.close()
         host.shutdown(settings.drain_timeout_s)
-        events.close()
+        stop_engines(workers)
+        services.close()
         dispatcher.close()
         backend.close()
     return 0

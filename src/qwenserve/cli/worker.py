@@ -16,6 +16,7 @@ from qwenserve.cli.compose import (
     check_weights,
     push_cancels,
     start_wakeup,
+    stop_engines,
     warm_up,
 )
 from qwenserve.notify import EventFollower
@@ -74,6 +75,7 @@ def _worker(args: argparse.Namespace) -> int:
         if subscriber is not None:
             subscriber.close()
     host.shutdown(settings.drain_timeout_s)
+    stop_engines(workers)
     events.close()
     backend.close()
     return 0

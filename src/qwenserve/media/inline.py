@@ -14,8 +14,7 @@ the worker fetches them, through its SSRF guard, when the job runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from qwenserve.catalog import GenerationRequest
 from qwenserve.catalog.request import InputImage
@@ -105,11 +104,11 @@ def _decoded(
     return decoded, refusals
 
 
-def stored_input_ids(params: Mapping[str, Any]) -> list[str]:
-    """The media ids of a job's stored inline inputs (from its ``params``)."""
+def stored_input_ids(request: GenerationRequest) -> list[str]:
+    """The media ids of a job's stored inline inputs (from its request's images)."""
     ids = []
-    for image in params.get("images", ()):
-        media_id = stored_media_id(str(image.get("source", "")))
+    for image in request.images:
+        media_id = stored_media_id(image.source)
         if media_id is not None:
             ids.append(media_id)
     return ids

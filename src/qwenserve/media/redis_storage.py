@@ -16,7 +16,7 @@ from typing import cast
 import redis
 
 from qwenserve.media.storage import is_valid_media_id
-from qwenserve.store.redis import connect, unavailable_as_503
+from qwenserve.store.redis import RedisConnector, unavailable_as_503
 from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
@@ -56,8 +56,10 @@ class RedisMediaStore:
         namespace: str = DEFAULT_NAMESPACE,
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> RedisMediaStore:
-        """Connect to ``redis://HOST:PORT/DB``, reconnecting with backoff like the job store."""
-        return cls(connect(url, decode_responses=False), namespace=namespace, max_bytes=max_bytes)
+        """Media on a Redis store URL (tests and tools; servers use ``open_backend``),
+        reconnecting with backoff like the job store."""
+        client = RedisConnector.from_url(url).client(decode_responses=False)
+        return cls(client, namespace=namespace, max_bytes=max_bytes)
 
     def close(self) -> None:
         self._redis.close()

@@ -15,7 +15,7 @@ import secrets
 import tempfile
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 _DATA_SUFFIX = ".bin"
@@ -56,6 +56,21 @@ class MediaStore(Protocol):
 
     def purge_expired(self, *, now: float) -> int:
         """Delete everything expired at ``now``; returns how many items were removed."""
+        ...
+
+
+class MediaConfigError(Exception):
+    """The configured media store cannot be used (bad URL, refused credentials, no bucket):
+    ``serve`` and ``worker`` refuse to start with this one-line reason."""
+
+
+@runtime_checkable
+class PresigningMediaStore(MediaStore, Protocol):
+    """A store that can hand out direct, expiring URLs (S3): ``QWENSERVE_MEDIA_URLS=presigned``
+    redirects ``GET /media/{id}`` there instead of proxying the bytes."""
+
+    def presigned_url(self, media_id: str, *, now: float) -> str | None:
+        """A URL valid until the item expires; None when unknown, missing or expired."""
         ...
 
 

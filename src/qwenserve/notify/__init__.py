@@ -1,7 +1,24 @@
-"""Consumers of the store's durable job event log: the completion hub that wakes POST /v1
-waiters (``hub.py``), fed by one ``EventFollower`` (``follower.py``) that live event streams
-and webhooks can subscribe to as well, and ``cancel_requests``, which hands each cancel
-request to the workers of the process (the one holding the job stops it at its next step)."""
+"""The store's durable job event log, read ONCE per process, and what follows from it.
+
+``EventFollower`` (``follower.py``) is the process's one reader: it pages through the log with
+the only cursor and hands every event to its subscribers, so nothing else reads the log:
+
+* ``CompletionHub`` (``hub.py``) wakes the POST /v1 waiters (and OpenAI streams) of a job that
+  ended;
+* ``Endings`` (``endings.py``) does everything an ending needs, for every kind of ending
+  (stored inline inputs deleted, ...; the cost was settled in the ending's own store step), once
+  per process; a new after-job behaviour is one ``Endings.subscribe``;
+* ``JobFeeds`` (``fanout.py``) hands a job's transitions to its live SSE streams: one read for
+  all the connections of the process;
+* the ``WebhookDispatcher`` (``webhooks.py``) turns endings into deliveries (its persisted cursor
+  is read only at start and after a failed round, for durability), bodies rendered from the
+  job by ``bodies.py``, the same builder the API's polls use;
+* the API's ETA pace (``api/eta.py``) and /metrics job counters (``api/metrics.py``);
+* ``cancel_requests`` hands each cancel request to the workers of the process (the one holding
+  the job stops it at its next step).
+
+Consumers that must be current (a scrape) ask the reader to ``catch_up``; it stays one read.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +45,8 @@ def follow_completions(
     store: Store, hub: CompletionHub, *, poll_s: float = DEFAULT_POLL_S
 ) -> EventFollower:
     """A started follower of ``store``'s log from now on that wakes ``hub``'s waiters for every
-    job that ends, on any node, in any way (``close()`` it on shutdown)."""
+    job that ends, on any node, in any way (``close()`` it on shutdown). For a process with no
+    API; the API's ``Services`` subscribes its hub to its own reader."""
     follower = EventFollower(store, poll_s=poll_s)
     follower.subscribe(hub.on_event)
     return follower.start()

@@ -2,16 +2,22 @@
 
 ``WebhookDispatcher`` runs on its own threads (never a worker's) on every API node. Each round:
 
-1. follow the durable event log from the store's persisted cursor (``Store.webhook_cursor``) and
-   turn each job ending into a pending delivery record (``Store.enqueue_webhooks``: one per job,
-   idempotent, the cursor moved in the same step), so an ending that happened while no node was
-   up, or just before a kill -9, is still delivered;
+1. turn each job ending into a pending delivery record (``Store.enqueue_webhooks``: one per job,
+   idempotent, the store's persisted cursor ``Store.webhook_cursor`` moved in the same step).
+   The endings come from the process's one event-log reader (``EventFollower``; ``follow_from``
+   subscribes it, and an ending pokes a round): the dispatcher does not page through the log
+   itself. It keeps the persisted cursor for durability only: once at start, and again after a
+   round that failed (the fed events of that round may be lost with it), it reads the log from
+   that cursor to its end, so an ending that happened while no node was up, or just before a
+   kill -9, is still delivered. A dispatcher not fed by a reader reads from the cursor each
+   round;
 2. claim the deliveries that are due under a lease (``Store.claim_webhooks``) long enough for
    every attempt of the claim, so with several nodes each is sent by one at a time, and a node
    that dies mid-send leaves it to the others when the lease runs out (a restarted single-node
    server takes its leases back at once: ``Store.release_webhook_leases``);
-3. send each: the body is the request's ``GET /v2/requests/{id}`` body (built by the API layer,
-   ``body_for``), kept from the first attempt so every retry sends the same bytes, signed per
+3. send each: the body is the request's ``GET /v2/requests/{id}`` body, rendered from the job
+   by the same pure builder the API answers with (``notify/bodies.py``; ``delivery_body``: no
+   HTTP layer involved), kept from the first attempt so every retry sends the same bytes, signed per
    Standard Webhooks (``webhook-id`` is the ending's event id on every attempt,
    ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256 of id.timestamp.body>``
    with the key's ``whsec_`` secret). The host is resolved and every address checked by the
@@ -39,8 +45,12 @@ from standardwebhooks import Webhook
 
 from qwenserve.accounts.keys import webhook_secret
 from qwenserve.errors import InvalidRequest, QwenServeError
+from qwenserve.jobs import JobEvent
 from qwenserve.media.deadline import DeadlineTransport
 from qwenserve.media.fetch import IPAddress, UrlFetcher, is_public_address
+from qwenserve.media.storage import MediaStore
+from qwenserve.notify.bodies import render, result_body, wants_base64
+from qwenserve.notify.follower import EventFollower
 from qwenserve.store.base import Store
 from qwenserve.store.webhooks import DeliveryStatus, WebhookAttempt, WebhookDelivery
 
@@ -59,6 +69,29 @@ def signature_headers(secret: str, msg_id: str, timestamp: float, body: str) -> 
         "webhook-timestamp": str(int(timestamp)),
         "webhook-signature": Webhook(secret).sign(msg_id, at, body),
     }
+
+
+def delivery_body(
+    store: Store, media: MediaStore, *, base_url: str, clock: Callable[[], float] = time.time
+) -> Callable[[str], str | None]:
+    """What a delivery POSTs for a job: its ``GET /v2/requests/{id}`` body (less the
+    ``webhook`` field), rendered from the job as the API renders it; None once the job (or the
+    image a base64 body carries) is gone. ``base_url``: how clients reach the API."""
+
+    def build(job_id: str) -> str | None:
+        now = clock()
+        job = store.get_job(job_id, now=now)
+        if job is None:
+            return None
+        image: bytes | None = None
+        if job.result is not None and wants_base64(job):
+            stored = media.get(job.result.media_id, now=now)
+            if stored is None:
+                return None
+            image = stored[0]
+        return render(result_body(job, base_url=base_url, image=image))
+
+    return build
 
 
 @dataclass(frozen=True)
@@ -129,6 +162,9 @@ class WebhookDispatcher:
         self._lease_s = max(self.policy.lease_s, (waves + 1) * self.policy.timeout_s)
         self._transport = transport
         self._ssl_context = httpx.create_ssl_context()
+        self._fed: list[JobEvent] | None = None  # None: not fed by a reader (read each round)
+        self._fed_lock = threading.Lock()
+        self._catch_up = True
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qwenserve-webhooks", daemon=True)
@@ -141,6 +177,21 @@ class WebhookDispatcher:
         """Run a round now (a job just ended)."""
         self._wake.set()
 
+    def follow_from(self, follower: EventFollower) -> None:
+        """Take the log's events from ``follower`` (the process's one reader) instead of reading
+        the log each round; an ending makes it run a round at once. Call before ``start``."""
+        with self._fed_lock:
+            self._fed = []
+        follower.subscribe(self.on_event)
+
+    def on_event(self, event: JobEvent) -> None:
+        """The reader's subscriber: keep the event for the next round (endings poke it)."""
+        with self._fed_lock:
+            if self._fed is not None:
+                self._fed.append(event)
+        if event.type.is_terminal:
+            self.poke()
+
     def close(self) -> None:
         self._closed.set()
         self._wake.set()
@@ -149,7 +200,29 @@ class WebhookDispatcher:
         self._pool.shutdown(wait=True)
 
     def follow(self) -> int:
-        """Turn every job ending in the log after the cursor into a delivery; returns how many."""
+        """Turn every job ending handed over since the last round (or, unfed, at start and
+        after a failed round: in the log after the persisted cursor) into a delivery; returns
+        how many were added."""
+        with self._fed_lock:
+            fed, catch_up = self._fed, self._catch_up
+            if fed is not None:
+                self._fed = []
+            self._catch_up = fed is None
+        if fed is not None and not catch_up:
+            try:
+                if not any(event.type.is_terminal for event in fed):
+                    return 0
+                return self.store.enqueue_webhooks(fed, cursor=fed[-1].id, now=self.clock())
+            except Exception:
+                self._catch_up = True  # these endings are after the persisted cursor: reread
+                raise
+        try:
+            return self._read_from_cursor()
+        except Exception:
+            self._catch_up = True
+            raise
+
+    def _read_from_cursor(self) -> int:
         added = 0
         while True:
             events = self.store.events(after=self.store.webhook_cursor(), limit=READ_LIMIT)

@@ -9,7 +9,7 @@ scheduler, VAE tiling and the input images. Adapters are set before (``adapters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,17 +210,6 @@ def step_sigmas(pipe: Pipeline, steps: int, recipe: Recipe) -> list[float] | Non
     if not configured or len(configured) == steps:
         return None
     return [float(s) for s in np.linspace(1.0, 1.0 / steps, steps)]
-
-
-def prompt_batch_key(request: GenerationRequest, recipe: Recipe, cfg_scale: float) -> Hashable:
-    """The prompts a batch must share (``Engine.batch_key``): Qwen-Image 2.1's exact texts, None
-    for the pipelines whose batches do not depend on them. 2.1's pipeline pads a shorter
-    prompt's encoding, and a padded sample is not its solo image (up to 125 of 255 levels off on
-    the tiny preset; equal token counts match to one level), so only the same prompt batches
-    (the OpenAI API's ``n`` images of one prompt)."""
-    if recipe.pipeline is not PipelineKind.QWEN_IMAGE_21:
-        return None
-    return (request.prompt, request.negative_prompt if cfg_scale > 1.0 else None)
 
 
 def use_scheduler(resident: Resident, recipe: Recipe, steps: int) -> None:

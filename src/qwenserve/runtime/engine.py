@@ -33,12 +33,12 @@ from qwenserve.catalog import (
     LoraSource,
     PipelineKind,
     Recipe,
-    SchedulerKind,
     get_model,
 )
 from qwenserve.errors import InferenceError
 from qwenserve.runtime.adapters import Adapters, activate
-from qwenserve.runtime.call import PreparedCall, build_call, prompt_batch_key
+from qwenserve.runtime.batch_keys import batch_key, fused_lora, residency_key
+from qwenserve.runtime.call import PreparedCall, build_call
 from qwenserve.runtime.cfg_batch import CfgBatcher
 from qwenserve.runtime.compile import CompileStats, run_warm_up, warm_up_requests, warming
 from qwenserve.runtime.condition_area import capped_condition_area
@@ -221,20 +221,10 @@ class Engine:
         return timings
 
     def _residency_key(self, recipe: Recipe) -> str:
-        """The base weights id; a fused-Lightning pipeline is its own entry."""
-        fused = self._fused_lora(recipe)
-        if fused is None:
-            return recipe.base_weights
-        return f"{recipe.base_weights}+{fused.filename}"
+        return residency_key(recipe, self.config)
 
     def _fused_lora(self, recipe: Recipe) -> LoraSource | None:
-        if (
-            self.config.fuse_lightning
-            and recipe.scheduler is SchedulerKind.LIGHTNING
-            and recipe.lightning is not None
-        ):
-            return recipe.lightning
-        return None
+        return fused_lora(recipe, self.config)
 
     def _resident_for(self, recipe: Recipe) -> Resident:
         try:
@@ -321,34 +311,10 @@ class Engine:
         ]
 
     def batch_key(self, request: GenerationRequest) -> Hashable | None:
-        """Requests with equal non-None keys can run in one ``generate_batch`` call.
-
-        None (never batched) for edit slugs (edit-plus refuses batches; one-image edit gains
-        little, each prompt needing its own image), for Qwen-Image 2.1 requests with reference
-        images (its pipeline takes one set per call) and for requests with extra LoRAs (their
-        adapters are per job). The key holds everything one pipeline call shares: the slug and
-        its recipe adapters, the preset LoRA, the planned size, steps, and the CFG scale (CFG
-        on means a negative prompt is always sent, so its presence is implied by the scale).
-        Qwen-Image 2.1 also keys on its prompts (``prompt_batch_key`` says why).
-        """
-        recipe = get_model(request.slug).recipe
-        # Qwen-Image 2.1 batches prompts, but takes one set of reference images per call.
-        batchable = recipe.pipeline is PipelineKind.TEXT_TO_IMAGE or (
-            recipe.pipeline is PipelineKind.QWEN_IMAGE_21 and not request.images
-        )
-        if not batchable or request.extra_loras:
-            return None
-        plan = plan_size(request, recipe, [], tiny=self.is_tiny)
-        cfg_scale = request.guidance if request.guidance > 1.0 else 1.0
-        return (
-            request.slug,
-            self._residency_key(recipe),
-            request.lora,
-            (plan.generate_width, plan.generate_height, plan.width, plan.height),
-            request.steps,
-            cfg_scale,
-            prompt_batch_key(request, recipe, cfg_scale),
-        )
+        """Requests with equal non-None keys can run in one ``generate_batch`` call
+        (``batch_keys.batch_key`` says which; the worker's parent computes the same without
+        torch)."""
+        return batch_key(request, self.config)
 
     def generate_batch(
         self,

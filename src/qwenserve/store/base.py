@@ -13,11 +13,17 @@ progress, learn which jobs it lost or must stop), an owner's ``cancel``, and the
 (``events``, ``job_events``): every transition of a job appends one ``JobEvent`` in the same
 atomic step, so whoever follows the log (completion hub, live streams, webhooks) misses nothing,
 even across a crash.
+
+Every transition also returns the events it appended (``complete``/``fail``/``release``: the
+event, None when nothing changed; ``submit``: ``SubmitOutcome.event``; ``claim``, ``cancel`` and
+``purge_expired``: ``.events`` on what they return, give-ups and missed start deadlines
+included), so the caller may act on its own ending at once (``notify.Endings.handle``) without
+waiting for the log's reader; the reader stays the one path that sees every ending.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -58,6 +64,37 @@ class SubmitOutcome:
     replay_of: str | None = None
     """With an idempotency key seen before (same body, within its TTL): the id of the job that
     first submit created. Nothing was charged or counted this time. None: a new job."""
+    event: JobEvent | None = None
+    """The event the submit appended: ``queued``, or ``failed`` for a job the API refused
+    itself; None for a replay (nothing appended)."""
+
+
+class Claimed(list[Job]):
+    """What ``Store.claim`` took (a list of jobs, oldest first) and every event the claim
+    appended: a ``processing`` per job taken, a ``failed`` per job it ended on the way (given up
+    after ``max_attempts``, cancelled with its worker gone, past its start deadline)."""
+
+    def __init__(self, jobs: Iterable[Job] = (), events: Iterable[JobEvent] = ()) -> None:
+        super().__init__(jobs)
+        self.events: tuple[JobEvent, ...] = tuple(events)
+
+
+class Purged(list[Job]):
+    """What ``Store.purge_expired`` deleted (the jobs as they were, so their media can go) and
+    the endings it appended on the way: expired before they finished, missed start deadlines."""
+
+    def __init__(self, jobs: Iterable[Job] = (), events: Iterable[JobEvent] = ()) -> None:
+        super().__init__(jobs)
+        self.events: tuple[JobEvent, ...] = tuple(events)
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What ``Store.cancel`` did: the job as it now is, and the events it appended
+    (``cancel_requested`` and/or the ``failed`` ending; none when asked again while pending)."""
+
+    job: Job
+    events: tuple[JobEvent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +107,16 @@ class Idempotency:
 
     key: str
     body_hash: str
+
+
+@dataclass(frozen=True)
+class KeyLoad:
+    """A key's jobs waiting and running now (``Store.key_loads``, for /metrics)."""
+
+    key_id: str
+    name: str
+    queued: int
+    running: int
 
 
 @dataclass(frozen=True)
@@ -140,9 +187,10 @@ class Store(Protocol):
         max_queued: int | None = None,
         weight: float | None = None,
         max_running: int | None = None,
+        balance_usd: float | None = None,
     ) -> ApiKey | None:
-        """Change a key's limits (None: keep); returns the key as it now is, None if missing.
-        Credits change through ``topup``."""
+        """Change a key's limits and (``balance_usd``) set its balance, all in one atomic step
+        (None: keep); returns the key as it now is, None if missing. ``topup`` adds instead."""
 
     # --- jobs -------------------------------------------------------------------------------
     def submit(
@@ -189,8 +237,9 @@ class Store(Protocol):
         max_attempts: int,
         now: float,
         limit: int = 1,
-    ) -> list[Job]:
-        """Take up to ``limit`` runnable jobs for this worker, oldest first.
+    ) -> Claimed:
+        """Take up to ``limit`` runnable jobs for this worker, oldest first (with the events
+        the claim appended: ``Claimed.events``).
 
         First, QUEUED jobs (of any model) whose ``start_by`` has passed and which never started
         end FAILED (kind ``start_timeout``), refunded and announced (``rules.START_TIMEOUT_BATCH``
@@ -216,9 +265,11 @@ class Store(Protocol):
         stop it.
         """
 
-    def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
-        """PROCESSING → COMPLETED, only while ``worker_id`` still owns it. False otherwise,
-        so a job is never completed twice."""
+    def complete(
+        self, job_id: str, worker_id: str, result: JobResult, *, now: float
+    ) -> JobEvent | None:
+        """PROCESSING → COMPLETED, only while ``worker_id`` still owns it; returns the
+        ``completed`` event appended. None otherwise, so a job is never completed twice."""
 
     def fail(
         self,
@@ -229,19 +280,22 @@ class Store(Protocol):
         message: str,
         now: float,
         refund: bool = True,
-    ) -> bool:
-        """→ FAILED with the error, refunding the job's cost, in one step. With a worker id,
-        only while that worker owns it; with None, any non-terminal job. False if not applied.
+    ) -> JobEvent | None:
+        """→ FAILED with the error, refunding the job's cost, in one step; returns the
+        ``failed`` event appended. With a worker id, only while that worker owns it; with None,
+        any non-terminal job. None if not applied.
         ``refund=False`` keeps the charge (an output the content policy blocked, when the
         operator charges those): the key's balance and the history's cost stay as they were."""
 
-    def release(self, job_id: str, worker_id: str, *, now: float) -> bool:
+    def release(self, job_id: str, worker_id: str, *, now: float) -> JobEvent | None:
         """Give a claimed job back to the queue (graceful shutdown): QUEUED again, the attempt
-        it was charged given back, its progress cleared. A job whose owner asked to cancel it
-        is not queued again: it ends as cancelled (refunded). False when not this worker's."""
+        it was charged given back, its progress cleared; returns the ``queued`` event. A job
+        whose owner asked to cancel it is not queued again: it ends as cancelled (refunded; the
+        ``failed`` event). None when not this worker's."""
 
-    def cancel(self, job_id: str, key_id: str, *, now: float) -> Job:
-        """Its owner stops a job, in one atomic step; returns the job as it now is.
+    def cancel(self, job_id: str, key_id: str, *, now: float) -> Cancelled:
+        """Its owner stops a job, in one atomic step; returns the job as it now is and the
+        events appended.
 
         QUEUED: it ends at once, FAILED with ``error_kind=CANCELLED``, refunded. PROCESSING:
         the request is recorded (``cancel_requested_at``); the worker learns it from its
@@ -259,17 +313,23 @@ class Store(Protocol):
         """Make every PROCESSING lease expire now (a restarted single-node server owns none of
         them any more); returns how many."""
 
-    def purge_expired(self, *, now: float) -> list[Job]:
+    def purge_expired(self, *, now: float) -> Purged:
         """Delete jobs past ``expires_at``, refunding those that never finished (announced as
         ``failed``, kind ``EXPIRED``, or ``CANCELLED`` when a cancel was pending), end the
         QUEUED jobs whose start deadline passed (as ``claim`` does), and trim the
-        event log of events past their retention; returns the jobs so their media can go too."""
+        event log of events past their retention; returns the jobs so their media can go too, and
+        the endings it appended (``Purged.events``)."""
 
     def stats(self, *, now: float) -> QueueStats: ...
 
+    def key_loads(self) -> list[KeyLoad]:
+        """Every key with QUEUED or PROCESSING jobs now, with how many of each, by key id. Read
+        from the counts the queue limits keep (no scan of the jobs): a cost in keys only."""
+
     def queue_position(self, job_id: str, *, now: float) -> int | None:
-        """How many QUEUED jobs of the same model run before this one (0: next); None when the
-        job is not QUEUED (or unknown, or expired)."""
+        """How many QUEUED jobs of the same model the fair claim takes before this one (0:
+        next): its place in the order of projected starts (``store/sqlite/fair_order.py``), not
+        submit order. None when the job is not QUEUED (or unknown, or expired)."""
 
     # --- history and usage -------------------------------------------------------------------
     def history(

@@ -9,39 +9,28 @@ joins at ``max(tag, V)``, so being idle earns no credit. Within a key, jobs go F
 Service is estimated in GPU work units, not read from the price: prices are flat per slug,
 while a 50-step 1328² job costs ~8x the GPU time of an 8-step 1024² one. The unit is one
 denoising step of one megapixel (``steps × width × height / 1e6``), the shape of every
-Qwen-Image transformer's cost; the slug's default steps and a 1 MP image fill what a
-request leaves out.
+Qwen-Image transformer's cost, read from the typed request: its steps and the output size
+admission fixed (``GenerationRequest.size``: an aspect ratio's real size; an edit that follows its
+input image, the area it is made at).
+
+Queue positions and ETAs follow the same order: each waiting job is stamped with its projected
+start (``store/sqlite/fair_order.py`` says how, and when the estimate drifts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
-DEFAULT_STEPS = 30
-"""Steps assumed for a request that does not say (most slugs' default is near it)."""
-DEFAULT_MEGAPIXELS = 1.0
-"""Image size assumed for a request without width/height (the catalog's ~1024² default)."""
+if TYPE_CHECKING:
+    from qwenserve.catalog import GenerationRequest
 
 
-def service_units(params: Mapping[str, Any]) -> float:
+def service_units(request: GenerationRequest) -> float:
     """The estimated GPU work of a job's request: steps × megapixels (always > 0)."""
-    steps = _positive(params.get("steps") or params.get("num_inference_steps"), DEFAULT_STEPS)
-    width = _positive(params.get("width"), 0.0)
-    height = _positive(params.get("height"), 0.0)
-    megapixels = width * height / 1e6 if width and height else DEFAULT_MEGAPIXELS
-    return max(steps * megapixels, 1e-3)
+    return max(request.steps * request.size.megapixels, 1e-3)
 
 
 def next_tag(tag: float, virtual: float, service: float, weight: float) -> tuple[float, float]:
     """(the key's new tag, the cluster's new virtual time) after it is served ``service``."""
     start = max(tag, virtual)
     return start + service / max(weight, 1e-6), start
-
-
-def _positive(value: Any, default: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return default
-    return number if number > 0 else default

@@ -18,6 +18,7 @@ import binascii
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from qwenserve.catalog import GenerationRequest
 from qwenserve.errors import InvalidRequest
 
 DEFAULT_HISTORY_TTL_S = 30 * 24 * 3600.0
@@ -107,9 +108,9 @@ def day_text(day: int) -> str:
     return datetime.fromtimestamp(day * DAY_S, UTC).strftime("%Y-%m-%d")
 
 
-def prompt_of(params: dict[str, object], policy: HistoryPolicy) -> str | None:
-    prompt = params.get("prompt")
-    return str(prompt) if policy.keep_prompts and prompt is not None else None
+def prompt_of(request: GenerationRequest, policy: HistoryPolicy) -> str | None:
+    """The prompt a history record keeps: ``request``'s, unless the policy keeps none."""
+    return request.prompt if policy.keep_prompts else None
 
 
 def parse_instant(value: str | None, field: str) -> float | None:

@@ -3,14 +3,23 @@
 A SQLite row (as a dict) and a Redis hash use the same field names, so one function reads a job,
 a key or an event from either. Values may arrive as text (Redis) or typed (SQLite); a missing or
 NULL optional field reads as None.
+
+A job's typed request is kept as JSON text in its ``params`` field (``request_text``) and read
+back typed (``request_from_text``): the only place a request becomes text and back, so nothing
+outside the stores handles a job as a dict. Its output size (``GenerationRequest.size``) is in
+that text; a record written before sizes were fixed at admission has none, and gets the size its
+fields give now (``catalog.sizes.fix_size``: what the runtime planned for it then).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
 
+from qwenserve.catalog import MODELS, GenerationRequest, InputImage, LoraRef
+from qwenserve.catalog.sizes import OutputSize, SizeKind, fix_size
 from qwenserve.jobs import Job, JobEvent, JobEventType, JobProgress, JobResult, JobStatus
 from qwenserve.store.base import ApiKey
 from qwenserve.store.rules import to_usd
@@ -69,6 +78,37 @@ def _text(value: Any) -> str | None:
     return str(value) if value is not None else None
 
 
+def request_text(request: GenerationRequest) -> str:
+    """``request`` as a job record keeps it (its ``params`` field): JSON of every field."""
+    return json.dumps(dataclasses.asdict(request), ensure_ascii=False, separators=(",", ":"))
+
+
+def request_from_text(text: str | bytes) -> GenerationRequest:
+    """The typed request a job record keeps (``request_text``); a record from before sizes were
+    fixed at admission gets its size from its fields now."""
+    fields: dict[str, Any] = json.loads(text)
+    fields["images"] = tuple(InputImage(**image) for image in fields.get("images", ()))
+    fields["extra_loras"] = tuple(LoraRef(**lora) for lora in fields.get("extra_loras", ()))
+    size = fields.get("size")
+    if size is None:
+        spec = MODELS.get(str(fields["slug"]))
+        fields["size"] = fix_size(
+            spec.recipe if spec is not None else None,
+            width=fields.get("width"),
+            height=fields.get("height"),
+            aspect_ratio=fields.get("aspect_ratio"),
+            has_images=bool(fields["images"]),
+        )
+    else:
+        fields["size"] = OutputSize(
+            kind=SizeKind(size["kind"]),
+            area=int(size["area"]),
+            width=_int(size.get("width")),
+            height=_int(size.get("height")),
+        )
+    return GenerationRequest(**fields)
+
+
 def job_from_record(record: Mapping[str, Any]) -> Job:
     result = record.get("result")
     step, total = _int(record.get("progress_step")), _int(record.get("progress_total"))
@@ -80,9 +120,8 @@ def job_from_record(record: Mapping[str, Any]) -> Job:
     )
     return Job(
         id=str(record["id"]),
-        slug=str(record["slug"]),
         key_id=str(record["key_id"]),
-        params=json.loads(record["params"]),
+        request=request_from_text(record["params"]),
         status=JobStatus(record["status"]),
         created_at=float(record["created_at"]),
         expires_at=float(record["expires_at"]),

@@ -23,6 +23,10 @@ deployments, or tests, can share one Redis server without seeing each other. The
                                     tag (raised lazily: a score below ``fairtags`` is stale)
     fairtags                hash    key id -> its tag (virtual finish time); '' -> the
                                     cluster's virtual time
+    fairorder:<slug>        zset    "<key_id> <job_id>" of every QUEUED job of the model,
+                                    scored by its projected start in the fair order (the job
+                                    hash's ``fair_start``): ZRANK is its queue position
+    fairproj                hash    key id -> the projected finish of its QUEUED jobs
     fifo                    string  the submit counter
     entries:<slug>          hash    job id -> its stream entry, for the jobs in waiting:<slug>
                                     (so a job whose hash Redis expired leaves no entry behind)
@@ -97,6 +101,8 @@ _WAITING = "waiting:"
 _FAIR_QUEUE = "fairq:"
 _FAIR_KEYS = "fairkeys:"
 _FAIR_TAGS = "fairtags"
+_FAIR_ORDER = "fairorder:"
+_FAIR_PROJ = "fairproj"
 _FIFO = "fifo"
 _ENTRIES = "entries:"
 _RUNNING = "running:"
@@ -142,6 +148,9 @@ local function fair_queue_key(slug, key_id)
 end
 local function fair_keys_key(slug) return PREFIX .. '{_FAIR_KEYS}' .. slug end
 local function fair_tags_key() return PREFIX .. '{_FAIR_TAGS}' end
+local function fair_order_key(slug) return PREFIX .. '{_FAIR_ORDER}' .. slug end
+local function fair_proj_key() return PREFIX .. '{_FAIR_PROJ}' end
+local function slugs_key() return PREFIX .. '{_SLUGS}' end
 local function fifo_key() return PREFIX .. '{_FIFO}' end
 local function entries_key(slug) return PREFIX .. '{_ENTRIES}' .. slug end
 local function running_key(key_id) return PREFIX .. '{_RUNNING}' .. key_id end
@@ -221,6 +230,10 @@ class RedisKeys:
     def key_queued(self, key_id: str) -> str:
         """The ids of ``key_id``'s QUEUED jobs (its ``max_queued`` counts it)."""
         return f"{self.prefix}{_KEY_QUEUED}{key_id}"
+
+    def running(self, key_id: str) -> str:
+        """The ids of ``key_id``'s PROCESSING jobs (its ``max_running`` counts it)."""
+        return f"{self.prefix}{_RUNNING}{key_id}"
 
     def start_by(self) -> str:
         """QUEUED jobs with a start deadline, scored by it."""

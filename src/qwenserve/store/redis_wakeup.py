@@ -6,7 +6,7 @@ connection, subscribed to that channel, that calls ``on_wake(slug)`` for every m
 ``WorkerRunner.wake`` it turns "claim at the next poll" into "claim now" for workers in other
 processes, the way an in-process submit already wakes the embedded worker::
 
-    wakeup = RedisWakeup(settings.store, on_wake=lambda slug: runner.wake()).start()
+    wakeup = RedisWakeup(connector, on_wake=lambda slug: runner.wake()).start()
     ...
     wakeup.close()
 
@@ -21,15 +21,18 @@ expiry). API nodes wire it to ``CompletionHub.notify``, so a POST /v1 answered b
 another process returns as soon as the job ends, and its ``on_wake(None)`` to
 ``CompletionHub.notify_all``: every waiter re-reads the store once after a (re)subscription::
 
-    done = RedisDoneWakeup(settings.store, on_wake=on_job_end).start()
+    done = RedisDoneWakeup(connector, on_wake=on_job_end).start()
 
 ``RedisCancelWakeup`` follows the ``cancel`` channel (``RedisKeys.cancel``), where the cancel
 script publishes the id of a running job its owner asks to stop: every process with workers
 wires it to its event-log reader's ``poke``, so the worker holding the job learns it at once.
 
 Redis going away never ends the thread: it logs a warning, reconnects with exponential backoff
-and subscribes again. A link that dies without a reset (a partition) is noticed by a PING sent
-after ``health_check_s`` of silence that gets no answer within another ``health_check_s``.
+and subscribes again. Its connections come from the process's ``RedisConnector``, so with
+Sentinel each reconnect asks where the primary is now: after a failover the subscriber follows
+the promoted replica on its own, and its ``on_wake(None)`` covers what was published meanwhile.
+A link that dies without a reset (a partition) is noticed by a PING sent after
+``health_check_s`` of silence that gets no answer within another ``health_check_s``.
 ``close()`` stops the thread within about ``LISTEN_TICK_S`` (or, while it is connecting to an
 unresponsive host, the connect timeout).
 """
@@ -44,10 +47,9 @@ from types import TracebackType
 from typing import Any, Self
 
 import redis
-from redis.backoff import NoBackoff
 from redis.client import PubSub
-from redis.retry import Retry
 
+from qwenserve.store.redis.client import RedisConnector
 from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
 
 log = logging.getLogger("qwenserve")
@@ -70,7 +72,8 @@ class RedisWakeup:
     """A background subscriber to the wake channel, calling ``on_wake`` per message.
 
     Args:
-        url: the Redis store's URL (``redis://`` or ``rediss://``); its own connection is made.
+        connector: where its connections come from (the process's ``RedisConnector``), or a
+            Redis store URL to make one from (tests); each (re)connection makes its own client.
         on_wake: called on the subscriber thread with the published slug, or with None once
             each time the subscription is confirmed (at start and after each reconnect). It
             should be quick (``WorkerRunner.wake`` sets an event); an exception from it is
@@ -79,10 +82,12 @@ class RedisWakeup:
         health_check_s: silence after which a PING checks the link; no answer within as long
             again counts as a lost connection.
         backoff_base_s, backoff_cap_s: reconnect delays double from the base up to the cap.
+        on_close: called once by ``close()`` (``RedisSignals`` ends the in-process twin of this
+            subscription there).
 
     Raises:
-        ValueError: the namespace is invalid (see ``RedisKeys``), or, from ``start()``, the URL
-            is not a Redis URL.
+        ValueError: the namespace is invalid (see ``RedisKeys``), or the URL is not a Redis
+            store URL.
     """
 
     _label = "wake-up subscriber"
@@ -96,20 +101,27 @@ class RedisWakeup:
 
     def __init__(
         self,
-        url: str,
+        connector: RedisConnector | str,
         on_wake: WakeCallback,
         *,
         namespace: str = DEFAULT_NAMESPACE,
         health_check_s: float = HEALTH_CHECK_S,
         backoff_base_s: float = RECONNECT_BACKOFF_BASE_S,
         backoff_cap_s: float = RECONNECT_BACKOFF_CAP_S,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
-        self.url = url
+        # A URL is parsed here, not in the thread that would retry it forever.
+        self.connector = (
+            connector
+            if isinstance(connector, RedisConnector)
+            else RedisConnector.from_url(connector)
+        )
         self.channel = self._channel_of(RedisKeys(namespace))
         self.health_check_s = health_check_s
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self._on_wake = on_wake
+        self._on_close = on_close
         self._closed = threading.Event()
         self._subscribed = threading.Event()
         self._failures = 0  # in a row, since the last confirmed subscription (thread only)
@@ -119,14 +131,7 @@ class RedisWakeup:
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> Self:
-        """Start the subscriber thread (it connects in the background); returns self.
-
-        Raises:
-            ValueError: the URL is not a redis://, rediss:// or unix:// URL.
-        """
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            # Fail here, not in a thread that would retry it forever.
-            raise ValueError(f"not a Redis URL: {self.url!r}")
+        """Start the subscriber thread (it connects in the background); returns self."""
         self._thread.start()
         return self
 
@@ -146,6 +151,9 @@ class RedisWakeup:
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Stop the thread and drop its connection (idempotent)."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
         self._closed.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
@@ -186,13 +194,10 @@ class RedisWakeup:
 
     def _listen(self) -> None:
         """One connection's life: subscribe, deliver messages, check the link when quiet."""
-        client: redis.Redis = redis.Redis.from_url(
-            self.url,
-            decode_responses=True,
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            # Reconnecting is this loop's job (with its backoff, logging and catch-up call).
-            retry=Retry(NoBackoff(), 0),
+        # No retries in the client: reconnecting is this loop's job (with its backoff, logging
+        # and catch-up call).
+        client = self.connector.subscriber_client(
+            connect_timeout_s=CONNECT_TIMEOUT_S, socket_timeout_s=SOCKET_TIMEOUT_S
         )
         pubsub: PubSub = client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]  # unannotated before redis 7
         try:

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
-from qwenserve.catalog import MODELS, GenerationRequest
+from qwenserve.catalog import MODELS
 from qwenserve.jobs import Job
 from qwenserve.store.workers import WorkerRegistry
 from qwenserve.worker.control import Clock, JobControl
@@ -18,9 +18,9 @@ from qwenserve.worker.routing import idle_peer_serves, plan_claims
 
 if TYPE_CHECKING:
     from qwenserve.store.base import Store
+    from qwenserve.worker.config import WorkerConfig
     from qwenserve.worker.engine import ImageEngine
     from qwenserve.worker.finisher import Finisher
-    from qwenserve.worker.runner import WorkerConfig
 
 log = logging.getLogger("qwenserve.worker")
 
@@ -60,7 +60,8 @@ class Claimer:
         self._warm_streak = 0
 
     def claim(self, slugs: Sequence[str], limit: int) -> list[Job]:
-        """Claim up to ``limit`` jobs of ``slugs``; heartbeated from this moment on."""
+        """Claim up to ``limit`` jobs of ``slugs``; heartbeated from this moment on. Jobs the
+        claim ended on the way go to the finisher's endings handler at once."""
         jobs = self.store.claim(
             self.config.worker_id,
             slugs=slugs,
@@ -70,6 +71,7 @@ class Claimer:
             limit=limit,
         )
         self.control.hold(jobs)
+        self.finisher.claim_ended(jobs.events)
         return jobs
 
     def claim_work(self, *, look_ahead: bool) -> list[Job]:
@@ -137,12 +139,13 @@ class Claimer:
         return batch
 
     def batch_key(self, job: Job) -> Hashable | None:
-        """The key batch-mates share; None for a job that must run alone: one that cannot be
-        decoded, or a retry (its last run never ended: it may be what crashed that worker, and
-        alone it cannot take batch-mates down with it again)."""
+        """The key batch-mates share (from the job's typed request, its fixed size included);
+        None for a job that must run alone: one whose key the engine cannot make, or a retry
+        (its last run never ended: it may be what crashed that worker, and alone it cannot take
+        batch-mates down with it again)."""
         if job.attempts > 1:
             return None
         try:
-            return self.engine.batch_key(GenerationRequest.from_dict(job.params))
+            return self.engine.batch_key(job.request)
         except Exception:
             return None

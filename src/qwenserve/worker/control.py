@@ -276,6 +276,28 @@ class JobControl:
             held.ending = True
             return True
 
+    def let_lapse(self, job: Job, max_attempts: int) -> bool:
+        """Let ``job`` go as if this worker had died, for a job whose engine process died under
+        it (``EngineCrashed``): one last heartbeat ends its lease now, so the next claim (here or
+        anywhere) takes it again with this attempt counted. False, doing nothing, when it was
+        its last attempt (``max_attempts``), when it has a stop reason (its ending says how it
+        ends) or when someone else is ending it. A store outage changes nothing: the lease then
+        runs out on its own."""
+        if job.attempts >= max_attempts or self.stop_reason(job.id) is not None:
+            return False
+        if not self.claim_ending(job.id):
+            return False
+        try:
+            self.store.heartbeat(self.worker_id, {job.id: None}, lease_s=0.0, now=self.clock())
+            log.info(
+                "job %s back to the queue (attempt %d of %d)", job.id, job.attempts, max_attempts
+            )
+        except Exception as error:
+            log.warning("job %s: could not end its lease now (%s); it runs out", job.id, error)
+        finally:
+            self.drop(job.id)
+        return True
+
     def drop(self, job_id: str) -> None:
         """The job ended (or went back): stop heartbeating it."""
         with self._lock:

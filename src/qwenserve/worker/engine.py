@@ -57,6 +57,17 @@ class ImageEngine(Protocol):
         ...
 
 
+class HostedEngine(ImageEngine, Protocol):
+    """An engine a served worker runs, which the composition root also warms up and describes:
+    ``qwenserve.runtime.Engine`` in this process, ``EngineProcess`` in a child process."""
+
+    def describe(self) -> str: ...
+
+    def warm_up(
+        self, slugs: Sequence[str], *, batch_sizes: Sequence[int] = (1,)
+    ) -> dict[str, float]: ...
+
+
 @runtime_checkable
 class CountsCompiles(Protocol):
     """An engine that counts its torch.compile work (``qwenserve.runtime.Engine`` does)."""

@@ -3,36 +3,41 @@
 Results are encoded and stored on one finisher thread, so encoding and disk overlap the next
 job's denoising. Every ending is one atomic store call that checks this worker still owns the
 job (a job is never completed twice, never refunded twice) and appends the ending to the
-store's event log; the in-process ``on_job_done`` callback is only the fast path for waiters in
-this process (``notify/``). Which ending a job gets is decided here, once: its stop reason
-(``worker/control.py``) first, else the error that ended it.
+store's event log. What follows an ending (stored inputs deleted, ...) is not done here: the
+event the store call returned goes to ``notify.Endings`` at once (the one handler of every
+kind of ending, whoever made it), and the in-process ``on_job_done`` callback is only the fast
+path for waiters in this process (``notify/``). Which ending a job gets is decided here, once:
+its stop reason (``worker/control.py``) first, else the error that ended it.
 
 A store outage is ridden out (``worker/retry.py``): each ending is retried, and an outage that
 outlasts the retries never turns into a failed job: the job is let go (no longer heartbeated),
 its lease runs out and it runs again. Nothing here raises for a store outage, so a job is never
-left held with nobody to end it.
+left held with nobody to end it. A media store (S3 bucket) outage at the finish is retried too,
+the image kept (``media_retry_s``); one that outlasts it fails the job, refunded, with kind
+``media_unavailable``: running it again would only meet the same bucket.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from qwenserve.errors import (
     ContentPolicyViolation,
     InferenceError,
+    MediaUnavailable,
     QwenServeError,
     ServiceUnavailable,
     StartTimeout,
     error_kind,
 )
-from qwenserve.jobs import CANCELLED, Job, JobResult, JobStatus
+from qwenserve.jobs import CANCELLED, Job, JobEvent, JobResult, JobStatus
 from qwenserve.media.encode import encode_image
-from qwenserve.media.inline import stored_media_id
 from qwenserve.media.storage import MediaStore, new_media_id
+from qwenserve.notify.endings import Endings
 from qwenserve.policy import OUTPUT_BLOCKED
 from qwenserve.store.rules import START_TIMEOUT_MESSAGE
 from qwenserve.worker.control import Clock, JobControl, StopReason
@@ -47,6 +52,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("qwenserve.worker")
 
 CANCEL_MESSAGE = "cancelled by its owner"
+MEDIA_LOST_MESSAGE = (
+    "the image was generated but could not be stored: the media store stayed unreachable "
+    "(refunded; send the request again)"
+)
 
 
 class Finisher:
@@ -69,16 +78,23 @@ class Finisher:
         clock: Clock,
         on_job_done: Callable[[str], None] | None = None,
         retry: StoreRetry | None = None,
+        media_retry: StoreRetry | None = None,
         output_screen: OutputScreen | None = None,
+        endings: Endings | None = None,
     ) -> None:
         self.store = store
         self.output_screen = output_screen
         self.retry = retry or StoreRetry()
+        self.media_retry = media_retry or self.retry
+        """How a finished image's put rides out a media store outage (``media_retry_s``)."""
         self.media = media
         self.control = control
         self.worker_id = worker_id
         self.clock = clock
         self.on_job_done = on_job_done
+        self.endings = endings or Endings(store, media, clock=clock)
+        """Handed each ending this finisher makes (the process's shared one, set by the
+        composition root; else its own)."""
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{worker_id}-finish")
 
     def submit_result(self, prepared: Prepared, generated: GeneratedImage) -> None:
@@ -128,10 +144,18 @@ class Finisher:
         data = encode_image(generated.image, request.image_format, request.quality)
         encode_time_s = time.perf_counter() - encode_started
         media_id = new_media_id()
-        self.retry.call(
-            f"job {job.id}: storing its image",
-            lambda: self.media.put(media_id, data, request.content_type, expires_at=job.expires_at),
-        )
+        try:
+            self.media_retry.call(
+                f"job {job.id}: storing its image",
+                lambda: self.media.put(
+                    media_id, data, request.content_type, expires_at=job.expires_at
+                ),
+            )
+        except MediaUnavailable:
+            # The bucket stayed unreachable through the retries (the image was kept until
+            # now): running the job again would meet the same bucket, so it fails, refunded.
+            self._fail(job, MediaUnavailable(MEDIA_LOST_MESSAGE))
+            return
         result = JobResult(
             media_id=media_id,
             content_type=request.content_type,
@@ -142,8 +166,9 @@ class Finisher:
             size_bytes=len(data),
             encode_time_s=encode_time_s,
         )
-        if self._complete(job, result):
-            self._forget_inputs(job)
+        completed = self._complete(job, result)
+        if completed is not None:
+            self._ended(completed, job)
             outcome = f"completed ({generated.width}x{generated.height}, seed {generated.seed})"
         else:
             self.media.delete(media_id)  # someone else owns the job now; keep one result
@@ -158,23 +183,30 @@ class Finisher:
         self._fail(job, ContentPolicyViolation(OUTPUT_BLOCKED), refund=not screen.charge)
         return True
 
-    def _complete(self, job: Job, result: JobResult) -> bool:
-        """Complete ``job`` with ``result``, retried through an outage. A retry refused because
-        the lost first try was applied is still our completion: the job holds our media."""
-        if self.retry.call(
+    def _complete(self, job: Job, result: JobResult) -> JobEvent | None:
+        """Complete ``job`` with ``result``, retried through an outage; its ``completed`` event
+        (None: not ours). A retry refused because the lost first try was applied is still our
+        completion: the job holds our media (its event is then read from the log)."""
+        event = self.retry.call(
             f"job {job.id}: completing it",
             lambda: self.store.complete(job.id, self.worker_id, result, now=self.clock()),
-        ):
-            return True
+        )
+        if event is not None:
+            return event
         stored = self.retry.call(
             f"job {job.id}: reading it", lambda: self.store.get_job(job.id, now=self.clock())
         )
-        return (
+        if not (
             stored is not None
             and stored.status is JobStatus.COMPLETED
             and stored.result is not None
             and stored.result.media_id == result.media_id
+        ):
+            return None
+        logged = self.retry.call(
+            f"job {job.id}: reading its events", lambda: self.store.job_events(job.id)
         )
+        return next((e for e in reversed(logged) if e.type.is_terminal), None)
 
     def end(self, job: Job, error: QwenServeError | None = None) -> None:
         """End ``job`` without a result, by its stop reason, else as failed with ``error``:
@@ -237,31 +269,46 @@ class Finisher:
         when None."""
         kind = CANCELLED if error is None else error_kind(error)
         message = CANCEL_MESSAGE if error is None else error.message
-        if self.retry.call(
+        failed = self.retry.call(
             f"job {job.id}: failing it",
             lambda: self.store.fail(
                 job.id, self.worker_id, kind=kind, message=message, now=self.clock(), refund=refund
             ),
-        ):
-            self._forget_inputs(job)
+        )
+        if failed is not None:
+            self._ended(failed, job)
             log.info("job %s failed (%s: %s)", job.id, kind, message)
 
     def _release(self, job: Job) -> bool:
-        return self.retry.call(
+        """Give ``job`` back (or, its owner having asked to cancel it, end it as cancelled)."""
+        event = self.retry.call(
             f"job {job.id}: giving it back",
             lambda: self.store.release(job.id, self.worker_id, now=self.clock()),
         )
+        if event is not None:
+            self._ended(event, job)
+        return event is not None
 
-    def _forget_inputs(self, job: Job) -> None:
-        """Delete the inline inputs the API stored for ``job`` (media/inline.py) once it has
-        ended for good; expiry would take them an hour later. Never fails the job."""
+    def claim_ended(self, events: Iterable[JobEvent]) -> None:
+        """Endings a claim made on the way (given up after ``max_attempts``, past its start
+        deadline, cancelled with its worker gone): handled now, as this worker's own are,
+        rather than when the event-log reader gets to them. Never raises."""
+        for event in events:
+            if not event.type.is_terminal:
+                continue
+            try:
+                self.endings.handle([event])
+                self._notify(event.job_id)
+            except Exception:
+                log.warning("job %s: handling its ending failed", event.job_id, exc_info=True)
+
+    def _ended(self, event: JobEvent, job: Job) -> None:
+        """Hand an ending this worker made to the endings handler (a requeue is none). Never
+        fails the job: a handler's trouble is logged."""
         try:
-            for image in job.params.get("images", ()):
-                media_id = stored_media_id(str(image.get("source", "")))
-                if media_id is not None:
-                    self.media.delete(media_id)
+            self.endings.handle([event], job)
         except Exception:
-            log.warning("job %s: could not delete its stored inputs", job.id, exc_info=True)
+            log.warning("job %s: handling its ending failed", job.id, exc_info=True)
 
     def _notify(self, job_id: str) -> None:
         if self.on_job_done is not None:

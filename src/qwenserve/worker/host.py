@@ -1,4 +1,6 @@
-"""Hosting runners in threads inside the server process, with a drain on shutdown."""
+"""Hosting runners in threads inside the server process, with a drain on shutdown. A runner's
+engine runs in a child process by default (``engine_process.py``): the loop, its heartbeats and
+its endings stay here."""
 
 from __future__ import annotations
 

@@ -27,15 +27,20 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from qwenserve.catalog import GenerationRequest
-from qwenserve.config import WorkerSettings
-from qwenserve.errors import InferenceError, OutOfMemory, QwenServeError, ServiceUnavailable
+from qwenserve.errors import (
+    EngineCrashed,
+    InferenceError,
+    OutOfMemory,
+    QwenServeError,
+    ServiceUnavailable,
+)
 from qwenserve.media.storage import MediaStore
 from qwenserve.store.workers import WorkerInfo, WorkerRegistry
 from qwenserve.worker.claims import Claimer, Sleep
+from qwenserve.worker.config import WorkerConfig
 from qwenserve.worker.control import Clock, JobControl, StopReason
 from qwenserve.worker.engine import CancelCheck, CountsCompiles, ImageEngine, StepCallback
 from qwenserve.worker.finisher import Finisher, describe_crash
@@ -48,65 +53,13 @@ from qwenserve.worker.screening import OutputScreen
 
 if TYPE_CHECKING:
     from qwenserve.jobs import Job
+    from qwenserve.notify.endings import Endings
     from qwenserve.runtime.config import GeneratedImage
     from qwenserve.store.base import Store
 
 log = logging.getLogger("qwenserve.worker")
 
-__all__ = ["ImageEngine", "InputLoader", "WorkerConfig", "WorkerRunner", "WorkerState"]
-
-
-_DEFAULTS = WorkerSettings()
-
-
-@dataclass
-class WorkerConfig:
-    """How a runner claims, batches and holds jobs. The knobs a user sets take their defaults
-    from ``WorkerSettings`` (``qwenserve.config``), where each is held once."""
-
-    worker_id: str
-    max_batch: int = field(kw_only=True)
-    """Most requests run in one pipeline call (1 disables batching). No default: the setting's
-    auto (None) depends on the engine's device, which the composition root resolves."""
-    slugs: Sequence[str] | None = None
-    lease_s: float = _DEFAULTS.lease_s
-    max_attempts: int = _DEFAULTS.max_attempts
-    poll_interval_s: float = _DEFAULTS.poll_interval_s
-    heartbeat_s: float = 5.0
-    """How often the worker announces itself in the registry (routing, `qwenserve status`)."""
-    control_period_s: float | None = None
-    """Seconds between job heartbeats (leases, progress, stops); None: ``min(1, lease_s / 3)``."""
-    host: str = "localhost"
-    batch_window_s: float = _DEFAULTS.batch_window_s
-    """How long to wait for more same-shape requests before running a partial batch."""
-    warm_streak_limit: int = 4
-    """After this many warm claims in a row, look at cold models first once (no starvation)."""
-    prefetch: bool = _DEFAULTS.prefetch
-    """While a batch runs, claim the next job and load its inputs (a test that wants a runner
-    to claim only inside ``run_once`` turns it off)."""
-
-    @classmethod
-    def from_settings(
-        cls,
-        worker: WorkerSettings,
-        *,
-        worker_id: str,
-        max_batch: int,
-        slugs: Sequence[str] | None = None,
-        host: str = "localhost",
-    ) -> WorkerConfig:
-        """A served worker's config: ``Settings.worker`` and who this worker is."""
-        return cls(
-            worker_id=worker_id,
-            max_batch=max_batch,
-            slugs=slugs,
-            host=host,
-            lease_s=worker.lease_s,
-            max_attempts=worker.max_attempts,
-            poll_interval_s=worker.poll_interval_s,
-            batch_window_s=worker.batch_window_s,
-            prefetch=worker.prefetch,
-        )
+__all__ = ["ImageEngine", "InputLoader", "WorkerRunner", "WorkerState"]
 
 
 @dataclass
@@ -124,6 +77,8 @@ class WorkerRunner:
     window follow them. ``on_job_done`` is called with each job id once it ended here (the fast
     path for waiters in this process; the store's event log announces every ending anyway).
     ``retry`` is how store calls that end a job ride out an outage (``worker/retry.py``).
+    ``endings`` gets every ending this worker makes, its claims' give-ups included (the
+    process's one ``notify.Endings``; None: one of its own).
     """
 
     def __init__(
@@ -140,6 +95,7 @@ class WorkerRunner:
         registry: WorkerRegistry | None = None,
         retry: StoreRetry | None = None,
         output_screen: OutputScreen | None = None,
+        endings: Endings | None = None,
     ) -> None:
         self.store = store
         self.media = media
@@ -167,7 +123,10 @@ class WorkerRunner:
             clock=clock,
             on_job_done=on_job_done,
             retry=retry,
+            # The store's retry (its clock and sleep) with the media outage budget.
+            media_retry=replace(retry or StoreRetry(), budget_s=config.media_retry_s),
             output_screen=output_screen,
+            endings=endings,
         )
         self.claims = Claimer(
             store=store,
@@ -348,7 +307,7 @@ class WorkerRunner:
 
     def _prepare(self, job: Job) -> Prepared | None:
         try:
-            request = GenerationRequest.from_dict(job.params)
+            request = job.request
             return Prepared(
                 job, request, self.inputs.load_images(request), self.inputs.load_loras(request)
             )
@@ -404,6 +363,12 @@ class WorkerRunner:
                     should_cancel=should_cancel,
                     **previews,
                 )
+        except EngineCrashed as crash:  # its process died: as after a lost lease, jobs rerun
+            log.error("%s: %s", ", ".join(j.id for j in jobs), crash.message)
+            for p in prepared:
+                if not self.control.let_lapse(p.job, self.config.max_attempts):
+                    self.finisher.end(p.job, crash)  # its last attempt, or it was stopped
+            return
         except QwenServeError as error:
             if isinstance(error, OutOfMemory):
                 if self._split_after_oom(prepared, error):

@@ -85,7 +85,7 @@ class RedisHistory:
         day = day_number(job.created_at)
         record_until = job.created_at + policy.ttl_s
         usage_until = (day + 1) * DAY_S + policy.ttl_s
-        prompt = prompt_of(job.params, policy)
+        prompt = prompt_of(job.request, policy)
 
         def ttl_ms(until: float) -> int:
             return max(1, math.ceil((until - now + self.expiry_grace_s) * 1000))

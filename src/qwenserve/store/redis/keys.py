@@ -11,7 +11,7 @@ import redis
 from redis.commands.core import Script
 
 from qwenserve.store import rules
-from qwenserve.store.base import ApiKey
+from qwenserve.store.base import ApiKey, KeyLoad
 from qwenserve.store.records import key_from_record
 from qwenserve.store.redis.client import float_text
 from qwenserve.store.redis.scripts import JobScripts
@@ -92,6 +92,26 @@ class RedisApiKeys:
             raise KeyError(key_id)
         return rules.to_usd(int(balance))
 
+    def key_loads(self) -> list[KeyLoad]:
+        # The sets the queue limits keep (keyqueued:<id>, running:<id>): one pipelined SCARD
+        # pair and name per key.
+        def read() -> list[KeyLoad]:
+            ids = sorted(self._members(self.keys.all_keys()))
+            pipe = self._redis.pipeline(transaction=False)
+            for key_id in ids:
+                pipe.scard(self.keys.key_queued(key_id))
+                pipe.scard(self.keys.running(key_id))
+                pipe.hget(self.keys.api_key(key_id), "name")
+            answers = pipe.execute()
+            loads = []
+            for index, key_id in enumerate(ids):
+                queued, running, name = answers[3 * index : 3 * index + 3]
+                if int(queued) or int(running):
+                    loads.append(KeyLoad(key_id, str(name or ""), int(queued), int(running)))
+            return loads
+
+        return self._run(read)
+
     def update_key(
         self,
         key_id: str,
@@ -100,12 +120,15 @@ class RedisApiKeys:
         max_queued: int | None = None,
         weight: float | None = None,
         max_running: int | None = None,
+        balance_usd: float | None = None,
     ) -> ApiKey | None:
+        # Every field in one HSET of one script: a balance set alongside limits is one step.
         changes = {
             "rpm": rpm,
             "max_queued": max_queued,
             "weight": float_text(weight) if weight is not None else None,
             "max_running": max_running,
+            "balance_micro": rules.to_micro(balance_usd) if balance_usd is not None else None,
         }
         flat = [str(part) for name, v in changes.items() if v is not None for part in (name, v)]
         if not self._eval(self._scripts.update_key, [self.keys.api_key(key_id)], *flat):

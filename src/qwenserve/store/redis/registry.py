@@ -6,7 +6,7 @@ from typing import cast
 
 import redis
 
-from qwenserve.store.redis.client import connect, float_text, unavailable_as_503
+from qwenserve.store.redis.client import RedisConnector, float_text, unavailable_as_503
 from qwenserve.store.redis.scripts import source
 from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, LUA_KEY_FUNCTIONS, RedisKeys
 from qwenserve.store.workers import WorkerInfo
@@ -23,7 +23,8 @@ class RedisWorkerRegistry:
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE) -> RedisWorkerRegistry:
-        return cls(connect(url), namespace=namespace)
+        """A registry on a Redis store URL (tests and tools; servers use ``open_backend``)."""
+        return cls(RedisConnector.from_url(url).client(), namespace=namespace)
 
     def announce(self, info: WorkerInfo, *, ttl_s: float) -> None:
         with unavailable_as_503("the worker registry"):

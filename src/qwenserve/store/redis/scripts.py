@@ -7,13 +7,17 @@ and event types are written once), ``helpers.lua``, then the script's own file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
+from typing import Any
 
 import redis
 from redis.commands.core import Script
 
-from qwenserve.jobs import CANCELLED, EXPIRED, JobEventType
+from qwenserve.jobs import CANCELLED, EXPIRED, JobEvent, JobEventType
 from qwenserve.store import rules
+from qwenserve.store.records import event_from_record
+from qwenserve.store.redis.client import pairs
 from qwenserve.store.redis_keys import LUA_KEY_FUNCTIONS
 
 _PACKAGE = "qwenserve.store.redis"
@@ -42,6 +46,18 @@ _CONSTANTS: dict[str, str] = {
 }
 
 LUA_CONSTANTS = "".join(f"local {name} = {_lua_string(v)}\n" for name, v in _CONSTANTS.items())
+
+
+def announced(reply: Sequence[Sequence[Any]]) -> tuple[JobEvent, ...]:
+    """The events a transition script appended, as it returns them (``announced`` in
+    helpers.lua: each ``{id, field, value, ...}``)."""
+    return tuple(event_from_record(str(entry[0]), pairs(entry[1:])) for entry in reply)
+
+
+def last_announced(reply: Sequence[Sequence[Any]]) -> JobEvent | None:
+    """The event a one-ending script appended last (None: it changed nothing)."""
+    appended = announced(reply)
+    return appended[-1] if appended else None
 
 
 def source(name: str) -> str:
@@ -77,3 +93,4 @@ class JobScripts:
         self.start_deadlines = script("start_deadlines")
         self.update_key = script("update_key")
         self.migrate_fair = script("migrate_fair")
+        self.withdraw = script("withdraw")

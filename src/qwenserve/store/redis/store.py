@@ -19,7 +19,8 @@ is the queue order and ownership index:
   with XCLAIM (and a heartbeat XCLAIMs it to itself, resetting its idle time), so XPENDING still
   shows who holds what.
 * release() keeps the entry pending, marks the job QUEUED and lists it again in the waiting
-  and fair sets at its submit's ``fifo`` score: its original queue position.
+  and fair sets at its submit's ``fifo`` score, its key's FIFO head; the claim it gives back is
+  undone in its key's service (``fair_unclaim``: charged once, when it runs).
 * complete/fail/cancel/purge XACK + XDEL the entry, so a stream only holds unfinished jobs: its
   length minus the leases is the queued count.
 
@@ -27,11 +28,10 @@ Control. A worker's heartbeat is one script for all its jobs: renew each lease i
 record progress in the job hash, and answer owned / cancel-requested / lost. ``cancel`` ends a
 QUEUED job in its script (refund, entry deleted) or sets ``cancel_requested_at`` on a running one.
 
-Event log. Every script that changes a job's status XADDs one entry to the ``events`` stream
-(and, under the same id, to ``jobevents:<id>``, so one job's events are read without scanning
-the log), in the same script as the change: the log cannot miss or invent a transition. Each
-event is also listed in ``events:trim``, scored by when it may go (its ``at`` plus the job's
-result TTL), where purge_expired finds and XDELs it. Stream ids are the event ids.
+Event log. Every script that changes a job's status appends its event in the same script
+(``events.py`` reads the log). Each transition script also returns the events it appended
+(``announced`` in helpers.lua, parsed by ``scripts.announced``), so every transition hands its
+caller its events (``store/base.py``).
 
 Wake-up. The submit and release scripts (and expire_leases) PUBLISH the job's slug on the
 ``wake`` channel in the same script, so no extra round trip: idle workers subscribed to it
@@ -47,7 +47,9 @@ queuing (``store.fair``): ``fairkeys:<slug>`` holds the keys waiting for a model
 their tag, so the next key is a sorted-set head per model asked for (O(log K), lazily raised
 when stale), and its job the head of its FIFO. Keys at their ``max_running`` (``running:<key>``
 set) are passed over. Entries whose job hash is gone (expired by Redis) are acknowledged and
-deleted.
+deleted. Queue positions: each QUEUED job is in ``fairorder:<slug>``, scored by its projected
+start in that order (stamped when it starts waiting, ``store/sqlite/fair_order.py`` says how),
+so a status poll's position is one ZRANK.
 
 Money is integer micro-USD (HINCRBY). Rate limits are a fixed window per key and wall-clock
 minute: ``rate:<key_id>:<floor(now / 60)>`` counts admitted submits (INCR, EXPIRE 120 s), read,
@@ -62,23 +64,19 @@ with a start deadline is in the ``startby`` zset while it waits; the claim scrip
 purge_expired's sweep) first ends those past it, refunded. Jobs queued before this existed are
 not counted until they leave the queue.
 
-Expiry. A job hash gets a Redis TTL of ``expires_at - now + expiry_grace_s``. Reads hide a job
-from ``expires_at`` on; the grace keeps it long enough for purge_expired (run by every API node)
-to find it through the ``expiry`` zset, refund it if it never finished (announcing it as failed,
-``expired``), remove its stream entry and return it so its media can go. The TTL is relative to
-the caller's ``now`` rather than an EXPIREAT, so an injected test clock does not make Redis delete
-fresh jobs. If no purge runs for the whole grace, Redis drops the job itself (its refund is then
-lost, and the log keeps its events until a purge runs).
+Expiry. A job hash gets a Redis TTL of ``expires_at - now + expiry_grace_s``; reads hide it
+from ``expires_at`` on, and the sweep (``expiry.py``) refunds, announces and returns it.
 
 The scripts derive per-slug and per-job key names from the prefix, so this needs one Redis
-server, not a Redis Cluster.
+server (with replicas and Sentinel for failover: ``client.RedisConnector``), not a Redis Cluster.
+With ``min_replicas`` a submit is answered only once that many replicas hold it
+(``replication.py``: WAIT in the submit's pipeline; unconfirmed, it is withdrawn and refunded).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -89,6 +87,8 @@ from qwenserve.errors import QwenServeError
 from qwenserve.jobs import Job, JobEvent, JobResult, JobStatus, Progress
 from qwenserve.store import fair, rules
 from qwenserve.store.base import (
+    Cancelled,
+    Claimed,
     Heartbeat,
     Idempotency,
     QueueStats,
@@ -96,36 +96,29 @@ from qwenserve.store.base import (
     SubmitOutcome,
 )
 from qwenserve.store.history import HistoryPolicy
-from qwenserve.store.records import event_from_record, job_from_record
-from qwenserve.store.redis.client import connect, float_text, pairs, unavailable_as_503
+from qwenserve.store.records import job_from_record, request_text
+from qwenserve.store.redis.client import (
+    RedisConnector,
+    float_text,
+    pairs,
+    unavailable_as_503,
+)
+from qwenserve.store.redis.events import RedisEventLog
+from qwenserve.store.redis.expiry import RedisExpiry
 from qwenserve.store.redis.history import RedisHistory, refusal_fields
 from qwenserve.store.redis.keys import RedisApiKeys
-from qwenserve.store.redis.scripts import JobScripts
+from qwenserve.store.redis.replication import DEFAULT_REPLICA_WAIT_S, ReplicaWait
+from qwenserve.store.redis.scripts import JobScripts, announced, last_announced
 from qwenserve.store.redis.webhooks import RedisWebhooks
 from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
 
 RATE_KEY_TTL_S = 2 * rules.RATE_WINDOW_S
 DEFAULT_EXPIRY_GRACE_S = 24 * 3600.0
-PURGE_BATCH = 500
 
 _T = TypeVar("_T")
-_STREAM_ID = re.compile(r"^\d+-\d+$")
 
 
-def _range_start(after: str | None) -> str:
-    """The XRANGE start for "after event id ``after``"."""
-    if after is None:
-        return "-"
-    if not _STREAM_ID.match(after):
-        raise rules.invalid_event_id(after)
-    return f"({after}"
-
-
-def _events(entries: Sequence[tuple[str, Mapping[str, str]]]) -> list[JobEvent]:
-    return [event_from_record(entry_id, fields) for entry_id, fields in entries]
-
-
-class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
+class RedisStore(RedisApiKeys, RedisEventLog, RedisExpiry, RedisHistory, RedisWebhooks, Store):
     """A Store in Redis, shared by every API node and worker (see the module docstring).
 
     Args:
@@ -134,6 +127,8 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
         namespace: key prefix, so several deployments or tests can share one server.
         expiry_grace_s: how long past ``expires_at`` Redis keeps a job for purge_expired.
         history_policy: how long request history is kept, and whether with prompts.
+        min_replicas: replicas that must confirm a submit before it is answered (0: none; see
+            ``replication.py``); ``replica_wait_s`` how long to wait for them.
     """
 
     def __init__(
@@ -143,12 +138,15 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
         namespace: str = DEFAULT_NAMESPACE,
         expiry_grace_s: float = DEFAULT_EXPIRY_GRACE_S,
         history_policy: HistoryPolicy = HistoryPolicy(),  # noqa: B008 - frozen
+        min_replicas: int = 0,
+        replica_wait_s: float = DEFAULT_REPLICA_WAIT_S,
     ) -> None:
         self._redis = client
         self.history_policy = history_policy
         self.keys = RedisKeys(namespace)
         self.expiry_grace_s = expiry_grace_s
         self._scripts = JobScripts(client)
+        self._replicas = ReplicaWait(client, min_replicas=min_replicas, wait_s=replica_wait_s)
         self._fair_ready = False
         self._webhook_scripts = self.webhook_scripts(client)
 
@@ -160,13 +158,16 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
         namespace: str = DEFAULT_NAMESPACE,
         expiry_grace_s: float = DEFAULT_EXPIRY_GRACE_S,
         history_policy: HistoryPolicy = HistoryPolicy(),  # noqa: B008 - frozen
+        min_replicas: int = 0,
     ) -> RedisStore:
-        """Connect to ``redis://HOST:PORT/DB`` (or ``rediss://``); nothing is sent until used."""
+        """A store on a Redis store URL (``redis://``, ``rediss://``, ``redis+sentinel://``;
+        tests and tools: servers use ``open_backend``); nothing is sent until used."""
         return cls(
-            connect(url),
+            RedisConnector.from_url(url).client(),
             namespace=namespace,
             expiry_grace_s=expiry_grace_s,
             history_policy=history_policy,
+            min_replicas=min_replicas,
         )
 
     def close(self) -> None:
@@ -205,18 +206,18 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
             "id": job.id,
             "slug": job.slug,
             "key_id": job.key_id,
-            "params": json.dumps(job.params),
+            "params": request_text(job.request),
             "status": job.status.value if refused else JobStatus.QUEUED.value,
             "created_at": float_text(job.created_at),
             "expires_at": float_text(job.expires_at),
             "cost_micro": str(cost_micro),
             "attempts": "0",
-            "service": float_text(fair.service_units(job.params)),
+            "service": float_text(fair.service_units(job.request)),
             **({"webhook_url": job.webhook_url} if job.webhook_url else {}),
             **({"start_by": float_text(job.start_by)} if job.start_by is not None else {}),
             **(refusal_fields(job, now) if refused else {}),
         }
-        reply = self._eval(
+        reply, replicated = self._replicas.run(
             self._scripts.submit,
             [
                 self.keys.api_key(job.key_id),
@@ -228,22 +229,25 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
                 self.keys.queued(),
                 self.keys.key_queued(job.key_id),
             ],
-            job.id,
-            job.slug,
-            cost_micro,
-            rpm,
-            RATE_KEY_TTL_S,
-            ttl_ms,
-            float_text(job.expires_at),
-            float_text(job.created_at),
-            float_text(now),
-            idempotency.body_hash if idempotency else "",
-            float_text(now + rules.IDEMPOTENCY_TTL_S),
-            math.ceil((rules.IDEMPOTENCY_TTL_S + self.expiry_grace_s) * 1000),
-            *self._history_args(job, now),
-            max_queued,
-            "0" if refused else "1",
-            *[part for pair in fields.items() for part in pair],
+            [
+                self.keys.prefix,
+                job.id,
+                job.slug,
+                cost_micro,
+                rpm,
+                RATE_KEY_TTL_S,
+                ttl_ms,
+                float_text(job.expires_at),
+                float_text(job.created_at),
+                float_text(now),
+                idempotency.body_hash if idempotency else "",
+                float_text(now + rules.IDEMPOTENCY_TTL_S),
+                math.ceil((rules.IDEMPOTENCY_TTL_S + self.expiry_grace_s) * 1000),
+                *self._history_args(job, now),
+                max_queued,
+                "0" if refused else "1",
+                *[part for pair in fields.items() for part in pair],
+            ],
         )
         outcome = str(reply[0])
         if outcome == "idempotency_conflict":
@@ -262,11 +266,23 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
             raise rules.insufficient_credits(cost_micro, int(reply[1]))
         if outcome not in ("ok", "replay"):  # pragma: no cover - the script has no other answer
             raise QwenServeError(f"unexpected reply from the submit script: {reply!r}")
+        if not replicated:
+            record = self.keys.idempotency(job.key_id, idempotency.key) if idempotency else None
+            self._replicas.withdraw(
+                self._scripts.withdraw,
+                prefix=self.keys.prefix,
+                job_key=self.keys.job(job.id),
+                job_id=job.id,
+                idempotency_record=record,
+                now_text=float_text(now),
+            )
         remaining = int(reply[2])
+        appended = announced(reply[3]) if outcome == "ok" and len(reply) > 3 else ()
         return SubmitOutcome(
             remaining_usd=rules.to_usd(int(reply[1])),
             rate_limit_remaining=remaining if remaining >= 0 else None,
             replay_of=str(reply[3]) if outcome == "replay" else None,
+            event=appended[0] if appended else None,
         )
 
     def get_job(self, job_id: str, *, now: float) -> Job | None:
@@ -289,15 +305,15 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
         max_attempts: int,
         now: float,
         limit: int = 1,
-    ) -> list[Job]:
+    ) -> Claimed:
         if limit <= 0:
-            return []
+            return Claimed()
         if not self._fair_ready:  # once per process: a queue from an older qwenserve joins
             self._eval(self._scripts.migrate_fair, [self.keys.slugs(), self.keys.fair_ready()])
             self._fair_ready = True
         chosen = self._slugs(slugs)
         if not chosen:
-            return []
+            return Claimed()
         keys = [key for slug in chosen for key in (self.keys.queue(slug), self.keys.leases(slug))]
         reply = self._eval(
             self._scripts.claim,
@@ -310,7 +326,8 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
             rules.gave_up_template(max_attempts),
             *chosen,
         )
-        return [job_from_record(pairs(flat)) for flat in reply]
+        jobs, appended = reply
+        return Claimed((job_from_record(pairs(flat)) for flat in jobs), announced(appended))
 
     def heartbeat(
         self, worker_id: str, progress: Mapping[str, Progress | None], *, lease_s: float, now: float
@@ -339,8 +356,10 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
             lost=frozenset(by_flag[0]),
         )
 
-    def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
-        return bool(
+    def complete(
+        self, job_id: str, worker_id: str, result: JobResult, *, now: float
+    ) -> JobEvent | None:
+        return last_announced(
             self._eval(
                 self._scripts.complete,
                 [self.keys.job(job_id)],
@@ -360,8 +379,8 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
         message: str,
         now: float,
         refund: bool = True,
-    ) -> bool:
-        return bool(
+    ) -> JobEvent | None:
+        return last_announced(
             self._eval(
                 self._scripts.fail,
                 [self.keys.job(job_id)],
@@ -374,14 +393,14 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
             )
         )
 
-    def release(self, job_id: str, worker_id: str, *, now: float) -> bool:
-        return bool(
+    def release(self, job_id: str, worker_id: str, *, now: float) -> JobEvent | None:
+        return last_announced(
             self._eval(
                 self._scripts.release, [self.keys.job(job_id)], job_id, worker_id, float_text(now)
             )
         )
 
-    def cancel(self, job_id: str, key_id: str, *, now: float) -> Job:
+    def cancel(self, job_id: str, key_id: str, *, now: float) -> Cancelled:
         reply = self._eval(
             self._scripts.cancel, [self.keys.job(job_id)], job_id, key_id, float_text(now)
         )
@@ -390,37 +409,13 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
             raise rules.unknown_request(job_id)
         if outcome == "ended":
             raise rules.already_ended(job_id, str(reply[1]))
-        return job_from_record(pairs(reply[1]))
+        return Cancelled(job_from_record(pairs(reply[1])), announced(reply[2]))
 
     def expire_leases(self, *, now: float) -> int:
         leases = [self.keys.leases(slug) for slug in self._slugs(None)]
         if not leases:
             return 0
         return int(self._eval(self._scripts.expire_leases, leases, float_text(now)))
-
-    def purge_expired(self, *, now: float) -> list[Job]:
-        batch = rules.START_TIMEOUT_BATCH
-        while self._eval(self._scripts.start_deadlines, [], float_text(now), batch) == batch:
-            pass
-        trimmed = PURGE_BATCH
-        while trimmed == PURGE_BATCH:
-            trimmed = self._eval(self._scripts.trim_events, [], float_text(now), PURGE_BATCH)
-        gone = PURGE_BATCH
-        while gone >= PURGE_BATCH:
-            gone = self._eval(
-                self._scripts.purge_history,
-                [self.keys.history_expiry(), self.keys.usage_expiry()],
-                float_text(now),
-                PURGE_BATCH,
-            )
-        purged: list[Job] = []
-        while True:
-            batch = self._eval(
-                self._scripts.purge, [self.keys.expiry()], float_text(now), PURGE_BATCH
-            )
-            purged.extend(job_from_record(pairs(flat)) for flat in batch)
-            if len(batch) < PURGE_BATCH:
-                return purged
 
     def stats(self, *, now: float) -> QueueStats:
         rows = self._eval(self._scripts.stats, [self.keys.slugs()])
@@ -447,22 +442,8 @@ class RedisStore(RedisApiKeys, RedisHistory, RedisWebhooks, Store):
 
     def queue_position(self, job_id: str, *, now: float) -> int | None:
         ahead = int(
-            self._eval(self._scripts.queue_position, [self.keys.job(job_id)], float_text(now))
+            self._eval(
+                self._scripts.queue_position, [self.keys.job(job_id)], float_text(now), job_id
+            )
         )
         return ahead if ahead >= 0 else None
-
-    # --- the event log ----------------------------------------------------------------------
-    def events(self, *, after: str | None = None, limit: int = 100) -> list[JobEvent]:
-        start = _range_start(after)
-        entries = self._run(lambda: self._redis.xrange(self.keys.events(), start, "+", limit))
-        return _events(cast(list[tuple[str, dict[str, str]]], entries))
-
-    def job_events(self, job_id: str, *, after: str | None = None) -> list[JobEvent]:
-        start = _range_start(after)
-        entries = self._run(lambda: self._redis.xrange(self.keys.job_events(job_id), start, "+"))
-        return _events(cast(list[tuple[str, dict[str, str]]], entries))
-
-    def last_event_id(self) -> str | None:
-        newest = self._run(lambda: self._redis.xrevrange(self.keys.events(), "+", "-", 1))
-        entries = cast(list[tuple[str, dict[str, str]]], newest)
-        return entries[0][0] if entries else None

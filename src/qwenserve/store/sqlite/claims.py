@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from qwenserve.jobs import CANCELLED, JobEventType
+from qwenserve.jobs import CANCELLED, JobEvent, JobEventType
 from qwenserve.store import fair, rules
 from qwenserve.store.sqlite.transitions import announce, end_missed_starts, fail_and_refund
 
@@ -34,11 +34,12 @@ def claim_jobs(
     max_attempts: int,
     now: float,
     limit: int,
-) -> list[str]:
+) -> tuple[list[str], list[JobEvent]]:
     """Claim up to ``limit`` jobs of ``slugs`` (None: any) for ``worker_id``; their ids, in the
-    order taken. A job whose lease ran out goes first (its share was granted when first taken)."""
+    order taken, and every event appended (each job ended on the way, each claim). A job whose
+    lease ran out goes first (its share was granted when first taken)."""
     claimed: list[str] = []
-    end_missed_starts(db, now=now)
+    events = end_missed_starts(db, now=now)
     slug_filter = f" AND slug IN ({', '.join('?' * len(slugs))})" if slugs is not None else ""
     # Jobs ended on the way leave the leased set, so the loop ends: each pass either claims or
     # ends every row it read.
@@ -52,15 +53,19 @@ def claim_jobs(
             break
         for row in rows:
             if row["cancel_requested_at"] is not None:
-                fail_and_refund(
+                appended = fail_and_refund(
                     db, row["id"], kind=CANCELLED, message=rules.CANCELLED_WORKER_LOST, now=now
                 )
             elif row["attempts"] >= max_attempts:
                 message = rules.gave_up_message(row["attempts"], max_attempts)
-                fail_and_refund(db, row["id"], kind=rules.GIVE_UP_KIND, message=message, now=now)
+                appended = fail_and_refund(
+                    db, row["id"], kind=rules.GIVE_UP_KIND, message=message, now=now
+                )
             else:
-                _take(db, row["id"], worker_id, lease_until=now + lease_s, now=now)
+                appended = _take(db, row["id"], worker_id, lease_until=now + lease_s, now=now)
                 claimed.append(row["id"])
+            if appended is not None:
+                events.append(appended)
     while len(claimed) < limit:
         pick = _pick(db, slugs)
         if pick is None:
@@ -76,10 +81,12 @@ def claim_jobs(
                 "UPDATE fair_active SET queued = 0 WHERE key_id = ? AND slug = ?", (key_id, slug)
             )
             continue
-        _take(db, head["id"], worker_id, lease_until=now + lease_s, now=now)
+        taken = _take(db, head["id"], worker_id, lease_until=now + lease_s, now=now)
+        if taken is not None:
+            events.append(taken)
         _charge(db, key_id, tag, head["service"])
         claimed.append(head["id"])
-    return claimed
+    return claimed, events
 
 
 def _pick(db: sqlite3.Connection, slugs: list[str] | None) -> tuple[str, str, float] | None:
@@ -97,14 +104,14 @@ def _pick(db: sqlite3.Connection, slugs: list[str] | None) -> tuple[str, str, fl
 
 def _take(
     db: sqlite3.Connection, job_id: str, worker_id: str, *, lease_until: float, now: float
-) -> None:
+) -> JobEvent | None:
     db.execute(
         "UPDATE jobs SET status = 'PROCESSING', worker_id = ?, lease_until = ?, "
         "attempts = attempts + 1, started_at = COALESCE(started_at, ?), "
         "progress_step = NULL, progress_total = NULL, progress_at = NULL WHERE id = ?",
         (worker_id, lease_until, now, job_id),
     )
-    announce(db, job_id, JobEventType.PROCESSING, now=now)
+    return announce(db, job_id, JobEventType.PROCESSING, now=now)
 
 
 def _charge(db: sqlite3.Connection, key_id: str, tag: float, service: float) -> None:

@@ -45,7 +45,7 @@ def insert(db: sqlite3.Connection, job: Job, policy: HistoryPolicy) -> None:
             job.slug,
             job.created_at,
             rules.to_micro(job.cost_usd),
-            prompt_of(job.params, policy),
+            prompt_of(job.request, policy),
             job.created_at + policy.ttl_s,
         ),
     )

@@ -7,7 +7,7 @@ import json
 import sqlite3
 
 from qwenserve.store import rules
-from qwenserve.store.base import ApiKey
+from qwenserve.store.base import ApiKey, KeyLoad
 from qwenserve.store.records import KEY_FIELDS, key_from_record
 from qwenserve.store.sqlite.connection import SqliteDatabase
 
@@ -82,6 +82,22 @@ class SqliteKeys:
                 raise KeyError(key_id)
             return rules.to_usd(row["balance_micro"])
 
+    def key_loads(self) -> list[KeyLoad]:
+        # The counts the schema's triggers keep (queued_counts, running_counts; '' is the
+        # cluster's total, not a key).
+        rows = (
+            self._db.connection()
+            .execute(
+                "SELECT k.id, k.name, COALESCE(q.queued, 0) AS queued, "
+                "COALESCE(r.running, 0) AS running FROM api_keys k "
+                "LEFT JOIN queued_counts q ON q.key_id = k.id "
+                "LEFT JOIN running_counts r ON r.key_id = k.id "
+                "WHERE COALESCE(q.queued, 0) > 0 OR COALESCE(r.running, 0) > 0 ORDER BY k.id"
+            )
+            .fetchall()
+        )
+        return [KeyLoad(row["id"], row["name"], row["queued"], row["running"]) for row in rows]
+
     def update_key(
         self,
         key_id: str,
@@ -90,12 +106,15 @@ class SqliteKeys:
         max_queued: int | None = None,
         weight: float | None = None,
         max_running: int | None = None,
+        balance_usd: float | None = None,
     ) -> ApiKey | None:
+        balance_micro = rules.to_micro(balance_usd) if balance_usd is not None else None
         with self._db.write() as db:
             row = db.execute(
                 "UPDATE api_keys SET rpm = COALESCE(?, rpm), max_queued = COALESCE(?, max_queued), "
-                "weight = COALESCE(?, weight), max_running = COALESCE(?, max_running) "
+                "weight = COALESCE(?, weight), max_running = COALESCE(?, max_running), "
+                "balance_micro = COALESCE(?, balance_micro) "
                 f"WHERE id = ? RETURNING {_KEY_COLUMNS}",
-                (rpm, max_queued, weight, max_running, key_id),
+                (rpm, max_queued, weight, max_running, balance_micro, key_id),
             ).fetchone()
         return key_from_record(dict(row)) if row is not None else None

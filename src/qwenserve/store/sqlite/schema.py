@@ -15,6 +15,7 @@ import sqlite3
 from pathlib import Path
 
 from qwenserve.errors import QwenServeError
+from qwenserve.store.sqlite import fair_order
 
 _V1: tuple[str, ...] = (
     """
@@ -305,6 +306,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (5, _V5),
     (6, _V6),
     (7, _V7),
+    (8, fair_order.MIGRATION),
 )
 """(version reached, its statements), in order."""
 

@@ -15,7 +15,8 @@ nothing, so the limit is on accepted work.
 The event log is the ``job_events`` table, ordered by its AUTOINCREMENT ``seq`` (the event id,
 as text). Writers are serialised by the write lock, so seqs commit in order: a reader resuming
 after seq N never misses an event committed later with a smaller seq. Being in the same file, the
-log survives a kill -9 like the jobs do.
+log survives a kill -9 like the jobs do. Each append returns its event (``INSERT ... RETURNING``,
+``transitions.announce``), so every transition returns the events it appended.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ from qwenserve.jobs import (
 )
 from qwenserve.store import fair, rules
 from qwenserve.store.base import (
+    Cancelled,
+    Claimed,
     Heartbeat,
     Idempotency,
+    Purged,
     QueueStats,
     Store,
     SubmitOutcome,
@@ -49,8 +53,9 @@ from qwenserve.store.records import (
     JOB_FIELDS,
     event_from_record,
     job_from_record,
+    request_text,
 )
-from qwenserve.store.sqlite import history, idempotent
+from qwenserve.store.sqlite import fair_order, history, idempotent
 from qwenserve.store.sqlite.claims import claim_jobs
 from qwenserve.store.sqlite.connection import DEFAULT_BUSY_TIMEOUT_S, SqliteDatabase
 from qwenserve.store.sqlite.history import SqliteHistory
@@ -175,7 +180,7 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                     job.id,
                     job.slug,
                     job.key_id,
-                    json.dumps(job.params),
+                    request_text(job.request),
                     JobStatus.FAILED.value if refused else JobStatus.QUEUED.value,
                     job.created_at,
                     job.expires_at,
@@ -183,18 +188,18 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                     job.webhook_url,
                     job.start_by,
                     *((job.error, job.error_kind, now) if refused else (None, None, None)),
-                    fair.service_units(job.params),
+                    fair.service_units(job.request),
                 ),
             )
             history.insert(db, job, self.history_policy)
             if refused:
-                _announce(
+                event = _announce(
                     db, job.id, JobEventType.FAILED, now=now, kind=job.error_kind, message=job.error
                 )
             else:
-                _announce(db, job.id, JobEventType.QUEUED, now=now)
+                event = _announce(db, job.id, JobEventType.QUEUED, now=now)
         return SubmitOutcome(
-            remaining_usd=rules.to_usd(balance_micro), rate_limit_remaining=remaining
+            remaining_usd=rules.to_usd(balance_micro), rate_limit_remaining=remaining, event=event
         )
 
     def get_job(self, job_id: str, *, now: float) -> Job | None:
@@ -212,12 +217,12 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
         max_attempts: int,
         now: float,
         limit: int = 1,
-    ) -> list[Job]:
+    ) -> Claimed:
         if limit <= 0 or (slugs is not None and not slugs):
-            return []
+            return Claimed()
         chosen = sorted(set(slugs)) if slugs is not None else None
         with self._db.write() as db:
-            claimed = claim_jobs(
+            claimed, events = claim_jobs(
                 db,
                 worker_id,
                 slugs=chosen,
@@ -227,7 +232,7 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                 limit=limit,
             )
             if not claimed:
-                return []
+                return Claimed(events=events)
             marks = ", ".join("?" * len(claimed))
             found = {
                 row["id"]: _job(row)
@@ -235,7 +240,7 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                     f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks})", claimed
                 ).fetchall()
             }
-        return [found[job_id] for job_id in claimed if job_id in found]
+        return Claimed((found[job_id] for job_id in claimed if job_id in found), events)
 
     def heartbeat(
         self, worker_id: str, progress: Mapping[str, Progress | None], *, lease_s: float, now: float
@@ -267,7 +272,9 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
             lost=frozenset(progress) - owned,
         )
 
-    def complete(self, job_id: str, worker_id: str, result: JobResult, *, now: float) -> bool:
+    def complete(
+        self, job_id: str, worker_id: str, result: JobResult, *, now: float
+    ) -> JobEvent | None:
         with self._db.write() as db:
             cursor = db.execute(
                 "UPDATE jobs SET status = 'COMPLETED', result = ?, finished_at = ?, "
@@ -275,9 +282,8 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                 (json.dumps(result.to_dict()), now, job_id, worker_id),
             )
             if cursor.rowcount != 1:
-                return False
-            _announce(db, job_id, JobEventType.COMPLETED, now=now)
-            return True
+                return None
+            return _announce(db, job_id, JobEventType.COMPLETED, now=now)
 
     def fail(
         self,
@@ -288,23 +294,23 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
         message: str,
         now: float,
         refund: bool = True,
-    ) -> bool:
+    ) -> JobEvent | None:
         with self._db.write() as db:
             if (
                 worker_id is not None
                 and db.execute(f"SELECT 1 FROM jobs WHERE {_OWNED}", (job_id, worker_id)).fetchone()
                 is None
             ):
-                return False
+                return None
             return _fail_and_refund(db, job_id, kind=kind, message=message, now=now, refund=refund)
 
-    def release(self, job_id: str, worker_id: str, *, now: float) -> bool:
+    def release(self, job_id: str, worker_id: str, *, now: float) -> JobEvent | None:
         with self._db.write() as db:
             row = db.execute(
                 f"SELECT cancel_requested_at FROM jobs WHERE {_OWNED}", (job_id, worker_id)
             ).fetchone()
             if row is None:
-                return False
+                return None
             if row["cancel_requested_at"] is not None:
                 return _fail_and_refund(
                     db, job_id, kind=CANCELLED, message=rules.CANCELLED_RELEASED, now=now
@@ -316,10 +322,10 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                 "progress_step = NULL, progress_total = NULL, progress_at = NULL WHERE id = ?",
                 (job_id,),
             )
-            _announce(db, job_id, JobEventType.QUEUED, now=now)
-            return True
+            fair_order.unclaim(db, job_id)
+            return _announce(db, job_id, JobEventType.QUEUED, now=now)
 
-    def cancel(self, job_id: str, key_id: str, *, now: float) -> Job:
+    def cancel(self, job_id: str, key_id: str, *, now: float) -> Cancelled:
         with self._db.write() as db:
             row = db.execute(
                 "SELECT key_id, status, expires_at, lease_until, cancel_requested_at FROM jobs "
@@ -331,21 +337,26 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
             status = JobStatus(row["status"])
             if status.is_terminal:
                 raise rules.already_ended(job_id, status.value)
+            events: list[JobEvent | None] = []
             if status is JobStatus.QUEUED:
                 message = rules.CANCELLED_BEFORE_START
-                _fail_and_refund(db, job_id, kind=CANCELLED, message=message, now=now)
+                events.append(
+                    _fail_and_refund(db, job_id, kind=CANCELLED, message=message, now=now)
+                )
             else:
                 if row["cancel_requested_at"] is None:
                     db.execute(
                         "UPDATE jobs SET cancel_requested_at = ? WHERE id = ?", (now, job_id)
                     )
-                    _announce(db, job_id, JobEventType.CANCEL_REQUESTED, now=now)
+                    events.append(_announce(db, job_id, JobEventType.CANCEL_REQUESTED, now=now))
                 if row["lease_until"] is not None and row["lease_until"] <= now:
                     # Its worker stopped renewing: nobody would act on the request.
                     message = rules.CANCELLED_WORKER_LOST
-                    _fail_and_refund(db, job_id, kind=CANCELLED, message=message, now=now)
+                    events.append(
+                        _fail_and_refund(db, job_id, kind=CANCELLED, message=message, now=now)
+                    )
             ended = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
-            return _job(ended.fetchone())
+            return Cancelled(_job(ended.fetchone()), tuple(e for e in events if e is not None))
 
     def expire_leases(self, *, now: float) -> int:
         with self._db.write() as db:
@@ -356,13 +367,17 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
             )
             return cursor.rowcount
 
-    def purge_expired(self, *, now: float) -> list[Job]:
+    def purge_expired(self, *, now: float) -> Purged:
+        events: list[JobEvent] = []
         with self._db.write() as db:
             db.execute("DELETE FROM job_events WHERE expires_at <= ?", (now,))
             idempotent.purge(db, now=now)
             history.purge(db, now=now)
-            while _end_missed_starts(db, now=now) == rules.START_TIMEOUT_BATCH:
-                pass
+            while True:
+                missed = _end_missed_starts(db, now=now)
+                events.extend(missed)
+                if len(missed) < rules.START_TIMEOUT_BATCH:
+                    break
             unfinished = db.execute(
                 "SELECT id, status, key_id, cost_micro, cancel_requested_at FROM jobs "
                 "WHERE expires_at <= ? AND status IN ('QUEUED', 'PROCESSING')",
@@ -381,11 +396,15 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
                     "UPDATE api_keys SET balance_micro = balance_micro + ? WHERE id = ?",
                     (row["cost_micro"], row["key_id"]),
                 )
-                _announce(db, row["id"], JobEventType.FAILED, now=now, kind=kind, message=message)
+                event = _announce(
+                    db, row["id"], JobEventType.FAILED, now=now, kind=kind, message=message
+                )
+                if event is not None:
+                    events.append(event)
             rows = db.execute(
                 f"DELETE FROM jobs WHERE expires_at <= ? RETURNING {_JOB_COLUMNS}", (now,)
             ).fetchall()
-        return [_job(row) for row in rows]
+        return Purged((_job(row) for row in rows), events)
 
     def stats(self, *, now: float) -> QueueStats:
         queued: dict[str, int] = {}
@@ -414,19 +433,7 @@ class SqliteStore(SqliteKeys, SqliteHistory, SqliteWebhooks, Store):
 
     def queue_position(self, job_id: str, *, now: float) -> int | None:
         with self._db.read() as db:
-            job = db.execute(
-                "SELECT seq, slug, status, created_at, expires_at FROM jobs WHERE id = ?",
-                (job_id,),
-            ).fetchone()
-            if job is None or job["status"] != JobStatus.QUEUED or job["expires_at"] <= now:
-                return None
-            # Claims take the oldest first (created_at, then submit order): count those.
-            ahead: int = db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED' AND slug = ? AND "
-                "(created_at < ? OR (created_at = ? AND seq < ?))",
-                (job["slug"], job["created_at"], job["created_at"], job["seq"]),
-            ).fetchone()[0]
-        return ahead
+            return fair_order.queue_position(db, job_id, now=now)
 
     # --- the event log ----------------------------------------------------------------------
     def events(self, *, after: str | None = None, limit: int = 100) -> list[JobEvent]:

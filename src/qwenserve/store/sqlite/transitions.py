@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import sqlite3
 
-from qwenserve.jobs import JobEventType
+from qwenserve.jobs import JobEvent, JobEventType
 from qwenserve.store import rules
+from qwenserve.store.records import EVENT_FIELDS, event_from_record
 from qwenserve.store.sqlite import history
+
+_RETURNING = "RETURNING seq, " + ", ".join(EVENT_FIELDS)
 
 
 def announce(
@@ -20,16 +23,18 @@ def announce(
     kind: str | None = None,
     message: str | None = None,
     charged: bool = False,
-) -> None:
+) -> JobEvent | None:
     """Inside a write transaction: append ``event`` for the job to the log, kept for the job's
-    result TTL from now (``charged``: a failure that keeps its charge, for its history)."""
-    db.execute(
+    result TTL from now (``charged``: a failure that keeps its charge, for its history); returns
+    the event appended (None: no such job)."""
+    row = db.execute(
         "INSERT INTO job_events (job_id, key_id, slug, type, at, attempt, error_kind, error, "
         "expires_at) SELECT id, key_id, slug, ?, ?, attempts, ?, ?, ? + (expires_at - created_at) "
-        "FROM jobs WHERE id = ?",
+        f"FROM jobs WHERE id = ? {_RETURNING}",
         (event.value, now, kind, message, now, job_id),
-    )
+    ).fetchone()
     history.transition(db, job_id, event, now=now, message=message, charged=charged)
+    return event_from_record(str(row["seq"]), dict(row)) if row is not None else None
 
 
 def fail_and_refund(
@@ -40,9 +45,10 @@ def fail_and_refund(
     message: str,
     now: float,
     refund: bool = True,
-) -> bool:
+) -> JobEvent | None:
     """Inside a write transaction: a non-terminal job → FAILED, its cost back to the key
-    (unless not ``refund``), the ending announced. False when the job had already ended."""
+    (unless not ``refund``), the ending announced; returns its ``failed`` event. None when the
+    job had already ended."""
     row = db.execute(
         "UPDATE jobs SET status = 'FAILED', error = ?, error_kind = ?, finished_at = ?, "
         "lease_until = NULL WHERE id = ? AND status IN ('QUEUED', 'PROCESSING') "
@@ -50,7 +56,7 @@ def fail_and_refund(
         (message, kind, now, job_id),
     ).fetchone()
     if row is None:
-        return False
+        return None
     if refund and row["cost_micro"]:
         db.execute(
             "UPDATE api_keys SET balance_micro = balance_micro + ? WHERE id = ?",
@@ -58,10 +64,9 @@ def fail_and_refund(
         )
         # The job's cost is what its key is charged now (a refunded failure: 0, as its history).
         db.execute("UPDATE jobs SET cost_micro = 0 WHERE id = ?", (job_id,))
-    announce(
+    return announce(
         db, job_id, JobEventType.FAILED, now=now, kind=kind, message=message, charged=not refund
     )
-    return True
 
 
 def check_queue_limits(
@@ -82,9 +87,9 @@ def check_queue_limits(
                 raise refusal(limit)
 
 
-def end_missed_starts(db: sqlite3.Connection, *, now: float) -> int:
+def end_missed_starts(db: sqlite3.Connection, *, now: float) -> list[JobEvent]:
     """Inside a write transaction: QUEUED jobs that never started and whose start deadline has
-    passed end FAILED (``start_timeout``), refunded, announced; returns how many (at most
+    passed end FAILED (``start_timeout``), refunded, announced; returns their endings (at most
     ``rules.START_TIMEOUT_BATCH``). A job released back to the queue after its first attempt
     (``started_at`` cleared) is waiting again, so its deadline holds again."""
     rows = db.execute(
@@ -95,12 +100,15 @@ def end_missed_starts(db: sqlite3.Connection, *, now: float) -> int:
         "AND started_at IS NULL ORDER BY start_by LIMIT ?",
         (now, rules.START_TIMEOUT_BATCH),
     ).fetchall()
+    ended = []
     for row in rows:
-        fail_and_refund(
+        event = fail_and_refund(
             db,
             row["id"],
             kind=rules.START_TIMEOUT_KIND,
             message=rules.START_TIMEOUT_MESSAGE,
             now=now,
         )
-    return len(rows)
+        if event is not None:
+            ended.append(event)
+    return ended

@@ -1,6 +1,6 @@
 -- Its owner stops a job.
 -- KEYS: job hash; ARGV: prefix, job id, key id, now
--- Returns {'unknown'}, {'ended', status} or {'ok', job hash fields...}.
+-- Returns {'unknown'}, {'ended', status} or {'ok', job hash fields, events appended}.
 local job_id, now = ARGV[2], ARGV[4]
 local status, owner, expires, lease, cancel = unpack(redis.call('HMGET', KEYS[1], 'status',
   'key_id', 'expires_at', 'lease_until', 'cancel_requested_at'))
@@ -22,4 +22,4 @@ else
     fail_and_refund(job_id, CANCELLED, CANCELLED_WORKER_LOST, now)
   end
 end
-return {'ok', redis.call('HGETALL', KEYS[1])}
+return {'ok', redis.call('HGETALL', KEYS[1]), announced}

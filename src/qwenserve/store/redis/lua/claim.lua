@@ -1,6 +1,7 @@
 -- KEYS: (stream, leases) per slug
 -- ARGV: prefix, worker id, now, lease_until, max_attempts, limit, give-up message template,
 --       the slugs (in KEYS' order)
+-- Returns {the claimed jobs' hash fields, every event appended (claims and endings)}.
 -- Jobs whose lease ran out go first (their share was granted when first taken), oldest first;
 -- then weighted fair queuing (store/fair.py): the waiting key with the least tag among the
 -- models asked for (a fairkeys:<slug> head each, O(log K)), its oldest job (a fairq head).
@@ -139,4 +140,4 @@ local jobs = {}
 for i, job_id in ipairs(claimed) do
   jobs[i] = redis.call('HGETALL', job_key(job_id))
 end
-return jobs
+return {jobs, announced}

@@ -35,6 +35,10 @@ local function history_follow(job_id, event_type, now_text, error_kind, message,
   end
 end
 
+-- Every event this script appended, in order, each as {id, field, value, ...}: what a
+-- transition script returns, so its caller learns the events it made (store/base.py).
+local announced = {}
+
 -- Append one event to the log (and to the job's own stream, under the same id), kept for the
 -- job's result TTL from now. Called in the same script as the transition it announces.
 local function announce(job_id, event_type, now_text, error_kind, message, charged)
@@ -60,6 +64,7 @@ local function announce(job_id, event_type, now_text, error_kind, message, charg
   local keep_ms = math.max(math.ceil(ttl * 1000), redis.call('PTTL', job), redis.call('PTTL', own))
   redis.call('PEXPIRE', own, string.format('%.0f', math.max(keep_ms, 1)))
   history_follow(job_id, event_type, now_text, error_kind, message, charged)
+  announced[#announced + 1] = {id, unpack(fields)}
   return id
 end
 
@@ -69,11 +74,51 @@ end
 
 local function number_text(x) return string.format('%.17g', x) end
 
+-- A job's projected start in the fair order (store/sqlite/fair_order.py says how and when it
+-- drifts): max(its key's tag, the virtual time, the projected finish of the key's other QUEUED
+-- jobs); the key's projected finish moves past it by service / weight.
+local function fair_stamp(job_id, key_id)
+  local job = job_key(job_id)
+  local start = math.max(fair_tag(key_id), fair_tag(''))
+  local others = redis.call('SCARD', key_queued_key(key_id))
+    - redis.call('SISMEMBER', key_queued_key(key_id), job_id)
+  if others > 0 then
+    start = math.max(start, tonumber(redis.call('HGET', fair_proj_key(), key_id)) or 0)
+  end
+  local service = tonumber(redis.call('HGET', job, 'service')) or 1
+  local weight = tonumber(redis.call('HGET', api_key_key(key_id), 'weight')) or 1
+  redis.call('HSET', job, 'fair_start', number_text(start))
+  redis.call('HSET', fair_proj_key(), key_id,
+    number_text(start + service / math.max(weight, 1e-6)))
+  return start
+end
+
+-- A job given back to the queue (release): its claim is undone in its key's service (the tag
+-- moves back by service / weight: it is charged when claimed again, not twice), the key's
+-- scores lowered to match, and it is stamped at its key's head, where it waits.
+local function fair_unclaim(job_id)
+  local job = job_key(job_id)
+  local key_id, service = unpack(redis.call('HMGET', job, 'key_id', 'service'))
+  if not key_id then return end
+  local weight = tonumber(redis.call('HGET', api_key_key(key_id), 'weight')) or 1
+  local tag = math.max(fair_tag(key_id) - (tonumber(service) or 1) / math.max(weight, 1e-6), 0)
+  redis.call('HSET', fair_tags_key(), key_id, number_text(tag))
+  for _, slug in ipairs(redis.call('SMEMBERS', slugs_key())) do
+    local score = tonumber(redis.call('ZSCORE', fair_keys_key(slug), key_id))
+    if score and score > tag then
+      redis.call('ZADD', fair_keys_key(slug), number_text(tag), key_id)
+    end
+  end
+  redis.call('HSET', job, 'fair_start', number_text(math.max(tag, fair_tag(''))))
+end
+
 -- A job waits (submitted, released): into its model's waiting set and its key's FIFO there;
 -- a key not yet waiting for the model joins at max(its tag, the virtual time) (store/fair.py).
+-- Its place in the fair order (for its queue position) is its projected start, stamped once:
+-- a released job keeps it, back at its key's head.
 local function fair_join(job_id)
-  local slug, key_id, fifo, entry = unpack(redis.call('HMGET', job_key(job_id), 'slug',
-    'key_id', 'fifo', 'entry'))
+  local slug, key_id, fifo, entry, fair_start = unpack(redis.call('HMGET', job_key(job_id),
+    'slug', 'key_id', 'fifo', 'entry', 'fair_start'))
   fifo = tonumber(fifo) or 0
   redis.call('ZADD', waiting_key(slug), fifo, job_id)
   if entry then redis.call('HSET', entries_key(slug), job_id, entry) end
@@ -82,6 +127,8 @@ local function fair_join(job_id)
     redis.call('ZADD', fair_keys_key(slug), number_text(math.max(fair_tag(key_id),
       fair_tag(''))), key_id)
   end
+  fair_start = tonumber(fair_start) or fair_stamp(job_id, key_id)
+  redis.call('ZADD', fair_order_key(slug), number_text(fair_start), key_id .. ' ' .. job_id)
 end
 
 -- A job stops waiting: its model's waiting set and its key's FIFO forget it; a key with no
@@ -90,6 +137,7 @@ local function fair_leave(slug, key_id, job_id)
   redis.call('ZREM', waiting_key(slug), job_id)
   redis.call('HDEL', entries_key(slug), job_id)
   if not key_id then return end
+  redis.call('ZREM', fair_order_key(slug), key_id .. ' ' .. job_id)
   local fq = fair_queue_key(slug, key_id)
   redis.call('ZREM', fq, job_id)
   if redis.call('ZCARD', fq) == 0 then redis.call('ZREM', fair_keys_key(slug), key_id) end

@@ -1,4 +1,5 @@
 -- KEYS: expiry zset; ARGV: prefix, now, batch size
+-- Returns {the purged jobs' hash fields, the events appended}.
 local purged = {}
 for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0,
                                    ARGV[3])) do
@@ -26,4 +27,4 @@ for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'L
   end
   redis.call('ZREM', KEYS[1], job_id)
 end
-return purged
+return {purged, announced}

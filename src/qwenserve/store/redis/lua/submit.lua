@@ -93,4 +93,4 @@ else
   announce(job_id, EVENT_QUEUED, ARGV[10])
   redis.call('PUBLISH', wake_channel(), slug)
 end
-return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and rpm - used or -1)}
+return {'ok', string.format('%.0f', balance), tostring(rpm > 0 and rpm - used or -1), announced}
