@@ -10,7 +10,7 @@ serve:
 	qwenserve serve
 
 test:
-	$(PY) -m pytest
+	$(PY) -m pytest -n 3 --dist loadfile
 
 lint:
 	ruff check src tests bench

@@ -389,7 +389,12 @@ def open_backend(settings: Settings) -> Backend:
             ),
             registry=RedisWorkerRegistry(connector.client()),
             media=open_media(
-                settings, beside=lambda: RedisMediaStore(connector.client(decode_responses=False))
+                settings,
+                beside=lambda: RedisMediaStore(
+                    connector.client(decode_responses=False),
+                    min_replicas=settings.redis_min_replicas,
+                    replica_wait_s=settings.redis_replica_wait_s,
+                ),
             ),
             signals=RedisSignals(connector),
             connector=connector,

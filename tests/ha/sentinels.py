@@ -192,8 +192,22 @@ class SentinelCluster:
         raise AssertionError(f"no failover in {timeout_s}s:\n{self.sentinels[0].logs()}")
 
     def restart_as_replica(self, old: RedisServer, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Start a dead primary again (empty: no persistence here) and wait until the Sentinels
-        have made it a replica of the new primary, in sync."""
+        """Start a dead primary again (empty: no persistence here) once every Sentinel has
+        ended the failover and names the new primary, and wait until they have made it a
+        replica of the new primary, in sync.
+
+        Not sooner, as DEPLOY.md tells an operator: a Sentinel still holding the old
+        configuration (its failover timed out on a loaded machine, or the new one has not
+        reached it) sees the old primary alive again and makes the promoted replica a replica
+        of it: an empty primary, and every write since the failover gone."""
+        deadline = time.monotonic() + timeout_s
+        while not self._failover_ended(old):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    "the Sentinels did not all end the failover:\n"
+                    + "\n".join(s.logs()[-3000:] for s in self.sentinels)
+                )
+            time.sleep(0.2)
         old.start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -208,6 +222,22 @@ class SentinelCluster:
                 client.close()
             time.sleep(0.2)
         raise AssertionError(f"the old primary did not rejoin:\n{old.logs()}")
+
+    def _failover_ended(self, old: RedisServer) -> bool:
+        """Every Sentinel names the same primary, not ``old``, with no failover in progress."""
+        named = set()
+        for sentinel in self.sentinels:
+            client = sentinel.client()
+            try:
+                state = client.sentinel_master(SERVICE)
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+            if "failover_in_progress" in str(state.get("flags", "")).split(","):
+                return False
+            named.add(int(state["port"]))
+        return len(named) == 1 and old.port not in named
 
     def reset(self) -> None:
         """Make a cluster that a test has used as good as new, for the next test: the replica

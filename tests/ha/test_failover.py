@@ -24,7 +24,8 @@ from qwenserve.catalog import MODELS
 from qwenserve.config import Settings
 from qwenserve.errors import NotReplicated, StoreUnavailable
 from qwenserve.jobs import JobStatus
-from qwenserve.media.storage import LocalMediaStore
+from qwenserve.media.redis_storage import RedisMediaStore
+from qwenserve.media.storage import LocalMediaStore, new_media_id
 from qwenserve.store import rules
 from qwenserve.store.base import Idempotency
 from qwenserve.store.redis import RedisStore
@@ -170,6 +171,38 @@ def test_a_submit_no_replica_confirms_is_withdrawn_refunded_and_may_be_sent_agai
         assert [j.id for j in claimed] == [again.id]
     finally:
         store.close()
+
+
+def test_an_image_put_in_redis_is_on_the_replica_before_it_returns(
+    replica_cluster: SentinelCluster,
+) -> None:
+    """Media in Redis waits like a submit: a worker completes its job only after the image put
+    returned, so an image a dying primary never passed on cannot leave a COMPLETED job whose
+    image 404s on the promoted replica. With no replica to confirm, the put raises (the
+    worker's retry puts it again) instead of returning."""
+    backend = open_backend(
+        Settings(store=replica_cluster.url, redis_min_replicas=1, redis_replica_wait_s=0.3)
+    )
+    try:
+        media = backend.media
+        assert isinstance(media, RedisMediaStore)
+        expires_at = time.time() + 3600
+        one, two = new_media_id(), new_media_id()
+        media.put(one, b"\x89PNG one", "image/png", expires_at=expires_at)
+        assert replica_cluster.replica is not None
+        replica = redis.Redis(port=replica_cluster.replica.port)
+        try:
+            assert replica.hget(media.keys.media(one), "data") == b"\x89PNG one"
+            assert replica.zscore(media.keys.media_expiry(), one) == expires_at
+        finally:
+            replica.close()
+        assert media.get(one, now=time.time()) == (b"\x89PNG one", "image/png")
+        replica_cluster.replica.kill()
+        with pytest.raises(StoreUnavailable) as refused:
+            media.put(two, b"\x89PNG two", "image/png", expires_at=expires_at)
+        assert "media store" in refused.value.message and "redis" not in refused.value.message
+    finally:
+        backend.close()
 
 
 @pytest.mark.parametrize("with_key", [True, False], ids=["idempotency-key", "no-key"])

@@ -200,7 +200,7 @@ def test_one_heartbeat_per_period_carries_every_job_whatever_the_steps(
         assert job_of(store, job, clock).status is JobStatus.COMPLETED
 
 
-def test_a_heartbeat_is_one_store_call_and_no_step_makes_one(
+def test_a_heartbeat_is_one_store_call_and_only_the_first_step_makes_one(
     store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
 ) -> None:
     for seed in (1, 2, 3):
@@ -223,10 +223,40 @@ def test_a_heartbeat_is_one_store_call_and_no_step_makes_one(
     worker.close()
     first, last = during
     made = last[len(first) :]
-    # Two beats during 16 steps of 3 jobs: exactly two store calls (the batch-start beat may
-    # land before step 1 or among them), each listing all three jobs.
+    # Two beats during 16 steps of 3 jobs: exactly two store calls (the batch-start beat and
+    # the first step's may land before the snapshot at step 1 or after it), each listing all
+    # three jobs.
     assert [c for c in made if c != "heartbeat"] == []
-    assert made.count("heartbeat") in (2, 3)
+    assert made.count("heartbeat") in (2, 3, 4)
+
+
+def test_the_first_step_is_heartbeated_at_once_the_next_ones_with_the_period(
+    store: SqliteStore, media: LocalMediaStore, clock: Clock, key_id: str
+) -> None:
+    """A watcher sees "denoising" (step 1) as soon as it begins: a job shorter than the period
+    would otherwise show step 0, then its end."""
+    job = submit(store, key_id, clock, steps=6)
+    seen: dict[int, int | None] = {}
+
+    def reported() -> int | None:
+        progress = job_of(store, job, clock).progress
+        return progress.step if progress is not None else None
+
+    def at_step(step: int) -> None:
+        if step == 1:
+            wait_until(lambda: reported() == 1)
+            seen[1] = reported()
+        if step == 4:
+            time.sleep(0.3)  # a period of NEVER_S: nothing sends steps 2-4
+            seen[4] = reported()
+
+    # 0.1 s per step: the start's own beat (step 0) lands before step 1 is made.
+    engine = SteppingEngine(step_s=0.1, at_step=at_step)
+    worker = runner(store, media, engine, clock, control_period_s=NEVER_S)
+    assert worker.run_once()
+    worker.wait_finished()
+    worker.close()
+    assert seen == {1: 1, 4: 1}
 
 
 # --- cancel ---------------------------------------------------------------------------------

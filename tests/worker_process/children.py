@@ -56,14 +56,21 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
+def wait_for(
+    probe: Callable[[], T | None],
+    timeout_s: float,
+    what: str,
+    explain: Callable[[], str] | None = None,
+) -> T:
+    """``probe()``'s first truthy answer; on timeout the assertion says ``explain()`` too (the
+    server's log tail: what it did instead)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = probe()
         if found is not None and found is not False:
             return found
         time.sleep(0.05)
-    raise AssertionError(f"no {what} within {timeout_s}s")
+    raise AssertionError(f"no {what} within {timeout_s}s" + (f"\n{explain()}" if explain else ""))
 
 
 def status(base_url: str, key: str, request_id: str) -> dict[str, object]:
@@ -75,8 +82,10 @@ def status(base_url: str, key: str, request_id: str) -> dict[str, object]:
 
 
 def denoising(base_url: str, key: str, request_id: str) -> bool:
-    """The job is PROCESSING with at least one denoising step reported."""
+    """The job is PROCESSING with at least one denoising step reported (an ended job never
+    will be: said at once rather than after the caller's whole wait)."""
     now = status(base_url, key, request_id)
+    assert now["status"] in ("QUEUED", "PROCESSING"), f"ended before seen denoising: {now}"
     progress = now.get("progress")
     return now["status"] == "PROCESSING" and isinstance(progress, dict) and progress["step"] >= 1
 

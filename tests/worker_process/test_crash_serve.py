@@ -6,7 +6,7 @@ never loads torch: only its engine child does."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -24,9 +24,10 @@ from tests.worker_process.children import (
     wait_for,
 )
 
-# Long enough on the tiny preset (~0.1 s per step at 512², more on a busy machine) to be
-# killed mid-denoise once its progress shows.
-SLOW = {"prompt": "a lighthouse", "steps": 60, "width": 512, "height": 512, "seed": 7}
+# As long as a tiny-preset job gets (the slug's most steps; sizes above 384² are generated at
+# 384²): about a second on an idle machine, 15 ms a step. Its first step shows at once (the
+# worker's heartbeat sends it), so the tests see it denoising and kill it well before its end.
+SLOW = {"prompt": "a lighthouse", "steps": 75, "width": 512, "height": 512, "seed": 7}
 QUICK = {"prompt": "a boat", "steps": 2, "width": 256, "height": 256, "seed": 8}
 SLUG = "qwen-image-2512"
 
@@ -55,6 +56,11 @@ def submit(server: Server, key: str, body: dict[str, object]) -> str:
     return str(response.json()["request_id"])
 
 
+def tail(server: Server) -> Callable[[], str]:
+    """The server's log tail, for a wait that timed out."""
+    return lambda: f"--- serve's log, last 6000 characters ---\n{server.logs()[-6000:]}"
+
+
 def price(server: Server) -> float:
     return float(
         next(m for m in httpx.get(f"{server.url}/v1/models").json()["data"] if m["id"] == SLUG)[
@@ -70,7 +76,7 @@ def test_serve_survives_its_engine_killed_mid_job(server: Server) -> None:
     key = server.create_key(credits=10.0)
     before = credits(server.url, key)
     job = submit(server, key, SLOW)
-    wait_for(lambda: denoising(server.url, key, job), 120, "denoising job")
+    wait_for(lambda: denoising(server.url, key, job), 120, "denoising job", tail(server))
     kill9(child)
     assert answers_within_a_second(server.url, key, job, for_s=2.0) >= 6
     done = wait_for(lambda: terminal(server.url, key, job), 240, "end of the killed job")
@@ -97,8 +103,13 @@ def test_a_job_whose_engine_dies_every_time_fails_refunded(server: Server) -> No
     for attempt in (1, 2):
         # Claimed again (its progress reset by the claim) before its denoise is watched for.
         started = f"job {job} started slug={SLUG} attempt={attempt}"
-        wait_for(lambda: started in server.logs(), 180, started)  # noqa: B023
-        wait_for(lambda: denoising(server.url, key, job), 180, f"denoising, attempt {attempt}")
+        wait_for(lambda: started in server.logs(), 180, started, tail(server))  # noqa: B023
+        wait_for(
+            lambda: denoising(server.url, key, job),
+            180,
+            f"denoising, attempt {attempt}",
+            tail(server),
+        )
         kill9(child)
         dead, child = child, engine_child(server.process.pid)
         assert child != dead

@@ -164,10 +164,11 @@ def handle(args: argparse.Namespace) -> int:
         where = (
             f"{error.field}: " if error.field and not error.message.startswith(error.field) else ""
         )
-        console.print(f"[red]invalid input:[/red] {where}{error.message}")
+        # One line however long (a path in it): rich would fold it at 80 columns off a terminal.
+        console.print(f"[red]invalid input:[/red] {where}{error.message}", soft_wrap=True)
         return EXIT_INVALID_INPUT
     except QwenServeError as error:
-        console.print(f"[red]failed:[/red] {error.message}")
+        console.print(f"[red]failed:[/red] {error.message}", soft_wrap=True)
         return EXIT_ENGINE_FAILURE
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

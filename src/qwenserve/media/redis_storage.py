@@ -5,6 +5,12 @@ Each item is a hash (``media:<id>``: data, content_type, expires_at) and a membe
 deletes it; a Redis TTL of ``expires_at - time.time() + expiry_grace_s`` is only a backstop for
 a deployment where no purge runs (it follows the wall clock, because ``put`` is given no ``now``).
 Items are bounded by ``max_bytes``, since Redis holds them in memory.
+
+With ``min_replicas`` (``QWENSERVE_REDIS_MIN_REPLICAS``) a ``put`` returns only once that many
+replicas hold the item, like a submit: a worker stores its image before it completes the job,
+and the completion may land on a replica promoted after the primary died, so an image the dead
+primary never passed on would leave a COMPLETED job whose image 404s on every node. An
+unconfirmed put raises ``StoreUnavailable``; the worker puts it again (the image is kept).
 """
 
 from __future__ import annotations
@@ -15,12 +21,24 @@ from typing import cast
 
 import redis
 
+from qwenserve.errors import StoreUnavailable
 from qwenserve.media.storage import is_valid_media_id
 from qwenserve.store.redis import RedisConnector, unavailable_as_503
+from qwenserve.store.redis.client import STORE_RETRY_AFTER_S
+from qwenserve.store.redis.replication import DEFAULT_REPLICA_WAIT_S, ReplicaWait
 from qwenserve.store.redis_keys import DEFAULT_NAMESPACE, RedisKeys
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_EXPIRY_GRACE_S = 60.0
+
+_PUT = """
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'content_type', ARGV[2], 'expires_at', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
+return 1
+"""
+"""An item, its backstop TTL and its expiry entry in one step (a script, so that a ``WAIT`` can
+follow it on the same connection)."""
 
 
 class RedisMediaStore:
@@ -31,6 +49,8 @@ class RedisMediaStore:
         namespace: key prefix (the same namespace as the job store keeps them together).
         max_bytes: the largest item ``put`` accepts.
         expiry_grace_s: how long past ``expires_at`` Redis keeps an item nobody purged.
+        min_replicas: replicas that must hold an item before ``put`` returns (0: none).
+        replica_wait_s: how long ``put`` waits for them.
     """
 
     def __init__(
@@ -40,6 +60,8 @@ class RedisMediaStore:
         namespace: str = DEFAULT_NAMESPACE,
         max_bytes: int = DEFAULT_MAX_BYTES,
         expiry_grace_s: float = DEFAULT_EXPIRY_GRACE_S,
+        min_replicas: int = 0,
+        replica_wait_s: float = DEFAULT_REPLICA_WAIT_S,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -47,6 +69,10 @@ class RedisMediaStore:
         self.keys = RedisKeys(namespace)
         self.max_bytes = max_bytes
         self.expiry_grace_s = expiry_grace_s
+        self._put = client.register_script(_PUT)
+        self._replicas = ReplicaWait(
+            client, min_replicas=min_replicas, wait_s=replica_wait_s, what="the media store"
+        )
 
     @classmethod
     def from_url(
@@ -70,6 +96,7 @@ class RedisMediaStore:
         Raises:
             ValueError: the id is outside the media id charset, or ``data`` is larger than
                 ``max_bytes``.
+            StoreUnavailable: Redis unreachable, or fewer than ``min_replicas`` confirmed.
         """
         if not is_valid_media_id(media_id):
             raise ValueError(f"invalid media id {media_id!r}")
@@ -78,20 +105,20 @@ class RedisMediaStore:
                 f"media item of {len(data)} bytes is larger than max_bytes={self.max_bytes}"
             )
         ttl_ms = math.ceil((max(expires_at - time.time(), 0.0) + self.expiry_grace_s) * 1000)
-        key = self.keys.media(media_id)
-        with unavailable_as_503("the media store"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(
-                key,
-                mapping={
-                    "data": bytes(data),
-                    "content_type": content_type,
-                    "expires_at": repr(float(expires_at)),
-                },
+        _, replicated = self._replicas.run(
+            self._put,
+            [self.keys.media(media_id), self.keys.media_expiry()],
+            [bytes(data), content_type, repr(float(expires_at)), max(ttl_ms, 1), media_id],
+        )
+        if not replicated:
+            # Left in place: a put again writes the same id, and an item nobody completes with
+            # is purged at its expiry like any other.
+            raise StoreUnavailable(
+                f"the media store could not confirm the item on {self._replicas.min_replicas} "
+                "replica(s); retry later",
+                field="store",
+                retry_after_s=STORE_RETRY_AFTER_S,
             )
-            pipe.pexpire(key, max(ttl_ms, 1))
-            pipe.zadd(self.keys.media_expiry(), {media_id: expires_at})
-            pipe.execute()
 
     def get(self, media_id: str, *, now: float) -> tuple[bytes, str] | None:
         if not is_valid_media_id(media_id):

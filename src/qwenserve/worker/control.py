@@ -3,7 +3,8 @@ stop, so a worker makes one store call per period however many jobs and steps it
 
 The engine reports progress through ``on_step`` into memory here (never a store call per
 denoising step); a background thread sends what changed with the next ``Store.heartbeat``
-(``period_s``, at most about a second, so a watcher's progress is never much staler) and reads
+(``period_s``, at most about a second, so a watcher's progress is never much staler; a job's
+start and its first step go at once, so "denoising" shows when it begins) and reads
 the answer: jobs taken away are ``LOST``, jobs their owner cancelled are ``CANCELLED``. A cancel
 request does not wait for the period: the event log's reader calls ``cancel_requested`` and
 the heartbeat goes at once (``qwenserve.notify.cancel_requests``). A stop for the whole
@@ -67,6 +68,8 @@ class _Held:
     """The latest report not yet sent (None: nothing new)."""
     stop: StopReason | None = None
     ending: bool = False
+    stepped: bool = False
+    """A step was reported (the first one is sent at once)."""
 
 
 OnStopped = Callable[[Job, StopReason], None]
@@ -218,11 +221,16 @@ class JobControl:
         if total < 1:
             return
         report = Progress(min(max(done, 0), total), total)
+        first = False
         with self._lock:
             for job_id in job_ids:
                 held = self._held.get(job_id)
                 if held is not None:
                     held.progress = report
+                    first = first or (done >= 1 and not held.stepped)
+                    held.stepped = held.stepped or done >= 1
+        if first:  # denoising began: a watcher sees it now, and a short job shows progress
+            self.beat_soon()
 
     def stop_all(self, reason: StopReason) -> None:
         """Stop every held job for ``reason`` (a drain that timed out: ``SHUTDOWN``)."""

@@ -48,9 +48,12 @@ class ReplicaWait:
         client: the store's client.
         min_replicas: replicas that must confirm (0: no WAIT, every write answered at once).
         wait_s: how long the WAIT may block before the write counts as unconfirmed.
+        what: the store, as a 503 names it.
     """
 
-    def __init__(self, client: redis.Redis, *, min_replicas: int, wait_s: float) -> None:
+    def __init__(
+        self, client: redis.Redis, *, min_replicas: int, wait_s: float, what: str = "the job store"
+    ) -> None:
         if min_replicas < 0:
             raise ValueError(f"min_replicas must be >= 0, got {min_replicas}")
         if wait_s <= 0:
@@ -58,6 +61,8 @@ class ReplicaWait:
         self._redis = client
         self.min_replicas = min_replicas
         self.wait_ms = max(1, round(wait_s * 1000))
+        self.what = what
+        """What a 503 says is unavailable."""
 
     def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, bool]:
         """The script's reply, and whether ``min_replicas`` replicas confirmed its writes.
@@ -65,7 +70,7 @@ class ReplicaWait:
         Raises:
             StoreUnavailable: Redis unreachable or failing over.
         """
-        with unavailable_as_503("the job store"):
+        with unavailable_as_503(self.what):
             if not self.min_replicas:
                 return script(keys=list(keys), args=list(args)), True
             for attempt in (1, 2):
