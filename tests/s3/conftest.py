@@ -18,37 +18,26 @@ from qwenserve.media.s3 import S3MediaStore
 from tests.s3_server import SeaweedServer, require_weed
 
 
+def _running(dir: Path) -> Iterator[SeaweedServer]:
+    """A SeaweedFS in ``dir`` for as long as the fixture lasts (skips without ``weed``)."""
+    require_weed()
+    with SeaweedServer(dir=dir) as server:
+        yield server
+
+
 @pytest.fixture(scope="package")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    require_weed()
-    server = SeaweedServer(dir=tmp_path_factory.mktemp("seaweed"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(tmp_path_factory.mktemp("seaweed"))
 
 
 @pytest.fixture
 def own_seaweed(tmp_path: Path) -> Iterator[SeaweedServer]:
-    require_weed()
-    server = SeaweedServer(dir=tmp_path / "seaweed")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(tmp_path / "seaweed")
 
 
 @pytest.fixture(scope="module")
 def _module_outage_seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    require_weed()
-    server = SeaweedServer(dir=tmp_path_factory.mktemp("outage-seaweed"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(tmp_path_factory.mktemp("outage-seaweed"))
 
 
 @pytest.fixture
