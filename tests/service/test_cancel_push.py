@@ -44,8 +44,10 @@ from tests.service.inprocess import Clock
 from tests.service.test_worker import runner
 from tests.service.test_worker_control import NEVER_S, CountingStore, SteppingEngine
 
-STEP_S = 0.4
-"""Each fake denoising step: long enough that the push (a few store calls) lands within one."""
+STEP_S = 0.8
+"""Each fake denoising step: long enough that the push (a few store calls, a Redis pub/sub hop)
+lands within one even on a machine whose cores the other test workers keep busy (0.4 s was
+once too short there)."""
 STEPS = 12
 CANCEL_AFTER = 2
 """The test cancels once the engine has reported this step."""
